@@ -1,0 +1,1 @@
+"""The `lcp` command line (placeholder; filled in below)."""

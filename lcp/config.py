@@ -1,0 +1,274 @@
+"""The one typed place for every run setting and its default.
+
+`RunConfig` holds every flag of the paper's command line (same names, same defaults) plus the
+few settings this implementation adds (data folder, device, quick-run limits, validation split).
+It is validated on construction: unknown keys, wrong types, values outside their choices and
+model/trainer pairs the paper's code does not support are rejected with one message that says
+what is wrong and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+MODELS = ("ff", "rnn", "conv-ff", "conv-rnn")
+TRAINERS = ("bp", "rbp", "lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd")
+DATASETS = ("mnist", "fashion-mnist", "cifar10")
+SOLVERS = ("vanilla", "anderson")
+THRESHOLD_METRICS = ("l2", "l_inf", "legacy_l2")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("none", "cos")
+EBD_OPTIMIZERS = ("adam", "gd")
+
+# Which trainers each model supports, as in the paper's code: the conv-rnn model exposes no
+# readout slice, feedback module or block list, so only rbp and lcp-di can run on it.
+SUPPORTED_PAIRS: dict[str, tuple[str, ...]] = {
+    "ff": TRAINERS,
+    "rnn": TRAINERS,
+    "conv-ff": TRAINERS,
+    "conv-rnn": ("rbp", "lcp-di"),
+}
+
+_TRUE = {"yes", "true", "t", "y", "1"}
+_FALSE = {"no", "false", "f", "n", "0"}
+
+
+class ConfigError(ValueError):
+    """A run setting is unknown, of the wrong type or outside its valid values."""
+
+
+def parse_bool(value: Any) -> bool:
+    """The paper's `str2bool`: true/false, yes/no, t/f, y/n, 1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"expected a boolean (true/false, yes/no, t/f, y/n, 1/0), got {value!r}")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("LCP_DATA_DIR", "./data")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one training run. Field names are the paper's flags."""
+
+    # Setup
+    seed: int = -1
+    data: str = "mnist"
+    num_epochs: int = 30
+    eval_epochs: int = 5
+    batch_size: int = 64
+    out_dir: str = "./out"
+    save_model: bool = False
+    # Solver
+    solver: str = "vanilla"
+    solver_max_iter: int = 50
+    solver_error_threshold: float = 1e-4
+    solver_threshold_metric: str = "l2"
+    # Trainer and controller dynamics
+    trainer: str = "lcp-di"
+    k_p: float = 0.0
+    k_i: float = 1.0
+    alpha: float = 0.0
+    dt: float = 1.0
+    tau_v: float = 1.0
+    tau_u: float = 1.0
+    tau_e: float = 1.0
+    # Model (the paper's script has no usable default: it must be given)
+    model: str | None = None
+    rnn_hidden_units: int = 256
+    # Linear feedback (lcp-lf)
+    timescale_factor: float = 5.0
+    tau_eps: float = 1.0
+    tau_Q: float = 100.0
+    sigma: float = 0.1
+    wd_Q: float = 0.001
+    # Kolen-Pollack (lcp-kp)
+    kp_wd: float = 0.001
+    # Energy based (lcp-ebd)
+    ebd_optim: str = "adam"
+    ebd_lr: float = 0.01
+    ff_init: bool = False
+    # Optimisation
+    meta_lr: float = 0.001
+    meta_wd: float = 0.0
+    meta_optimizer: str = "adam"
+    meta_scheduler: str = "none"
+    gamma: float = 0.1
+    metagrad_clip: float = -1.0
+
+    # ---- settings this implementation adds (not flags of the paper's script) ----
+    data_dir: str = field(default_factory=default_data_dir)
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+    limit_train_batches: int = -1  # -1: the whole epoch
+    limit_eval_batches: int = -1
+    validation_split: float = 0.0  # fraction of the training set held out (seeded) for tuning
+    validation_seed: int = 0
+    track_free_output: bool = True  # LCP trainers: also solve the free equilibrium for train stats
+
+    def __post_init__(self) -> None:
+        self._coerce_types()
+        self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; valid settings are: "
+                + ", ".join(cls.field_names())
+            )
+        return cls(**dict(values))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Settings that change what a run computes (the hash that identifies a run's result).
+    # Where data lives, the device and the output folder do not.
+    _NOT_HASHED = ("data_dir", "device", "out_dir", "save_model")
+
+    def config_hash(self) -> str:
+        payload = {k: v for k, v in self.to_dict().items() if k not in self._NOT_HASHED}
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    # ------------------------------------------------------------------ validation
+    def _coerce_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _field_kind(f)
+            try:
+                setattr(self, f.name, _coerce(value, kind))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"setting '{f.name}': {exc}") from None
+
+    def validate(self) -> None:
+        def choice(name: str, valid: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in valid:
+                raise ConfigError(
+                    f"setting '{name}' is {value!r}; valid values are: {', '.join(valid)}"
+                )
+
+        if self.model is None:
+            raise ConfigError(
+                "setting 'model' must be given (as in the paper's script); valid values are: "
+                + ", ".join(MODELS)
+            )
+        choice("model", MODELS)
+        choice("trainer", TRAINERS)
+        choice("data", DATASETS)
+        choice("solver", SOLVERS)
+        choice("solver_threshold_metric", THRESHOLD_METRICS)
+        choice("meta_optimizer", OPTIMIZERS)
+        choice("meta_scheduler", SCHEDULERS)
+        choice("ebd_optim", EBD_OPTIMIZERS)
+
+        if self.trainer not in SUPPORTED_PAIRS[self.model]:
+            pairs = "; ".join(f"{m}: {', '.join(t)}" for m, t in SUPPORTED_PAIRS.items())
+            raise ConfigError(
+                f"trainer '{self.trainer}' does not run on model '{self.model}' "
+                f"(supported pairs — {pairs})"
+            )
+        if self.model in ("conv-ff", "conv-rnn") and self.data not in ("cifar10",):
+            raise ConfigError(
+                f"model '{self.model}' takes 3×32×32 images: use --data=cifar10 "
+                f"(got --data={self.data})"
+            )
+        if self.model in ("ff", "rnn") and self.data == "cifar10":
+            # The paper never ran this, but it is well defined: flatten 3×32×32.
+            pass
+        positive = ["num_epochs", "batch_size", "solver_max_iter", "rnn_hidden_units"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting '{name}' must be ≥ 1 (got {getattr(self, name)})")
+        for name in ("dt", "tau_v", "tau_u", "tau_e", "tau_eps", "tau_Q", "timescale_factor",
+                     "solver_error_threshold", "meta_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"setting '{name}' must be > 0 (got {getattr(self, name)})")
+        if self.trainer == "lcp-lf" and not self.sigma > 0:
+            raise ConfigError(f"lcp-lf needs 'sigma' > 0 (got {self.sigma})")
+        if self.trainer == "lcp-ebd" and not self.alpha > 0:
+            raise ConfigError(
+                f"lcp-ebd weighs the loss by 1/alpha, so 'alpha' must be > 0 (got {self.alpha})"
+            )
+        if self.solver == "anderson" and self.solver_max_iter < 3:
+            raise ConfigError("the anderson solver needs 'solver_max_iter' ≥ 3")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(
+                f"setting 'validation_split' must be in [0, 1) (got {self.validation_split})"
+            )
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device.startswith("cuda")
+        ):
+            raise ConfigError(f"setting 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.eval_epochs < 0:
+            raise ConfigError(f"setting 'eval_epochs' must be ≥ 0 (got {self.eval_epochs})")
+
+
+def _field_kind(f: dataclasses.Field) -> str:
+    annotation = str(f.type)
+    for kind in ("bool", "int", "float"):
+        if annotation == kind:
+            return kind
+    return "str"
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    if kind == "bool":
+        return parse_bool(value)
+    if kind == "int":
+        if isinstance(value, bool):
+            raise TypeError(f"expected an integer, got {value!r}")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                return int(text)
+            except ValueError:
+                as_float = float(text)  # accept '1e3'; raises a clear ValueError otherwise
+                if not as_float.is_integer():
+                    raise ValueError(f"expected an integer, got {value!r}") from None
+                return int(as_float)
+        if isinstance(value, int):
+            return value
+        raise TypeError(f"expected an integer, got {value!r}")
+    if kind == "float":
+        if isinstance(value, bool):
+            raise TypeError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        raise TypeError(f"expected a number, got {value!r}")
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {value!r}")
+    return value
