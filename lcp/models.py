@@ -1,0 +1,297 @@
+"""Equilibrium models: an encoder E, an implicit map f(h, v) and a decoder D(v).
+
+A model computes `h = E(x)`, has a state `v` with the fixed point `v = f(h, v)`, and outputs
+`D(v)`. Trainers only use the methods of `EquilibriumModel`:
+
+- `encode(x)`, `implicit(h, v)`, `decode(v)`;
+- `implicit_vjp(h, v, e) -> (f(h, v), (∂f/∂v)ᵀ e)` and `decode_vjp(v, u) -> (D(v), (∂D/∂v)ᵀ u)`,
+  the vector–Jacobian products the controller dynamics need at every step. The base class
+  computes them with autograd; `LinearReadoutModel` (ff, rnn, conv-ff) has them in closed form,
+  which keeps autograd out of the controller loop.
+
+Modules are created in the same order as in the paper's code so that, under the same seed, the
+initial weights are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcp.config import RunConfig
+from lcp.errors import LcpError
+
+
+class EquilibriumModel(nn.Module):
+    name: str = ""
+    num_bp_steps: int = 1  # Picard steps the `bp` trainer unrolls from v = 0
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def implicit(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def zero_state(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(h)
+
+    def implicit_vjp(self, h, v, e):
+        """(f(h, v), (∂f/∂v)ᵀ e), without building a graph into the parameters' grads."""
+        with torch.enable_grad():
+            v = v.detach().requires_grad_(True)
+            out = self.implicit(h.detach(), v)
+            (vjp,) = torch.autograd.grad(out, v, e)
+        return out.detach(), vjp
+
+    def decode_vjp(self, v, u):
+        """(D(v), (∂D/∂v)ᵀ u)."""
+        with torch.enable_grad():
+            v = v.detach().requires_grad_(True)
+            out = self.decode(v)
+            (vjp,) = torch.autograd.grad(out, v, u)
+        return out.detach(), vjp
+
+    def implicit_transpose(self, h, v, e):
+        """(∂f/∂v)ᵀ e alone."""
+        return self.implicit_vjp(h, v, e)[1]
+
+    def decode_transpose(self, v, u):
+        """(∂D/∂v)ᵀ u alone."""
+        return self.decode_vjp(v, u)[1]
+
+    # parameter groups the trainers treat differently (KP decays f and D, not E)
+    def encoder_parameters(self):
+        raise NotImplementedError
+
+    def implicit_parameters(self):
+        raise NotImplementedError
+
+    def decoder_parameters(self):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Block:
+    """One forward block of f: reads state slice [in_start, in_end) (viewed as in_shape) and
+    adds its output to slice [out_start, out_end)."""
+
+    in_start: int
+    in_end: int
+    out_start: int
+    out_end: int
+    in_shape: tuple[int, ...]  # per-sample shape the layer reads
+    conv: dict | None = None  # stride/padding for conv blocks
+
+
+_ACTIVATIONS = {
+    "tanh": (torch.tanh, lambda v: 1 - torch.tanh(v).pow(2)),
+    "relu": (torch.relu, lambda v: (v > 0).to(v.dtype)),
+}
+
+
+class LinearReadoutModel(EquilibriumModel):
+    """f(h, v) = h + Σ_blocks pad(layer(φ(v_in))), D(v) = W φ(v_readout) + b (ff, rnn, conv-ff)."""
+
+    def __init__(self, name: str, state_size: int, blocks: list[Block], layers: list[nn.Module],
+                 encoder: nn.Module, encoded_size: int, readout_start: int, num_classes: int,
+                 activation: str):
+        super().__init__()
+        self.name = name
+        self.state_size = state_size
+        self.block_specs = blocks
+        self.encoded_size = encoded_size  # h occupies [0, encoded_size); the rest of h is 0
+        self.readout_start = readout_start
+        self.readout_size = state_size - readout_start
+        self.num_classes = num_classes
+        self.activation = activation
+        self.act, self.act_grad = _ACTIVATIONS[activation]
+        self.num_bp_steps = len(blocks) + 1
+        # the caller creates the layers in the paper's order, which fixes the random draws
+        self.encoder = encoder
+        self.blocks = nn.ModuleList(layers)
+        self.readout = nn.Linear(self.readout_size, num_classes)
+
+    # -- the three maps
+    def encode(self, x):
+        z = self.encoder(x).flatten(1)
+        return F.pad(z, (0, self.state_size - self.encoded_size))
+
+    def _block_outputs(self, hidden):
+        for spec, layer in zip(self.block_specs, self.blocks):
+            piece = hidden[:, spec.in_start:spec.in_end]
+            if spec.conv is not None:
+                piece = piece.reshape(-1, *spec.in_shape)
+            yield spec, layer(piece).flatten(1)
+
+    def implicit(self, h, v):
+        hidden = self.act(v)
+        pieces = []
+        cursor = 0
+        for spec, y in self._block_outputs(hidden):
+            if spec.out_start > cursor:
+                pieces.append(h[:, cursor:spec.out_start])
+            pieces.append(h[:, spec.out_start:spec.out_end] + y)
+            cursor = spec.out_end
+        if cursor < self.state_size:
+            pieces.append(h[:, cursor:])
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+    def decode(self, v):
+        return self.readout(self.act(v[:, self.readout_start:]))
+
+    # -- closed-form vector-Jacobian products
+    def _layer_transpose(self, spec: Block, layer: nn.Module, grad_out: torch.Tensor):
+        if spec.conv is None:
+            return grad_out @ layer.weight
+        out_shape = (grad_out.shape[0], layer.out_channels, *_conv_out_hw(spec, layer))
+        return torch.nn.grad.conv2d_input(
+            (grad_out.shape[0], *spec.in_shape), layer.weight, grad_out.reshape(out_shape),
+            stride=spec.conv["stride"], padding=spec.conv["padding"]).flatten(1)
+
+    def implicit_transpose(self, h, v, e):
+        vjp = torch.zeros_like(v)
+        for spec, layer in zip(self.block_specs, self.blocks):
+            back = self._layer_transpose(spec, layer, e[:, spec.out_start:spec.out_end])
+            vjp[:, spec.in_start:spec.in_end] += back
+        return vjp * self.act_grad(v)
+
+    def implicit_vjp(self, h, v, e):
+        return self.implicit(h, v), self.implicit_transpose(h, v, e)
+
+    def decode_transpose(self, v, u):
+        tail = v[:, self.readout_start:]
+        return F.pad((u @ self.readout.weight) * self.act_grad(tail), (self.readout_start, 0))
+
+    def decode_vjp(self, v, u):
+        return self.decode(v), self.decode_transpose(v, u)
+
+    def encoder_parameters(self):
+        return list(self.encoder.parameters())
+
+    def implicit_parameters(self):
+        return list(self.blocks.parameters())
+
+    def decoder_parameters(self):
+        return list(self.readout.parameters())
+
+
+def _conv_out_hw(spec: Block, layer: nn.Conv2d) -> tuple[int, int]:
+    _, h, w = spec.in_shape
+    k, s, p = layer.kernel_size[0], spec.conv["stride"], spec.conv["padding"]
+    return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+
+def build_ff(input_shape, hidden: int, num_classes: int) -> LinearReadoutModel:
+    """[a1, a2]: a1 = W0 x + b0 (from h), a2 = W1 tanh(a1) + b1; D = W2 tanh(a2) + b2."""
+    n_in = int(math.prod(input_shape))
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden))
+    layer = nn.Linear(hidden, hidden)
+    model = LinearReadoutModel(
+        "ff", 2 * hidden, [Block(0, hidden, hidden, 2 * hidden, (hidden,))], [layer],
+        encoder, hidden, hidden, num_classes, "tanh")
+    return model
+
+
+def build_rnn(input_shape, hidden: int, num_classes: int) -> LinearReadoutModel:
+    """v = W0 x + b0 + W1 tanh(v) + b1; D = W2 tanh(v) + b2."""
+    n_in = int(math.prod(input_shape))
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden))
+    layer = nn.Linear(hidden, hidden)
+    return LinearReadoutModel(
+        "rnn", hidden, [Block(0, hidden, 0, hidden, (hidden,))], [layer],
+        encoder, hidden, 0, num_classes, "tanh")
+
+
+# conv-ff state blocks: 96×15×15, 128×7×7, 256×3×3, 2048, 2048
+CONV_FF_SIZES = (96 * 15 * 15, 128 * 7 * 7, 256 * 3 * 3, 2048, 2048)
+
+
+def build_conv_ff(input_shape, num_classes: int) -> LinearReadoutModel:
+    if tuple(input_shape) != (3, 32, 32):
+        raise LcpError(f"conv-ff takes 3×32×32 images (CIFAR-10), got {tuple(input_shape)}")
+    starts = [sum(CONV_FF_SIZES[:i]) for i in range(len(CONV_FF_SIZES) + 1)]
+    state = starts[-1]
+    # the paper's code creates the implicit blocks before the encoder
+    layers = [
+        nn.Conv2d(96, 128, kernel_size=5, stride=2, padding=1),
+        nn.Conv2d(128, 256, kernel_size=5, stride=2, padding=1),
+        nn.Linear(3 * 3 * 256, 2048),
+        nn.Linear(2048, 2048),
+    ]
+    in_shapes = [(96, 15, 15), (128, 7, 7), (2304,), (2048,)]
+    blocks = []
+    for i, shape in enumerate(in_shapes):
+        conv = {"stride": 2, "padding": 1} if i < 2 else None
+        blocks.append(Block(starts[i], starts[i + 1], starts[i + 1], starts[i + 2], shape, conv))
+    encoder = nn.Sequential(nn.Conv2d(3, 96, kernel_size=5, padding=2),
+                            nn.MaxPool2d(kernel_size=3, stride=2))
+    return LinearReadoutModel("conv-ff", state, blocks, layers, encoder, CONV_FF_SIZES[0],
+                              starts[4], num_classes, "relu")
+
+
+class ConvRNNModel(EquilibriumModel):
+    """The paper's conv-rnn: f(h, v) = GN3(ReLU(h + GN2(v + conv2(GN1(ReLU(conv1(h))))))).
+
+    As in the public code, the convolutions read the *input* h; the state enters only through
+    GN2(v + ·), the ReLU and GN3. Its BatchNorms run in training mode (the paper never switches
+    to eval mode), so their running statistics update on every call. Only rbp and lcp-di run on
+    it; its vector-Jacobian products use autograd.
+    """
+
+    name = "conv-rnn"
+
+    def __init__(self, input_shape, num_classes: int, channels: int = 48, inner: int = 64,
+                 groups: int = 8):
+        super().__init__()
+        c_in, height, _ = input_shape
+        self.encoder = nn.Sequential(nn.Conv2d(c_in, channels, kernel_size=3, padding=1),
+                                     nn.BatchNorm2d(channels))
+        self.conv1 = nn.Conv2d(channels, inner, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(inner, channels, 3, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, inner)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.norm3 = nn.GroupNorm(groups, channels)
+        self.conv1.weight.data.normal_(0, 0.01)
+        self.conv2.weight.data.normal_(0, 0.01)
+        self.decoder_norm = nn.BatchNorm2d(channels)
+        self.readout = nn.Linear(channels * (height // 8) ** 2, num_classes)
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def implicit(self, h, v):
+        y = self.norm1(F.relu(self.conv1(h)))
+        return self.norm3(F.relu(h + self.norm2(v + self.conv2(y))))
+
+    def decode(self, v):
+        return self.readout(F.avg_pool2d(self.decoder_norm(v), 8, 8).flatten(1))
+
+    def encoder_parameters(self):
+        return list(self.encoder.parameters())
+
+    def implicit_parameters(self):
+        mods = [self.conv1, self.conv2, self.norm1, self.norm2, self.norm3]
+        return [p for m in mods for p in m.parameters()]
+
+    def decoder_parameters(self):
+        return list(self.decoder_norm.parameters()) + list(self.readout.parameters())
+
+
+def build_model(cfg: RunConfig, input_shape, num_classes: int = 10) -> EquilibriumModel:
+    """The model of SPEC §1 named by `cfg.model`, with PyTorch's default initialisation."""
+    if cfg.model == "ff":
+        return build_ff(input_shape, cfg.rnn_hidden_units, num_classes)
+    if cfg.model == "rnn":
+        return build_rnn(input_shape, cfg.rnn_hidden_units, num_classes)
+    if cfg.model == "conv-ff":
+        return build_conv_ff(input_shape, num_classes)
+    if cfg.model == "conv-rnn":
+        return ConvRNNModel(input_shape, num_classes)
+    raise LcpError(f"unknown model {cfg.model!r}; valid: ff, rnn, conv-ff, conv-rnn")

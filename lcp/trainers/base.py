@@ -1,0 +1,106 @@
+"""The trainer interface: one batch in, the update in `.grad` out.
+
+A trainer turns a batch into "the update" of SPEC §3 — the vector the optimizer descends — and
+writes it into the `.grad` of every trainable parameter (the model's and its own auxiliary
+ones, such as Kolen–Pollack feedback weights). One optimizer loop then serves every trainer.
+
+Parameter changes that are not gradients are explicit steps the loop calls, never hidden in a
+forward pass:
+
+    trainer.pre_update()            # e.g. lcp-kp's weight decay, before the update is computed
+    stats = trainer.compute_update(x, y)
+    trainer.post_update()           # e.g. lcp-lf's rule for Q, from this batch's equilibrium
+    optimizer.step()
+
+`compute_update` returns a flat dict of floats: solver iterations/residual/converged per phase,
+norms of u* and e*, and the loss/accuracy of the free output when it is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcp.config import RunConfig
+from lcp.errors import DivergenceError
+from lcp.models import EquilibriumModel
+from lcp.solvers import Solver, SolverStats
+
+
+class Trainer:
+    name = ""
+
+    def __init__(self, cfg: RunConfig, model: EquilibriumModel):
+        self.cfg = cfg
+        self.model = model
+        self.solver = Solver.from_config(cfg)
+        # trainable or rule-updated tensors that belong to the trainer, not to the model
+        self.auxiliary = nn.Module()
+
+    # ---------------------------------------------------------------- the contract
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainer's own trainable parameters (the optimizer trains them with the model's)."""
+        return list(self.auxiliary.parameters())
+
+    def pre_update(self) -> None:
+        """Explicit parameter changes due before this batch's update (none by default)."""
+
+    def compute_update(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    def post_update(self) -> None:
+        """Explicit non-gradient rules due after this batch's update (none by default)."""
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the free equilibrium v* = f(E(x), v*), solved from v = 0."""
+        h = self.model.encode(x)
+        v, _ = self.free_equilibrium(h)
+        return self.model.decode(v)
+
+    def state_dict(self) -> dict:
+        return self.auxiliary.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.auxiliary.load_state_dict(state)
+
+    def to(self, device) -> "Trainer":
+        self.auxiliary.to(device)
+        return self
+
+    # ---------------------------------------------------------------- shared pieces
+    @torch.no_grad()
+    def free_equilibrium(self, h: torch.Tensor) -> tuple[torch.Tensor, SolverStats]:
+        h = h.detach()
+        model = self.model
+        (v,), stats = self.solver(lambda v: (model.implicit(h, v),), (model.zero_state(h),),
+                                  phase="free")
+        return v, stats
+
+    @staticmethod
+    def solver_stats(phase: str, stats: SolverStats) -> dict[str, float]:
+        return {
+            f"{phase}/iterations": float(stats.iterations),
+            f"{phase}/residual": float(stats.residual),
+            f"{phase}/hit_max_iter": float(stats.hit_max_iter),
+        }
+
+    @staticmethod
+    def output_stats(logits: torch.Tensor, y: torch.Tensor, prefix: str = "") -> dict[str, float]:
+        loss = F.cross_entropy(logits, y).item()
+        if loss != loss:
+            raise DivergenceError("the loss is not finite (the network output diverged)",
+                                  phase="loss")
+        acc = (logits.argmax(1) == y).float().mean().item()
+        return {f"{prefix}loss": loss, f"{prefix}accuracy": acc}
+
+
+def loss_gradient(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """∇ of the batch-mean cross entropy w.r.t. the logits: (softmax − onehot) / B."""
+    return (torch.softmax(logits, dim=1) - onehot) / logits.shape[0]
+
+
+def batch_norm_mean(t: torch.Tensor) -> float:
+    """Mean over the batch of each sample's l2 norm."""
+    return t.reshape(t.shape[0], -1).norm(dim=1).mean().item()

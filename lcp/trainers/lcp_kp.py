@@ -1,0 +1,114 @@
+"""lcp-kp: dynamic inversion with learned Kolen–Pollack feedback weights.
+
+The transposes of lcp-di are replaced by learned feedback maps:
+
+    e' = e + dt/τ_e · [ −e + φ'(v) ⊙ ( B(e) + P(D_t·u) ) ]
+
+B has, for every forward block `in → out`, a bias-free map `out → in` (a Linear of transposed
+shape, or a ConvTranspose2d with the block's kernel/stride/padding), each initialised by
+PyTorch's default and divided by its Frobenius norm. D_t (H_readout × C) starts N(0, 1/(C·H_readout));
+P places D_t·u in the readout slice. The feedback update is −φ(ṽ) pulled back through
+B(e*) + P(D_t·u*) — the transpose of the forward update — and, with the decay of `pre_update`,
+the feedback weights come to mirror the forward weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcp.errors import LcpError
+from lcp.models import LinearReadoutModel
+from lcp.trainers.base import loss_gradient
+from lcp.trainers.lcp_di import LeastControlTrainer
+
+
+class FeedbackWeights(nn.Module):
+    """B (one transposed map per forward block) and D_t, for a LinearReadoutModel."""
+
+    def __init__(self, model: LinearReadoutModel):
+        super().__init__()
+        self.specs = model.block_specs
+        self.state_size = model.state_size
+        self.readout_start = model.readout_start
+        maps = []
+        for spec, layer in zip(model.block_specs, model.blocks):
+            if spec.conv is None:
+                fb = nn.Linear(layer.out_features, layer.in_features, bias=False)
+            else:
+                fb = nn.ConvTranspose2d(layer.out_channels, layer.in_channels,
+                                        kernel_size=layer.kernel_size, stride=spec.conv["stride"],
+                                        padding=spec.conv["padding"], bias=False)
+            with torch.no_grad():
+                fb.weight /= fb.weight.norm()
+            maps.append(fb)
+        self.maps = nn.ModuleList(maps)
+        c, h_r = model.num_classes, model.readout_size
+        self.D_t = nn.Parameter(torch.randn(h_r, c) / math.sqrt(c * h_r))
+        self._out_shapes = []
+        for spec, layer in zip(model.block_specs, model.blocks):
+            if spec.conv is None:
+                self._out_shapes.append(None)
+            else:
+                n_out = spec.out_end - spec.out_start
+                side = int(round(math.sqrt(n_out / layer.out_channels)))
+                self._out_shapes.append((layer.out_channels, side, side))
+
+    def forward(self, e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """B(e) + P(D_t·u), a vector in state space."""
+        out = torch.zeros_like(e)
+        for spec, fb, shape in zip(self.specs, self.maps, self._out_shapes):
+            piece = e[:, spec.out_start:spec.out_end]
+            if shape is not None:
+                piece = piece.reshape(-1, *shape)
+            out[:, spec.in_start:spec.in_end] += fb(piece).flatten(1)
+        out[:, self.readout_start:] += u @ self.D_t.t()
+        return out
+
+
+class KolenPollackTrainer(LeastControlTrainer):
+    name = "lcp-kp"
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        if not isinstance(model, LinearReadoutModel):
+            raise LcpError(f"lcp-kp needs a model with a block structure (ff, rnn, conv-ff), "
+                           f"not {model.name}")
+        device = next(model.parameters()).device
+        self.auxiliary = FeedbackWeights(model).to(device)
+        self.kp_wd = cfg.kp_wd
+
+    @torch.no_grad()
+    def pre_update(self):
+        """p ← p − kp_wd·p for every feedback parameter and every parameter of f and D."""
+        if self.kp_wd == 0:
+            return
+        params = (list(self.auxiliary.parameters()) + self.model.implicit_parameters()
+                  + self.model.decoder_parameters())
+        for p in params:
+            p.sub_(self.kp_wd * p)
+
+    def controlled_step(self, h, onehot):
+        model, feedback = self.model, self.auxiliary
+
+        def step(v, v_hat, u_i, e):
+            g = loss_gradient(v_hat, onehot)
+            u = self.k_i * u_i - self.k_p * g
+            e_next = e + self.dt_e * (-e + model.act_grad(v) * feedback(e, u))
+            v_next = v + self.dt_v * (model.implicit(h, v) - v + e)
+            v_hat_next = v_hat + self.dt_v * (model.decode(v) - v_hat + u)
+            u_i_next = u_i + self.dt_u * (-g - self.alpha * u_i)
+            return v_next, v_hat_next, u_i_next, e_next
+
+        return step
+
+    def compute_update(self, x, y):
+        stats = super().compute_update(x, y)
+        last = self.last
+        # Kolen–Pollack: the feedback weights receive −φ(ṽ) pulled back through B(e*) + P(D_t·u*)
+        feedback = self.auxiliary(last["e"], last["u"])
+        feedback.backward(-self.model.act(last["v_tilde"]))
+        return stats

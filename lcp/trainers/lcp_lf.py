@@ -1,0 +1,104 @@
+"""lcp-lf: least control with a fixed-rule linear feedback Q (N × C).
+
+Controlled dynamics as lcp-di, but the controller reaches the network through Q:
+e' = Q·u and v' = v + dt/τ_v·[f(h, v) − v + Q·u] (u from the current state). The update is
+−(∂f/∂θ)ᵀ(e* ⊙ φ'(ṽ)) for f and E, −(∂D/∂θ)ᵀu* for D.
+
+Q is not trained by the optimizer: after each batch's update, `post_update` runs a noisy phase
+from the controlled equilibrium and moves Q by its local rule (SPEC §3, lcp-lf).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lcp.errors import DivergenceError, LcpError
+from lcp.models import LinearReadoutModel
+from lcp.trainers.base import loss_gradient
+from lcp.trainers.lcp_di import LeastControlTrainer
+
+
+class LinearFeedbackTrainer(LeastControlTrainer):
+    name = "lcp-lf"
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        if not isinstance(model, LinearReadoutModel):
+            raise LcpError(f"lcp-lf needs a flat-state model (ff, rnn, conv-ff), not {model.name}")
+        device = next(model.parameters()).device
+        n, c = model.state_size, model.num_classes
+        self.auxiliary.register_buffer("Q", torch.randn(n, c, device=device) / math.sqrt(c))
+
+    @property
+    def Q(self) -> torch.Tensor:
+        return self.auxiliary.Q
+
+    def controlled_step(self, h, onehot):
+        model, Q = self.model, self.Q
+
+        def step(v, v_hat, u_i, e):
+            g = loss_gradient(v_hat, onehot)
+            u = self.k_i * u_i - self.k_p * g
+            e_next = u @ Q.t()
+            v_next = v + self.dt_v * (model.implicit(h, v) - v + e_next)
+            v_hat_next = v_hat + self.dt_v * (model.decode(v) - v_hat + u)
+            u_i_next = u_i + self.dt_u * (-g - self.alpha * u_i)
+            return v_next, v_hat_next, u_i_next, e_next
+
+        return step
+
+    def implicit_signal(self, v_tilde, e_star):
+        return -e_star * self.model.act_grad(v_tilde)
+
+    @torch.no_grad()
+    def post_update(self):
+        """Q ← Q + dt/τ_Q · (mean_batch A − wd_Q·Q), A from the noisy phase of this batch."""
+        if self.last is None:
+            return
+        A_mean, steps = self.noisy_phase(self.last)
+        self.last_noisy_steps = steps
+        self.Q.add_(self.cfg.dt / self.cfg.tau_Q * (A_mean - self.cfg.wd_Q * self.Q))
+
+    @torch.no_grad()
+    def noisy_phase(self, last: dict) -> tuple[torch.Tensor, int]:
+        """The noisy controlled dynamics started at the controlled equilibrium; returns the batch
+        mean of the accumulator A (N × C) and the number of steps.
+
+        With T = timescale_factor, dt' = dt/T²:
+            ε'  = ε + T/τ_ε·(−dt'·ε + √dt'·ξ)        v_fb = Q·u + σ·ε
+            v'  = v + dt/τ_v·[f(h, v) − v + v_fb]    v̂' = v̂ + dt'/τ_v·[D(v) − v̂ + u]
+            uᵢ' = uᵢ + dt'/τ_u·[−g − α·uᵢ]            A' = A − (1/σ²)·v_fb (u − u_ref)ᵀ
+        The noise keeps the paper's solver from stopping early, so it runs solver_max_iter
+        steps. A is summed over the batch directly (one N × C matmul per step) instead of
+        keeping a B × N × C accumulator: the batch mean is the same.
+        """
+        cfg, model, Q = self.cfg, self.model, self.Q
+        T = cfg.timescale_factor
+        dt_slow = cfg.dt / T**2
+        h, y = last["h"], last["y"]
+        onehot = F.one_hot(y, Q.shape[1]).to(h.dtype)
+        v = last["v_tilde"]
+        u_ref = last["u"]
+        v_hat = model.decode(v) + u_ref
+        u_i = last["u_i"]
+        eps = torch.randn_like(v)
+        A_sum = torch.zeros_like(Q)
+        noise_scale = T / cfg.tau_eps
+        for _ in range(cfg.solver_max_iter):
+            g = loss_gradient(v_hat, onehot)
+            u = self.k_i * u_i - self.k_p * g
+            v_fb = u @ Q.t() + cfg.sigma * eps
+            A_sum -= v_fb.t() @ (u - u_ref)
+            eps = eps + noise_scale * (-dt_slow * eps + math.sqrt(dt_slow) * torch.randn_like(eps))
+            v, v_hat, u_i = (
+                v + cfg.dt / cfg.tau_v * (model.implicit(h, v) - v + v_fb),
+                v_hat + dt_slow / cfg.tau_v * (model.decode(v) - v_hat + u),
+                u_i + dt_slow / cfg.tau_u * (-g - self.alpha * u_i),
+            )
+        A_mean = A_sum / (cfg.sigma**2 * v.shape[0])
+        if not torch.isfinite(A_mean).all():
+            raise DivergenceError("lcp-lf: the noisy phase for Q diverged", phase="noisy")
+        return A_mean, cfg.solver_max_iter
