@@ -349,8 +349,8 @@ def load_split(
 class BatchLoader:
     """(x, y) batches over in-memory tensors: a minimal, fast stand-in for DataLoader.
 
-    `shuffle` draws a fresh permutation every epoch from torch's global RNG, so seeding torch
-    (`--seed`) makes the order reproducible. `limit_batches` (negative: all) stops an epoch
+    `shuffle` draws a fresh permutation every epoch from torch's global RNG (the same draws as
+    DataLoader's), so seeding torch (`--seed`) makes the order reproducible. `limit_batches` (negative: all) stops an epoch
     early for quick runs. The last, partial batch is kept, like DataLoader's default.
     """
 
@@ -378,7 +378,15 @@ class BatchLoader:
         return full if self.limit_batches < 0 else min(full, self.limit_batches)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.randperm(self.dataset_size) if self.shuffle else None
+        # Draw from torch's global RNG exactly as DataLoader(shuffle=...) does — one base seed
+        # per iterator, then the sampler's seed — so a seeded run sees the paper's batch order
+        # and later random draws (lcp-lf's noise) line up with the paper's code.
+        torch.empty((), dtype=torch.int64).random_()
+        order = None
+        if self.shuffle:
+            sampler_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(self.dataset_size,
+                                   generator=torch.Generator().manual_seed(sampler_seed))
         for b in range(len(self)):
             start, stop = b * self.batch_size, (b + 1) * self.batch_size
             if order is None:

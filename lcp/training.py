@@ -1,0 +1,293 @@
+"""The training loop of SPEC §4, readable top to bottom: `fit(cfg, callbacks)`.
+
+Per batch: explicit pre-update rules → the trainer's update into `.grad` → explicit post-update
+rules → optional clipping (model and trainer parameters separately) → optimizer step →
+scheduler step. Every `eval_epochs` epochs the test (and validation) set is evaluated; at the
+end the train and test sets, as the paper's script prints them (`eval_train/*`, `eval_test/*`).
+
+With `checkpoint_path`, the complete state (model, trainer, optimizer, scheduler, RNG, history)
+is written atomically at the end of every epoch, and a later `fit` with the same path resumes
+from it instead of starting over.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcp.callbacks import CallbackList, FitResult, FitState
+from lcp.config import RunConfig
+from lcp.data import build_loaders
+from lcp.errors import DivergenceError, LcpError
+from lcp.models import build_model
+from lcp.trainers import build_trainer
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LcpError(f"--device={cfg.device} was asked for but CUDA is not available; "
+                       "use --device=cpu or --device=auto")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    """The paper's seeding (torch, numpy, CUDA, deterministic cuDNN), plus Python's random."""
+    if seed < 0:
+        return
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+
+
+def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    if cfg.meta_optimizer == "adam":
+        return torch.optim.Adam(params, cfg.meta_lr, weight_decay=cfg.meta_wd)
+    return torch.optim.SGD(params, cfg.meta_lr, weight_decay=cfg.meta_wd)
+
+
+def build_scheduler(cfg: RunConfig, optimizer, steps_per_epoch: int):
+    if cfg.meta_scheduler != "cos":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, cfg.num_epochs * steps_per_epoch, eta_min=cfg.meta_lr * cfg.gamma)
+
+
+@torch.no_grad()
+def evaluate(trainer, loader, device) -> dict[str, float]:
+    """Loss and accuracy at the free equilibrium, averaged over batches as the paper's script
+    does (a last partial batch weighs as much as a full one)."""
+    losses, accs = [], []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = trainer.predict(x)
+        losses.append(torch.nn.functional.cross_entropy(logits, y).item())
+        accs.append((logits.argmax(1) == y).float().mean().item())
+    if not losses:
+        raise LcpError("evaluation got no batch: the dataset or --limit_eval_batches is empty")
+    return {"loss": float(np.mean(losses)), "accuracy": float(np.mean(accs))}
+
+
+def update_norm(params) -> float:
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class EpochStats:
+    """Aggregates the trainer's per-step stats into one record per epoch."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.values[k].append(v)
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, vals in self.values.items():
+            arr = np.asarray(vals, dtype=float)
+            if key.endswith("/iterations"):
+                out[f"{key}_mean"] = float(arr.mean())
+                out[f"{key}_max"] = float(arr.max())
+            elif key.endswith("/hit_max_iter"):
+                out[f"{key}_count"] = float(arr.sum())
+            elif key.endswith("/residual"):
+                out[f"{key}_mean"] = float(arr.mean())
+                out[f"{key}_max"] = float(arr.max())
+            else:
+                out[f"train/{key}"] = float(arr.mean())
+        return out
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: str | os.PathLike, state: FitState) -> None:
+    """Everything needed to resume, written atomically (a crash never leaves half a file)."""
+    payload = {
+        "format": "lcp-checkpoint-1",
+        "config": state.cfg.to_dict(),
+        "model": state.model.state_dict(),
+        "trainer": state.trainer.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+        "history": state.history,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise LcpError(f"cannot read checkpoint {path}: {exc}. Delete it to start over.") from None
+    if not isinstance(payload, dict) or payload.get("format") != "lcp-checkpoint-1":
+        raise LcpError(f"{path} is not an lcp checkpoint")
+    return payload
+
+
+def _restore(state: FitState, payload: dict) -> None:
+    state.model.load_state_dict(payload["model"])
+    state.trainer.load_state_dict(payload["trainer"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    if state.scheduler is not None and payload["scheduler"] is not None:
+        state.scheduler.load_state_dict(payload["scheduler"])
+    state.epoch = payload["epoch"]
+    state.global_step = payload["global_step"]
+    state.history = list(payload["history"])
+    rng = payload["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+# ------------------------------------------------------------------ the loop
+def fit(cfg: RunConfig, callbacks=(), *, checkpoint_path: str | os.PathLike | None = None,
+        loaders=None) -> FitResult:
+    """Train `cfg` to the end (or until a callback asks to stop) and return the final metrics.
+
+    `loaders` = (train_loader, eval_loaders, input_shape, num_classes) replaces the data that
+    `cfg.data` names (for custom datasets).
+    """
+    cbs = CallbackList(callbacks)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg)
+    train_loader, eval_loaders, input_shape, num_classes = loaders or build_loaders(cfg)
+    model = build_model(cfg, input_shape, num_classes).to(device)
+    trainer = build_trainer(cfg, model).to(device)
+    model_params = list(model.parameters())
+    trainer_params = trainer.parameters()
+    optimizer = build_optimizer(cfg, model_params + trainer_params)
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    state = FitState(cfg, model, trainer, optimizer, scheduler, steps_per_epoch=len(train_loader))
+
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        _restore(state, load_checkpoint(checkpoint_path))
+
+    try:
+        cbs.on_fit_start(state)
+        while state.epoch < cfg.num_epochs and state.stop_reason is None:
+            record = train_one_epoch(state, train_loader, device, cbs, model_params,
+                                     trainer_params)
+            epoch = state.epoch + 1
+            if cfg.eval_epochs > 0 and epoch % cfg.eval_epochs == 0:
+                for split in ("test", "val"):
+                    if split in eval_loaders:
+                        for k, v in evaluate(trainer, eval_loaders[split], device).items():
+                            record[f"eval_{split}/{k}"] = v
+            record["epoch"] = epoch
+            state.epoch = epoch
+            state.history.append(record)
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, state)
+            cbs.on_epoch_end(state, record)
+
+        final: dict[str, float] = {}
+        if state.stop_reason is None:
+            for split in ("train", "test", "val"):
+                if split in eval_loaders:
+                    for k, v in evaluate(trainer, eval_loaders[split], device).items():
+                        final[f"eval_{split}/{k}"] = v
+        result = FitResult(final, state.history, state.stop_reason, state.epoch)
+        cbs.on_fit_end(state, result)
+        return result
+    except BaseException as exc:
+        cbs.on_exception(state, exc)
+        raise
+
+
+def train_one_epoch(state: FitState, loader, device, cbs, model_params, trainer_params):
+    cfg, trainer, optimizer, scheduler = state.cfg, state.trainer, state.optimizer, state.scheduler
+    stats = EpochStats()
+    start = time.perf_counter()
+    steps = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        trainer.pre_update()
+        optimizer.zero_grad(set_to_none=True)
+        step_stats = trainer.compute_update(x, y)
+        trainer.post_update()
+        norm = update_norm(model_params + trainer_params)
+        if not math.isfinite(norm):
+            raise DivergenceError(
+                f"the update is not finite at step {state.global_step + 1} "
+                f"(epoch {state.epoch + 1}); lower the learning rate, dt or alpha",
+                phase="update")
+        step_stats["update_norm"] = norm
+        if cfg.metagrad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model_params, max_norm=cfg.metagrad_clip)
+            if trainer_params:
+                torch.nn.utils.clip_grad_norm_(trainer_params, max_norm=cfg.metagrad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        state.global_step += 1
+        steps += 1
+        stats.add(step_stats)
+        cbs.on_step_end(state, step_stats)
+        if state.stop_reason is not None:
+            break
+    elapsed = time.perf_counter() - start
+    record = stats.summary()
+    record["epoch_time"] = elapsed
+    record["steps_per_s"] = steps / elapsed if elapsed > 0 else 0.0
+    record["lr"] = optimizer.param_groups[0]["lr"]
+    record["peak_memory_mb"] = peak_memory_mb(device)
+    return record
+
+
+# ------------------------------------------------------------------ trained models
+def save_model_file(path: str | os.PathLike, state: FitState) -> None:
+    """A trained model with its trainer state (feedback weights, Q) and resolved config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "lcp-model-1", "config": state.cfg.to_dict(),
+                "model": state.model.state_dict(), "trainer": state.trainer.state_dict()}, path)
+
+
+def load_model_file(path: str | os.PathLike, input_shape, num_classes: int = 10,
+                    device: str = "cpu"):
+    """(cfg, model, trainer) from `save_model_file` or from an end-of-epoch checkpoint."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:
+        raise LcpError(f"cannot read model file {path}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") not in ("lcp-model-1",
+                                                                     "lcp-checkpoint-1"):
+        raise LcpError(f"{path} is not an lcp model file")
+    cfg = RunConfig.from_dict(payload["config"])
+    model = build_model(cfg, input_shape, num_classes).to(device)
+    model.load_state_dict(payload["model"])
+    trainer = build_trainer(cfg, model).to(device)
+    trainer.load_state_dict(payload["trainer"])
+    return cfg, model, trainer
