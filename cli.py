@@ -110,13 +110,17 @@ class _ModelSaver(Callback):
 
 
 def _register_pipeline_commands() -> None:
-    try:
-        from pipeline.commands import register
-    except ImportError as exc:  # the pipeline is optional for `lcp train`
-        if "pipeline.commands" not in str(exc) and "pipeline" not in str(exc):
-            raise
-        return
-    register(lcp)
+    """The pipeline's commands (list, run-table, run, report, ui, tune) join the group."""
+    import importlib
+
+    for name in ("pipeline.commands", "pipeline.tune_commands"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency, not an absent module
+                raise
+            continue
+        module.register(lcp)
 
 
 _register_pipeline_commands()
