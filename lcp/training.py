@@ -44,6 +44,8 @@ def seed_everything(seed: int) -> None:
     """The paper's seeding (torch, numpy, CUDA, deterministic cuDNN), plus Python's random."""
     if seed < 0:
         return
+    # deterministic cuBLAS needs this before CUDA starts (a runner also sets it per process)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
