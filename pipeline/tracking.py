@@ -1,0 +1,357 @@
+"""The pipeline's thin layer over MLflow: the store, one experiment per table, runs, batched
+logging, retries on a locked SQLite store, honest terminal status.
+
+`lcp/` never imports MLflow; only this module does, and lazily (inside functions), so that
+`lcp list --help` and the library stay fast and usable without a tracking store.
+
+    uri = resolve_tracking_uri(None)           # --tracking-uri, $MLFLOW_TRACKING_URI or the default
+    tracker = Tracker(uri)                     # checks the store can be reached (LcpError if not)
+    exp_id = tracker.ensure_experiment("lcp-table-1")
+    run_id = tracker.create_run(exp_id, "t1-ff-bp/seed=0", tags={...}, params={...})
+    tracker.log_metrics(run_id, {"train/loss": 0.3}, step=1)    # one log_batch call
+    tracker.terminate(run_id, "FINISHED")
+
+The default store is embedded: `sqlite:///mlflow.db` in the working folder, its artifacts in
+`./mlartifacts` beside it. Relative SQLite paths are made absolute, so a worker started in
+another folder writes to the same store. Processes that write concurrently to SQLite may see
+"database is locked": every store call here is retried with exponential back-off.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+from lcp.errors import LcpError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ARTIFACTS_DIR_NAME = "mlartifacts"
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Environment variables a worker must not inherit (they would redirect its logging).
+MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                  "MLFLOW_TRACKING_URI")
+
+T = TypeVar("T")
+
+
+class TrackingError(LcpError):
+    """The tracking store cannot be reached or refused an operation."""
+
+
+# ====================================================================== URIs
+
+
+def experiment_name(table: int) -> str:
+    return f"lcp-table-{table}"
+
+
+def run_name(experiment_id: str, seed: int) -> str:
+    return f"{experiment_id}/seed={seed}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db`; SQLite paths absolute."""
+    uri = (uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI).strip()
+    if uri.startswith("sqlite:"):
+        path = sqlite_path(uri)
+        if path is not None:
+            return "sqlite:///" + str(path)
+        return uri  # sqlite:// (in memory): useless across processes, rejected by Tracker
+    if "://" not in uri and not uri.startswith("file:"):
+        # A bare folder: MLflow's file store (deprecated in MLflow 3, still readable).
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///path` URI (absolute), None for anything else."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):]
+    rest = rest.split("?", 1)[0]
+    if not rest:
+        return None
+    path = Path(rest) if rest.startswith("/") else Path(os.getcwd()) / rest
+    return Path(os.path.abspath(path))
+
+
+def is_server_uri(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where runs of an embedded SQLite store keep their artifacts: `mlartifacts` beside the db."""
+    path = sqlite_path(uri)
+    return path.parent / ARTIFACTS_DIR_NAME if path is not None else None
+
+
+def store_exists(uri: str) -> bool:
+    """False only for an embedded SQLite store whose file is not there yet (nothing to read)."""
+    path = sqlite_path(uri)
+    return path is None or path.exists()
+
+
+# ====================================================================== retries
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def with_retry(fn: Callable[[], T], *, attempts: int = 12, base_delay: float = 0.05,
+               max_delay: float = 5.0, what: str = "tracking store call") -> T:
+    """Call `fn`, retrying with exponential back-off (and jitter) while SQLite is locked."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps SQLAlchemy errors variously
+            if not is_locked_error(exc) or attempt == attempts - 1:
+                raise
+            delay = min(max_delay, base_delay * 2 ** attempt) * (0.5 + random.random())
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ====================================================================== names and values
+
+_BAD_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def sanitize_name(name: str) -> str:
+    """A metric/param name MLflow accepts: alphanumerics, _ - . space /, no empty path parts."""
+    text = _BAD_NAME.sub("_", str(name))
+    text = re.sub(r"/+", "/", text).strip("/")
+    parts = ["_" if part in ("", ".", "..") else part for part in text.split("/")]
+    return "/".join(parts) or "_"
+
+
+def param_value(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """The project's git commit (with `-dirty` when tracked files changed), None outside git."""
+    root = Path(path) if path else Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = commit.stdout.strip()
+    if not sha:
+        return None
+    return sha + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+# ====================================================================== the tracker
+
+
+class Tracker:
+    """One MLflow store. Every call is retried while SQLite is locked."""
+
+    def __init__(self, uri: str, *, check: bool = True, create: bool = True):
+        self.uri = uri
+        if check:
+            check_reachable(uri, create=create)
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            try:
+                self._client = with_retry(lambda: MlflowClient(tracking_uri=self.uri),
+                                          what="opening the store")
+            except LcpError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise TrackingError(
+                    f"cannot open the MLflow store {self.uri}: {_first_line(exc)}. Check "
+                    "--tracking-uri (or $MLFLOW_TRACKING_URI)") from None
+        return self._client
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        return with_retry(fn)
+
+    # ------------------------------------------------------------------ experiments
+    def get_experiment_id(self, name: str) -> str | None:
+        exp = self._call(lambda: self.client.get_experiment_by_name(name))
+        return exp.experiment_id if exp is not None else None
+
+    def ensure_experiment(self, name: str) -> str:
+        existing = self.get_experiment_id(name)
+        if existing is not None:
+            return existing
+        root = artifact_root(self.uri)
+        location = (root / sanitize_name(name).replace("/", "_")).as_uri() if root else None
+        try:
+            return self._call(lambda: self.client.create_experiment(
+                name, artifact_location=location))
+        except Exception as exc:  # noqa: BLE001 - created meanwhile by another process
+            existing = self.get_experiment_id(name)
+            if existing is not None:
+                return existing
+            raise TrackingError(f"cannot create experiment {name!r} in {self.uri}: "
+                                f"{_first_line(exc)}") from None
+
+    # ------------------------------------------------------------------ runs
+    def create_run(self, experiment_id: str, name: str, *, tags: Mapping[str, Any] = (),
+                   params: Mapping[str, Any] = (), status: str = "RUNNING") -> str:
+        from mlflow.entities import Param, RunTag
+
+        tag_list = [RunTag(k, str(v)) for k, v in dict(tags).items() if v is not None]
+        run = self._call(lambda: self.client.create_run(experiment_id, run_name=name,
+                                                        tags={t.key: t.value for t in tag_list}))
+        run_id = run.info.run_id
+        param_list = [Param(sanitize_name(k), param_value(v)) for k, v in dict(params).items()]
+        for chunk in _chunks(param_list, 100):
+            self._call(lambda c=chunk: self.client.log_batch(run_id, params=c))
+        if status != "RUNNING":
+            self.set_status(run_id, status)
+        return run_id
+
+    def get_run(self, run_id: str):
+        return self._call(lambda: self.client.get_run(run_id))
+
+    def search_runs(self, experiment_ids: Iterable[str], filter_string: str = "",
+                    order_by: list[str] | None = None) -> list:
+        ids = list(experiment_ids)
+        if not ids:
+            return []
+        out, token = [], None
+        while True:
+            page = self._call(lambda t=token: self.client.search_runs(
+                ids, filter_string=filter_string, max_results=1000,
+                order_by=order_by or ["attributes.start_time DESC"], page_token=t))
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def set_status(self, run_id: str, status: str) -> None:
+        if status in TERMINAL_STATUSES:
+            self.terminate(run_id, status)
+        else:
+            self._call(lambda: self.client.update_run(run_id, status=status))
+
+    def terminate(self, run_id: str, status: str) -> None:
+        self._call(lambda: self.client.set_terminated(run_id, status=status))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        tag_list = [RunTag(k, str(v)[:8000]) for k, v in tags.items() if v is not None]
+        for chunk in _chunks(tag_list, 100):
+            self._call(lambda c=chunk: self.client.log_batch(run_id, tags=c))
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
+                    timestamp_ms: int | None = None) -> None:
+        """All of `metrics` at `step` in one `log_batch` call (chunks of 1000)."""
+        self.log_metric_records(run_id, [(step, dict(metrics))], timestamp_ms)
+
+    def log_metric_records(self, run_id: str, records: Iterable[tuple[int, Mapping[str, float]]],
+                           timestamp_ms: int | None = None) -> None:
+        """Several steps' metrics, batched: [(step, {key: value}), ...]."""
+        from mlflow.entities import Metric
+
+        ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        metrics = []
+        for step, values in records:
+            for key, value in values.items():
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    continue
+                metrics.append(Metric(sanitize_name(key), number, ts, int(step)))
+        for chunk in _chunks(metrics, 1000):
+            self._call(lambda c=chunk: self.client.log_batch(run_id, metrics=c))
+
+    def metric_history(self, run_id: str, key: str) -> list:
+        return self._call(lambda: self.client.get_metric_history(run_id, sanitize_name(key)))
+
+    def last_step(self, run_id: str, key: str = "epoch") -> int:
+        history = self.metric_history(run_id, key)
+        return max((m.step for m in history), default=0)
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None
+                     ) -> None:
+        self._call(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+
+    def artifact_paths(self, run_id: str, path: str | None = None) -> list[str]:
+        out = []
+        for info in self._call(lambda: self.client.list_artifacts(run_id, path)):
+            if info.is_dir:
+                out.extend(self.artifact_paths(run_id, info.path))
+            else:
+                out.append(info.path)
+        return out
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# ====================================================================== reachability
+
+
+def check_reachable(uri: str, *, create: bool = True, timeout: float = 5.0) -> None:
+    """Raise one clear LcpError when the store behind `uri` cannot be used."""
+    fix = "pass --tracking-uri (or set $MLFLOW_TRACKING_URI), e.g. --tracking-uri sqlite:///mlflow.db"
+    if uri.startswith("sqlite:"):
+        path = sqlite_path(uri)
+        if path is None:
+            raise TrackingError(f"tracking URI {uri!r} names no database file (an in-memory "
+                                f"store cannot be shared between processes); {fix}")
+        if not path.parent.is_dir():
+            raise TrackingError(f"tracking URI {uri!r}: the folder {path.parent} does not exist; "
+                                f"create it or {fix}")
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise TrackingError(f"tracking URI {uri!r}: {path} is not readable and writable; "
+                                f"fix its permissions or {fix}")
+        if not path.exists() and create and not os.access(path.parent, os.W_OK):
+            raise TrackingError(f"tracking URI {uri!r}: cannot create {path} (folder not "
+                                f"writable); {fix}")
+        return
+    if is_server_uri(uri):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+                if response.status >= 400:
+                    raise OSError(f"HTTP {response.status}")
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500:
+                raise TrackingError(f"the MLflow server at {uri} answered HTTP {exc.code}; "
+                                    f"check the server's log, or {fix}") from None
+            # An older server without /health, or behind a proxy: it answered, so it is up.
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"cannot reach the MLflow server at {uri} ({reason}); start it (e.g. `mlflow "
+                f"server --host 127.0.0.1 --port 5000`) or {fix}") from None
+        return
+    if uri.startswith("file:"):
+        return
+    scheme = uri.split("://", 1)[0] if "://" in uri else uri
+    if scheme.split("+", 1)[0] in ("postgresql", "mysql", "mssql", "databricks"):
+        return  # MLflow connects on first use; errors then become TrackingError
+    raise TrackingError(f"tracking URI {uri!r} has an unknown scheme {scheme!r}; use "
+                        "sqlite:///path.db, http(s)://host:port, postgresql://..., or a folder")

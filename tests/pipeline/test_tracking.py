@@ -1,0 +1,91 @@
+"""pipeline.tracking: URIs, names, retries on a locked SQLite store, and several processes
+writing to one store at once (nothing lost)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lcp.errors import LcpError
+from pipeline import tracking
+from pipeline.tracking import Tracker, resolve_tracking_uri, sanitize_name, with_retry
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.artifact_root(resolve_tracking_uri(None)) == tmp_path / "mlartifacts"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/other.db"
+    assert resolve_tracking_uri("http://host:5000") == "http://host:5000"  # option wins
+    assert resolve_tracking_uri(f"sqlite:///{tmp_path}/a.db") == f"sqlite:///{tmp_path}/a.db"
+
+
+def test_sanitize_name():
+    assert sanitize_name("train/loss") == "train/loss"
+    assert sanitize_name("a:b*c") == "a_b_c"
+    assert sanitize_name("/x//y/") == "x/y"
+    assert sanitize_name("../up") == "_/up"
+
+
+def test_with_retry_backs_off_only_on_locked_errors():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert with_retry(flaky, base_delay=0.001) == "ok" and len(calls) == 3
+    with pytest.raises(ValueError):
+        with_retry(lambda: (_ for _ in ()).throw(ValueError("other")), base_delay=0.001)
+
+
+def test_unusable_stores_are_clear_errors(tmp_path):
+    with pytest.raises(LcpError, match="does not exist"):
+        Tracker(f"sqlite:///{tmp_path}/missing/x.db")
+    with pytest.raises(LcpError, match="cannot reach the MLflow server"):
+        Tracker("http://127.0.0.1:9")
+    with pytest.raises(LcpError, match="in-memory"):
+        Tracker("sqlite://")
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pipeline.tracking import Tracker
+    uri, run_id, worker = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    tracker = Tracker(uri, create=False)
+    for step in range(1, 21):
+        tracker.log_metrics(run_id, {f"w{worker}/m{k}": step * 10 + k for k in range(10)},
+                            step=step)
+        tracker.set_tags(run_id, {f"w{worker}": step})
+""")
+
+
+def test_several_writers_lose_nothing(tmp_path):
+    """Three processes log batches into one SQLite store at once; every point arrives."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    exp_id = tracker.ensure_experiment("lcp-table-1")
+    assert tracker.ensure_experiment("lcp-table-1") == exp_id
+    run_ids = [tracker.create_run(exp_id, f"r{i}", tags={"id": "x"}, params={"p": i})
+               for i in range(3)]
+    env = {k: v for k, v in os.environ.items() if k not in tracking.MLFLOW_RUN_ENV}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, run_ids[i % 3], str(i)],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    for i in range(3):
+        run = tracker.get_run(run_ids[i])
+        assert run.data.tags[f"w{i}"] == "20"
+        for k in range(10):
+            history = tracker.metric_history(run_ids[i], f"w{i}/m{k}")
+            assert sorted(m.step for m in history) == list(range(1, 21))
+            assert sorted(m.value for m in history) == [s * 10 + k for s in range(1, 21)]
