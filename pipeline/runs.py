@@ -1,0 +1,413 @@
+"""Table runs: which (row, seed) pairs to run, skip or resume, their MLflow runs, and the
+scheduler hooks that keep MLflow honest.
+
+    items = expand(manifest, experiments, seeds=None, overrides={})      # (row, seed, cfg)
+    plans = plan_runs(items, tracker, runs_dir)                          # new / resume / skip
+    prepare(plans, tracker)           # the parent creates experiments and runs, before workers
+    result = execute(plans, tracker, executor, retries=1)
+
+A (row, seed) pair is *done* when its table's experiment holds a FINISHED run with the same `id`,
+`seed` and `config_hash` tags (`--force` runs it again as a new run). A run with those tags that
+is not FINISHED (killed, failed, or interrupted while RUNNING) is resumed under the same run id
+from the end-of-epoch checkpoint in its run folder (the `run_dir` tag), so its metric history
+continues where it stopped.
+
+Run folders: `<runs_dir>/lcp-table-N/<id>/seed=<S>/<run_id>/` with `config.yaml`,
+`checkpoint.pt`, `progress.json`, `worker.log` and `run.json` (the run id and store, beside the
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from lcp.config import RunConfig
+from pipeline import tracking
+from pipeline.manifest import Experiment, Manifest, ManifestError
+from pipeline.scheduler import (FAILED, FINISHED, KILLED, QUEUED, Executor, Hooks, Job,
+                                ProgressDisplay, Scheduler, SchedulerResult, describe_returncode,
+                                stop_on_signals)
+from pipeline.worker import (CHECKPOINT_NAME, CONFIG_NAME, EXIT_BUSY, LOG_NAME, is_locked,
+                             read_progress)
+
+DEFAULT_RUNS_DIR = "lcp-runs"
+QUICK_OVERRIDES = {"num_epochs": "1", "limit_train_batches": "20", "limit_eval_batches": "5",
+                   "eval_epochs": "1"}
+
+NEW, RESUME, SKIP, BUSY = "new", "resume", "skip", "busy"
+
+
+# ====================================================================== choosing runs
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """--seeds '0,1' → [0, 1]."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ManifestError(f"--seeds {text!r} is not valid: give integers ≥ 0 separated by "
+                            "commas, e.g. --seeds 0,1,2")
+    seeds = [int(p) for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise ManifestError(f"--seeds {text!r} repeats a seed")
+    return seeds
+
+
+def run_overrides(sets: Mapping[str, str], *, quick: bool = False,
+                  data_dir: str | None = None) -> dict[str, Any]:
+    """--quick's settings, then --set (which wins), then --data-dir."""
+    out: dict[str, Any] = dict(QUICK_OVERRIDES) if quick else {}
+    out.update(sets)
+    if data_dir is not None:
+        if "data_dir" in sets and sets["data_dir"] != data_dir:
+            raise ManifestError("both --data-dir and --set data_dir=... are given; keep one")
+        out["data_dir"] = data_dir
+    if "data_dir" in out:
+        out["data_dir"] = os.path.abspath(os.path.expanduser(str(out["data_dir"])))
+    return out
+
+
+def select(manifest: Manifest, *, table: int | str | None = None,
+           ids: Iterable[str] = ()) -> list[Experiment]:
+    ids = list(ids)
+    if table is not None:
+        return manifest.table(table)
+    if not ids:
+        raise ManifestError("name at least one experiment id (see `lcp list`), or use "
+                            "`lcp run-table N`")
+    out: list[Experiment] = []
+    for experiment_id in ids:
+        exp = manifest.get(experiment_id)
+        if exp not in out:
+            out.append(exp)
+    return out
+
+
+@dataclass
+class Item:
+    exp: Experiment
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def name(self) -> str:
+        return tracking.run_name(self.exp.id, self.seed)
+
+    @property
+    def experiment_name(self) -> str:
+        return tracking.experiment_name(self.exp.table)
+
+    @property
+    def config_hash(self) -> str:
+        return self.cfg.config_hash()
+
+
+def expand(experiments: Iterable[Experiment], seeds: list[int] | None = None,
+           overrides: Mapping[str, Any] | None = None) -> list[Item]:
+    """One Item per (row, seed): the row's seeds, or `seeds` for every row."""
+    overrides = dict(overrides or {})
+    if "data_dir" not in overrides:
+        overrides["data_dir"] = os.path.abspath(RunConfig.__dataclass_fields__["data_dir"]
+                                                .default_factory())
+    items = []
+    for exp in experiments:
+        for seed in (seeds if seeds is not None else exp.seeds):
+            items.append(Item(exp, seed, exp.config(seed, overrides)))
+    return items
+
+
+# ====================================================================== plans
+
+
+@dataclass
+class RunPlan:
+    item: Item
+    action: str  # new | resume | skip | busy
+    run_id: str | None = None
+    run_dir: Path | None = None
+    resume_epoch: int = 0
+    previous_status: str | None = None
+    note: str = ""
+    experiment_id: str | None = None
+    result: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.item.name
+
+
+def run_tags(item: Item, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+
+    tags = {
+        "table": item.exp.table, "section": item.exp.section, "label": item.exp.label,
+        "id": item.exp.id, "seed": item.seed, "config_hash": item.config_hash,
+        "git_commit": tracking.git_commit(), "torch_version": torch.__version__,
+        "device": item.cfg.device, "lcp.kind": "run",
+    }
+    tags.update(extra or {})
+    return {k: v for k, v in tags.items() if v is not None}
+
+
+def existing_runs(tracker: tracking.Tracker | None, experiment_names: Iterable[str]
+                  ) -> dict[tuple[str, int, str], list]:
+    """Runs of the given experiments by (id, seed, config_hash), newest first."""
+    out: dict[tuple[str, int, str], list] = {}
+    if tracker is None:
+        return out
+    for name in sorted(set(experiment_names)):
+        exp_id = tracker.get_experiment_id(name)
+        if exp_id is None:
+            continue
+        for run in tracker.search_runs([exp_id]):
+            tags = run.data.tags
+            if tags.get("lcp.kind", "run") != "run" or "id" not in tags:
+                continue
+            try:
+                key = (tags["id"], int(tags.get("seed", "-1")), tags.get("config_hash", ""))
+            except ValueError:
+                continue
+            out.setdefault(key, []).append(run)
+    return out
+
+
+def run_dir_for(runs_dir: Path, item: Item, run_id: str) -> Path:
+    return Path(runs_dir).resolve() / item.experiment_name / item.exp.id / f"seed={item.seed}" / run_id
+
+
+def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str | Path,
+              *, force: bool = False) -> list[RunPlan]:
+    """What to do with each item, from the store's runs (read only: nothing is created)."""
+    runs = existing_runs(tracker, (i.experiment_name for i in items))
+    plans = []
+    for item in items:
+        candidates = runs.get((item.exp.id, item.seed, item.config_hash), [])
+        finished = [r for r in candidates if r.info.status == "FINISHED"]
+        if finished and not force:
+            run = finished[0]
+            plans.append(RunPlan(item, SKIP, run.info.run_id, previous_status="FINISHED",
+                                 note=f"done (FINISHED run {run.info.run_id[:8]})",
+                                 result=dict(run.data.metrics)))
+            continue
+        plan = RunPlan(item, NEW, note="new run" + (" (--force)" if finished else ""))
+        for run in candidates:
+            if run.info.status == "FINISHED":
+                continue
+            run_dir = Path(run.data.tags.get("run_dir") or
+                           run_dir_for(Path(runs_dir), item, run.info.run_id))
+            checkpoint = run_dir / CHECKPOINT_NAME
+            logged = "epoch" in run.data.metrics
+            if run_dir.exists() and is_locked(run_dir):
+                plan = RunPlan(item, BUSY, run.info.run_id, run_dir,
+                               previous_status=run.info.status,
+                               note=f"being run by another process (run {run.info.run_id[:8]})")
+                break
+            if run.info.status in ("RUNNING", "SCHEDULED") and not run_dir.exists():
+                if force:
+                    continue
+                # Created by a scheduler elsewhere (another machine on the same server).
+                plan = RunPlan(item, BUSY, run.info.run_id, run_dir,
+                               previous_status=run.info.status,
+                               note=f"{run.info.status} elsewhere (run {run.info.run_id[:8]}, "
+                                    f"no run folder {run_dir} here); --force starts a new run")
+                break
+            if checkpoint.exists() or not logged:
+                epoch = int(read_progress(run_dir).get("epoch", 0)) if checkpoint.exists() else 0
+                where = f"from epoch {epoch}" if checkpoint.exists() else "from the start"
+                plan = RunPlan(item, RESUME, run.info.run_id, run_dir, resume_epoch=epoch,
+                               previous_status=run.info.status,
+                               note=f"resume {run.info.status} run {run.info.run_id[:8]} {where}")
+                break
+            plan.note = (f"new run (run {run.info.run_id[:8]} is {run.info.status} but its "
+                         f"checkpoint {checkpoint} is gone)")
+        plans.append(plan)
+    return plans
+
+
+# ====================================================================== creating runs
+
+
+def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Path,
+            *, extra_tags: Mapping[str, Any] | None = None) -> None:
+    """Create the experiments and the new runs (status SCHEDULED), before any worker starts."""
+    exp_ids: dict[str, str] = {}
+    for plan in plans:
+        if plan.action not in (NEW, RESUME):
+            continue
+        item = plan.item
+        if item.experiment_name not in exp_ids:
+            exp_ids[item.experiment_name] = tracker.ensure_experiment(item.experiment_name)
+        plan.experiment_id = exp_ids[item.experiment_name]
+        if plan.action == NEW:
+            plan.run_id = tracker.create_run(
+                plan.experiment_id, item.name, tags=run_tags(item, extra_tags),
+                params=item.cfg.to_dict(), status="SCHEDULED")
+            plan.run_dir = run_dir_for(Path(runs_dir), item, plan.run_id)
+            tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
+                                           "log_path": str(plan.run_dir / LOG_NAME)})
+        else:
+            tracker.set_status(plan.run_id, "SCHEDULED")
+            tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
+                                           "log_path": str(plan.run_dir / LOG_NAME)})
+        write_run_folder(plan, tracker.uri)
+        if plan.action == NEW:
+            tracker.log_artifact(plan.run_id, plan.run_dir / CONFIG_NAME)
+
+
+def cancel(plans: list[RunPlan], tracker: tracking.Tracker, reason: str) -> None:
+    """Mark the runs of `plans` that were created or scheduled (and are not finished) KILLED."""
+    for plan in plans:
+        if plan.action in (NEW, RESUME) and plan.run_id:
+            try:
+                if tracker.get_run(plan.run_id).info.status in ("RUNNING", "SCHEDULED"):
+                    tracker.set_tags(plan.run_id, {"killed_reason": reason})
+                    tracker.terminate(plan.run_id, "KILLED")
+            except Exception as exc:  # noqa: BLE001 - keep marking the others
+                print(f"warning: could not mark {plan.name} KILLED: {exc}", file=sys.stderr)
+
+
+def write_run_folder(plan: RunPlan, uri: str) -> None:
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = plan.item.cfg.to_dict()
+    (plan.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (plan.run_dir / "run.json").write_text(json.dumps({
+        "run_id": plan.run_id, "tracking_uri": uri, "experiment": plan.item.experiment_name,
+        "id": plan.item.exp.id, "seed": plan.item.seed, "config_hash": plan.item.config_hash,
+    }, indent=2))
+
+
+def worker_command(plan: RunPlan, uri: str, threads: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "pipeline.worker", "--tracking-uri", uri,
+           "--run-id", plan.run_id, "--run-dir", str(plan.run_dir)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+# ====================================================================== scheduler hooks
+
+
+class TrackingHooks(Hooks):
+    """Keeps MLflow honest around the workers: a worker that died without saying so is marked
+    FAILED with the reason; stopped runs KILLED; each attempt's log uploaded as an artifact."""
+
+    def __init__(self, tracker: tracking.Tracker):
+        self.tracker = tracker
+
+    def before_start(self, job: Job) -> None:
+        plan: RunPlan = job.payload
+        if "--attempt" in job.command:
+            i = job.command.index("--attempt")
+            del job.command[i:i + 2]
+        job.command += ["--attempt", str(job.attempts)]
+        self.tracker.set_tags(plan.run_id, {"attempts": job.attempts})
+
+    def after_exit(self, job: Job, returncode: int) -> tuple[bool, str]:
+        plan: RunPlan = job.payload
+        self._upload_log(job)
+        run = self.tracker.get_run(plan.run_id)
+        status = run.info.status
+        reason = run.data.tags.get("failure_reason", "")
+        if returncode == 0 and status == "FINISHED":
+            plan.result = dict(run.data.metrics)
+            return True, ""
+        if returncode == EXIT_BUSY:
+            return False, "another process is running this run (its lock is held)"
+        if status in ("RUNNING", "SCHEDULED") or returncode == 0:
+            reason = (describe_returncode(returncode) if returncode != 0
+                      else "worker exited without finishing the run")
+            self.tracker.set_tags(plan.run_id, {"failure_reason": reason})
+            self.tracker.terminate(plan.run_id, "FAILED")
+            return False, reason
+        if status == "KILLED":
+            return False, run.data.tags.get("killed_reason", "killed")
+        return False, reason or describe_returncode(returncode)
+
+    def on_cancel(self, job: Job, was_running: bool) -> None:
+        plan: RunPlan = job.payload
+        if was_running:
+            self._upload_log(job)
+        try:
+            run = self.tracker.get_run(plan.run_id)
+            if run.info.status != "KILLED":
+                self.tracker.set_tags(plan.run_id, {"killed_reason": job.reason})
+                self.tracker.terminate(plan.run_id, "KILLED")
+        except Exception as exc:  # noqa: BLE001 - keep stopping the others
+            print(f"warning: could not mark {job.key} KILLED: {exc}", file=sys.stderr)
+
+    def progress(self, job: Job) -> str:
+        info = read_progress(job.payload.run_dir)
+        if not info:
+            return "starting"
+        text = f"epoch {info.get('epoch', 0)}/{info.get('num_epochs', '?')}"
+        if "eval_test/accuracy" in info:
+            text += f" test acc {info['eval_test/accuracy']:.3f}"
+        return text
+
+    def _upload_log(self, job: Job) -> None:
+        if job.log_path.exists():
+            try:
+                self.tracker.log_artifact(job.payload.run_id, job.log_path, "logs")
+            except Exception as exc:  # noqa: BLE001
+                print(f"warning: could not upload {job.log_path}: {exc}", file=sys.stderr)
+
+
+# ====================================================================== running
+
+
+def make_jobs(plans: list[RunPlan], uri: str, threads: int | None = None) -> list[Job]:
+    jobs = []
+    project_root = str(Path(__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
+    for plan in plans:
+        if plan.action not in (NEW, RESUME):
+            continue
+        env = {"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
+        if plan.item.cfg.seed >= 0:
+            env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        jobs.append(Job(key=plan.name, command=worker_command(plan, uri, threads),
+                        log_path=plan.run_dir / LOG_NAME, env=env, cwd=os.getcwd(),
+                        payload=plan))
+    return jobs
+
+
+def execute(plans: list[RunPlan], tracker: tracking.Tracker, executor: Executor, *,
+            retries: int = 0, fail_fast: bool = False, display: ProgressDisplay | None = None,
+            threads: int | None = None) -> SchedulerResult:
+    """Run the new and resumed plans; SIGINT/SIGTERM stop cleanly (running runs → KILLED)."""
+    jobs = make_jobs(plans, tracker.uri, threads)
+    scheduler = Scheduler(executor, TrackingHooks(tracker), retries=retries, fail_fast=fail_fast,
+                          display=display)
+    with stop_on_signals(scheduler):
+        return scheduler.run(jobs)
+
+
+def summary_lines(plans: list[RunPlan], result: SchedulerResult | None) -> list[str]:
+    jobs = {id(j.payload): j for j in (result.jobs if result else [])}
+    lines = []
+    for plan in plans:
+        job = jobs.get(id(plan))
+        acc = plan.result.get("eval_test/accuracy")
+        acc_text = f"test acc {acc:.4f}" if acc is not None else ""
+        if job is None:
+            lines.append(f"  {plan.name:<34} {plan.action.upper():<9} {plan.note}")
+            continue
+        span = ""
+        if job.first_started_at and job.ended_at:
+            span = f"{job.ended_at - job.first_started_at:.0f}s"
+        status = job.status.upper()
+        text = f"  {plan.name:<34} {status:<9} {span:>6}  attempts {job.attempts}  {acc_text}"
+        text = text.rstrip()
+        if job.status in (FAILED, KILLED):
+            text += f"\n      reason: {job.reason}\n      log:    {job.log_path}"
+        lines.append(text.rstrip())
+    return lines
