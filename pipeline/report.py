@@ -1,0 +1,404 @@
+"""`lcp report N`: a table's results from MLflow into pandas, printed as Markdown, CSV or LaTeX,
+with a bar chart (test accuracy, mean ± std over seeds) and learning curves as PNGs; the report's
+files are also logged to a `report` run in the table's experiment.
+
+Per manifest row: seeds finished (n), test accuracy mean ± std (sample std over seeds, in %),
+train accuracy, the gap to the BP/RBP baseline of the same section (percentage points), mean wall
+time per run, mean solver iterations of the training-time equilibrium (the controlled solve for
+LCP trainers, the free solve for RBP; none for BP), and how many solves hit max_iter (summed over
+the epochs and seeds of the row).
+
+A row's runs are the FINISHED runs whose `config_hash` tag equals the hash of the configuration
+the same `--seeds/--set/--quick` options give (so a `--quick` tour and the full runs never mix);
+`--any-config` takes the newest FINISHED run of each (row, seed) whatever its settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from lcp.errors import LcpError
+from pipeline import tracking
+from pipeline.manifest import Manifest
+
+FORMATS = ("md", "csv", "latex")
+CURVE_KEYS = ("eval_test/accuracy", "train/accuracy")
+ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ====================================================================== one run's curves
+
+
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_run_curves(history: list[Mapping[str, float]], path: str | Path, title: str = "") -> None:
+    """Loss and accuracy per epoch of one run (an artifact of every run)."""
+    plt = _plt()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(history)]
+    for key, ax, style in (("train/loss", ax_loss, "-"), ("eval_test/loss", ax_loss, "--"),
+                           ("train/accuracy", ax_acc, "-"), ("eval_test/accuracy", ax_acc, "--")):
+        points = [(e, r[key]) for e, r in zip(epochs, history) if key in r]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, style, marker="o", markersize=3, label=key)
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        _integer_ticks(ax)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ====================================================================== collecting
+
+
+@dataclass
+class Collected:
+    table: int
+    rows: list  # the manifest's Experiments of the table, in order
+    runs: Any  # pandas DataFrame, one row per (row, seed) run used
+    curves: dict[str, dict[str, list[tuple[int, float]]]]  # run_id -> key -> [(step, value)]
+    other_finished: int  # FINISHED runs of the table not used (other settings)
+    experiment_id: str | None
+
+
+def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
+            seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
+            any_config: bool = False, ids: Iterable[str] = ()) -> Collected:
+    import pandas as pd
+
+    from pipeline.runs import expand
+
+    rows = manifest.table(table)
+    ids = list(ids)
+    if ids:
+        rows = [r for r in rows if r.id in ids]
+    number = rows[0].table
+    expected = {(it.exp.id, it.seed): it.config_hash for it in expand(rows, seeds, overrides)}
+    row_ids = {r.id for r in rows}
+    exp_id = tracker.get_experiment_id(tracking.experiment_name(number))
+    found = tracker.search_runs([exp_id], "attributes.status = 'FINISHED'") if exp_id else []
+    chosen: dict[tuple[str, int], Any] = {}
+    other = 0
+    for run in found:
+        tags = run.data.tags
+        if tags.get("lcp.kind", "run") != "run" or tags.get("id") not in row_ids:
+            continue
+        try:
+            key = (tags["id"], int(tags.get("seed", "-1")))
+        except ValueError:
+            continue
+        if any_config:
+            if seeds is not None and key[1] not in seeds:
+                continue
+        elif expected.get(key) != tags.get("config_hash"):
+            other += 1
+            continue
+        best = chosen.get(key)
+        if best is None or (run.info.end_time or 0) > (best.info.end_time or 0):
+            chosen[key] = run
+    records, curves = [], {}
+    for (row_id, seed), run in sorted(chosen.items()):
+        metrics = run.data.metrics
+        run_id = run.info.run_id
+        histories = {k: tracker.metric_history(run_id, k) for k in metrics
+                     if k.endswith("hit_max_iter_count") or k in ITERATION_KEYS or k in CURVE_KEYS}
+        iter_key = next((k for k in ITERATION_KEYS if k in histories), None)
+        iters = ([m.value for m in histories[iter_key]] if iter_key else [])
+        hit = sum(m.value for k, h in histories.items() if k.endswith("hit_max_iter_count")
+                  for m in h)
+        wall = metrics.get("wall_time_s")
+        if wall is None and run.info.end_time and run.info.start_time:
+            wall = (run.info.end_time - run.info.start_time) / 1000
+        records.append({
+            "id": row_id, "seed": seed, "run_id": run_id,
+            "config_hash": run.data.tags.get("config_hash", ""),
+            "test_acc": _pct(metrics.get("eval_test/accuracy")),
+            "train_acc": _pct(metrics.get("eval_train/accuracy")),
+            "wall_time_s": wall,
+            "solver_iters": sum(iters) / len(iters) if iters else math.nan,
+            "hit_max_iter": hit if any(k.endswith("hit_max_iter_count") for k in histories)
+            else math.nan,
+            "epochs": metrics.get("epoch", math.nan),
+        })
+        curves[run_id] = {k: sorted((m.step, m.value) for m in histories[k])
+                          for k in CURVE_KEYS if k in histories}
+    columns = ["id", "seed", "run_id", "config_hash", "test_acc", "train_acc", "wall_time_s",
+               "solver_iters", "hit_max_iter", "epochs"]
+    return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id)
+
+
+def _pct(value: float | None) -> float:
+    return math.nan if value is None else 100.0 * float(value)
+
+
+# ====================================================================== the table
+
+
+def summarize(collected: Collected, manifest: Manifest):
+    """One row per manifest row (in table order), numbers in % and percentage points."""
+    import pandas as pd
+
+    runs = collected.runs
+    out = []
+    for exp in collected.rows:
+        mine = runs[runs["id"] == exp.id]
+        test = mine["test_acc"].dropna()
+        base = manifest.baseline(exp)
+        out.append({
+            "section": exp.section, "label": exp.label, "id": exp.id, "n": int(len(mine)),
+            "seeds": ",".join(str(s) for s in sorted(mine["seed"])),
+            "test_acc_mean": test.mean() if len(test) else math.nan,
+            "test_acc_std": test.std(ddof=1) if len(test) > 1 else math.nan,
+            "train_acc_mean": mine["train_acc"].mean() if len(mine) else math.nan,
+            "baseline": base.id if base is not None and base.id != exp.id else "",
+            "is_baseline": base is not None and base.id == exp.id,
+            "wall_time_s": mine["wall_time_s"].mean() if len(mine) else math.nan,
+            "solver_iters": mine["solver_iters"].mean() if len(mine) else math.nan,
+            "hit_max_iter": mine["hit_max_iter"].sum(min_count=1) if len(mine) else math.nan,
+        })
+    df = pd.DataFrame(out)
+    means = dict(zip(df["id"], df["test_acc_mean"]))
+    df["gap_to_baseline"] = [
+        (row.test_acc_mean - means.get(row.baseline, math.nan)) if row.baseline else math.nan
+        for row in df.itertuples()]
+    order = ["section", "label", "id", "n", "seeds", "test_acc_mean", "test_acc_std",
+             "train_acc_mean", "is_baseline", "baseline", "gap_to_baseline", "wall_time_s", "solver_iters",
+             "hit_max_iter"]
+    return df[order]
+
+
+HEADERS = ["Section", "Method", "Id", "n", "Test acc. (%)", "Train acc. (%)",
+           "Gap to BP/RBP (pp)", "Wall time / run", "Solver iters", "Hit max_iter"]
+
+
+def _num(value, digits=2, signed=False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _duration(seconds) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "—"
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def display_rows(summary, pm: str = "±") -> list[list[str]]:
+    rows = []
+    for r in summary.itertuples():
+        test = _num(r.test_acc_mean)
+        if not math.isnan(r.test_acc_std):
+            test += f" {pm} {_num(r.test_acc_std)}"
+        gap = "(baseline)" if r.is_baseline else _num(r.gap_to_baseline, signed=True)
+        hit = "—" if math.isnan(r.hit_max_iter) else f"{int(r.hit_max_iter)}"
+        rows.append([r.section, r.label, r.id, str(r.n), test, _num(r.train_acc_mean), gap,
+                     _duration(r.wall_time_s), _num(r.solver_iters, 1), hit])
+    return rows
+
+
+def format_table(summary, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
+    if fmt == "csv":
+        return summary.to_csv(index=False, float_format="%.4f")
+    if fmt == "md":
+        rows = display_rows(summary)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+                  for i, h in enumerate(HEADERS)]
+        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+        out = [line(HEADERS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        out += [line(r) for r in rows]
+        return "\n".join(out) + "\n"
+    rows = display_rows(summary, pm=r"$\pm$")
+    esc = lambda text: (text.replace("\\", r"\textbackslash{}").replace("_", r"\_")
+                        .replace("%", r"\%").replace("&", r"\&").replace("#", r"\#")
+                        .replace("—", "--"))
+    out = [r"\begin{tabular}{lllrlllrrr}", r"\toprule",
+           " & ".join(esc(h) for h in HEADERS) + r" \\", r"\midrule"]
+    section = None
+    for r in rows:
+        if section is not None and r[0] != section:
+            out.append(r"\midrule")
+        section = r[0]
+        out.append(" & ".join(esc(c) if "$" not in c else c.replace("—", "--") for c in r)
+                   + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+# ====================================================================== charts
+
+
+def bar_chart(summary, path: str | Path, title: str = "") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(summary) + 2), 4))
+    sections = list(dict.fromkeys(summary["section"]))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    xs, labels = [], []
+    x = 0.0
+    for s_index, section in enumerate(sections):
+        part = summary[summary["section"] == section]
+        for r in part.itertuples():
+            height = 0.0 if math.isnan(r.test_acc_mean) else r.test_acc_mean
+            err = 0.0 if math.isnan(r.test_acc_std) else r.test_acc_std
+            ax.bar(x, height, yerr=err, capsize=4, color=colors[s_index % len(colors)],
+                   label=section if r.Index == part.index[0] else None)
+            if math.isnan(r.test_acc_mean):
+                ax.text(x, 1, "no runs", ha="center", va="bottom", rotation=90, fontsize=8)
+            xs.append(x)
+            labels.append(r.label)
+            x += 1
+        x += 0.6
+    finite = summary["test_acc_mean"].dropna()
+    if len(finite):
+        low = max(0.0, float((finite - summary["test_acc_std"].fillna(0)).min()) - 5)
+        high = float((finite + summary["test_acc_std"].fillna(0)).max()) + 3
+        ax.set_ylim(low, min(100.0, high))
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def learning_curves(collected: Collected, path: str | Path, title: str = "") -> None:
+    """Per section: test accuracy per epoch, mean over seeds (train accuracy dashed)."""
+    plt = _plt()
+    sections = list(dict.fromkeys(r.section for r in collected.rows))
+    fig, axes = plt.subplots(1, len(sections), figsize=(5 * len(sections), 3.8), squeeze=False)
+    runs = collected.runs
+    for ax, section in zip(axes[0], sections):
+        for n, exp in enumerate(r for r in collected.rows if r.section == section):
+            color = f"C{n % 10}"
+            for key, style in (("eval_test/accuracy", "-"), ("train/accuracy", "--")):
+                per_epoch: dict[int, list[float]] = {}
+                for run_id in runs[runs["id"] == exp.id]["run_id"]:
+                    for step, value in collected.curves.get(run_id, {}).get(key, []):
+                        per_epoch.setdefault(step, []).append(100 * value)
+                if per_epoch:
+                    steps = sorted(per_epoch)
+                    means = [sum(per_epoch[s]) / len(per_epoch[s]) for s in steps]
+                    label = exp.label if key == "eval_test/accuracy" else None
+                    ax.plot(steps, means, style, color=color, marker="o", markersize=3,
+                            label=label)
+        ax.set_title(section)
+        _integer_ticks(ax)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%) — test solid, train dashed")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ====================================================================== the whole report
+
+
+@dataclass
+class Report:
+    text: str
+    files: dict[str, Path]
+    summary: Any
+    report_run_id: str | None
+
+
+def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
+                fmt: str = "md", out_dir: str | Path | None = None,
+                seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
+                any_config: bool = False, log_to_mlflow: bool = True) -> Report:
+    if fmt not in FORMATS:
+        raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
+    collected = collect(tracker, manifest, table, seeds=seeds, overrides=overrides,
+                        any_config=any_config)
+    number = collected.table
+    if collected.runs.empty:
+        hint = ("" if not collected.other_finished else
+                f" ({collected.other_finished} FINISHED run(s) of table {number} have other "
+                "settings: pass the same --quick/--set/--seeds as the run, or --any-config)")
+        raise LcpError(f"no finished run of table {number} in {tracker.uri} matches{hint}; run "
+                       f"`lcp run-table {number}` first")
+    summary = summarize(collected, manifest)
+    out = Path(out_dir) if out_dir else Path("reports") / f"table-{number}"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"table-{number}"
+    files = {
+        "md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "latex": out / f"{stem}.tex",
+        "runs": out / f"{stem}-runs.csv", "bars": out / f"{stem}-accuracy.png",
+        "curves": out / f"{stem}-curves.png",
+    }
+    for kind in FORMATS:
+        files[kind].write_text(format_table(summary, kind))
+    collected.runs.to_csv(files["runs"], index=False, float_format="%.6f")
+    title = f"Table {number}"
+    bar_chart(summary, files["bars"], title=title)
+    learning_curves(collected, files["curves"], title=title)
+    run_id = None
+    if log_to_mlflow and collected.experiment_id is not None:
+        run_id = log_report(tracker, collected.experiment_id, number, summary, files)
+    return Report(format_table(summary, fmt), files, summary, run_id)
+
+
+def log_report(tracker: tracking.Tracker, experiment_id: str, table: int, summary,
+               files: Mapping[str, Path]) -> str:
+    """Into the table's `report` run (created once, reused), as artifacts under report/."""
+    import time
+
+    existing = [r for r in tracker.search_runs([experiment_id], "tags.`lcp.kind` = 'report'")]
+    if existing:
+        run_id = existing[0].info.run_id
+    else:
+        run_id = tracker.create_run(experiment_id, "report",
+                                    tags={"lcp.kind": "report", "table": table})
+    tracker.set_tags(run_id, {"generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "git_commit": tracking.git_commit()})
+    metrics = {}
+    for r in summary.itertuples():
+        if not math.isnan(r.test_acc_mean):
+            metrics[f"test_acc_mean/{r.id}"] = r.test_acc_mean
+            metrics[f"n/{r.id}"] = r.n
+    if metrics:
+        tracker.log_metrics(run_id, metrics, step=int(time.time()))
+    for path in files.values():
+        tracker.log_artifact(run_id, path, "report")
+    tracker.terminate(run_id, "FINISHED")
+    return run_id
