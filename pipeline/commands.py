@@ -1,0 +1,464 @@
+"""The pipeline's commands on the `lcp` group: list, run-table, run, report, ui.
+
+`cli.py` calls `register(lcp)`. Every problem with the user's input (unknown id or table, a bad
+--set, an unreachable tracking store, bad --gpus) is raised as an LcpError, which the group prints
+as one line, without traceback, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from lcp.errors import LcpError
+
+CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
+EXIT_RUN_FAILED = 1
+
+
+# ====================================================================== shared options
+
+
+def _manifest_option(func):
+    return click.option("--manifest", "manifest_path", default="experiments.yaml",
+                        show_default=True, metavar="PATH",
+                        help="The experiment manifest (tables, rows, seeds).")(func)
+
+
+def _tracking_option(func):
+    return click.option("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow store: sqlite:///file.db or http(s)://server:port "
+                             "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here, "
+                             "artifacts in ./mlartifacts).")(func)
+
+
+def _runs_dir_option(func):
+    return click.option("--runs-dir", default="lcp-runs", show_default=True, metavar="DIR",
+                        help="Where each run keeps its checkpoint, config and log.")(func)
+
+
+def _selection_options(func):
+    options = [
+        click.option("--seeds", default=None, metavar="0,1,...",
+                     help="Seeds for every row (default: each row's seeds in the manifest)."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override a run setting for all runs (repeatable), e.g. "
+                          "--set num_epochs=5."),
+        click.option("--quick", is_flag=True,
+                     help="A few-minute tour: num_epochs=1, limit_train_batches=20, "
+                          "limit_eval_batches=5, evaluation at the end (--set wins)."),
+        click.option("--data-dir", default=None, metavar="DIR",
+                     help="Where the datasets are (same as --set data_dir=DIR; not part of "
+                          "the config hash)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _execution_options(func):
+    options = [
+        click.option("--dry-run", is_flag=True, help="Print the plan (new / resume / skip), "
+                     "run nothing, create nothing."),
+        click.option("--force", is_flag=True, help="Run again (as new runs) the pairs that "
+                     "already have a FINISHED run with the same config hash."),
+        click.option("--retries", default=0, show_default=True, type=int, metavar="K",
+                     help="Retry a failed run up to K more times (it resumes from its "
+                          "checkpoint)."),
+        click.option("--fail-fast", is_flag=True, help="Stop everything (runs KILLED) at the "
+                     "first run that finally fails."),
+        click.option("--workers", default=1, show_default=True, type=int, metavar="N",
+                     help="On CPU: runs at a time; the CPU threads are split between them."),
+        click.option("--gpus", default="auto", show_default=True, metavar="0,1|auto|none",
+                     help="GPUs to use (one slot each, pinned with CUDA_VISIBLE_DEVICES); "
+                          "auto: every visible GPU; none: CPU only."),
+        click.option("--runs-per-gpu", default=1, show_default=True, type=int, metavar="K",
+                     help="Runs sharing one GPU at a time."),
+        click.option("--threads", default=None, type=int, metavar="N",
+                     help="CPU threads per run (default: the CPU cores / runs at a time)."),
+        click.option("--executor", default="local", show_default=True, metavar="NAME",
+                     help="Where runs execute (only 'local' for now)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(manifest_path: str):
+    from pipeline.manifest import load_manifest
+
+    return load_manifest(manifest_path)
+
+
+def _overrides(sets, quick: bool, data_dir: str | None):
+    from pipeline.manifest import parse_overrides
+    from pipeline.runs import run_overrides
+
+    return run_overrides(parse_overrides(sets), quick=quick, data_dir=data_dir)
+
+
+def _reader(uri: str):
+    """A Tracker for reading, or None when the embedded store does not exist yet."""
+    from pipeline.tracking import Tracker, check_reachable, store_exists
+
+    check_reachable(uri, create=False)
+    return Tracker(uri, check=False) if store_exists(uri) else None
+
+
+# ====================================================================== lcp list
+
+
+@click.command("list", context_settings=CONTEXT)
+@click.argument("table", required=False)
+@_manifest_option
+@_tracking_option
+@_runs_dir_option
+@_selection_options
+def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quick, data_dir):
+    """The tables, their rows and seeds, and which runs are done.
+
+    A (row, seed) is done when the table's MLflow experiment holds a FINISHED run with the same
+    config hash; give the same --quick/--set/--seeds as the run to see that run's state.
+
+    \b
+    States: done, running, interrupted@E (resumable from epoch E), failed@E, killed@E, - (none)
+    \b
+    Examples:
+      lcp list
+      lcp list 1 --quick
+      lcp list --tracking-uri http://127.0.0.1:5000
+    """
+    from pipeline import runs as R
+    from pipeline.tracking import experiment_name, resolve_tracking_uri
+
+    manifest = _load(manifest_path)
+    tables = [manifest.table(table)[0].table] if table is not None else manifest.tables()
+    overrides = _overrides(sets, quick, data_dir)
+    seed_list = R.parse_seeds(seeds)
+    uri = resolve_tracking_uri(tracking_uri)
+    reader = _reader(uri)
+    click.echo(f"manifest {manifest.path}; tracking {uri}" + ("" if reader else " (empty)"))
+    for number in tables:
+        rows = manifest.table(number)
+        items = R.expand(rows, seed_list, overrides)
+        plans = R.plan_runs(items, reader, runs_dir)
+        by_row: dict[str, list] = {}
+        for plan in plans:
+            by_row.setdefault(plan.item.exp.id, []).append(plan)
+        done = sum(1 for p in plans if p.action == R.SKIP)
+        click.echo(f"\nTable {number} (experiment {experiment_name(number)}): {len(rows)} rows, "
+                   f"{len(plans)} runs, {done} done")
+        section = None
+        width = max(len(r.id) for r in rows)
+        for exp in rows:
+            if exp.section != section:
+                section = exp.section
+                click.echo(f"  {section}")
+            states = "  ".join(f"{p.item.seed}:{_state(p)}" for p in by_row.get(exp.id, []))
+            click.echo(f"    {exp.id:<{width}}  {exp.label:<12}  {states}")
+
+
+def _state(plan) -> str:
+    from pipeline import runs as R
+
+    if plan.action == R.SKIP:
+        return "done"
+    if plan.action == R.BUSY:
+        return "running"
+    if plan.action == R.RESUME:
+        word = {"FAILED": "failed", "KILLED": "killed"}.get(plan.previous_status, "interrupted")
+        return f"{word}@{plan.resume_epoch}"
+    return "-"
+
+
+# ====================================================================== lcp run-table / run
+
+
+@click.command("run-table", context_settings=CONTEXT)
+@click.argument("table")
+@_manifest_option
+@_tracking_option
+@_runs_dir_option
+@_selection_options
+@_execution_options
+def run_table_command(table, **options):
+    """Run every (row, seed) of table TABLE, each as one MLflow run in its own process.
+
+    Runs go to the experiment `lcp-table-TABLE`, named `ID/seed=S`. Pairs with a FINISHED run of
+    the same config hash are skipped (--force reruns them); interrupted, killed or failed runs
+    resume from their last end-of-epoch checkpoint under the same run id. Ctrl-C stops cleanly
+    (running runs are marked KILLED; rerun the command to resume them).
+
+    \b
+    Examples:
+      lcp run-table 1 --quick                  # a few-minute first look (CPU is fine)
+      lcp run-table 1                          # the paper's Table 1, 3 seeds per row
+      lcp run-table 1 --seeds 0 --workers 2 --data-dir ~/data
+      lcp run-table 2 --gpus 0,1 --runs-per-gpu 2 --retries 1
+      lcp run-table 1 --set num_epochs=5 --dry-run
+    Then: lcp report 1   (same --quick/--set/--seeds)   and   lcp ui
+    """
+    manifest = _load(options["manifest_path"])
+    _run(manifest, manifest.table(table), **options)
+
+
+@click.command("run", context_settings=CONTEXT)
+@click.argument("ids", nargs=-1, required=True)
+@_manifest_option
+@_tracking_option
+@_runs_dir_option
+@_selection_options
+@_execution_options
+def run_command(ids, **options):
+    """Run the rows IDS (see `lcp list`), each seed as one MLflow run in its own process.
+
+    Same behaviour and options as `lcp run-table` (skip done pairs, resume interrupted runs).
+
+    \b
+    Examples:
+      lcp run t1-ff-lcp-di --seeds 0 --quick
+      lcp run t1-ff-bp t1-ff-lcp-di --workers 2 --retries 1
+      lcp run t1-ff-lcp-di --set alpha=0.5 --set solver_max_iter=400 --dry-run
+    """
+    from pipeline.runs import select
+
+    manifest = _load(options["manifest_path"])
+    _run(manifest, select(manifest, ids=ids), **options)
+
+
+def _run(manifest, experiments, *, manifest_path, tracking_uri, runs_dir, seeds, sets, quick,
+         data_dir, dry_run, force, retries, fail_fast, workers, gpus, runs_per_gpu, threads,
+         executor):
+    from pipeline import runs as R
+    from pipeline.scheduler import ProgressDisplay, make_executor, parse_gpus
+    from pipeline.tracking import MLFLOW_RUN_ENV, Tracker, resolve_tracking_uri
+
+    if retries < 0:
+        raise LcpError(f"--retries must be ≥ 0 (got {retries})")
+    if threads is not None and threads < 1:
+        raise LcpError(f"--threads must be ≥ 1 (got {threads})")
+    overrides = R.run_overrides(_parse_sets(sets), quick=quick, data_dir=data_dir)
+    items = R.expand(experiments, R.parse_seeds(seeds), overrides)
+    runner = make_executor(executor, gpus=parse_gpus(gpus), runs_per_gpu=runs_per_gpu,
+                           workers=workers, threads=threads, drop_env=MLFLOW_RUN_ENV)
+    uri = resolve_tracking_uri(tracking_uri)
+
+    tables = sorted({i.exp.table for i in items})
+    if dry_run:
+        reader = _reader(uri)
+        plans = R.plan_runs(items, reader, runs_dir, force=force)
+        _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=True)
+        return
+    tracker = Tracker(uri)  # checks the store; creates the embedded one
+    plans = R.plan_runs(items, tracker, runs_dir, force=force)
+    _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=False)
+    todo = [p for p in plans if p.action in (R.NEW, R.RESUME)]
+    if not todo:
+        click.echo("nothing to run: every pair is done (use --force to run them again)")
+        _print_next(tables, quick, sets, seeds)
+        return
+    try:
+        R.prepare(plans, tracker, runs_dir, extra_tags={
+            "quick": "true" if quick else None,
+            "overrides": " ".join(sets) if sets else None,
+        })
+    except KeyboardInterrupt:
+        R.cancel(plans, tracker, "interrupted before any run started")
+        click.echo("interrupted before any run started; the runs created so far are KILLED",
+                   err=True)
+        sys.exit(130)
+    result = R.execute(plans, tracker, runner, retries=retries, fail_fast=fail_fast,
+                       display=ProgressDisplay(), threads=threads)
+    click.echo("\nSummary:")
+    for line in R.summary_lines(plans, result):
+        click.echo(line)
+    counts = (f"{len(result.finished)} finished, {len(result.failed)} failed, "
+              f"{len(result.killed)} killed, {sum(1 for p in plans if p.action == R.SKIP)} "
+              "skipped (done)")
+    click.echo(counts)
+    if result.stopped:
+        click.echo(f"stopped: {result.stopped}. Rerun the same command to resume.", err=True)
+    if result.failed:
+        click.echo("failed runs: see the log paths above (also the run's logs/worker.log "
+                   "artifact in MLflow)", err=True)
+    _print_next(tables, quick, sets, seeds)
+    if result.stopped in ("SIGINT", "SIGTERM"):
+        sys.exit(130 if result.stopped == "SIGINT" else 143)
+    if not result.ok:
+        sys.exit(EXIT_RUN_FAILED)
+
+
+def _parse_sets(sets):
+    from pipeline.manifest import parse_overrides
+
+    return parse_overrides(sets)
+
+
+def _print_plan(plans, uri, runner, retries, overrides, quick, dry_run):
+    from pipeline import runs as R
+
+    experiments = sorted({p.item.experiment_name for p in plans})
+    click.echo(("Plan (dry run: nothing is created or run)" if dry_run else "Plan")
+               + f" — tracking {uri}, experiment(s) {', '.join(experiments)}")
+    click.echo(f"executor {runner.describe()}; retries {retries}")
+    shown = {k: v for k, v in overrides.items()
+             if k != "data_dir" and not (quick and R.QUICK_OVERRIDES.get(k) == v)}
+    if quick:
+        click.echo("quick tour: " + ", ".join(f"{k}={v}" for k, v in R.QUICK_OVERRIDES.items()))
+    if shown:
+        click.echo("overrides: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    if "data_dir" in overrides:
+        click.echo(f"data: {overrides['data_dir']}")
+    width = max(len(p.name) for p in plans)
+    for plan in plans:
+        click.echo(f"  {plan.action.upper():<7} {plan.name:<{width}}  "
+                   f"hash {plan.item.config_hash}  {plan.note}")
+    counts = {a: sum(1 for p in plans if p.action == a) for a in (R.NEW, R.RESUME, R.SKIP, R.BUSY)}
+    click.echo(f"{len(plans)} run(s): {counts[R.NEW]} new, {counts[R.RESUME]} to resume, "
+               f"{counts[R.SKIP]} done (skip)"
+               + (f", {counts[R.BUSY]} running elsewhere" if counts[R.BUSY] else ""))
+
+
+def _print_next(tables, quick, sets, seeds):
+    flags = (" --quick" if quick else "") + "".join(f" --set {s}" for s in sets) + (
+        f" --seeds {seeds}" if seeds else "")
+    for number in tables:
+        click.echo(f"next: lcp report {number}{flags}   |   lcp ui")
+
+
+# ====================================================================== lcp report
+
+
+@click.command("report", context_settings=CONTEXT)
+@click.argument("table")
+@click.option("--format", "fmt", default="md", show_default=True, metavar="md|csv|latex",
+              help="How to print the table (all three are written to --out).")
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Where to write the table files and PNGs (default: reports/table-N).")
+@click.option("--any-config", is_flag=True,
+              help="Use the newest FINISHED run of each (row, seed) whatever its settings.")
+@click.option("--no-mlflow", is_flag=True,
+              help="Do not log the report to the table's `report` run.")
+@_manifest_option
+@_tracking_option
+@_selection_options
+def report_command(table, fmt, out_dir, any_config, no_mlflow, manifest_path, tracking_uri,
+                   seeds, sets, quick, data_dir):
+    """Table TABLE from MLflow: per row seeds, test accuracy mean ± std, train accuracy, gap to
+    the section's BP/RBP baseline, wall time, solver iterations, solves that hit max_iter.
+
+    Writes table-N.md/.csv/.tex, table-N-runs.csv, a bar chart (table-N-accuracy.png) and learning
+    curves (table-N-curves.png), and logs them to the `report` run of experiment lcp-table-N.
+    Selects the runs made with the same --quick/--set/--seeds (or --any-config).
+
+    \b
+    Examples:
+      lcp report 1
+      lcp report 1 --quick --format csv
+      lcp report 2 --format latex --out paper/
+    """
+    from pipeline import runs as R
+    from pipeline.report import FORMATS, make_report
+    from pipeline.tracking import Tracker, resolve_tracking_uri, store_exists
+
+    if fmt not in FORMATS:
+        raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
+    manifest = _load(manifest_path)
+    manifest.table(table)
+    overrides = R.run_overrides(_parse_sets(sets), quick=quick, data_dir=data_dir)
+    uri = resolve_tracking_uri(tracking_uri)
+    if not store_exists(uri):
+        raise LcpError(f"no tracking store at {uri}: run `lcp run-table {table}` first, or pass "
+                       "--tracking-uri")
+    tracker = Tracker(uri, create=False)
+    report = make_report(tracker, manifest, table, fmt=fmt, out_dir=out_dir,
+                         seeds=R.parse_seeds(seeds), overrides=overrides,
+                         any_config=any_config, log_to_mlflow=not no_mlflow)
+    click.echo(report.text, nl=False)
+    click.echo("", err=True)
+    for kind in ("bars", "curves", "md", "csv", "latex"):
+        click.echo(f"wrote {report.files[kind]}", err=True)
+    if report.report_run_id:
+        click.echo(f"logged to MLflow run {report.report_run_id} (run name 'report')", err=True)
+
+
+# ====================================================================== lcp ui
+
+
+@click.command("ui", context_settings=CONTEXT)
+@_tracking_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (0.0.0.0 exposes the UI to your network).")
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui_command(tracking_uri, host, port):
+    """The MLflow UI on the pipeline's store (the same --tracking-uri as the runs).
+
+    \b
+    Examples:
+      lcp ui                          # http://127.0.0.1:5000
+      lcp ui --port 5001
+      ssh -L 5000:127.0.0.1:5000 gpu-box  then  lcp ui   on gpu-box
+    """
+    import subprocess
+
+    from pipeline.tracking import artifact_root, check_reachable, is_server_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if is_server_uri(uri):
+        click.echo(f"{uri} is an MLflow server already: open it in a browser")
+        return
+    check_reachable(uri)
+    if not 1 <= port <= 65535:
+        raise LcpError(f"--port must be in 1..65535 (got {port})")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", host, "--port", str(port)]
+    root = artifact_root(uri)
+    if root is not None:
+        cmd += ["--artifacts-destination", str(root)]
+    click.echo(f"MLflow UI on {uri}: http://{host}:{port}  (Ctrl-C to stop)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID",)}
+    # Its own process group, so that stopping `lcp ui` (Ctrl-C, SIGTERM) also stops the
+    # server's helper processes instead of leaving them behind.
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    stopping = []
+
+    def stop(signum, frame):  # noqa: ARG001
+        stopping.append(signum)
+        _signal_group(server, signal.SIGTERM)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = server.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stopping and len(stopping) > 1:
+                    _signal_group(server, signal.SIGKILL)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        _signal_group(server, signal.SIGTERM)  # helpers still alive after the server ended
+    if not stopping and code != 0:
+        sys.exit(code)
+
+
+def _signal_group(process, signum) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ====================================================================== registration
+
+
+COMMANDS = (list_command, run_table_command, run_command, report_command, ui_command)
+
+
+def register(group: click.Group) -> None:
+    for command in COMMANDS:
+        group.add_command(command)
