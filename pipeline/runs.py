@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -32,7 +31,7 @@ import yaml
 from lcp.config import RunConfig
 from pipeline import tracking
 from pipeline.manifest import Experiment, Manifest, ManifestError
-from pipeline.scheduler import (FAILED, FINISHED, KILLED, QUEUED, Executor, Hooks, Job,
+from pipeline.scheduler import (FAILED, KILLED, Executor, Hooks, Job,
                                 ProgressDisplay, Scheduler, SchedulerResult, describe_returncode,
                                 stop_on_signals)
 from pipeline.worker import (CHECKPOINT_NAME, CONFIG_NAME, EXIT_BUSY, LOG_NAME, is_locked,

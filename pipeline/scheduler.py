@@ -365,7 +365,7 @@ class ProgressDisplay:
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval = interval if not self.tty else 0.5
         self.quiet = quiet
-        self._last = 0.0
+        self._last = float("-inf")
         self._line = ""
 
     def _clear(self) -> None:

@@ -185,3 +185,21 @@ def test_unknown_executor_names_the_valid_ones():
         make_executor("ray")
     executor = make_executor("local", gpus=[], workers=2, threads=1)
     assert executor.describe() == "local: 2 CPU worker(s) × 1 thread(s)"
+
+
+def test_progress_display_lines(tmp_path):
+    import io
+
+    from pipeline.scheduler import RUNNING, ProgressDisplay, status_line
+
+    jobs = _jobs(tmp_path, 4)
+    jobs[0].status, jobs[0].detail = RUNNING, "epoch 3/30"
+    jobs[1].status, jobs[2].status = FINISHED, FAILED
+    assert status_line(jobs) == ("queued 1 | running 1 | finished 1 | failed 1 — "
+                                 "job0 epoch 3/30")
+    stream = io.StringIO()
+    display = ProgressDisplay(stream, interval=3600, tty=False)
+    display.event("[started]  job0")
+    display.status(jobs)
+    display.status(jobs)  # within the interval: not printed again
+    assert stream.getvalue().splitlines() == ["[started]  job0", status_line(jobs)]
