@@ -252,6 +252,8 @@ def _run(manifest, experiments, *, manifest_path, tracking_uri, runs_dir, seeds,
         plans = R.plan_runs(items, reader, runs_dir, force=force)
         _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=True)
         return
+    # Data first (read-only plan): a missing dataset is one error and creates nothing.
+    R.ensure_data(R.plan_runs(items, _reader(uri), runs_dir, force=force), echo=click.echo)
     tracker = Tracker(uri)  # checks the store; creates the embedded one
     plans = R.plan_runs(items, tracker, runs_dir, force=force)
     _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=False)
@@ -310,8 +312,6 @@ def _print_plan(plans, uri, runner, retries, overrides, quick, dry_run):
         click.echo("quick tour: " + ", ".join(f"{k}={v}" for k, v in R.QUICK_OVERRIDES.items()))
     if shown:
         click.echo("overrides: " + " ".join(f"{k}={v}" for k, v in shown.items()))
-    if "data_dir" in overrides:
-        click.echo(f"data: {overrides['data_dir']}")
     width = max(len(p.name) for p in plans)
     for plan in plans:
         click.echo(f"  {plan.action.upper():<7} {plan.name:<{width}}  "

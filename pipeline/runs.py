@@ -235,6 +235,22 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
 # ====================================================================== creating runs
 
 
+def ensure_data(plans: list[RunPlan], echo=print) -> None:
+    """Find (or download, once, here in the parent) every dataset the runs to start need, so
+    that a missing dataset is one clear error before any run is created, and N workers never
+    download into the same folder at the same time."""
+    from lcp.data import load_split
+
+    needed = sorted({(p.item.cfg.data, p.item.cfg.data_dir) for p in plans
+                     if p.action in (NEW, RESUME)})
+    for name, data_dir in needed:
+        echo(f"data: {name} in {data_dir}")
+        for train in (True, False):
+            load_split(name, data_dir, train=train, download=True)
+
+
+
+
 def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Path,
             *, extra_tags: Mapping[str, Any] | None = None) -> None:
     """Create the experiments and the new runs (status SCHEDULED), before any worker starts."""

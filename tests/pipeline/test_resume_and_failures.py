@@ -262,3 +262,17 @@ def test_ui_starts_mlflow_on_the_same_store_bound_to_localhost(tmp_path, monkeyp
     assert cmd[cmd.index("--artifacts-destination") + 1] == str(tmp_path / "mlartifacts")
     assert kwargs["start_new_session"] is True
     assert "http://127.0.0.1:5077" in result.output
+
+
+def test_missing_data_is_one_error_before_any_run_is_created(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("lcp.data._torchvision_download", lambda *a: "no network (test)")
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    result = invoke(["run-table", "1", *ws.common(), "--runs-dir", str(ws.runs_dir),
+                     "--data-dir", str(empty)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and "mnist" in result.stderr.lower()
+    assert "Traceback" not in result.output
+    assert not ws.db.exists()  # nothing created
