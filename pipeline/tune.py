@@ -1423,7 +1423,17 @@ def run_trial(spec_path: str | os.PathLike) -> int:
             from lcp.data import build_loaders
             from lcp.training import fit
 
+            from lcp.training import resolve_device
+
             cfg = RunConfig.from_dict(cfg_dict)
+            device = str(resolve_device(cfg))
+            slot = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            print(f"trial {number}: device {device} (CUDA_VISIBLE_DEVICES={slot!r}, "
+                  f"{torch.get_num_threads()} CPU threads)", flush=True)
+            trial.set_user_attr("lcp.device", device)
+            if tracker is not None:
+                _safe(lambda: tracker.set_tags(run_id, {"lcp.device": device,
+                                                        "lcp.cuda_visible_devices": slot}))
             train_loader, eval_loaders, shape, classes = build_loaders(cfg)
             if "val" not in eval_loaders:
                 raise TuneError("the trial's config holds out no validation split")
