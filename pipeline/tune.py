@@ -859,6 +859,11 @@ class Tuner:
                     elif not self.running:
                         break
                 time.sleep(0.2)
+        except BaseException:
+            # A failure of the tuner itself (e.g. the storage went away): stop the trials'
+            # processes so their trials are enqueued again rather than orphaned.
+            self.stop_reason = self.stop_reason or "an error in the tuner"
+            raise
         finally:
             if self.stop_reason:
                 self._stop_children()
@@ -952,7 +957,12 @@ class Tuner:
             child.log.close()
             self.free.append(child.slot)
             self.free.sort(key=lambda s: s.index)
-            self._ended(child, rc)
+            try:
+                self._ended(child, rc)
+            except Exception as exc:  # noqa: BLE001 - e.g. the storage is unreachable for now
+                self.echo(f"warning: could not record the end of trial {child.number} "
+                          f"({type(exc).__name__}: {_first_line(exc)}); if it is left RUNNING, "
+                          "the next call enqueues it again")
 
     def _ended(self, child: Child, rc: int) -> None:
         from optuna.trial import TrialState
