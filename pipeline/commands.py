@@ -79,8 +79,18 @@ def _execution_options(func):
                      help="Runs sharing one GPU at a time."),
         click.option("--threads", default=None, type=int, metavar="N",
                      help="CPU threads per run (default: the CPU cores / runs at a time)."),
-        click.option("--executor", default="local", show_default=True, metavar="NAME",
-                     help="Where runs execute (only 'local' for now)."),
+        click.option("--executor", default="local", show_default=True, metavar="local|ray",
+                     help="Where runs execute: local (subprocesses on this machine, on the "
+                          "slots above) or ray (one Ray task per run on a Ray cluster; "
+                          "pip install -e \".[ray]\"). See docs/beyond-one-machine.md."),
+        click.option("--address", default=None, metavar="ADDR",
+                     help="--executor ray: the cluster, e.g. auto (started here with `ray "
+                          "start --head`), HOST:6379 or ray://HOST:10001 (default: "
+                          "$RAY_ADDRESS, else a local Ray instance)."),
+        click.option("--cpus-per-run", default=None, type=float, metavar="K",
+                     help="--executor ray: CPUs each run asks Ray for (default 1; also its "
+                          "threads unless --threads). Runs ask for one GPU each when the "
+                          "cluster has GPUs, unless --gpus none."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -229,22 +239,57 @@ def run_command(ids, **options):
     _run(manifest, select(manifest, ids=ids), **options)
 
 
-def _run(manifest, experiments, *, manifest_path, tracking_uri, runs_dir, seeds, sets, quick,
-         data_dir, dry_run, force, retries, fail_fast, workers, gpus, runs_per_gpu, threads,
-         executor):
+def _run(manifest, experiments, *, executor, address, cpus_per_run, **options):
     from pipeline import runs as R
-    from pipeline.scheduler import ProgressDisplay, make_executor, parse_gpus
-    from pipeline.tracking import MLFLOW_RUN_ENV, Tracker, resolve_tracking_uri
+    from pipeline.scheduler import make_executor, parse_gpus
+    from pipeline.tracking import MLFLOW_RUN_ENV
 
-    if retries < 0:
-        raise LcpError(f"--retries must be ≥ 0 (got {retries})")
-    if threads is not None and threads < 1:
-        raise LcpError(f"--threads must be ≥ 1 (got {threads})")
-    overrides = R.run_overrides(_parse_sets(sets), quick=quick, data_dir=data_dir)
-    items = R.expand(experiments, R.parse_seeds(seeds), overrides)
-    runner = make_executor(executor, gpus=parse_gpus(gpus), runs_per_gpu=runs_per_gpu,
-                           workers=workers, threads=threads, drop_env=MLFLOW_RUN_ENV)
+    if options["retries"] < 0:
+        raise LcpError(f"--retries must be ≥ 0 (got {options['retries']})")
+    if options["threads"] is not None and options["threads"] < 1:
+        raise LcpError(f"--threads must be ≥ 1 (got {options['threads']})")
+    _check_executor_options(executor, address, cpus_per_run, options["workers"])
+    # The runs first: bad --set/--seeds fail before an executor (a Ray instance) starts.
+    overrides = R.run_overrides(_parse_sets(options["sets"]), quick=options["quick"],
+                                data_dir=options["data_dir"])
+    items = R.expand(experiments, R.parse_seeds(options["seeds"]), overrides)
+    runner = make_executor(executor, gpus=parse_gpus(options["gpus"]),
+                           runs_per_gpu=options["runs_per_gpu"], workers=options["workers"],
+                           threads=options["threads"], drop_env=MLFLOW_RUN_ENV,
+                           address=address, cpus_per_run=cpus_per_run,
+                           retries=options["retries"])
+    try:
+        _run_with(items, overrides, runner, **options)
+    finally:
+        close = getattr(runner, "close", None)  # e.g. a Ray instance this command started
+        if close is not None:
+            close()
+
+
+def _check_executor_options(executor: str, address, cpus_per_run, workers: int) -> None:
+    if executor != "ray":
+        for flag, value in (("--address", address), ("--cpus-per-run", cpus_per_run)):
+            if value is not None:
+                raise LcpError(f"{flag} is an option of --executor ray (the executor is "
+                               f"{executor!r}); add --executor ray or leave {flag} out")
+    elif workers != 1:
+        raise LcpError("--workers is an option of the local executor; with --executor ray each "
+                       "run asks for --cpus-per-run CPUs (or one GPU) and Ray runs as many at a "
+                       "time as the cluster holds")
+
+
+def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir, seeds, sets,
+              quick, data_dir, dry_run, force, retries, fail_fast, workers, gpus, runs_per_gpu,
+              threads):
+    from pipeline import runs as R
+    from pipeline.scheduler import ProgressDisplay
+    from pipeline.tracking import Tracker, is_server_uri, resolve_tracking_uri
+
     uri = resolve_tracking_uri(tracking_uri)
+    if getattr(runner, "nodes", lambda: 1)() > 1 and not is_server_uri(uri):
+        click.echo(f"warning: the runs execute on several machines but the tracking store {uri} "
+                   "is not a server: give --tracking-uri http://HOST:5000 (an MLflow server, "
+                   "e.g. docker/compose.yaml) so that every node reaches it", err=True)
 
     tables = sorted({i.exp.table for i in items})
     if dry_run:

@@ -10,8 +10,9 @@ the same GPU.
     result = Scheduler(executor, hooks, retries=1).run(jobs)
 
 An `Executor` starts, polls, stops and kills jobs. `LocalExecutor` runs subprocesses on this
-machine; another executor (e.g. Ray) implements the same five methods and registers itself in
-`EXECUTORS`.
+machine; `pipeline.ray_executor.RayExecutor` (`make_executor("ray", address=..., cpus_per_run=...,
+retries=...)`) runs each job as a Ray task on a cluster. Both implement the same five methods and
+are registered in `EXECUTORS`.
 """
 
 from __future__ import annotations
@@ -309,6 +310,16 @@ def _local_factory(*, gpus: list[str] | None = None, runs_per_gpu: int = 1, work
 
 
 EXECUTORS["local"] = _local_factory
+
+
+def _ray_factory(**options) -> Executor:
+    # Imported here: Ray is an optional extra (LcpError with the install command when missing).
+    from pipeline.ray_executor import make_ray_executor
+
+    return make_ray_executor(**options)
+
+
+EXECUTORS["ray"] = _ray_factory
 
 
 def make_executor(name: str, **options) -> Executor:

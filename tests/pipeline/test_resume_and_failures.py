@@ -193,7 +193,7 @@ def test_sigterm_to_the_scheduler_marks_running_and_queued_runs_killed(tmp_path)
     (["run-table", "1", "--set", "num_epochs=zero"], "num_epochs"),
     (["run-table", "1", "--gpus", "0,x"], "--gpus '0,x' is not valid"),
     (["run-table", "1", "--gpus", "0"], "no CUDA GPU is visible"),
-    (["run-table", "1", "--executor", "ray"], "valid executors are: local"),
+    (["run-table", "1", "--executor", "slurm"], "valid executors are: local, ray"),
     (["run-table", "1", "--seeds", "a"], "--seeds 'a' is not valid"),
     (["run-table", "1", "--tracking-uri", "sqlite:////no/such/dir/x.db"], "does not exist"),
     (["run-table", "1", "--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow"),

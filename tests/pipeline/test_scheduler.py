@@ -180,9 +180,9 @@ def test_stop_request_from_a_signal_terminates_running_jobs(tmp_path):
 
 
 def test_unknown_executor_names_the_valid_ones():
-    with pytest.raises(LcpError, match="--executor 'ray' is not available; valid executors "
-                                       "are: local"):
-        make_executor("ray")
+    with pytest.raises(LcpError, match="--executor 'slurm' is not available; valid executors "
+                                       "are: local, ray"):
+        make_executor("slurm")
     executor = make_executor("local", gpus=[], workers=2, threads=1)
     assert executor.describe() == "local: 2 CPU worker(s) × 1 thread(s)"
 
