@@ -62,6 +62,11 @@ class EquilibriumModel(nn.Module):
         """(∂f/∂v)ᵀ e alone."""
         return self.implicit_vjp(h, v, e)[1]
 
+    def decode_has_side_effects(self) -> bool:
+        """Whether calling D changes the model (a BatchNorm in training mode updates its
+        running statistics): a solver must then not evaluate extra steps."""
+        return False
+
     def decode_transpose(self, v, u):
         """(∂D/∂v)ᵀ u alone."""
         return self.decode_vjp(v, u)[1]
@@ -178,8 +183,181 @@ class LinearReadoutModel(EquilibriumModel):
     def implicit_parameters(self):
         return list(self.blocks.parameters())
 
+    # -- fused kernels for the no-grad dynamics
+    def dynamics_plan(self, h: torch.Tensor) -> "DynamicsPlan":
+        """Per-batch constants and fused kernels for dynamics that run with the current weights
+        (one solve); see `DynamicsPlan`."""
+        return DynamicsPlan(self, h)
+
     def decoder_parameters(self):
         return list(self.readout.parameters())
+
+
+class DynamicsPlan:
+    """The pieces of f and D that the no-grad dynamics of a `LinearReadoutModel` need at every
+    step, prepared once per batch, and kernels that write into the caller's buffers.
+
+    With t = φ(v) (batch-first, like the model's tensors):
+
+        f(h, v) = h_b + Σ_blocks pad(t_in Wᵀ),   h_b = h + Σ_blocks pad(b) (once per batch)
+        D(v)    = t_readout W_Dᵀ + b_D
+
+    Kernels read φ(v) from the plan's buffer `t`, filled by `act(v)`. The transposed products
+    write into a scratch buffer laid out once: columns no product writes stay zero, and a
+    region written by one product (ff, conv-ff) or by identical ones (rnn) needs no zeroing
+    per step. Views of buffers used at every step can be computed once (`out_views`). Nothing
+    here builds an autograd graph; a plan is valid while the weights do not change (one solve).
+    """
+
+    def __init__(self, model: "LinearReadoutModel", h: torch.Tensor):
+        with torch.no_grad():
+            h = h.detach()
+            self.batch, self.size = h.shape
+            self.tanh = model.activation == "tanh"
+            self.r0 = model.readout_start
+            self.W_D = model.readout.weight.detach()  # C × H_r
+            self.W_D_t = self.W_D.t()
+            self.b_D = model.readout.bias.detach()
+            self.blocks = []
+            h_b = h.clone()
+            for spec, layer in zip(model.block_specs, model.blocks):
+                weight = layer.weight.detach()
+                conv = None
+                if spec.conv is not None:
+                    out_hw = _conv_out_hw(spec, layer)
+                    conv = (spec.in_shape, (layer.out_channels, *out_hw), spec.conv["stride"],
+                            spec.conv["padding"])
+                if layer.bias is not None:
+                    bias = layer.bias.detach()
+                    if conv is not None:
+                        bias = bias[:, None].expand(-1, out_hw[0] * out_hw[1]).reshape(-1)
+                    h_b[:, spec.out_start:spec.out_end] += bias
+                self.blocks.append((spec, weight, weight.t() if conv is None else None, conv))
+            self.h_b = h_b
+            self.t = torch.empty_like(h_b)  # φ(v) of the current step
+            self._t_in = [self.t[:, spec.in_start:spec.in_end] for spec, *_ in self.blocks]
+            self._t_r = self.t[:, self.r0:]
+            self._scratch: dict = {}
+
+    def out_views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The views of `x` (state-sized) that the blocks write in the forward direction and
+        read in the transposed one; precompute them for buffers used at every step."""
+        return [x[:, spec.out_start:spec.out_end] for spec, *_ in self.blocks]
+
+    # ---------------------------------------------------------------- pieces of one step
+    def act(self, v: torch.Tensor) -> torch.Tensor:
+        """t = φ(v), into the plan's buffer `t`, which the kernels below read (valid until the
+        next call)."""
+        if self.tanh:
+            return torch.tanh(v, out=self.t)
+        return torch.clamp(v, min=0, out=self.t)
+
+    def act_grad_mul_into(self, out, s, v):
+        """out = φ'(v) ⊙ s (after `act(v)`; `out` may be `s`)."""
+        if self.tanh:
+            return torch.ops.aten.tanh_backward.grad_input(s, self.t, grad_input=out)
+        return torch.ops.aten.threshold_backward.grad_input(s, v, 0, grad_input=out)
+
+    def act_grad(self, v):
+        """φ'(v) as a new tensor (after `act(v)`)."""
+        if self.tanh:
+            return torch.ops.aten.tanh_backward(torch.ones_like(self.t), self.t)
+        return (v > 0).to(v.dtype)
+
+    def blocks_add_(self, out: torch.Tensor, alpha: float = 1.0, views=None):
+        """out += alpha · Σ_blocks pad(t_in Wᵀ) (biases excluded: they are in h_b)."""
+        if views is None:
+            views = self.out_views(out)
+        for (spec, weight, weight_t, conv), piece, target in zip(self.blocks, self._t_in,
+                                                                 views):
+            if conv is None:
+                target.addmm_(piece, weight_t, alpha=alpha)
+            else:
+                in_shape, _, stride, padding = conv
+                y = F.conv2d(piece.reshape(-1, *in_shape), weight, None, stride, padding)
+                target.add_(y.flatten(1), alpha=alpha)
+        return out
+
+    def implicit_into(self, out, add=None, views=None):
+        """out = f(h, v) (+ add), after `act(v)`."""
+        if add is None:
+            out.copy_(self.h_b)
+        else:
+            torch.add(self.h_b, add, out=out)
+        return self.blocks_add_(out, views=views)
+
+    def decode_into(self, out, add=None):
+        """out = D(v) (+ add), after `act(v)`."""
+        if add is None:
+            out.copy_(self.b_D.expand_as(out))
+        else:
+            torch.add(add, self.b_D, out=out)
+        return out.addmm_(self._t_r, self.W_D_t)
+
+    def _scratch_for(self, with_u: bool):
+        """The scratch buffer of `transpose_sum` (with or without the readout term), the view
+        each product writes and whether it overwrites (first writer of its region) or adds."""
+        if with_u not in self._scratch:
+            # block b writes its input slice, the readout its own slice
+            regions = [(s.in_start, s.in_end) for s, *_ in self.blocks]
+            if with_u:
+                regions.append((self.r0, self.size))
+            unique = sorted(set(regions))
+            overlapping = any(a[1] > b[0] for a, b in zip(unique, unique[1:]))
+            covered = torch.zeros(self.size, dtype=torch.bool)
+            for a, b in regions:
+                covered[a:b] = True
+            buf = (torch.zeros_like(self.h_b) if overlapping or not bool(covered.all())
+                   else torch.empty_like(self.h_b))
+            seen, writes = set(), []
+            for a, b in regions:
+                writes.append((buf[:, a:b], not overlapping and (a, b) not in seen))
+                seen.add((a, b))
+            self._scratch[with_u] = (buf, overlapping, writes)
+        return self._scratch[with_u]
+
+    def transpose_sum(self, e, u, feedback=None, views=None) -> torch.Tensor:
+        """Σ_blocks scatter(e_out W) + pad(u W_D) (u may be None), in the plan's scratch
+        buffer (overwritten by the next call). With `feedback` (lcp-kp's FeedbackWeights) its
+        maps replace the transposes: B(e) + P(D_t u)."""
+        s, overlapping, writes = self._scratch_for(u is not None)
+        if overlapping:
+            s.zero_()
+        if views is None:
+            views = self.out_views(e)
+        for i, ((spec, weight, _, conv), piece) in enumerate(zip(self.blocks, views)):
+            target, first = writes[i]
+            if conv is None:
+                m = weight if feedback is None else feedback.maps[i].weight.t()
+                if first:
+                    torch.mm(piece, m, out=target)
+                else:
+                    target.addmm_(piece, m)
+            else:
+                in_shape, out_shape, stride, padding = conv
+                grad_out = piece.reshape(-1, *out_shape)
+                if feedback is None:
+                    back = torch.nn.grad.conv2d_input((grad_out.shape[0], *in_shape), weight,
+                                                      grad_out, stride=stride, padding=padding)
+                else:
+                    back = F.conv_transpose2d(grad_out, feedback.maps[i].weight, None, stride,
+                                              padding)
+                if first:
+                    target.copy_(back.flatten(1))
+                else:
+                    target.add_(back.flatten(1))
+        if u is not None:
+            target, first = writes[-1]
+            m = self.W_D if feedback is None else feedback.D_t.t()
+            if first:
+                torch.mm(u, m, out=target)
+            else:
+                target.addmm_(u, m)
+        return s
+
+    def transpose_into(self, out, v, e, u, feedback=None, views=None):
+        """out = (∂f/∂v)ᵀe + (∂D/∂v)ᵀu = φ'(v) ⊙ (Σ e_out W + u W_D), after `act(v)`."""
+        return self.act_grad_mul_into(out, self.transpose_sum(e, u, feedback, views), v)
 
 
 def _conv_out_hw(spec: Block, layer: nn.Conv2d) -> tuple[int, int]:
@@ -265,6 +443,9 @@ class ConvRNNModel(EquilibriumModel):
 
     def encode(self, x):
         return self.encoder(x)
+
+    def decode_has_side_effects(self) -> bool:
+        return self.decoder_norm.training and self.decoder_norm.track_running_stats
 
     def implicit(self, h, v):
         y = self.norm1(F.relu(self.conv1(h)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from lcp.errors import DivergenceError, LcpError
@@ -68,24 +69,102 @@ def _check_finite(value: float, phase: str, iteration: int) -> None:
         )
 
 
+def _per_sample(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sample l2 norm over all tensors of a state (flattened and concatenated)."""
+    bsz = tensors[0].shape[0]
+    norms = [torch.linalg.vector_norm(t.reshape(bsz, -1), dim=1) for t in tensors]
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
+
+
+def _step_error(old: State, new: State, old_norm: torch.Tensor, metric: str):
+    """`relative_error(old, new, metric)` given the per-sample norm of `old`; also returns the
+    per-sample norm of `new` (the next step's `old_norm`), so each state is reduced once."""
+    new_norm = _per_sample(new)
+    diff = _per_sample([n - o for o, n in zip(old, new)])
+    per_sample = diff / (_EPS + old_norm)
+    if metric == "l2":
+        err = per_sample.max()
+    elif metric == "l_inf":
+        err = torch.stack([((n - o).abs() / (_EPS + o.abs())).max()
+                           for o, n in zip(old, new)]).max()
+    elif metric == "legacy_l2":
+        err = torch.linalg.vector_norm(diff) / (_EPS + torch.linalg.vector_norm(old_norm))
+    else:
+        raise LcpError(f"unknown threshold metric {metric!r}; valid: l2, l_inf, legacy_l2")
+    return err, per_sample, new_norm
+
+
 def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
-            metric: str = "l2", phase: str = "") -> tuple[State, SolverStats]:
-    """Picard iteration s ← fn(s); stop after the first step whose error < threshold."""
+            metric: str = "l2", phase: str = "", check_every: int = 1
+            ) -> tuple[State, SolverStats]:
+    """Picard iteration s ← fn(s); stop after the first step whose error < threshold.
+
+    `check_every = k > 1` reads the errors back from the device only every k steps (one sync
+    instead of k on CUDA): the errors are still computed after every step and the last k
+    states are kept, so the result — iterations, returned state, residual and trace — is the
+    one of the every-step check; at most k − 1 extra steps of `fn` are evaluated (so `fn` must
+    have no side effects).
+    """
+    state = tuple(state)
+    k = max(1, int(check_every))
+    if k == 1 and len(state) == 1 and metric == "l2":
+        return _vanilla_one(fn, state[0], max_iter, threshold, phase)
     trace: list[float] = []
     per_sample = None
-    converged = False
-    it = 0
+    old_norm = _per_sample(state)  # each state is reduced once: new norm → next old norm
+    pending: list[tuple[State, torch.Tensor, torch.Tensor]] = []
     for it in range(1, max_iter + 1):
         new_state = tuple(fn(*state))
-        err, per_sample = relative_error(state, new_state, metric)
-        value = err.item()
-        trace.append(value)
-        _check_finite(value, phase, it)
+        err, per_sample, old_norm = _step_error(state, new_state, old_norm, metric)
         state = new_state
+        if k == 1:
+            value = err.item()
+            trace.append(value)
+            _check_finite(value, phase, it)
+            if value < threshold:
+                return state, SolverStats(it, value, True, max_iter, per_sample, trace)
+            continue
+        pending.append((new_state, err, per_sample))
+        if len(pending) == k or it == max_iter:
+            values = torch.stack([p[1] for p in pending]).tolist()  # the one sync
+            first = it - len(pending) + 1
+            for j, value in enumerate(values):
+                trace.append(value)
+                _check_finite(value, phase, first + j)
+                if value < threshold:
+                    kept, _, kept_per_sample = pending[j]
+                    return kept, SolverStats(first + j, value, True, max_iter, kept_per_sample,
+                                             trace)
+            pending.clear()
+    return state, SolverStats(max_iter, trace[-1] if trace else 0.0, False, max_iter, per_sample,
+                              trace)
+
+
+def _vanilla_one(fn: StepFn, x: torch.Tensor, max_iter: int, threshold: float, phase: str):
+    """`vanilla` for a single-tensor state, the l2 metric and every-step checks: the same
+    operations, with the per-step work kept to a few kernels."""
+    bsz = x.shape[0]
+    trace: list[float] = []
+    x_flat = x.reshape(bsz, -1)
+    denom = torch.linalg.vector_norm(x_flat, dim=1).add_(_EPS)  # _EPS + ‖old‖ per sample
+    diff = torch.empty_like(x_flat)
+    per_sample = None
+    inf = float("inf")
+    for it in range(1, max_iter + 1):
+        y = fn(x)[0]
+        y_flat = y.reshape(bsz, -1)
+        per_sample = torch.linalg.vector_norm(torch.sub(y_flat, x_flat, out=diff),
+                                              dim=1).div_(denom)
+        value = per_sample.max().item()
+        trace.append(value)
+        if value != value or value == inf or value == -inf:
+            _check_finite(value, phase, it)
+        x, x_flat = y, y_flat
         if value < threshold:
-            converged = True
-            break
-    return state, SolverStats(it, trace[-1] if trace else 0.0, converged, max_iter, per_sample, trace)
+            return (x,), SolverStats(it, value, True, max_iter, per_sample, trace)
+        denom = torch.linalg.vector_norm(y_flat, dim=1).add_(_EPS)
+    return (x,), SolverStats(max_iter, trace[-1] if trace else 0.0, False, max_iter, per_sample,
+                             trace)
 
 
 def anderson(fn: StepFn, state: State, *, max_iter: int, threshold: float, metric: str = "l2",
@@ -154,6 +233,130 @@ def anderson(fn: StepFn, state: State, *, max_iter: int, threshold: float, metri
     return unflat(X[:, k % m]), stats
 
 
+class _Flat:
+    """A state tuple as one flat vector and back (a single contiguous tensor without a copy)."""
+
+    def __init__(self, state: State):
+        self.shapes = [t.shape for t in state]
+        self.sizes = [t.numel() for t in state]
+
+    def pack(self, state: State, out: torch.Tensor | None = None) -> torch.Tensor:
+        if len(state) == 1:
+            flat = state[0].reshape(-1)
+        else:
+            flat = torch.cat([t.reshape(-1) for t in state])
+        return flat if out is None else out.copy_(flat)
+
+    def unpack(self, flat: torch.Tensor) -> State:
+        return tuple(p.view(shape) for p, shape in zip(torch.split(flat, self.sizes),
+                                                         self.shapes))
+
+
+def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
+                   metric: str = "l2", phase: str = "", memory: int = 5,
+                   regulariser: float = 1e-6) -> tuple[State, SolverStats]:
+    """Anderson acceleration of s ← fn(s) on the whole (joint) state, for the controlled
+    dynamics: one set of mixing weights for the batch, a regulariser relative to the Gram
+    matrix (λ·max diag, so it keeps accelerating as the residual shrinks), `memory` past
+    iterates. It stops at the first iterate x whose step error ‖fn(x) − x‖/(1e-5 + ‖x‖) — the
+    very error the vanilla solver stops on — is below `threshold`, and returns fn(x): the
+    same fixed point to the same tolerance, reached in fewer evaluations of fn.
+
+    Each evaluation's output is copied at once, so `fn` may reuse its output buffers.
+    """
+    flat = _Flat(state)
+    x0 = flat.pack(state)
+    length = x0.numel()
+    m = max(1, int(memory))
+    X = x0.new_empty(m, length)
+    Fh = x0.new_empty(m, length)
+    G = x0.new_empty(m, length)
+    gram = np.zeros((m, m))  # the small least-squares problem is solved on the host
+    X[0].copy_(x0)
+    rows = len(state) == 1 and metric == "l2"  # per-sample norms straight from the flat rows
+    bsz = state[0].shape[0]
+    trace: list[float] = []
+    per_sample = None
+    filled, slot = 0, 0
+    for it in range(1, max_iter + 1):
+        x_state = flat.unpack(X[slot])
+        fx_state = tuple(fn(*x_state))
+        flat.pack(fx_state, out=Fh[slot])
+        torch.sub(Fh[slot], X[slot], out=G[slot])
+        if rows:
+            per_sample = (torch.linalg.vector_norm(G[slot].view(bsz, -1), dim=1)
+                          / (_EPS + torch.linalg.vector_norm(X[slot].view(bsz, -1), dim=1)))
+            err = per_sample.max()
+        else:
+            err, per_sample = relative_error(x_state, fx_state, metric)
+        value = err.item()
+        trace.append(value)
+        _check_finite(value, phase, it)
+        if value < threshold:
+            return fx_state, SolverStats(it, value, True, max_iter, per_sample, trace)
+        filled = min(filled + 1, m)
+        row = torch.mv(G[:filled], G[slot]).cpu().numpy().astype(np.float64)
+        gram[slot, :filled] = row
+        gram[:filled, slot] = row
+        # min ‖Σ aᵢ Gᵢ‖² subject to Σ aᵢ = 1:  a ∝ (GGᵀ + λ·max diag·I)⁻¹ 1
+        A = gram[:filled, :filled] + regulariser * max(gram.diagonal()[:filled].max(),
+                                                       1e-300) * np.eye(filled)
+        try:
+            weights = np.linalg.solve(A, np.ones(filled))
+            total = float(weights.sum())
+        except np.linalg.LinAlgError:
+            weights, total = None, 0.0
+        nxt = (slot + 1) % m
+        if weights is None or not np.isfinite(total) or abs(total) < 1e-300:
+            # a singular system: take the plain step and restart the history
+            X[0].copy_(Fh[slot])
+            gram[:] = 0.0
+            filled, nxt = 0, 0
+        else:
+            a = torch.from_numpy(weights / total).to(dtype=x0.dtype, device=x0.device)
+            torch.mv(Fh[:filled].t(), a, out=X[nxt])
+        slot = nxt
+    return fx_state, SolverStats(max_iter, trace[-1], False, max_iter, per_sample, trace)
+
+
+# solvers of the controlled phase that the `controller_solver` setting can name besides the
+# default ('euler': the paper's explicit-Euler dynamics iterated by `--solver`)
+CONTROLLER_SOLVERS: dict[str, Callable[..., tuple[State, SolverStats]]] = {
+    "anderson": anderson_joint,
+}
+
+
+class ControllerSolver:
+    """An accelerated solver for the controlled dynamics, bound to a run's settings; the same
+    call signature as `Solver`. Its threshold is the vanilla one (solver_error_threshold × dt),
+    on the same step error, so it stops at the same tolerance."""
+
+    def __init__(self, name: str, max_iter: int, error_threshold: float, metric: str = "l2",
+                 dt: float = 1.0):
+        try:
+            self.fn = CONTROLLER_SOLVERS[name]
+        except KeyError:
+            raise LcpError(f"unknown controller solver {name!r}; valid: euler, "
+                           + ", ".join(CONTROLLER_SOLVERS)) from None
+        self.name = name
+        self.max_iter = max_iter
+        self.threshold = error_threshold * dt
+        self.metric = metric
+
+    @classmethod
+    def from_config(cls, cfg, name: str) -> "ControllerSolver":
+        return cls(name, cfg.solver_max_iter, cfg.solver_error_threshold,
+                   cfg.solver_threshold_metric, cfg.dt)
+
+    def keeps(self, state: State = (), pure: bool = True) -> int:
+        return 0  # every output is copied before fn runs again
+
+    def __call__(self, fn: StepFn, state: State, *, phase: str = "",
+                 max_iter: int | None = None, pure: bool = True) -> tuple[State, SolverStats]:
+        return self.fn(fn, tuple(state), max_iter=max_iter or self.max_iter,
+                       threshold=self.threshold, metric=self.metric, phase=phase)
+
+
 SOLVERS: dict[str, Callable[..., tuple[State, SolverStats]]] = {
     "vanilla": vanilla,
     "anderson": anderson,
@@ -171,23 +374,47 @@ class Solver:
     """A solver bound to a run's settings: `solver(fn, state, phase=...)`.
 
     The vanilla threshold is `solver_error_threshold × dt` (as in the paper's code); the
-    Anderson threshold is not multiplied by dt.
+    Anderson threshold is not multiplied by dt. `check_every` (vanilla only): how often the
+    stopping error is read back — 0 (default) means every step on CPU and every
+    `CUDA_CHECK_EVERY` steps for CUDA states; the result is the same either way (see
+    `vanilla`). A call with `pure=False` (a step with side effects, e.g. BatchNorm statistics)
+    always checks every step.
     """
 
+    CUDA_CHECK_EVERY = 8
+
     def __init__(self, name: str = "vanilla", max_iter: int = 50, error_threshold: float = 1e-4,
-                 metric: str = "l2", dt: float = 1.0):
+                 metric: str = "l2", dt: float = 1.0, check_every: int = 0):
         self.name = name
         self.fn = get_solver(name)
         self.max_iter = max_iter
         self.threshold = error_threshold * dt if name == "vanilla" else error_threshold
         self.metric = metric
+        self.check_every = check_every
 
     @classmethod
     def from_config(cls, cfg) -> "Solver":
         return cls(cfg.solver, cfg.solver_max_iter, cfg.solver_error_threshold,
-                   cfg.solver_threshold_metric, cfg.dt)
+                   cfg.solver_threshold_metric, cfg.dt,
+                   check_every=int(getattr(cfg, "solver_check_every", 0) or 0))
+
+    def _check_every(self, state: State, pure: bool) -> int:
+        if not pure:
+            return 1
+        if self.check_every > 0:
+            return self.check_every
+        return self.CUDA_CHECK_EVERY if state and state[0].is_cuda else 1
+
+    def keeps(self, state: State = (), pure: bool = True) -> int:
+        """How many of `fn`'s latest outputs this solver may still read after calling `fn`
+        again (a step function that writes into a ring of buffers needs one more)."""
+        return self._check_every(tuple(state), pure) if self.fn is vanilla else 0
 
     def __call__(self, fn: StepFn, state: State, *, phase: str = "",
-                 max_iter: int | None = None) -> tuple[State, SolverStats]:
-        return self.fn(fn, tuple(state), max_iter=max_iter or self.max_iter,
-                       threshold=self.threshold, metric=self.metric, phase=phase)
+                 max_iter: int | None = None, pure: bool = True) -> tuple[State, SolverStats]:
+        state = tuple(state)
+        kwargs = {}
+        if self.fn is vanilla:
+            kwargs["check_every"] = self._check_every(state, pure)
+        return self.fn(fn, state, max_iter=max_iter or self.max_iter,
+                       threshold=self.threshold, metric=self.metric, phase=phase, **kwargs)

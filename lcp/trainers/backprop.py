@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lcp.models import LinearReadoutModel
 from lcp.trainers.base import Trainer
 
 
@@ -55,11 +56,22 @@ class RecurrentBackpropTrainer(Trainer):
         g = v_bar_leaf.grad
         h_fixed = h.detach()
 
-        def adjoint_step(gamma):
-            return (model.implicit_transpose(h_fixed, v_star, gamma) + g,)
-
         with torch.no_grad():
-            (gamma,), adjoint = self.solver(adjoint_step, (g,), phase="adjoint")
+            if self.fused and isinstance(model, LinearReadoutModel):
+                # γ ← Jᵀγ + g = φ'(v*) ⊙ (Σ Wᵀγ_out) + g, with φ'(v*) computed once
+                plan = model.dynamics_plan(h_fixed)
+                plan.act(v_star)
+                slope = plan.act_grad(v_star)
+
+                def adjoint_step(gamma):
+                    return (torch.addcmul(g, plan.transpose_sum(gamma, None), slope),)
+
+                (gamma,), adjoint = self.solver(adjoint_step, (g,), phase="adjoint")
+            else:
+                def adjoint_step(gamma):
+                    return (model.implicit_transpose(h_fixed, v_star, gamma) + g,)
+
+                (gamma,), adjoint = self.solver(adjoint_step, (g,), phase="adjoint")
         v_bar.backward(gamma)
         stats = self.output_stats(logits.detach(), y)
         stats.update(self.solver_stats("free", free))

@@ -24,12 +24,15 @@ from torch import nn
 
 from lcp.config import RunConfig
 from lcp.errors import DivergenceError
-from lcp.models import EquilibriumModel
+from lcp.models import EquilibriumModel, LinearReadoutModel
 from lcp.solvers import Solver, SolverStats
 
 
 class Trainer:
     name = ""
+    # run the no-grad dynamics of LinearReadoutModels (ff, rnn, conv-ff) with the fused kernels
+    # of `DynamicsPlan`; False runs the reference path (the model's generic methods)
+    fused = True
 
     def __init__(self, cfg: RunConfig, model: EquilibriumModel):
         self.cfg = cfg
@@ -74,6 +77,15 @@ class Trainer:
     def free_equilibrium(self, h: torch.Tensor) -> tuple[torch.Tensor, SolverStats]:
         h = h.detach()
         model = self.model
+        if self.fused and isinstance(model, LinearReadoutModel):
+            plan = model.dynamics_plan(h)
+
+            def step(v):
+                plan.act(v)
+                return (plan.implicit_into(torch.empty_like(v)),)
+
+            (v,), stats = self.solver(step, (model.zero_state(h),), phase="free")
+            return v, stats
         (v,), stats = self.solver(lambda v: (model.implicit(h, v),), (model.zero_state(h),),
                                   phase="free")
         return v, stats

@@ -19,13 +19,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lcp.models import LinearReadoutModel
 from lcp.trainers.base import Trainer, batch_norm_mean, loss_gradient
 
 
+def relax_(out: torch.Tensor, old: torch.Tensor, rate: float) -> torch.Tensor:
+    """out ← old + rate·(out − old), i.e. one explicit-Euler step of size `rate` towards `out`
+    (nothing to do when rate = 1)."""
+    if rate != 1.0:
+        out.mul_(rate).add_(old, alpha=1.0 - rate)
+    return out
+
+
 class LeastControlTrainer(Trainer):
-    """What lcp-di, lcp-kp and lcp-lf share: the controlled solve, u*, and the update."""
+    """What lcp-di, lcp-kp and lcp-lf share: the controlled solve, u*, and the update.
+
+    On `LinearReadoutModel`s (ff, rnn, conv-ff) the controlled dynamics run fused
+    (`FusedControlled`): the state is one flat tensor [v | v̂ | uᵢ | e] (B × (2N + 2C)), each
+    step writes the next state into preallocated buffers with a handful of kernels
+    (`DynamicsPlan`), and the per-batch constants (h plus the biases, the one-hot targets) are
+    prepared once. It is the same map as `controlled_step`
+    (set `fused = False` to run that reference path instead), and the solver's stopping error
+    on the flat row is the same per-sample norm over the four concatenated tensors.
+    """
 
     name = "lcp"
+    fused = True
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
@@ -33,6 +52,7 @@ class LeastControlTrainer(Trainer):
         self.dt_v = cfg.dt / cfg.tau_v
         self.dt_u = cfg.dt / cfg.tau_u
         self.dt_e = cfg.dt / cfg.tau_e
+        self.controller_solver = getattr(cfg, "controller_solver", None) or "euler"
         self.last = None  # this batch's equilibrium, for post_update rules
 
     def controlled_step(self, h, onehot):
@@ -52,15 +72,52 @@ class LeastControlTrainer(Trainer):
 
         return step
 
+    # ---------------------------------------------------------------- fused dynamics
+    def can_fuse(self) -> bool:
+        return self.fused and isinstance(self.model, LinearReadoutModel)
+
+    def fused_feedback_(self, plan, src, dst, u):
+        """Write v' and e' of the fused step from slot `src` into slot `dst` (lcp-di: the exact
+        transposes), after `plan.act(src.v)`."""
+        relax_(plan.implicit_into(dst.v, add=src.e, views=dst.v_out), src.v, self.dt_v)
+        relax_(plan.transpose_into(dst.e, src.v, src.e, u, views=src.e_out), src.e, self.dt_e)
+
+    def fused_rule(self):
+        """How e' is formed, for the lean fused step: ('transpose', per-block matrices M_b,
+        readout matrix M) with e' = φ'(v) ⊙ (Σ e_out M_b + u M) — lcp-di: the weights
+        themselves — or ('linear', Mᵀ) with e' = u Mᵀ (lcp-lf). None: use `fused_feedback_`."""
+        return ("transpose", [b.weight.detach() for b in self.model.blocks],
+                self.model.readout.weight.detach())
+
+    def fused_controlled_step(self, plan, onehot, ring: int = 2):
+        """The controlled map as a `FusedControlled` kernel (see there)."""
+        return FusedControlled(self, plan, onehot, ring)
+
+    def controller(self):
+        """The solver of the controlled phase: `--solver` (the paper's explicit-Euler dynamics
+        iterated to their fixed point) unless an accelerated one is chosen."""
+        if self.controller_solver == "euler":
+            return self.solver
+        from lcp.solvers import ControllerSolver
+
+        return ControllerSolver.from_config(self.cfg, self.controller_solver)
+
     @torch.no_grad()
     def controlled_equilibrium(self, h, y, num_classes):
         h = h.detach()
         onehot = F.one_hot(y, num_classes).to(h.dtype)
-        v = self.model.zero_state(h)
-        zeros_out = h.new_zeros(h.shape[0], num_classes)
-        state0 = (v, zeros_out, zeros_out.clone(), torch.zeros_like(v))
-        (v, v_hat, u_i, e), stats = self.solver(self.controlled_step(h, onehot), state0,
-                                                phase="controlled")
+        solver = self.controller()
+        if self.can_fuse():
+            plan = self.model.dynamics_plan(h)
+            kernel = self.fused_controlled_step(plan, onehot, ring=solver.keeps() + 1)
+            (x,), stats = solver(kernel.step, (kernel.start(),), phase="controlled")
+            v, v_hat, u_i, e = kernel.unpack(x)
+        else:
+            v = self.model.zero_state(h)
+            zeros_out = h.new_zeros(h.shape[0], num_classes)
+            state0 = (v, zeros_out, zeros_out.clone(), torch.zeros_like(v))
+            (v, v_hat, u_i, e), stats = solver(self.controlled_step(h, onehot), state0,
+                                               phase="controlled", pure=not self.model.decode_has_side_effects())
         u = self.k_i * u_i - self.k_p * loss_gradient(v_hat, onehot)
         return v, v_hat, u_i, e, u, stats
 
@@ -94,3 +151,160 @@ class LeastControlTrainer(Trainer):
 
 class DynamicInversionTrainer(LeastControlTrainer):
     name = "lcp-di"
+
+
+class _Slot:
+    """One state buffer [v | v̂ | uᵢ | e] (B × (2N + 2C)) with its views."""
+
+    def __init__(self, plan, rows):
+        self.buf = plan.h_b.new_empty(plan.batch, rows[-1].stop)
+        self.v, self.v_hat, self.u_i, self.e = (self.buf[:, r] for r in rows)
+        self.v_out = plan.out_views(self.v)
+        self.e_out = plan.out_views(self.e)
+
+
+class FusedControlled:
+    """The controlled map of a `LeastControlTrainer` on a `LinearReadoutModel`, fused.
+
+    The state is one flat tensor [v | v̂ | uᵢ | e] (B × (2N + 2C)), so the solver's per-sample
+    stopping error is the norm over the four concatenated tensors, as on the reference path.
+    Steps write into a ring of `ring` preallocated buffers whose views are computed once: step
+    k reads the buffer step k − 1 wrote, so the solver may keep the last `ring − 1` states it
+    was given (`Solver.keeps`). An input that is not one of these buffers (an accelerated
+    solver's iterate) is copied into a spare one first.
+
+    One step (every right-hand side from the old state, as `controlled_step`):
+        u   = k_i·uᵢ − k_p·g,   g = (softmax(v̂) − onehot)/B
+        v'  = v + dt_v·(f(h, v) + e − v)        (lcp-lf: + Q·u instead of e)
+        e'  = e + dt_e·(Jᵀe + (∂D/∂v)ᵀu − e)    (lcp-kp: the feedback maps; lcp-lf: Q·u)
+        v̂'  = v̂ + dt_v·(D(v) + u − v̂)
+        uᵢ' = (dt_u/B)·onehot + (1 − dt_u·α)·uᵢ − (dt_u/B)·softmax(v̂)
+    """
+
+    def __init__(self, trainer: LeastControlTrainer, plan, onehot: torch.Tensor, ring: int = 2):
+        self.trainer, self.plan = trainer, plan
+        n, c, bsz = plan.size, onehot.shape[1], plan.batch
+        self.rows = (slice(0, n), slice(n, n + c), slice(n + c, n + 2 * c),
+                     slice(n + 2 * c, 2 * n + 2 * c))
+        self.ring = max(2, int(ring))
+        self.slots = [_Slot(plan, self.rows) for _ in range(self.ring + 1)]  # + a spare
+        self._index = {s.buf.data_ptr(): i for i, s in enumerate(self.slots[:self.ring])}
+        self._last = 0
+        self.onehot = onehot
+        self.target_term = onehot * (trainer.dt_u / bsz)
+        self.keep_ui = 1.0 - trainer.dt_u * trainer.alpha
+        self.soft_rate = -trainer.dt_u / bsz
+        self.batch = bsz
+        # softmax over the classes of v̂ runs on a contiguous copy (C × B: fastest on CPU)
+        self._v_hat_t = onehot.new_empty(c, bsz)
+
+        self._lean = self._build_lean()
+
+    def _build_lean(self) -> bool:
+        """Bind every view and matrix of the step once (linear blocks, non-overlapping
+        transposed regions); otherwise `step` calls the plan's general kernels."""
+        plan, tr = self.plan, self.trainer
+        if any(conv is not None for *_, conv in plan.blocks):
+            return False
+        rule = tr.fused_rule()
+        if rule is None:
+            return False
+        scratch, overlapping, writes = plan._scratch_for(rule[0] == "transpose")
+        if overlapping:
+            return False
+        self._rule = rule[0]
+        self._scratch = scratch
+        for slot in self.slots:
+            slot.fwd = [(target, piece, spec_w[2]) for target, piece, spec_w in
+                        zip(slot.v_out, plan._t_in, plan.blocks)]
+            if self._rule == "transpose":
+                slot.back = [(piece, m, target, first) for piece, m, (target, first) in
+                             zip(slot.e_out, rule[1], writes)]
+        if self._rule == "transpose":
+            self._readout = (rule[2],) + writes[-1]
+        else:
+            self._q_t = rule[1]
+        self._unit = (tr.dt_v == 1.0, tr.dt_e == 1.0)
+        self._plain_u = tr.k_p == 0 and tr.k_i == 1
+        return True
+
+    def start(self) -> torch.Tensor:
+        """The zero state (the first buffer)."""
+        self._last = 0
+        return self.slots[0].buf.zero_()
+
+    def _source(self, x: torch.Tensor) -> _Slot:
+        i = self._index.get(x.data_ptr())
+        if i is not None and x.is_contiguous():
+            return self.slots[i]
+        spare = self.slots[-1]
+        spare.buf.copy_(x)
+        return spare
+
+    def step(self, x: torch.Tensor):
+        if self._lean:
+            return self._lean_step(x)
+        tr, plan = self.trainer, self.plan
+        src = self._source(x)
+        self._last = (self._last + 1) % self.ring
+        dst = self.slots[self._last]
+        soft = torch.softmax(self._v_hat_t.copy_(src.v_hat.t()), dim=0).t()
+        if tr.k_p == 0:
+            u = src.u_i if tr.k_i == 1 else src.u_i * tr.k_i
+        else:
+            u = tr.k_i * src.u_i - tr.k_p * ((soft - self.onehot) / self.batch)
+        plan.act(src.v)
+        tr.fused_feedback_(plan, src, dst, u)
+        relax_(plan.decode_into(dst.v_hat, add=u), src.v_hat, tr.dt_v)
+        torch.add(self.target_term, src.u_i, alpha=self.keep_ui, out=dst.u_i).add_(
+            soft, alpha=self.soft_rate)
+        return (dst.buf,)
+
+    def _lean_step(self, x: torch.Tensor):
+        """`step` with every view and matrix bound in advance (the same operations)."""
+        tr, plan = self.trainer, self.plan
+        i = self._index.get(x.data_ptr())
+        src = self.slots[i] if i is not None and x.is_contiguous() else self._source(x)
+        self._last = j = (self._last + 1) % self.ring
+        dst = self.slots[j]
+        soft = torch.softmax(self._v_hat_t.copy_(src.v_hat.t()), dim=0).t()
+        if self._plain_u:
+            u = src.u_i
+        else:
+            u = tr.k_i * src.u_i - tr.k_p * ((soft - self.onehot) / self.batch)
+        plan.act(src.v)
+        unit_v, unit_e = self._unit
+        if self._rule == "transpose":
+            torch.add(plan.h_b, src.e, out=dst.v)
+            for target, piece, weight_t in dst.fwd:
+                target.addmm_(piece, weight_t)
+            for piece, m, target, first in src.back:
+                if first:
+                    torch.mm(piece, m, out=target)
+                else:
+                    target.addmm_(piece, m)
+            m, target, first = self._readout
+            if first:
+                torch.mm(u, m, out=target)
+            else:
+                target.addmm_(u, m)
+            plan.act_grad_mul_into(dst.e, self._scratch, src.v)
+            if not unit_e:
+                relax_(dst.e, src.e, tr.dt_e)
+        else:
+            torch.mm(u, self._q_t, out=dst.e)
+            torch.add(plan.h_b, dst.e, out=dst.v)
+            for target, piece, weight_t in dst.fwd:
+                target.addmm_(piece, weight_t)
+        if not unit_v:
+            relax_(dst.v, src.v, tr.dt_v)
+        torch.add(u, plan.b_D, out=dst.v_hat).addmm_(plan._t_r, plan.W_D_t)
+        if not unit_v:
+            relax_(dst.v_hat, src.v_hat, tr.dt_v)
+        torch.add(self.target_term, src.u_i, alpha=self.keep_ui, out=dst.u_i).add_(
+            soft, alpha=self.soft_rate)
+        return (dst.buf,)
+
+    def unpack(self, x: torch.Tensor):
+        """(v, v̂, uᵢ, e), contiguous copies."""
+        return tuple(x[:, r].contiguous() for r in self.rows)

@@ -23,7 +23,7 @@ from torch import nn
 from lcp.errors import LcpError
 from lcp.models import LinearReadoutModel
 from lcp.trainers.base import loss_gradient
-from lcp.trainers.lcp_di import LeastControlTrainer
+from lcp.trainers.lcp_di import LeastControlTrainer, relax_
 
 
 class FeedbackWeights(nn.Module):
@@ -104,6 +104,16 @@ class KolenPollackTrainer(LeastControlTrainer):
             return v_next, v_hat_next, u_i_next, e_next
 
         return step
+
+    def fused_rule(self):
+        fb = self.auxiliary
+        return ("transpose", [m.weight.detach().t() for m in fb.maps], fb.D_t.detach().t())
+
+    def fused_feedback_(self, plan, src, dst, u):
+        """e' = e + dt_e·(−e + φ'(v) ⊙ (B(e) + P(D_t·u))), v' as lcp-di."""
+        relax_(plan.implicit_into(dst.v, add=src.e, views=dst.v_out), src.v, self.dt_v)
+        relax_(plan.transpose_into(dst.e, src.v, src.e, u, feedback=self.auxiliary,
+                                   views=src.e_out), src.e, self.dt_e)
 
     def compute_update(self, x, y):
         stats = super().compute_update(x, y)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lcp.errors import DivergenceError, LcpError
 from lcp.models import LinearReadoutModel
 from lcp.trainers.base import loss_gradient
-from lcp.trainers.lcp_di import LeastControlTrainer
+from lcp.trainers.lcp_di import LeastControlTrainer, relax_
 
 
 class LinearFeedbackTrainer(LeastControlTrainer):
@@ -50,6 +50,14 @@ class LinearFeedbackTrainer(LeastControlTrainer):
 
         return step
 
+    def fused_rule(self):
+        return "linear", self.Q.t()
+
+    def fused_feedback_(self, plan, src, dst, u):
+        """e' = Q·u; v' = v + dt_v·(f(h, v) − v + e')."""
+        torch.mm(u, self.Q.t(), out=dst.e)
+        relax_(plan.implicit_into(dst.v, add=dst.e, views=dst.v_out), src.v, self.dt_v)
+
     def implicit_signal(self, v_tilde, e_star):
         return -e_star * self.model.act_grad(v_tilde)
 
@@ -75,6 +83,8 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         steps. A is summed over the batch directly (one N × C matmul per step) instead of
         keeping a B × N × C accumulator: the batch mean is the same.
         """
+        if self.fused:
+            return self._fused_noisy_phase(last)
         cfg, model, Q = self.cfg, self.model, self.Q
         T = cfg.timescale_factor
         dt_slow = cfg.dt / T**2
@@ -99,6 +109,60 @@ class LinearFeedbackTrainer(LeastControlTrainer):
                 u_i + dt_slow / cfg.tau_u * (-g - self.alpha * u_i),
             )
         A_mean = A_sum / (cfg.sigma**2 * v.shape[0])
+        if not torch.isfinite(A_mean).all():
+            raise DivergenceError("lcp-lf: the noisy phase for Q diverged", phase="noisy")
+        return A_mean, cfg.solver_max_iter
+
+    @torch.no_grad()
+    def _fused_noisy_phase(self, last: dict) -> tuple[torch.Tensor, int]:
+        """`noisy_phase` with the fused kernels of `DynamicsPlan`: the same map and the same
+        noise draws (one `randn` of v's shape to start, then one per step, as there), with
+        h + biases and the step's constants prepared once and every update in place."""
+        cfg, model, Q = self.cfg, self.model, self.Q
+        T = cfg.timescale_factor
+        dt_slow = cfg.dt / T**2
+        h, y = last["h"], last["y"]
+        bsz, c = h.shape[0], Q.shape[1]
+        onehot = F.one_hot(y, c).to(h.dtype)
+        plan = model.dynamics_plan(h)
+        v = last["v_tilde"].clone()
+        u_ref = last["u"]
+        v_hat = model.decode(v) + u_ref
+        u_i = last["u_i"].clone()
+        eps = torch.randn_like(v)
+        xi = torch.empty_like(v)
+        A_sum = torch.zeros_like(Q)
+        Q_t = Q.t()
+        v_fb = torch.empty_like(v)
+        v_next = torch.empty_like(v)
+        vh_next = torch.empty_like(v_hat)
+        views = (plan.out_views(v), plan.out_views(v_next))
+        k_i, k_p, sigma = self.k_i, self.k_p, cfg.sigma
+        # ε' = ε + T/τ_ε·(−dt'·ε + √dt'·ξ) = (1 − T·dt'/τ_ε)·ε + (T·√dt'/τ_ε)·ξ
+        eps_keep = 1.0 - T / cfg.tau_eps * dt_slow
+        noise_scale = T / cfg.tau_eps * math.sqrt(dt_slow)
+        rate_v, rate_slow_v = cfg.dt / cfg.tau_v, dt_slow / cfg.tau_v
+        # uᵢ' = uᵢ + dt'/τ_u·(−g − α·uᵢ), g = (softmax(v̂) − onehot)/B
+        rate_u = dt_slow / cfg.tau_u
+        target_term = onehot * (rate_u / bsz)
+        keep_ui = 1.0 - rate_u * self.alpha
+        for _ in range(cfg.solver_max_iter):
+            soft = torch.softmax(v_hat, dim=1)
+            if k_p == 0:
+                u = u_i if k_i == 1 else u_i * k_i
+            else:
+                u = k_i * u_i - k_p * ((soft - onehot) / bsz)
+            torch.addmm(eps, u, Q_t, beta=sigma, out=v_fb)  # Q·u + σ·ε
+            A_sum.addmm_(v_fb.t(), u - u_ref, alpha=-1.0)  # −Σ_batch v_fb (u − u_ref)ᵀ
+            eps.mul_(eps_keep).add_(xi.normal_(), alpha=noise_scale)
+            plan.act(v)
+            relax_(plan.implicit_into(v_next, add=v_fb, views=views[1]), v, rate_v)
+            relax_(plan.decode_into(vh_next, add=u), v_hat, rate_slow_v)
+            torch.add(target_term, u_i, alpha=keep_ui, out=u_i).add_(soft, alpha=-rate_u / bsz)
+            v, v_next = v_next, v
+            v_hat, vh_next = vh_next, v_hat
+            views = views[::-1]
+        A_mean = A_sum / (sigma**2 * bsz)
         if not torch.isfinite(A_mean).all():
             raise DivergenceError("lcp-lf: the noisy phase for Q diverged", phase="noisy")
         return A_mean, cfg.solver_max_iter
