@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -158,6 +159,27 @@ def make_batch(cfg: RunConfig, kind: str, batch: int, seed: int, device):
             y = torch.randint(0, 10, (batch,), generator=g)
             source = "random MNIST-shaped"
     return x.to(device), y.to(device), source
+
+
+def cpu_snapshot():
+    """(busy CPU seconds of the machine, CPU seconds of this process, wall time), or None."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (sum(vals) - vals[3] - vals[4]) / hz
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return busy, ru.ru_utime + ru.ru_stime, time.time()
+
+
+def background_load(before, after) -> float:
+    """Share of the machine's CPUs that other processes used between two snapshots (0–1)."""
+    if before is None or after is None or after[2] <= before[2]:
+        return float("nan")
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others / ((after[2] - before[2]) * (os.cpu_count() or 1)))
 
 
 def sync(device) -> None:
@@ -392,7 +414,7 @@ def main(argv=None) -> int:
     except OSError:
         pass
 
-    header = (f"{'id':<24} {'ms':>8} {'iters':>7} {'x base':>7}")
+    header = (f"{'id':<24} {'bg':>4} {'ms':>8} {'iters':>7} {'x base':>7}")
     if args.compare_to:
         header += f" | {'paper ms':>8} {'iters':>7} {'x base':>7} {'ours/paper':>10} {'speedup':>7} {'cos':>8}"
     print(header)
@@ -411,7 +433,8 @@ def main(argv=None) -> int:
         for suffix, vcfg in variants:
             rec = run_row(exp, suffix, vcfg, args, device, base_time, base_paper, setups)
             results.append(rec)
-            line = (f"{rec['id']:<24} {fmt_ms(rec['ms'] / 1e3):>8} "
+            line = (f"{rec['id']:<24} {fmt(100 * rec['background_load'], '.0f'):>3}% "
+                    f"{fmt_ms(rec['ms'] / 1e3):>8} "
                     f"{fmt(rec['iterations'], '.1f'):>7} {fmt(rec['x_base']):>7}")
             if args.compare_to:
                 line += (f" | {fmt_ms(rec.get('paper_ms', float('nan')) / 1e3):>8} "
@@ -422,7 +445,9 @@ def main(argv=None) -> int:
                          f"{fmt(rec.get('cosine'), '.5f'):>8}")
             print(line, flush=True)
 
-    print("\niters: mean solver iterations of the step's main phase (controlled dynamics; "
+    print("\nbg: share of the machine's CPUs used by other processes while the row was timed "
+          "(above ~10% the times are inflated, and the ratios less reliable).")
+    print("iters: mean solver iterations of the step's main phase (controlled dynamics; "
           "energy steps for lcp-ebd; adjoint for rbp; bp: none). x base: the step time over "
           "the bp (ff, conv-ff) or rbp (rnn, conv-rnn) step, timed in turns with it.")
     if args.compare_to:
@@ -457,8 +482,10 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
         cases.append(("base", lambda: b_ours.step(bx, by), b_ours.restore))
         if theirs is not None and b_theirs is not None:
             cases.append(("paper_base", lambda: b_theirs.step(bx, by), b_theirs.restore))
+    snap = cpu_snapshot()
     times, outs = time_interleaved(cases, device, args.repeats, args.warmup, args.max_seconds,
                                    args.seed)
+    load = background_load(snap, cpu_snapshot())
     med = statistics.median(times["ours"])
     if is_base:
         setups[cfg.model] = (ours, theirs, x, y)
@@ -474,7 +501,7 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
         "ms": med * 1e3, "ms_all": [t * 1e3 for t in times["ours"]], "iterations": iters,
         "phase": phase, "base_ms": base_med * 1e3,
         "stats": {k: v for k, v in outs["ours"][-1].items() if isinstance(v, (int, float))},
-        "x_base": med / base_med,
+        "x_base": med / base_med, "background_load": load,
     }
     if theirs is not None:
         our_update = ours.named_update()

@@ -67,6 +67,27 @@ class EquilibriumModel(nn.Module):
         running statistics): a solver must then not evaluate extra steps."""
         return False
 
+    def bind(self, h: torch.Tensor) -> "BoundImplicit":
+        """f(h, ·) for the no-grad dynamics of one batch, with whatever depends on h alone
+        computed once (see `ConvRNNModel`)."""
+        return BoundImplicit(self, h)
+
+
+class BoundImplicit:
+    """f(h, ·) for one batch: `f(v)`, `f.vjp(v, e)`, `f.transpose(v, e)`."""
+
+    def __init__(self, model: EquilibriumModel, h: torch.Tensor):
+        self.model, self.h = model, h.detach()
+
+    def __call__(self, v):
+        return self.model.implicit(self.h, v)
+
+    def vjp(self, v, e):
+        return self.model.implicit_vjp(self.h, v, e)
+
+    def transpose(self, v, e):
+        return self.model.implicit_transpose(self.h, v, e)
+
     def decode_transpose(self, v, u):
         """(∂D/∂v)ᵀ u alone."""
         return self.decode_vjp(v, u)[1]
@@ -238,6 +259,7 @@ class DynamicsPlan:
             self._t_in = [self.t[:, spec.in_start:spec.in_end] for spec, *_ in self.blocks]
             self._t_r = self.t[:, self.r0:]
             self._scratch: dict = {}
+            self._soft_in = None
 
     def out_views(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The views of `x` (state-sized) that the blocks write in the forward direction and
@@ -245,6 +267,15 @@ class DynamicsPlan:
         return [x[:, spec.out_start:spec.out_end] for spec, *_ in self.blocks]
 
     # ---------------------------------------------------------------- pieces of one step
+    def softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits, dim=1) for a B × C tensor (a view is fine), computed on a C × B copy:
+        on CPU the softmax over a short last dimension costs several times more. Returns a
+        B × C view of the plan's buffer (valid until the next call)."""
+        buf = self._soft_in
+        if buf is None or buf.shape != (logits.shape[1], logits.shape[0]):
+            buf = self._soft_in = logits.new_empty(logits.shape[1], logits.shape[0])
+        return torch.softmax(buf.copy_(logits.t()), dim=0).t()
+
     def act(self, v: torch.Tensor) -> torch.Tensor:
         """t = φ(v), into the plan's buffer `t`, which the kernels below read (valid until the
         next call)."""
@@ -447,6 +478,11 @@ class ConvRNNModel(EquilibriumModel):
     def decode_has_side_effects(self) -> bool:
         return self.decoder_norm.training and self.decoder_norm.track_running_stats
 
+    def bind(self, h: torch.Tensor) -> "BoundImplicit":
+        """The convolution path reads only h, so c = conv2(GN1(ReLU(conv1(h)))) is computed
+        once per batch and every step evaluates f(h, v) = GN3(ReLU(h + GN2(v + c)))."""
+        return _ConvRNNBound(self, h)
+
     def implicit(self, h, v):
         y = self.norm1(F.relu(self.conv1(h)))
         return self.norm3(F.relu(h + self.norm2(v + self.conv2(y))))
@@ -463,6 +499,27 @@ class ConvRNNModel(EquilibriumModel):
 
     def decoder_parameters(self):
         return list(self.decoder_norm.parameters()) + list(self.readout.parameters())
+
+
+class _ConvRNNBound(BoundImplicit):
+    def __init__(self, model: ConvRNNModel, h: torch.Tensor):
+        super().__init__(model, h)
+        with torch.no_grad():
+            self.c = model.conv2(model.norm1(F.relu(model.conv1(self.h))))
+
+    def __call__(self, v):
+        m = self.model
+        return m.norm3(F.relu(self.h + m.norm2(v + self.c)))
+
+    def vjp(self, v, e):
+        with torch.enable_grad():
+            v = v.detach().requires_grad_(True)
+            out = self(v)
+            (vjp,) = torch.autograd.grad(out, v, e)
+        return out.detach(), vjp
+
+    def transpose(self, v, e):
+        return self.vjp(v, e)[1]
 
 
 def build_model(cfg: RunConfig, input_shape, num_classes: int = 10) -> EquilibriumModel:

@@ -68,8 +68,10 @@ class RecurrentBackpropTrainer(Trainer):
 
                 (gamma,), adjoint = self.solver(adjoint_step, (g,), phase="adjoint")
             else:
+                f = model.bind(h_fixed)
+
                 def adjoint_step(gamma):
-                    return (model.implicit_transpose(h_fixed, v_star, gamma) + g,)
+                    return (f.transpose(v_star, gamma) + g,)
 
                 (gamma,), adjoint = self.solver(adjoint_step, (g,), phase="adjoint")
         v_bar.backward(gamma)

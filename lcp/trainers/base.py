@@ -86,8 +86,8 @@ class Trainer:
 
             (v,), stats = self.solver(step, (model.zero_state(h),), phase="free")
             return v, stats
-        (v,), stats = self.solver(lambda v: (model.implicit(h, v),), (model.zero_state(h),),
-                                  phase="free")
+        f = model.bind(h)
+        (v,), stats = self.solver(lambda v: (f(v),), (model.zero_state(h),), phase="free")
         return v, stats
 
     @staticmethod

@@ -58,11 +58,12 @@ class LeastControlTrainer(Trainer):
     def controlled_step(self, h, onehot):
         """The map (v, v̂, uᵢ, e) → next state; subclasses change the e / v rules."""
         model = self.model
+        f = model.bind(h)
 
         def step(v, v_hat, u_i, e):
             g = loss_gradient(v_hat, onehot)
             u = self.k_i * u_i - self.k_p * g
-            f_v, jt_e = model.implicit_vjp(h, v, e)
+            f_v, jt_e = f.vjp(v, e)
             d_v, dt_u = model.decode_vjp(v, u)
             e_next = e + self.dt_e * (jt_e - e + dt_u)
             v_next = v + self.dt_v * (f_v - v + e)
@@ -195,8 +196,6 @@ class FusedControlled:
         self.keep_ui = 1.0 - trainer.dt_u * trainer.alpha
         self.soft_rate = -trainer.dt_u / bsz
         self.batch = bsz
-        # softmax over the classes of v̂ runs on a contiguous copy (C × B: fastest on CPU)
-        self._v_hat_t = onehot.new_empty(c, bsz)
 
         self._lean = self._build_lean()
 
@@ -248,7 +247,7 @@ class FusedControlled:
         src = self._source(x)
         self._last = (self._last + 1) % self.ring
         dst = self.slots[self._last]
-        soft = torch.softmax(self._v_hat_t.copy_(src.v_hat.t()), dim=0).t()
+        soft = plan.softmax(src.v_hat)
         if tr.k_p == 0:
             u = src.u_i if tr.k_i == 1 else src.u_i * tr.k_i
         else:
@@ -267,7 +266,7 @@ class FusedControlled:
         src = self.slots[i] if i is not None and x.is_contiguous() else self._source(x)
         self._last = j = (self._last + 1) % self.ring
         dst = self.slots[j]
-        soft = torch.softmax(self._v_hat_t.copy_(src.v_hat.t()), dim=0).t()
+        soft = plan.softmax(src.v_hat)
         if self._plain_u:
             u = src.u_i
         else:

@@ -104,7 +104,7 @@ class EnergyBasedTrainer(Trainer):
             # ∂E/∂v = r_f − (Jᵀr_f + (∂D/∂v)ᵀr_d);  ∂E/∂v̂ = r_d + ∇L(v̂)/α
             plan.transpose_into(g_v, v, r_f, r_d, views=r_f_out)
             torch.sub(r_f, g_v, out=g_v)
-            torch.add(r_d, torch.softmax(v_hat, dim=1), alpha=inv_alpha_b, out=g_vh)
+            torch.add(r_d, plan.softmax(v_hat), alpha=inv_alpha_b, out=g_vh)
             g_vh.sub_(target_term)
             step(grad)
         return x[:, :n].contiguous(), x[:, n:].contiguous()

@@ -147,7 +147,7 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         target_term = onehot * (rate_u / bsz)
         keep_ui = 1.0 - rate_u * self.alpha
         for _ in range(cfg.solver_max_iter):
-            soft = torch.softmax(v_hat, dim=1)
+            soft = plan.softmax(v_hat)
             if k_p == 0:
                 u = u_i if k_i == 1 else u_i * k_i
             else:
