@@ -171,6 +171,7 @@ class RayHandle:
     job: Job
     stopping: str | None = None  # "terminate" | "kill"
     returncode: int | None = None
+    lost: str | None = None  # why Ray lost the task (its worker or node died), once it ended
 
 
 class RayExecutor(Executor):
@@ -205,7 +206,11 @@ class RayExecutor(Executor):
         use_gpu = gpus is None and total.get("GPU", 0) > 0
         self.gpus_per_run = 1.0 / runs_per_gpu if use_gpu else 0.0
         self.threads = threads or max(1, int(self.cpus_per_run))
-        self._check_feasible()
+        try:
+            self._check_feasible()
+        except LcpError:
+            self.close()
+            raise
         self._remote = self.ray.remote(run_job_task)
         self._task_options = dict(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                   max_retries=retries, retry_exceptions=False)
@@ -238,9 +243,7 @@ class RayExecutor(Executor):
 
     def _check_feasible(self) -> None:
         nodes = self._alive_nodes()
-        need = {"CPU": self.cpus_per_run}
-        if self.gpus_per_run:
-            need["GPU"] = self.gpus_per_run
+        need = self._per_run()
         fits = [n for n in nodes
                 if all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items())]
         if not fits:
@@ -252,16 +255,19 @@ class RayExecutor(Executor):
     def nodes(self) -> int:
         return len(self._alive_nodes())
 
-    def _per_run(self) -> tuple[str, float]:
-        return ("GPU", self.gpus_per_run) if self.gpus_per_run else ("CPU", self.cpus_per_run)
+    def _per_run(self) -> dict[str, float]:
+        need = {"CPU": self.cpus_per_run}
+        if self.gpus_per_run:
+            need["GPU"] = self.gpus_per_run
+        return need
 
     def capacity(self) -> int:
         """Runs the cluster holds at a time (refreshed every few seconds: clusters grow)."""
         now = time.monotonic()
         if now - self._capacity_at > CAPACITY_REFRESH_S:
-            resource, per_run = self._per_run()
-            total = self.ray.cluster_resources().get(resource, 0)
-            self._capacity = max(1, int(math.floor(total / per_run + 1e-9)))
+            total = self.ray.cluster_resources()
+            fits = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in self._per_run().items())
+            self._capacity = max(1, int(fits))
             self._capacity_at = now
         return self._capacity
 
@@ -324,6 +330,7 @@ class RayExecutor(Executor):
             self._note(handle, f"the Ray task failed: {_first_line(exc)}")
             return 1
         except rx.RayError as exc:  # worker or node lost, and Ray's own retries used up
+            handle.lost = f"Ray lost the task ({type(exc).__name__}: {_first_line(exc)})"
             self._note(handle, f"Ray lost the task ({type(exc).__name__}) after {self.retries} "
                                f"retr{'y' if self.retries == 1 else 'ies'}: {_first_line(exc)}")
             # Ray already made 1 + retries attempts: the scheduler must not add its own.
@@ -355,6 +362,52 @@ class RayExecutor(Executor):
         except Exception as exc:  # noqa: BLE001 - e.g. it has just finished
             print(f"warning: could not cancel the Ray task of {handle.job.key}: "
                   f"{_first_line(exc)}", file=sys.stderr)
+
+
+class RayProcess:
+    """A `subprocess.Popen`-like view (poll, wait, send_signal, terminate, kill, returncode) of a
+    job started on a RayExecutor, for code written around local processes (`lcp tune`'s
+    trials). `pid` is None (the process lives on some node); `lost` says why Ray lost the task
+    when its worker or node died."""
+
+    pid = None
+
+    def __init__(self, executor: RayExecutor, job: Job):
+        self.executor = executor
+        self.handle = executor.start(job)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.handle.returncode
+
+    @property
+    def lost(self) -> str | None:
+        return self.handle.lost
+
+    def poll(self) -> int | None:
+        return self.executor.poll(self.handle)
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.handle.job.key, timeout)
+            time.sleep(0.05)
+        return rc
+
+    def send_signal(self, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            self.kill()
+        else:
+            self.terminate()
+
+    def terminate(self) -> None:
+        self.executor.terminate(self.handle)
+
+    def kill(self) -> None:
+        self.executor.kill(self.handle)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -407,7 +407,8 @@ def open_storage(spec: StorageSpec):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or _first_line(exc)
-        hint = ("pip install psycopg2-binary (or pip install 'lcp[postgres]')"
+        hint = ("pip install -e \".[postgres]\" (psycopg2-binary and psycopg: SQLAlchemy "
+                "2.1 opens postgresql:// with psycopg)"
                 if scheme.startswith("postgres") else "install the database driver for "
                 f"{scheme!r} (see SQLAlchemy's dialect documentation)")
         raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: its database driver "
@@ -687,10 +688,28 @@ def ensure_parent_run(tracker, study, plan: TunePlan, storage: StorageSpec, prun
     params = {**plan.base.to_dict(), **{f"search/{k}": json.dumps(v) for k, v in
                                         plan.space.items()}}
     params = {k: v for k, v in params.items() if k not in plan.space and k not in ("data_dir",)}
+    key = f"{storage.display()}#{getattr(study, '_study_id', study.study_name)}"
+    tags["lcp.study_key"] = key
     run_id = tracker.create_run(exp_mlflow, study.study_name, tags=tags, params=params)
+    run_id = _elect_parent_run(tracker, exp_mlflow, key, run_id)
     study.set_user_attr(S_PARENT_RUN, run_id)
     study.set_user_attr(S_TRACKING, tracker.uri)
     return run_id
+
+
+def _elect_parent_run(tracker, exp_mlflow: str, key: str, mine: str) -> str:
+    """Tuners that start the same new study at the same moment (on several machines, one
+    storage) each create a parent run: all keep the oldest of the study's (`lcp.study_key`: the
+    storage and the study's id in it) and the others delete theirs."""
+    runs = [r for r in tracker.search_runs([exp_mlflow])
+            if r.data.tags.get("lcp.kind") == "tune-study"
+            and r.data.tags.get("lcp.study_key") == key]
+    if not runs:
+        return mine
+    winner = min(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)).info.run_id
+    if winner != mine:
+        _safe(lambda: tracker._call(lambda: tracker.client.delete_run(mine)))
+    return winner
 
 
 def _safe(fn: Callable[[], Any]) -> Any:
@@ -741,6 +760,15 @@ class Slot:
                 "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
 
 
+@dataclass
+class RaySlot(Slot):
+    """One of the `--workers` trials at a time of `--executor ray` (Ray places the task)."""
+
+    @property
+    def label(self) -> str:
+        return f"ray#{self.index}"
+
+
 def make_slots(workers: int, gpus: list[str] | None = None) -> list[Slot]:
     """`workers` places to run trials: spread over the visible GPUs (round robin), else CPU
     workers; the CPU threads are split between them."""
@@ -759,7 +787,7 @@ class Child:
     number: int
     tid: int
     run_id: str | None
-    process: subprocess.Popen
+    process: Any  # subprocess.Popen, or pipeline.ray_executor.RayProcess (--executor ray)
     slot: Slot
     log_path: Path
     log: Any
@@ -788,11 +816,20 @@ class Tuner:
     def __init__(self, plan: TunePlan, study, storage, storage_spec: StorageSpec, *,
                  trials: int, workers: int = 1, timeout: float | None = None,
                  pruner: str = "median", tracker=None, runs_dir: str | Path = "lcp-runs",
-                 echo: Callable[[str], None] = print, gpus: list[str] | None = None):
+                 echo: Callable[[str], None] = print, gpus: list[str] | None = None,
+                 executor=None):
         self.plan, self.study, self.storage, self.spec = plan, study, storage, storage_spec
         self.trials, self.timeout, self.pruner = trials, timeout, pruner
         self.tracker, self.echo = tracker, echo
-        self.slots = make_slots(workers, gpus)
+        # executor: None runs trials as processes here; a pipeline.ray_executor.RayExecutor runs
+        # each as a Ray task (the same process, on some node), `workers` of them at a time.
+        self.executor = executor
+        if executor is not None:
+            if workers < 1:
+                raise TuneError(f"--workers must be ≥ 1 (got {workers})")
+            self.slots = [RaySlot(i, None, executor.threads) for i in range(workers)]
+        else:
+            self.slots = make_slots(workers, gpus)
         self.free = list(self.slots)
         self.folder = (Path(runs_dir) / tune_experiment_name(plan.exp.id)
                        / _safe_name(study.study_name)).resolve()
@@ -925,13 +962,16 @@ class Tuner:
         log = open(log_path, "a", buffering=1)
         log.write(f"=== trial {number} of study {self.study.study_name} on {slot.label} at "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
+        command = [sys.executable, "-m", "pipeline.tune", "run-trial", str(folder / SPEC_NAME)]
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.tune", "run-trial", str(folder / SPEC_NAME)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=child_env(slot, seeded=cfg.seed >= 0), cwd=os.getcwd(),
-                start_new_session=True)
-        except OSError as exc:
+            if self.executor is not None:
+                process = self._start_ray_task(command, number, log_path, seeded=cfg.seed >= 0)
+            else:
+                process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=child_env(slot, seeded=cfg.seed >= 0), cwd=os.getcwd(),
+                    start_new_session=True)
+        except Exception as exc:  # noqa: BLE001 - OSError here, any Ray error there
             log.close()
             self.free.insert(0, slot)
             reason = f"could not start the trial's process: {exc}"
@@ -947,6 +987,22 @@ class Tuner:
         again = f" (again, interrupted trial {retry_of})" if retry_of is not None else ""
         self.echo(f"trial {number} started{again}: {shown}  [{slot.label}, log {log_path}]")
         return True
+
+    def _start_ray_task(self, command: list[str], number: int, log_path: Path, *,
+                        seeded: bool):
+        """The trial's process as a Ray task (1 GPU, or --cpus-per-run CPUs); the node's own
+        environment, with the project's settings (`LCP_*`) and none of MLflow's."""
+        from pipeline.ray_executor import RayProcess
+        from pipeline.scheduler import Job
+
+        project_root = str(Path(__file__).resolve().parent.parent)
+        env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+            p for p in (project_root, os.environ.get("PYTHONPATH")) if p)}
+        if seeded:
+            env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        job = Job(key=f"{self.study.study_name}/trial-{number}", command=command,
+                  log_path=log_path, env=env, cwd=os.getcwd())
+        return RayProcess(self.executor, job)
 
     def _reap(self) -> None:
         for number, child in list(self.running.items()):
@@ -970,6 +1026,13 @@ class Tuner:
         trial = self.storage.get_trial(child.tid)
         elapsed = time.monotonic() - child.started
         if trial.state == TrialState.RUNNING:
+            lost = getattr(child.process, "lost", None)
+            if lost and not child.stopping:
+                # Ray lost the task (its node or worker died): not the trial's fault.
+                mark_interrupted(self.study, self.storage, trial, lost, self.tracker)
+                self.echo(f"trial {child.number} interrupted ({lost}): enqueued again")
+                self._upload_log(child)
+                return
             if child.stopping:
                 reason = f"stopped by {self.stop_reason or 'the tuner'}"
                 mark_interrupted(self.study, self.storage, trial, reason, self.tracker)
@@ -1116,8 +1179,11 @@ def child_env(slot: Slot, seeded: bool = True) -> dict[str, str]:
     return env
 
 
-def _signal(process: subprocess.Popen, signum: int) -> None:
+def _signal(process, signum: int) -> None:
     if process.poll() is not None:
+        return
+    if not isinstance(process, subprocess.Popen):  # a Ray task: SIGTERM → cancel, SIGKILL → force
+        process.send_signal(signum)
         return
     try:
         os.killpg(process.pid, signum)

@@ -23,15 +23,26 @@ CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 @click.option("--space", "spaces", multiple=True, metavar="PARAM=LOW:HIGH[:log]|PARAM=A,B",
               help="Add or replace a parameter's range for this study (repeatable), e.g. "
                    "--space alpha=0.01:1.5:log.")
-@click.option("--storage", default=None, metavar="PATH|URL",
+@click.option("--storage", default=None, metavar="PATH|URL", envvar="LCP_OPTUNA_STORAGE",
               help="The Optuna storage: a journal file on local disk (default: "
-                   "optuna-journal.log beside the MLflow store) or a database URL "
-                   "(postgresql://user:pw@host/db) for several machines.")
+                   "$LCP_OPTUNA_STORAGE, else optuna-journal.log beside the MLflow store) or a "
+                   "database URL (postgresql://user:pw@host/db) for several machines.")
 @click.option("--study", "study_name", default=None, metavar="NAME",
               help="The study (default: ID). The same name resumes it.")
 @click.option("--workers", default=1, show_default=True, type=int, metavar="N",
               help="Trials at a time on this machine, each in its own process (spread over the "
                    "visible GPUs; on CPU the threads are split).")
+@click.option("--executor", default="local", show_default=True,
+              type=click.Choice(["local", "ray"]),
+              help="Where trials run: local (processes on this machine) or ray (one Ray task "
+                   "per trial on a Ray cluster, --workers at a time; pip install -e \".[ray]\"; "
+                   "see docs/beyond-one-machine.md).")
+@click.option("--address", default=None, metavar="ADDR",
+              help="--executor ray: the cluster, e.g. auto, HOST:6379 or ray://HOST:10001 "
+                   "(default: $RAY_ADDRESS, else a local Ray instance).")
+@click.option("--cpus-per-run", default=None, type=float, metavar="K",
+              help="--executor ray: CPUs each trial asks for (default 1). Trials ask for one "
+                   "GPU each when the cluster has GPUs.")
 @click.option("--timeout", default=None, type=float, metavar="S",
               help="Start no new trial after S seconds (running ones finish).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -55,9 +66,9 @@ CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
               help="The exported row's id suffix.")
 @click.option("--export-to", default=None, metavar="FILE",
               help="Also write the best parameters as `--set key=value` lines to FILE.")
-def tune_command(experiment_id, trials, params, spaces, storage, study_name, workers, timeout,
-                 sets, pruner, manifest_path, tracking_uri, data_dir, runs_dir, export,
-                 export_suffix, export_to):
+def tune_command(experiment_id, trials, params, spaces, storage, study_name, workers, executor,
+                 address, cpus_per_run, timeout, sets, pruner, manifest_path, tracking_uri,
+                 data_dir, runs_dir, export, export_suffix, export_to):
     """Tune row ID's hyper-parameters (k_i, k_p, alpha, or its `search:` block) with Optuna.
 
     Each trial trains the row's config (first seed) in its own process and is scored by its
@@ -71,6 +82,7 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, wor
       lcp tune t1-ff-lcp-di --trials 100                 # resumes: 50 more
       lcp tune t1-ff-lcp-di --trials 20 --params alpha --set num_epochs=5 --study quick
       lcp tune t1-ff-lcp-di --trials 200 --storage postgresql://me:pw@db-host/optuna
+      lcp tune t1-ff-lcp-di --trials 200 --workers 8 --executor ray --address auto
       lcp tune t1-ff-lcp-di --export                     # row t1-ff-lcp-di-tuned
       lcp run t1-ff-lcp-di-tuned && lcp report 1
     """
@@ -87,6 +99,11 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, wor
         raise T.TuneError(f"--workers must be ≥ 1 (got {workers})")
     if timeout is not None and not timeout > 0:
         raise T.TuneError(f"--timeout must be > 0 seconds (got {timeout})")
+    if executor != "ray":
+        for flag, value in (("--address", address), ("--cpus-per-run", cpus_per_run)):
+            if value is not None:
+                raise T.TuneError(f"{flag} is an option of --executor ray; add --executor ray "
+                                  f"or leave {flag} out")
     manifest = load_manifest(manifest_path)
     exp = manifest.get(experiment_id)
     overrides = dict(parse_overrides(sets))
@@ -115,6 +132,39 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, wor
         click.echo(f"warning: {warning}", err=True)
     storage_obj = T.open_storage(storage_spec)  # first: a wrong --storage creates nothing
     tracker = Tracker(uri)  # checks the MLflow store (clear error when unreachable)
+    runner = _ray_executor(address, cpus_per_run, storage_spec, uri) if executor == "ray" else None
+    try:
+        _tune(T, exp, plan, storage_obj, storage_spec, tracker, name, pruner, uri, trials,
+              workers, timeout, runs_dir, runner, manifest_path, overrides, export,
+              export_suffix, export_to)
+    finally:
+        if runner is not None:
+            runner.close()  # a Ray instance started for this command
+
+
+def _ray_executor(address, cpus_per_run, storage_spec, uri):
+    from pipeline.ray_executor import RayExecutor
+    from pipeline.tracking import MLFLOW_RUN_ENV, is_server_uri
+    from pipeline.tune import TuneError
+
+    runner = RayExecutor(address=address, gpus=None, cpus_per_run=cpus_per_run, retries=0,
+                         drop_env=MLFLOW_RUN_ENV)
+    if runner.nodes() > 1:
+        if storage_spec.kind == "journal":
+            runner.close()
+            raise TuneError("the Ray cluster has several machines: a journal file is for one "
+                            "machine's local disk; give --storage postgresql://USER:PW@HOST/DB "
+                            "(or $LCP_OPTUNA_STORAGE), which every node reaches")
+        if not is_server_uri(uri):
+            click.echo(f"warning: the trials run on several machines but the tracking store "
+                       f"{uri} is not a server: give --tracking-uri http://HOST:5000", err=True)
+    click.echo(f"executor {runner.describe()}")
+    return runner
+
+
+def _tune(T, exp, plan, storage_obj, storage_spec, tracker, name, pruner, uri, trials, workers,
+          timeout, runs_dir, runner, manifest_path, overrides, export, export_suffix,
+          export_to) -> None:
     study = T.open_study(plan, storage_obj, name, pruner=pruner)
     click.echo(f"study {name} — {storage_spec.display()}; tracking {uri}")
     click.echo(f"tuning {exp.id} ({exp.label}): {T.describe_space(plan.space)}")
@@ -123,7 +173,7 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, wor
                f"{plan.base.num_epochs} epoch(s), pruner {pruner}")
     tuner = T.Tuner(plan, study, storage_obj, storage_spec, trials=trials, workers=workers,
                     timeout=timeout, pruner=pruner, tracker=tracker, runs_dir=runs_dir,
-                    echo=click.echo)
+                    echo=click.echo, executor=runner)
     summary = tuner.run()
     _print_summary(T, exp, summary, trials, tracker)
     if summary.stopped:

@@ -1,10 +1,12 @@
 """`--executor ray` on a local Ray instance (CPU): a table of two runs as Ray tasks in the same
 MLflow store, the scheduler's retries, Ray's own retry of a task whose Ray worker died (the run
-resumes under the same run id), cancel = SIGTERM then SIGKILL, the errors for missing Ray and for
-options of the other executor.
+resumes under the same run id), cancel = SIGTERM then SIGKILL, a GPU share per run on a cluster
+that declares GPUs, `lcp tune --executor ray` (a lost trial task is enqueued again), the errors
+for missing Ray and for options of the other executor.
 
-Skipped when Ray is not installed (`pip install -e ".[ray]"`), unless $LCP_TEST_REQUIRE_EXTRAS=1
-(CI), where a missing Ray fails.
+The slower ones are marked slow (`pytest -m slow`; CI runs both sets). Skipped when Ray is not
+installed (`pip install -e ".[ray]"`), unless $LCP_TEST_REQUIRE_EXTRAS=1 (CI): there a missing
+Ray fails.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ def test_options_of_the_other_executor_are_refused(tmp_path, monkeypatch):
         assert result.exit_code == 2, (extra, result.output)
         assert message in result.output, (extra, result.output)
     assert not ws.db.exists()  # nothing created
+    for extra in (["--address", "auto"], ["--cpus-per-run", "2"]):
+        result = invoke(["tune", "t1-ff-lcp-di", "--trials", "1", *extra])
+        assert result.exit_code == 2 and "is an option of --executor ray" in result.output
 
 
 # ====================================================================== the executor
@@ -120,6 +125,59 @@ def test_capacity_and_infeasible_runs(ray_instance):
         RayExecutor(gpus=None, cpus_per_run=3)
     executor.close()
     assert ray_instance.is_initialized()  # not started by the executor: left running
+
+
+GPU_SCRIPT = r"""
+import json, sys, time
+from pathlib import Path
+import ray
+ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)  # declared GPUs
+from pipeline.ray_executor import RayExecutor
+from pipeline.scheduler import Job
+out = Path(sys.argv[1])
+executor = RayExecutor(gpus=None, runs_per_gpu=2, cpus_per_run=1)
+code = ("import os, time; print('cuda', os.environ['CUDA_VISIBLE_DEVICES'], "
+        "os.environ['LCP_SLOT'], flush=True); time.sleep(5)")
+jobs = [Job(key=f"j{i}", command=[sys.executable, "-c", code], log_path=out / f"j{i}.log")
+        for i in range(4)]
+report = {"gpus_per_run": executor.gpus_per_run, "free": executor.free_slots(),
+          "describe": executor.describe()}
+handles = [executor.start(job) for job in jobs]
+report["free_after"] = executor.free_slots()
+for h in handles:
+    while executor.poll(h) is None:
+        time.sleep(0.1)
+report["rcs"] = [h.returncode for h in handles]
+report["logs"] = [job.log_path.read_text() for job in jobs]
+executor.close()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow  # CI runs it (.ci/run: pytest -m slow)
+def test_runs_ask_for_a_gpu_share_when_the_cluster_has_gpus(ray_instance, tmp_path):
+    """A second Ray instance (its own process) that declares two GPUs: with --runs-per-gpu 2
+    each task asks for half a GPU, Ray pins it with CUDA_VISIBLE_DEVICES, 4 run at a time."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    for name in ("RAY_ADDRESS", "CUDA_VISIBLE_DEVICES"):  # Ray checks declared GPUs against it
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-c", GPU_SCRIPT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["gpus_per_run"] == 0.5 and report["free"] == 4 and report["free_after"] == 0
+    assert "each run asks for 0.5 GPU + 1 CPU" in report["describe"]
+    assert report["rcs"] == [0, 0, 0, 0]
+    devices = []
+    for log in report["logs"]:
+        line = next(l for l in log.splitlines() if l.startswith("cuda "))
+        _, visible, slot = line.split(" ")
+        assert visible in ("0", "1") and slot.endswith(f":gpu{visible}")
+        devices.append(visible)
+    assert set(devices) == {"0", "1"}  # runs started together are spread over both GPUs
 
 
 def test_task_runs_the_command_with_its_environment(ray_instance, tmp_path, monkeypatch):
@@ -222,6 +280,7 @@ def test_table_as_ray_tasks_with_a_retry(ray_instance, tmp_path, monkeypatch):
     assert again.exit_code == 0 and "nothing to run" in again.output
 
 
+@pytest.mark.slow  # CI runs it (.ci/run: pytest -m slow)
 def test_ray_retries_a_task_whose_worker_died(ray_instance, tmp_path, monkeypatch):
     """SIGKILL to the Ray worker that runs the task (what Ray's memory monitor or a lost node
     does): the run's process dies with it, Ray retries the task (max_retries = --retries) and
@@ -272,3 +331,99 @@ def test_ray_retries_a_task_whose_worker_died(ray_instance, tmp_path, monkeypatc
     assert "resuming from epoch 1" in log, log
     steps = sorted(m.step for m in ws.tracker().metric_history(run.info.run_id, "train/loss"))
     assert steps == [1, 2]
+
+
+# ====================================================================== lcp tune --executor ray
+
+
+TUNE_TINY = ["--set", "rnn_hidden_units=16", "--set", "solver_max_iter=100"]
+
+
+def _tune_args(tmp_path: Path, ws: Workspace, *extra: str) -> list[str]:
+    import shutil
+
+    manifest = tmp_path / "tune-experiments.yaml"
+    if not manifest.exists():  # the repository's rows (with their search spaces)
+        shutil.copy(Path(__file__).resolve().parents[2] / "experiments.yaml", manifest)
+    return ["tune", "t1-ff-lcp-di", "--manifest", str(manifest), "--tracking-uri", ws.uri,
+            "--storage", str(tmp_path / "journal.log"), "--data-dir", str(ws.data),
+            "--runs-dir", str(ws.runs_dir), *TUNE_TINY, "--executor", "ray", *extra]
+
+
+def _study(tmp_path: Path):
+    import optuna
+
+    from pipeline import tune as T
+
+    storage = T.open_storage(T.StorageSpec("journal", str(tmp_path / "journal.log")))
+    return optuna.load_study(study_name="t1-ff-lcp-di", storage=storage)
+
+
+@pytest.mark.slow  # CI runs it (.ci/run: pytest -m slow)
+def test_tune_runs_trials_as_ray_tasks(ray_instance, tmp_path, monkeypatch):
+    ws = Workspace(tmp_path, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    result = invoke(_tune_args(tmp_path, ws, "--set", "num_epochs=2", "--set",
+                               "limit_train_batches=3", "--trials", "3", "--workers", "2"))
+    assert result.exit_code == 0, result.output
+    assert "executor ray (" in result.output
+    assert "3 of --trials 3 — 3 complete" in result.output
+    assert "[ray#0, log" in result.output and "[ray#1, log" in result.output
+    trials = _study(tmp_path).trials
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    for log in ws.runs_dir.glob("lcp-tune-t1-ff-lcp-di/*/trial-*/trial.log"):
+        assert "as a Ray task on ray:" in log.read_text()
+
+
+@pytest.mark.slow  # CI runs it (.ci/run: pytest -m slow)
+def test_tune_trial_whose_ray_task_is_lost_is_enqueued_again(ray_instance, tmp_path,
+                                                            monkeypatch):
+    """SIGKILL to the Ray worker running trial 0: the trial is interrupted (not failed), its
+    parameters enqueued again and run by the next trial; the study still reaches --trials."""
+    import threading
+
+    ws = Workspace(tmp_path, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    killed: dict[str, int] = {}
+
+    def kill_the_ray_worker():
+        spec = "trial-0000/spec.json"
+
+        def trial_pid():
+            for proc in Path("/proc").iterdir():
+                if proc.name.isdigit():
+                    try:
+                        cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    if b"run-trial" in cmd and any(a.endswith(spec.encode()) for a in cmd):
+                        return int(proc.name)
+            return None
+
+        def training():
+            logs = list(ws.runs_dir.glob("lcp-tune-t1-ff-lcp-di/*/trial-0000/trial.log"))
+            return bool(logs) and "device cpu" in _read(logs[0]) and trial_pid() is not None
+
+        _wait_for(training, 90, "trial 0 to train")
+        pid = trial_pid()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ray_worker = int(stat.rsplit(")", 1)[1].split()[1])
+        killed.update(trial=pid, ray_worker=ray_worker)
+        os.kill(ray_worker, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_ray_worker, daemon=True)
+    killer.start()
+    result = invoke(_tune_args(tmp_path, ws, "--set", "num_epochs=3", "--set",
+                               "limit_train_batches=30", "--trials", "2", "--workers", "1",
+                               "--pruner", "none"))
+    killer.join(5)
+    assert killed, "the Ray worker was not found"
+    assert result.exit_code == 0, result.output
+    assert "trial 0 interrupted (Ray lost the task" in result.output, result.output
+    assert "2 of --trials 2 — 2 complete" in result.output, result.output
+    trials = _study(tmp_path).trials
+    assert trials[0].state.name == "FAIL" and "lcp.interrupted" in trials[0].user_attrs
+    again = [t for t in trials if t.user_attrs.get("lcp.retry_of") == 0]
+    assert len(again) == 1 and again[0].state.name == "COMPLETE"
+    assert again[0].params == trials[0].params
+    assert not _alive(killed["trial"])
