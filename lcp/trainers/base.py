@@ -108,6 +108,29 @@ class Trainer:
         return {f"{prefix}loss": loss, f"{prefix}accuracy": acc}
 
 
+    def least_control_update(self, h, v, e, u, y, implicit_signal) -> tuple[torch.Tensor, dict]:
+        """Write the least-control update of a controlled equilibrium (v*, e*, u*) into `.grad`.
+
+        With ṽ = f(h, v*) + e*, the gradient reaching ṽ is replaced by `implicit_signal` (−e* for
+        lcp-di) and carried through f(h, v*) into f and, through h, into E; D receives
+        −(∂D(ṽ)/∂θ)ᵀu*. Returns ṽ and the stats of the controlled (and, when tracked, the free)
+        output.
+        """
+        model = self.model
+        f_v = model.implicit(h, v)  # graph into f and, through h, into E
+        v_tilde = f_v.detach() + e
+        controlled_out = model.decode(v_tilde)  # graph into D only
+        torch.autograd.backward([f_v, controlled_out], [implicit_signal(v_tilde, e), -u])
+        stats = {"u_norm": batch_norm_mean(u), "e_norm": batch_norm_mean(e)}
+        stats.update(self.output_stats(controlled_out.detach() + u, y, prefix="controlled_"))
+        if self.cfg.track_free_output:
+            with torch.no_grad():
+                v_free, free = self.free_equilibrium(h)
+                stats.update(self.output_stats(model.decode(v_free), y))
+            stats.update(self.solver_stats("free", free))
+        return v_tilde, stats
+
+
 def loss_gradient(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     """∇ of the batch-mean cross entropy w.r.t. the logits: (softmax − onehot) / B."""
     return (torch.softmax(logits, dim=1) - onehot) / logits.shape[0]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lcp.models import LinearReadoutModel
-from lcp.trainers.base import Trainer, batch_norm_mean, loss_gradient
+from lcp.trainers.base import Trainer, loss_gradient
 
 
 def relax_(out: torch.Tensor, old: torch.Tensor, rate: float) -> torch.Tensor:
@@ -131,22 +131,11 @@ class LeastControlTrainer(Trainer):
         h = model.encode(x)
         num_classes = model.readout.out_features
         v, v_hat, u_i, e, u, stats = self.controlled_equilibrium(h, y, num_classes)
-        f_v = model.implicit(h, v)  # graph into f and, through h, into E
-        v_tilde = f_v.detach() + e
-        controlled_out = model.decode(v_tilde)  # graph into D only
-        torch.autograd.backward([f_v, controlled_out],
-                                [self.implicit_signal(v_tilde, e), -u])
+        v_tilde, update_stats = self.least_control_update(h, v, e, u, y, self.implicit_signal)
         self.last = {"h": h.detach(), "y": y, "v": v, "v_hat": v_hat, "u_i": u_i, "e": e,
                      "u": u, "v_tilde": v_tilde}
         out = self.solver_stats("controlled", stats)
-        out["u_norm"] = batch_norm_mean(u)
-        out["e_norm"] = batch_norm_mean(e)
-        out.update(self.output_stats(controlled_out.detach() + u, y, prefix="controlled_"))
-        if self.cfg.track_free_output:
-            with torch.no_grad():
-                v_free, free = self.free_equilibrium(h)
-                out.update(self.output_stats(model.decode(v_free), y))
-            out.update(self.solver_stats("free", free))
+        out.update(update_stats)
         return out
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lcp.errors import DivergenceError
 from lcp.models import LinearReadoutModel
-from lcp.trainers.base import Trainer, batch_norm_mean, loss_gradient
+from lcp.trainers.base import Trainer, loss_gradient
 
 
 class EnergyBasedTrainer(Trainer):
@@ -113,20 +113,11 @@ class EnergyBasedTrainer(Trainer):
         model = self.model
         h = model.encode(x)
         v, v_hat, stats = self.energy_minimum(h, y)
-        f_v = model.implicit(h, v)
-        e = v - f_v.detach()
-        u = v_hat - model.decode(v).detach()
-        v_tilde = f_v.detach() + e  # = v*
-        controlled_out = model.decode(v_tilde)
-        torch.autograd.backward([f_v, controlled_out], [-e, -u])
-        stats["u_norm"] = batch_norm_mean(u)
-        stats["e_norm"] = batch_norm_mean(e)
-        stats.update(self.output_stats(controlled_out.detach() + u, y, prefix="controlled_"))
-        if self.cfg.track_free_output:
-            with torch.no_grad():
-                v_free, free = self.free_equilibrium(h)
-                stats.update(self.output_stats(model.decode(v_free), y))
-            stats.update(self.solver_stats("free", free))
+        with torch.no_grad():
+            e = v - model.implicit(h, v)  # so that ṽ = f(h, v*) + e* = v*
+            u = v_hat - model.decode(v)
+        _, update_stats = self.least_control_update(h, v, e, u, y, lambda v_tilde, e: -e)
+        stats.update(update_stats)
         return stats
 
 
