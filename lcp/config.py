@@ -26,6 +26,9 @@ THRESHOLD_METRICS = ("l2", "l_inf", "legacy_l2")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cos")
 EBD_OPTIMIZERS = ("adam", "gd")
+# 'euler': the paper's explicit-Euler controlled dynamics iterated by --solver (the default);
+# 'anderson': opt-in Anderson acceleration on the joint controlled state (same fixed point)
+CONTROLLER_SOLVERS = ("euler", "anderson")
 
 # Which trainers each model supports, as in the paper's code: the conv-rnn model exposes no
 # readout slice, feedback module or block list, so only rbp and lcp-di can run on it.
@@ -119,6 +122,7 @@ class RunConfig:
     validation_split: float = 0.0  # fraction of the training set held out (seeded) for tuning
     validation_seed: int = 0
     track_free_output: bool = True  # LCP trainers: also solve the free equilibrium for train stats
+    controller_solver: str = "euler"  # lcp-di/kp/lf: 'anderson' reaches the same fixed point faster
 
     def __post_init__(self) -> None:
         self._coerce_types()
@@ -185,6 +189,7 @@ class RunConfig:
         choice("meta_optimizer", OPTIMIZERS)
         choice("meta_scheduler", SCHEDULERS)
         choice("ebd_optim", EBD_OPTIMIZERS)
+        choice("controller_solver", CONTROLLER_SOLVERS)
 
         if self.trainer not in SUPPORTED_PAIRS[self.model]:
             pairs = "; ".join(f"{m}: {', '.join(t)}" for m, t in SUPPORTED_PAIRS.items())

@@ -46,6 +46,7 @@ def test_text_values_are_coerced_like_the_papers_argparse():
     ({"model": "ff", "dt": 0}, "'dt'"),
     ({"model": "ff", "validation_split": 1.5}, "validation_split"),
     ({}, "'model' must be given"),
+    ({"model": "ff", "controller_solver": "broyden"}, "euler, anderson"),
 ])
 def test_bad_settings_are_rejected_with_a_message_that_names_them(values, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

@@ -11,7 +11,6 @@
 No test here is timed: speed is measured by benchmarks/step_time.py.
 """
 
-import copy
 
 import pytest
 import torch
@@ -27,13 +26,7 @@ FLAT_TRAINERS = ["rbp", "lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd"]
 
 
 def with_controller(cfg: RunConfig, name: str) -> RunConfig:
-    """cfg with controller_solver=name (whether or not RunConfig has the field yet)."""
-    try:
-        return cfg.replace(controller_solver=name)
-    except Exception:
-        cfg = copy.copy(cfg)
-        object.__setattr__(cfg, "controller_solver", name)
-        return cfg
+    return cfg.replace(controller_solver=name)
 
 
 def batch(shape=(1, 28, 28), n=16, seed=1, dtype=torch.float32):

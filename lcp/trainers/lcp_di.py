@@ -52,7 +52,7 @@ class LeastControlTrainer(Trainer):
         self.dt_v = cfg.dt / cfg.tau_v
         self.dt_u = cfg.dt / cfg.tau_u
         self.dt_e = cfg.dt / cfg.tau_e
-        self.controller_solver = getattr(cfg, "controller_solver", None) or "euler"
+        self.controller_solver = cfg.controller_solver
         self.last = None  # this batch's equilibrium, for post_update rules
 
     def controlled_step(self, h, onehot):
