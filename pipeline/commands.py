@@ -447,6 +447,8 @@ def ui_command(tracking_uri, host, port):
       lcp ui --port 5001
       ssh -L 5000:127.0.0.1:5000 gpu-box  then  lcp ui   on gpu-box
     """
+    from pipeline.scheduler import signal_process_group
+
     import subprocess
 
     from pipeline.tracking import artifact_root, check_reachable, is_server_uri, resolve_tracking_uri
@@ -472,7 +474,7 @@ def ui_command(tracking_uri, host, port):
 
     def stop(signum, frame):  # noqa: ARG001
         stopping.append(signum)
-        _signal_group(server, signal.SIGTERM)
+        signal_process_group(server, signal.SIGTERM)
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -482,20 +484,13 @@ def ui_command(tracking_uri, host, port):
                 break
             except subprocess.TimeoutExpired:
                 if stopping and len(stopping) > 1:
-                    _signal_group(server, signal.SIGKILL)
+                    signal_process_group(server, signal.SIGKILL)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        _signal_group(server, signal.SIGTERM)  # helpers still alive after the server ended
+        signal_process_group(server, signal.SIGTERM)  # helpers still alive after the server ended
     if not stopping and code != 0:
         sys.exit(code)
-
-
-def _signal_group(process, signum) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # ====================================================================== registration

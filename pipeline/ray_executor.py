@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lcp.errors import LcpError
-from pipeline.scheduler import Executor, Job
+from pipeline.scheduler import Executor, Job, signal_process_group
 
 INSTALL_HINT = 'pip install -e ".[ray]"'
 # Environment variables of the driver that travel with every task (the nodes' own environment
@@ -129,12 +129,12 @@ def _run_child(argv: list[str], child_env: dict[str, str], cwd: str | None, path
             while process.poll() is None:
                 time.sleep(0.2)  # not wait(): a cancel is delivered between bytecodes
         except KeyboardInterrupt:  # ray.cancel(force=False)
-            _signal_group(process, signal.SIGTERM)
+            signal_process_group(process, signal.SIGTERM)
             deadline = time.monotonic() + grace_s
             while process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             if process.poll() is None:
-                _signal_group(process, signal.SIGKILL)
+                signal_process_group(process, signal.SIGKILL)
                 process.wait()
             log.write(f"=== stopped by the scheduler (Ray task cancelled); exit code "
                       f"{process.returncode} ===\n")
@@ -150,16 +150,6 @@ def _node_ip() -> str:
         import socket
 
         return socket.gethostname()
-
-
-def _signal_group(process, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        try:
-            process.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
 
 # ====================================================================== the executor

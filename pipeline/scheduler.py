@@ -178,6 +178,17 @@ def choose_gpus(requested: list[str] | None, available: list[str] | None = None)
 # ====================================================================== jobs and executors
 
 
+def signal_process_group(process, signum: int) -> None:
+    """Send `signum` to a worker's process group (its children too), else to the process."""
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        try:
+            process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class Job:
     key: str  # what the display calls it, e.g. "t1-ff-bp/seed=0"

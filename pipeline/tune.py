@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Mapping
 from lcp.callbacks import Callback
 from lcp.config import ConfigError, RunConfig, parse_bool
 from lcp.errors import DivergenceError, LcpError
+from pipeline.scheduler import signal_process_group
 
 OBJECTIVE = "eval_val/accuracy"
 DEFAULT_VALIDATION_SPLIT = 0.1
@@ -1185,13 +1186,7 @@ def _signal(process, signum: int) -> None:
     if not isinstance(process, subprocess.Popen):  # a Ray task: SIGTERM → cancel, SIGKILL → force
         process.send_signal(signum)
         return
-    try:
-        os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        try:
-            process.send_signal(signum)
-        except ProcessLookupError:
-            pass
+    signal_process_group(process, signum)
 
 
 def describe_returncode(rc: int) -> str:
