@@ -9,8 +9,9 @@ step is what the training loop does per batch:
     trainer.pre_update(); optimizer.zero_grad(); trainer.compute_update(x, y);
     trainer.post_update(); [gradient clipping]; optimizer.step()
 
-Before each repetition the weights, the trainer's state and the optimizer's state are put back
-(untimed), so every repetition computes the same thing. The table gives the median time, the
+Before each repetition the weights and the trainer's state (feedback weights, Q) are put back in
+place (untimed), so every repetition computes the same thing; the optimizer keeps its state, as
+in training. The table gives the median time, the
 mean solver iterations of the main phase and the ratio to the baseline step of the same run
 (`bp` for ff and conv-ff, `rbp` for rnn and conv-rnn).
 
@@ -90,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (0: leave PyTorch's default)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each round of repetitions, wait up to SECONDS until other "
+                        "processes use under 10%% of the CPUs (for shared machines)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RunConfig setting in every row (repeatable)")
     p.add_argument("--accel", default="",
@@ -188,54 +192,73 @@ def sync(device) -> None:
 
 
 # ---------------------------------------------------------------------------------- timing
-def time_interleaved(cases, device, repeats: int, warmup: int, max_seconds: float, seed: int):
+def wait_quiet(max_seconds: float, probe: float = 0.5, limit: float = 0.10) -> None:
+    """Wait (at most max_seconds) until other processes use under `limit` of the CPUs."""
+    deadline = time.time() + max_seconds
+    while time.time() < deadline:
+        before = cpu_snapshot()
+        time.sleep(probe)
+        load = background_load(before, cpu_snapshot())
+        if not load > limit:  # also when it cannot be measured
+            return
+
+
+def time_interleaved(cases, device, repeats: int, warmup: int, max_seconds: float, seed: int,
+                     quiet: float = 0.0):
     """Time several steps in turns: every repetition runs each case once (from its restored
     state), so slow drifts of the machine's load affect all cases alike. `cases` is a list of
     (name, step, restore); returns {name: [seconds]} and {name: [step outputs]}."""
     times = {name: [] for name, _, _ in cases}
     outputs = {name: [] for name, _, _ in cases}
+    others = wall = 0.0  # CPU seconds other processes used while steps were timed
     n_total = warmup + repeats
     i = 0
     while i < n_total:
         round_time = 0.0
+        if quiet > 0:
+            wait_quiet(quiet)
+        gc.collect()
         for name, step, restore in cases:
             restore()
             torch.manual_seed(seed)  # lcp-lf's noise: the same draws in every repetition
-            gc.collect()
             gc.disable()
             try:
                 sync(device)
+                snap = cpu_snapshot()
                 t0 = time.perf_counter()
                 out = step()
                 sync(device)
                 elapsed = time.perf_counter() - t0
+                after = cpu_snapshot()
             finally:
                 gc.enable()
             round_time += elapsed
             if i >= warmup:
                 times[name].append(elapsed)
                 outputs[name].append(out)
+                if snap is not None and after is not None:
+                    others += (after[0] - snap[0]) - (after[1] - snap[1])
+                    wall += after[2] - snap[2]
         if i == 0 and round_time * (n_total - 1) > max_seconds:
             # slow: fewer repetitions (at least 3 timed), one warm-up
             repeats = max(3, min(repeats, int(max_seconds / max(round_time, 1e-9))))
             warmup = 1
             n_total = warmup + repeats
         i += 1
-    return times, outputs
+    load = max(0.0, others / (wall * (os.cpu_count() or 1))) if wall > 0 else float("nan")
+    return times, outputs, load
 
 
-def snapshot(*modules_and_optimizers):
-    return [copy.deepcopy(m.state_dict()) for m in modules_and_optimizers]
+def restorer(*modules):
+    """A function that puts the modules' parameters and buffers back to their current values,
+    in place (no new tensors, as between the steps of a training run). Optimizer state is not
+    restored: it does not change what a step computes, only the weights do."""
+    saved = [(t, t.detach().clone()) for m in modules for t in m.state_dict(keep_vars=True).values()]
 
-
-def restorer(objs, states):
+    @torch.no_grad()
     def restore():
-        for obj, state in zip(objs, states):
-            obj.load_state_dict(state)
-        for obj in objs:
-            if isinstance(obj, torch.nn.Module):
-                for p in obj.parameters():
-                    p.grad = None
+        for live, value in saved:
+            live.copy_(value)
     return restore
 
 
@@ -251,8 +274,7 @@ class Ours:
         self.optimizer = build_optimizer(cfg, self.model_params + self.trainer_params)
 
     def freeze_initial_state(self):
-        objs = [self.model, self.trainer.auxiliary, self.optimizer]
-        self.restore = restorer(objs, snapshot(*objs))
+        self.restore = restorer(self.model, self.trainer.auxiliary)
 
     def step(self, x, y):
         cfg, tr = self.cfg, self.trainer
@@ -311,8 +333,7 @@ class Theirs:
         self.optimizer = build_optimizer(
             cfg, list(self.model.parameters()) + list(self.aux.parameters()))
         self._copy_into(ours)
-        objs = [self.model, self.aux, self.optimizer]
-        self.restore = restorer(objs, snapshot(*objs))
+        self.restore = restorer(self.model, self.aux)
 
     @torch.no_grad()
     def _copy_into(self, ours: Ours) -> None:
@@ -408,7 +429,7 @@ def main(argv=None) -> int:
              else f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     print(f"# lcp {lcp.__version__} ({Path(lcp.__file__).parent}), torch {torch.__version__}, "
           f"{where}; batch {args.batch_size}; median of {args.repeats} steps after "
-          f"{args.warmup} warm-up steps, each from the same initial state")
+          f"{args.warmup} warm-up steps, each from the same initial weights")
     try:
         print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     except OSError:
@@ -482,10 +503,8 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
         cases.append(("base", lambda: b_ours.step(bx, by), b_ours.restore))
         if theirs is not None and b_theirs is not None:
             cases.append(("paper_base", lambda: b_theirs.step(bx, by), b_theirs.restore))
-    snap = cpu_snapshot()
-    times, outs = time_interleaved(cases, device, args.repeats, args.warmup, args.max_seconds,
-                                   args.seed)
-    load = background_load(snap, cpu_snapshot())
+    times, outs, load = time_interleaved(cases, device, args.repeats, args.warmup,
+                                         args.max_seconds, args.seed, quiet=args.wait_quiet)
     med = statistics.median(times["ours"])
     if is_base:
         setups[cfg.model] = (ours, theirs, x, y)

@@ -332,13 +332,15 @@ class ControllerSolver:
     on the same step error, so it stops at the same tolerance."""
 
     def __init__(self, name: str, max_iter: int, error_threshold: float, metric: str = "l2",
-                 dt: float = 1.0):
+                 dt: float = 1.0, memory: int = 5, regulariser: float = 1e-6):
         try:
             self.fn = CONTROLLER_SOLVERS[name]
         except KeyError:
             raise LcpError(f"unknown controller solver {name!r}; valid: euler, "
                            + ", ".join(CONTROLLER_SOLVERS)) from None
         self.name = name
+        self.memory = memory
+        self.regulariser = regulariser
         self.max_iter = max_iter
         self.threshold = error_threshold * dt
         self.metric = metric
@@ -354,7 +356,8 @@ class ControllerSolver:
     def __call__(self, fn: StepFn, state: State, *, phase: str = "",
                  max_iter: int | None = None, pure: bool = True) -> tuple[State, SolverStats]:
         return self.fn(fn, tuple(state), max_iter=max_iter or self.max_iter,
-                       threshold=self.threshold, metric=self.metric, phase=phase)
+                       threshold=self.threshold, metric=self.metric, phase=phase,
+                       memory=self.memory, regulariser=self.regulariser)
 
 
 SOLVERS: dict[str, Callable[..., tuple[State, SolverStats]]] = {

@@ -16,6 +16,7 @@ is −(∂f(h, v*)/∂θ)ᵀe* for f and E, and −(∂D(ṽ)/∂θ)ᵀu* for D.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -110,8 +111,13 @@ class LeastControlTrainer(Trainer):
         solver = self.controller()
         if self.can_fuse():
             plan = self.model.dynamics_plan(h)
-            kernel = self.fused_controlled_step(plan, onehot, ring=solver.keeps() + 1)
-            (x,), stats = solver(kernel.step, (kernel.start(),), phase="controlled")
+            if getattr(solver, "name", "") == "anderson" and hasattr(solver, "memory"):
+                kernel = self.fused_controlled_step(plan, onehot, ring=solver.memory + 1)
+                x, stats = kernel.anderson(solver.max_iter, solver.threshold, solver.memory,
+                                           solver.regulariser)
+            else:
+                kernel = self.fused_controlled_step(plan, onehot, ring=solver.keeps() + 1)
+                (x,), stats = solver(kernel.step, (kernel.start(),), phase="controlled")
             v, v_hat, u_i, e = kernel.unpack(x)
         else:
             v = self.model.zero_state(h)
@@ -146,8 +152,8 @@ class DynamicInversionTrainer(LeastControlTrainer):
 class _Slot:
     """One state buffer [v | v̂ | uᵢ | e] (B × (2N + 2C)) with its views."""
 
-    def __init__(self, plan, rows):
-        self.buf = plan.h_b.new_empty(plan.batch, rows[-1].stop)
+    def __init__(self, plan, rows, buf):
+        self.buf = buf
         self.v, self.v_hat, self.u_i, self.e = (self.buf[:, r] for r in rows)
         self.v_out = plan.out_views(self.v)
         self.e_out = plan.out_views(self.e)
@@ -177,8 +183,10 @@ class FusedControlled:
         self.rows = (slice(0, n), slice(n, n + c), slice(n + c, n + 2 * c),
                      slice(n + 2 * c, 2 * n + 2 * c))
         self.ring = max(2, int(ring))
-        self.slots = [_Slot(plan, self.rows) for _ in range(self.ring + 1)]  # + a spare
-        self._index = {s.buf.data_ptr(): i for i, s in enumerate(self.slots[:self.ring])}
+        # the ring's buffers and a spare (for other inputs) in one block of memory
+        self.block = plan.h_b.new_zeros(self.ring + 1, bsz, 2 * n + 2 * c)
+        self.slots = [_Slot(plan, self.rows, buf) for buf in self.block]
+        self._index = {s.buf.data_ptr(): i for i, s in enumerate(self.slots)}
         self._last = 0
         self.onehot = onehot
         self.target_term = onehot * (trainer.dt_u / bsz)
@@ -292,6 +300,76 @@ class FusedControlled:
         torch.add(self.target_term, src.u_i, alpha=self.keep_ui, out=dst.u_i).add_(
             soft, alpha=self.soft_rate)
         return (dst.buf,)
+
+    def anderson(self, max_iter: int, threshold: float, memory: int = 5,
+                 regulariser: float = 1e-6, phase: str = "controlled"):
+        """The controlled fixed point by Anderson acceleration, on this kernel's buffers.
+
+        As `lcp.solvers.anderson_joint` (one set of mixing weights for the batch, regulariser
+        relative to the Gram matrix, stop at the first iterate x whose step error
+        ‖F(x) − x‖/(1e-5 + ‖x‖) per sample is below `threshold`, return F(x)), with two
+        economies: the last `memory` outputs F(x) stay in the kernel's ring (build the kernel
+        with ring = memory + 1) and the mixed iterate is written straight into the spare buffer,
+        so no state is copied; and the mixing weights are fitted on the controller block
+        (v̂, uᵢ) of the residuals — the slow part of these dynamics — which is as fast to
+        converge as fitting on the whole state and costs nothing. Returns (F(x), SolverStats).
+        """
+        from lcp.solvers import SolverStats, _check_finite
+
+        bsz = self.batch
+        ring = self.ring
+        m = min(int(memory), ring - 1)
+        outputs = self.block[:ring].view(ring, -1).t()  # the ring's buffers, as columns
+        spare = self.slots[-1]
+        x = spare.buf.zero_()
+        small = slice(self.rows[1].start, self.rows[2].stop)
+        width = (small.stop - small.start) * bsz
+        G = x.new_empty(m, width)
+        gram = np.zeros((m, m))
+        weights = torch.zeros(ring, dtype=x.dtype, device=x.device)
+        diff = torch.empty_like(x)
+        trace: list[float] = []
+        per_sample = None
+        filled, newest = 0, 0
+        order: list[int] = []  # ring slots of the retained outputs, oldest first
+        for it in range(1, max_iter + 1):
+            (fx,) = self.step(x)
+            slot = self._last
+            per_sample = (torch.linalg.vector_norm(torch.sub(fx, x, out=diff), dim=1)
+                          / (torch.linalg.vector_norm(x, dim=1) + 1e-5))
+            value = per_sample.max().item()
+            trace.append(value)
+            _check_finite(value, phase, it)
+            if value < threshold:
+                return fx, SolverStats(it, value, True, max_iter, per_sample, trace)
+            order.append(slot)
+            if len(order) > m:
+                order.pop(0)
+            filled = len(order)
+            newest = (newest + 1) % m if it > 1 else 0
+            G[newest].view(bsz, -1).copy_(diff[:, small])
+            row = torch.mv(G[:filled], G[newest]).cpu().numpy().astype(np.float64)
+            gram[newest, :filled] = row
+            gram[:filled, newest] = row
+            A = gram[:filled, :filled] + regulariser * max(gram.diagonal()[:filled].max(),
+                                                           1e-300) * np.eye(filled)
+            try:
+                a = np.linalg.solve(A, np.ones(filled))
+                total = float(a.sum())
+            except np.linalg.LinAlgError:
+                a, total = None, 0.0
+            if a is None or not np.isfinite(total) or abs(total) < 1e-300:
+                x.copy_(fx)  # a singular system: take the plain step, restart the history
+                order, gram[:] = [], 0.0
+                newest = m - 1
+                continue
+            # G's rows follow the outputs cyclically: row newest ↔ order[-1], and back
+            w = np.zeros(ring)
+            for back, ring_slot in enumerate(reversed(order)):
+                w[ring_slot] = a[(newest - back) % m] / total
+            weights.copy_(torch.from_numpy(w))
+            torch.mv(outputs, weights, out=x.view(-1))
+        return fx, SolverStats(max_iter, trace[-1], False, max_iter, per_sample, trace)
 
     def unpack(self, x: torch.Tensor):
         """(v, v̂, uᵢ, e), contiguous copies."""
