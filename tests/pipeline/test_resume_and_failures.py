@@ -250,6 +250,9 @@ def test_ui_starts_mlflow_on_the_same_store_bound_to_localhost(tmp_path, monkeyp
         def wait(self, timeout=None):
             return 0
 
+        def send_signal(self, signum):  # the fallback when its process group is gone
+            raise ProcessLookupError
+
     monkeypatch.setattr(sp, "Popen", FakeServer)
     monkeypatch.chdir(tmp_path)
     result = invoke(["ui", "--tracking-uri", "sqlite:///m.db", "--port", "5077"])
