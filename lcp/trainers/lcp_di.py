@@ -205,19 +205,27 @@ class FusedControlled:
         rule = tr.fused_rule()
         if rule is None:
             return False
-        scratch, overlapping, writes = plan._scratch_for(rule[0] == "transpose")
+        _, overlapping, writes = plan._scratch_for(rule[0] == "transpose")
         if overlapping:
             return False
+        regions = [(spec.in_start, spec.in_end) for spec, *_ in plan.blocks]
+        regions.append((plan.r0, plan.size))
+        covered = torch.zeros(plan.size, dtype=torch.bool)
+        for a, b in regions:
+            covered[a:b] = True
+        if rule[0] == "transpose" and not bool(covered.all()):
+            return False
         self._rule = rule[0]
-        self._scratch = scratch
+        firsts = [first for _, first in writes]
         for slot in self.slots:
             slot.fwd = [(target, piece, spec_w[2]) for target, piece, spec_w in
                         zip(slot.v_out, plan._t_in, plan.blocks)]
-            if self._rule == "transpose":
-                slot.back = [(piece, m, target, first) for piece, m, (target, first) in
-                             zip(slot.e_out, rule[1], writes)]
+            # the transposed products are written straight into e' (every column of it is
+            # written, the first product of a region overwrites), then scaled by φ'(v) in place
+            slot.e_in = [slot.e[:, a:b] for a, b in regions]
         if self._rule == "transpose":
-            self._readout = (rule[2],) + writes[-1]
+            self._back = list(zip(rule[1], firsts[:-1]))
+            self._readout = (rule[2], firsts[-1])
         else:
             self._q_t = rule[1]
         self._unit = (tr.dt_v == 1.0, tr.dt_e == 1.0)
@@ -274,17 +282,17 @@ class FusedControlled:
             torch.add(plan.h_b, src.e, out=dst.v)
             for target, piece, weight_t in dst.fwd:
                 target.addmm_(piece, weight_t)
-            for piece, m, target, first in src.back:
+            for piece, (m, first), target in zip(src.e_out, self._back, dst.e_in):
                 if first:
                     torch.mm(piece, m, out=target)
                 else:
                     target.addmm_(piece, m)
-            m, target, first = self._readout
+            m, first = self._readout
             if first:
-                torch.mm(u, m, out=target)
+                torch.mm(u, m, out=dst.e_in[-1])
             else:
-                target.addmm_(u, m)
-            plan.act_grad_mul_into(dst.e, self._scratch, src.v)
+                dst.e_in[-1].addmm_(u, m)
+            plan.act_grad_mul_into(dst.e, dst.e, src.v)
             if not unit_e:
                 relax_(dst.e, src.e, tr.dt_e)
         else:
@@ -320,21 +328,21 @@ class FusedControlled:
         ring = self.ring
         m = min(int(memory), ring - 1)
         outputs = self.block[:ring].view(ring, -1).t()  # the ring's buffers, as columns
-        spare = self.slots[-1]
-        x = spare.buf.zero_()
+        x = self.slots[-1].buf.zero_()  # the iterate lives in the spare buffer
         small = slice(self.rows[1].start, self.rows[2].stop)
-        width = (small.stop - small.start) * bsz
-        G = x.new_empty(m, width)
+        G = x.new_empty(m, (small.stop - small.start) * bsz)  # controller-block residuals
         gram = np.zeros((m, m))
+        eye = np.eye(m)
+        ones = np.ones(m)
+        slot_of_row = np.zeros(m, dtype=np.int64)  # the ring buffer holding F(x) of G's row
+        w = np.zeros(ring)
         weights = torch.zeros(ring, dtype=x.dtype, device=x.device)
         diff = torch.empty_like(x)
         trace: list[float] = []
         per_sample = None
-        filled, newest = 0, 0
-        order: list[int] = []  # ring slots of the retained outputs, oldest first
+        filled, row = 0, -1
         for it in range(1, max_iter + 1):
             (fx,) = self.step(x)
-            slot = self._last
             per_sample = (torch.linalg.vector_norm(torch.sub(fx, x, out=diff), dim=1)
                           / (torch.linalg.vector_norm(x, dim=1) + 1e-5))
             value = per_sample.max().item()
@@ -342,31 +350,28 @@ class FusedControlled:
             _check_finite(value, phase, it)
             if value < threshold:
                 return fx, SolverStats(it, value, True, max_iter, per_sample, trace)
-            order.append(slot)
-            if len(order) > m:
-                order.pop(0)
-            filled = len(order)
-            newest = (newest + 1) % m if it > 1 else 0
-            G[newest].view(bsz, -1).copy_(diff[:, small])
-            row = torch.mv(G[:filled], G[newest]).cpu().numpy().astype(np.float64)
-            gram[newest, :filled] = row
-            gram[:filled, newest] = row
-            A = gram[:filled, :filled] + regulariser * max(gram.diagonal()[:filled].max(),
-                                                           1e-300) * np.eye(filled)
+            row = (row + 1) % m
+            filled = min(filled + 1, m)
+            slot_of_row[row] = self._last
+            G[row].view(bsz, -1).copy_(diff[:, small])
+            products = torch.mv(G[:filled], G[row]).cpu().numpy()
+            gram[row, :filled] = products
+            gram[:filled, row] = products
+            A = gram[:filled, :filled]
+            A = A + (regulariser * max(A.diagonal().max(), 1e-300)) * eye[:filled, :filled]
             try:
-                a = np.linalg.solve(A, np.ones(filled))
+                a = np.linalg.solve(A, ones[:filled])
                 total = float(a.sum())
             except np.linalg.LinAlgError:
-                a, total = None, 0.0
-            if a is None or not np.isfinite(total) or abs(total) < 1e-300:
+                total = float("nan")
+            if not np.isfinite(total) or abs(total) < 1e-300:
                 x.copy_(fx)  # a singular system: take the plain step, restart the history
-                order, gram[:] = [], 0.0
-                newest = m - 1
+                gram[:] = 0.0
+                filled, row = 0, -1
                 continue
-            # G's rows follow the outputs cyclically: row newest ↔ order[-1], and back
-            w = np.zeros(ring)
-            for back, ring_slot in enumerate(reversed(order)):
-                w[ring_slot] = a[(newest - back) % m] / total
+            # x ← Σ aᵢ F(xᵢ): one matrix–vector product over the ring's buffers
+            w[:] = 0.0
+            w[slot_of_row[:filled]] = a / total
             weights.copy_(torch.from_numpy(w))
             torch.mv(outputs, weights, out=x.view(-1))
         return fx, SolverStats(max_iter, trace[-1], False, max_iter, per_sample, trace)

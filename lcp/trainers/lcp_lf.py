@@ -11,7 +11,6 @@ from the controlled equilibrium and moves Q by its local rule (SPEC §3, lcp-lf)
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -114,25 +113,25 @@ class LinearFeedbackTrainer(LeastControlTrainer):
             raise DivergenceError("lcp-lf: the noisy phase for Q diverged", phase="noisy")
         return A_mean, cfg.solver_max_iter
 
-    # draw the noisy phase's noise in a helper thread on CPU (same values; see NoiseStream)
-    background_noise = True
-
-    def _background_noise(self, v: torch.Tensor) -> bool:
-        return (self.background_noise and v.device.type == "cpu" and v.numel() >= 4096
-                and torch.get_num_threads() > 1)
+    # steps of the noisy phase whose contributions to A are summed by one matrix product
+    A_CHUNK = 16
 
     @torch.no_grad()
     def _fused_noisy_phase(self, last: dict) -> tuple[torch.Tensor, int]:
         """`noisy_phase` with the fused kernels of `DynamicsPlan`: the same map and the same
         noise draws (one `randn` of v's shape to start, then one per step, as there), with
-        h + biases and the step's constants prepared once and every update in place. On CPU
-        the draws (as costly as the rest of a step) come from a helper thread that runs ahead
-        on the second core (`NoiseStream`)."""
+        h + biases and the step's constants prepared once and every update in place:
+
+            ξ' = (T·√dt'/τ_ε)·ξ drawn scaled,  ε ← (1 − T·dt'/τ_ε)·ε + ξ'   (one kernel)
+            v_fb = u Qᵀ + σ·ε  written into a block of `A_CHUNK` steps, with u − u_ref beside it,
+            A −= Σ_chunk v_fbᵀ (u − u_ref)  as one product per block of steps.
+        """
         cfg, model, Q = self.cfg, self.model, self.Q
         T = cfg.timescale_factor
         dt_slow = cfg.dt / T**2
         h, y = last["h"], last["y"]
         bsz, c = h.shape[0], Q.shape[1]
+        n = Q.shape[0]
         onehot = F.one_hot(y, c).to(h.dtype)
         plan = model.dynamics_plan(h)
         v = last["v_tilde"].clone()
@@ -140,14 +139,19 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         v_hat = model.decode(v) + u_ref
         u_i = last["u_i"].clone()
         eps = torch.randn_like(v)
-        noise = NoiseStream(v, cfg.solver_max_iter, background=self._background_noise(v))
+        xi = torch.empty_like(v)
         A_sum = torch.zeros_like(Q)
         Q_t = Q.t()
-        v_fb = torch.empty_like(v)
+        chunk = max(1, min(self.A_CHUNK, cfg.solver_max_iter))
+        fb_block = v.new_empty(chunk * bsz, n)  # v_fb of the block's steps, stacked
+        du_block = v.new_empty(chunk * bsz, c)  # u − u_ref of the block's steps
+        fb_rows = [fb_block[i * bsz:(i + 1) * bsz] for i in range(chunk)]
+        du_rows = [du_block[i * bsz:(i + 1) * bsz] for i in range(chunk)]
         v_next = torch.empty_like(v)
         vh_next = torch.empty_like(v_hat)
         views = (plan.out_views(v), plan.out_views(v_next))
         k_i, k_p, sigma = self.k_i, self.k_p, cfg.sigma
+        plain_u = k_p == 0 and k_i == 1
         # ε' = ε + T/τ_ε·(−dt'·ε + √dt'·ξ) = (1 − T·dt'/τ_ε)·ε + (T·√dt'/τ_ε)·ξ
         eps_keep = 1.0 - T / cfg.tau_eps * dt_slow
         noise_scale = T / cfg.tau_eps * math.sqrt(dt_slow)
@@ -156,90 +160,31 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         rate_u = dt_slow / cfg.tau_u
         target_term = onehot * (rate_u / bsz)
         keep_ui = 1.0 - rate_u * self.alpha
-        with noise:
-            for _ in range(cfg.solver_max_iter):
-                soft = plan.softmax(v_hat)
-                if k_p == 0:
-                    u = u_i if k_i == 1 else u_i * k_i
-                else:
-                    u = k_i * u_i - k_p * ((soft - onehot) / bsz)
-                torch.addmm(eps, u, Q_t, beta=sigma, out=v_fb)  # Q·u + σ·ε
-                A_sum.addmm_(v_fb.t(), u - u_ref, alpha=-1.0)  # −Σ_batch v_fb (u − u_ref)ᵀ
-                eps.mul_(eps_keep).add_(noise.next(), alpha=noise_scale)
-                noise.release()
-                plan.act(v)
-                relax_(plan.implicit_into(v_next, add=v_fb, views=views[1]), v, rate_v)
-                relax_(plan.decode_into(vh_next, add=u), v_hat, rate_slow_v)
-                torch.add(target_term, u_i, alpha=keep_ui, out=u_i).add_(soft,
-                                                                         alpha=-rate_u / bsz)
-                v, v_next = v_next, v
-                v_hat, vh_next = vh_next, v_hat
-                views = views[::-1]
+        soft_rate = -rate_u / bsz
+        filled = 0
+        for _ in range(cfg.solver_max_iter):
+            soft = plan.softmax(v_hat)
+            u = u_i if plain_u else (u_i * k_i if k_p == 0 else
+                                     k_i * u_i - k_p * ((soft - onehot) / bsz))
+            v_fb = torch.addmm(eps, u, Q_t, beta=sigma, out=fb_rows[filled])  # Q·u + σ·ε
+            torch.sub(u, u_ref, out=du_rows[filled])
+            filled += 1
+            if filled == chunk:  # A −= Σ v_fbᵀ (u − u_ref) over the block's steps and samples
+                A_sum.addmm_(fb_block.t(), du_block, alpha=-1.0)
+                filled = 0
+            torch.add(xi.normal_(0.0, noise_scale), eps, alpha=eps_keep, out=eps)
+            plan.act(v)
+            plan.implicit_into(v_next, add=v_fb, views=views[1])
+            if rate_v != 1.0:
+                relax_(v_next, v, rate_v)
+            relax_(plan.decode_into(vh_next, add=u), v_hat, rate_slow_v)
+            torch.add(target_term, u_i, alpha=keep_ui, out=u_i).add_(soft, alpha=soft_rate)
+            v, v_next = v_next, v
+            v_hat, vh_next = vh_next, v_hat
+            views = views[::-1]
+        if filled:
+            A_sum.addmm_(fb_block[:filled * bsz].t(), du_block[:filled * bsz], alpha=-1.0)
         A_mean = A_sum / (sigma**2 * bsz)
         if not torch.isfinite(A_mean).all():
             raise DivergenceError("lcp-lf: the noisy phase for Q diverged", phase="noisy")
         return A_mean, cfg.solver_max_iter
-
-
-class NoiseStream:
-    """`count` draws of N(0, I) shaped like `like`, from PyTorch's default generator in order:
-    the very values of `count` successive `torch.randn_like(like)` calls.
-
-    With `background=True` a helper thread draws them ahead into a ring of buffers while the
-    caller computes, and the caller's own PyTorch ops run single-threaded meanwhile (the
-    second core is the helper's). Nothing else may draw from the default generator while the
-    stream is open. Use as a context manager: `next()` gives the next draw (valid until
-    `release()`), `release()` hands its buffer back.
-    """
-
-    def __init__(self, like: torch.Tensor, count: int, background: bool = False, ring: int = 8):
-        self.count = count
-        self.background = background
-        self.ring = [torch.empty_like(like) for _ in range(ring if background else 1)]
-        self._k = 0
-        if background:
-            self._filled = threading.Semaphore(0)
-            self._free = threading.Semaphore(len(self.ring))
-            self._stop = False
-            self._error: BaseException | None = None
-            self._thread = threading.Thread(target=self._produce, daemon=True,
-                                            name="lcp-lf-noise")
-
-    def _produce(self) -> None:
-        try:
-            for k in range(self.count):
-                self._free.acquire()
-                if self._stop:
-                    return
-                self.ring[k % len(self.ring)].normal_()
-                self._filled.release()
-        except BaseException as exc:  # surfaced by next()
-            self._error = exc
-            self._filled.release()
-
-    def __enter__(self) -> "NoiseStream":
-        if self.background:
-            self._threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            self._thread.start()
-        return self
-
-    def next(self) -> torch.Tensor:
-        if not self.background:
-            return self.ring[0].normal_()
-        self._filled.acquire()
-        if self._error is not None:
-            raise self._error
-        return self.ring[self._k % len(self.ring)]
-
-    def release(self) -> None:
-        self._k += 1
-        if self.background:
-            self._free.release()
-
-    def __exit__(self, *exc) -> None:
-        if self.background:
-            self._stop = True
-            self._free.release()
-            self._thread.join()
-            torch.set_num_threads(self._threads)
