@@ -46,6 +46,10 @@ class RecurrentBackpropTrainer(Trainer):
     name = "rbp"
 
     def compute_update(self, x, y):
+        with self.plan_scope():
+            return self._compute_update(x, y)
+
+    def _compute_update(self, x, y):
         model = self.model
         h = model.encode(x)
         v_star, free = self.free_equilibrium(h)
@@ -59,7 +63,7 @@ class RecurrentBackpropTrainer(Trainer):
         with torch.no_grad():
             if self.fused and isinstance(model, LinearReadoutModel):
                 # γ ← Jᵀγ + g = φ'(v*) ⊙ (Σ Wᵀγ_out) + g, with φ'(v*) computed once
-                plan = model.dynamics_plan(h_fixed)
+                plan = self.batch_plan(h_fixed)
                 plan.act(v_star)
                 slope = plan.act_grad(v_star)
 

@@ -18,6 +18,8 @@ norms of u* and e*, and the loss/accuracy of the free output when it is computed
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,7 +80,7 @@ class Trainer:
         h = h.detach()
         model = self.model
         if self.fused and isinstance(model, LinearReadoutModel):
-            plan = model.dynamics_plan(h)
+            plan = self.batch_plan(h)
 
             def step(v):
                 plan.act(v)
@@ -117,10 +119,13 @@ class Trainer:
         output.
         """
         model = self.model
-        f_v = model.implicit(h, v)  # graph into f and, through h, into E
-        v_tilde = f_v.detach() + e
-        controlled_out = model.decode(v_tilde)  # graph into D only
-        torch.autograd.backward([f_v, controlled_out], [implicit_signal(v_tilde, e), -u])
+        if self.fused and _linear_blocks(model):
+            v_tilde, controlled_out = self._closed_form_update(h, v, e, u, implicit_signal)
+        else:
+            f_v = model.implicit(h, v)  # graph into f and, through h, into E
+            v_tilde = f_v.detach() + e
+            controlled_out = model.decode(v_tilde)  # graph into D only
+            torch.autograd.backward([f_v, controlled_out], [implicit_signal(v_tilde, e), -u])
         stats = {"u_norm": batch_norm_mean(u), "e_norm": batch_norm_mean(e)}
         stats.update(self.output_stats(controlled_out.detach() + u, y, prefix="controlled_"))
         if self.cfg.track_free_output:
@@ -129,6 +134,62 @@ class Trainer:
                 stats.update(self.output_stats(model.decode(v_free), y))
             stats.update(self.solver_stats("free", free))
         return v_tilde, stats
+
+    def batch_plan(self, h: torch.Tensor):
+        """The `DynamicsPlan` of h. Inside `plan_scope()` (one `compute_update`: h stays alive
+        and the weights do not change) it is made once and reused by every phase."""
+        scope = getattr(self, "_plans", None)
+        if scope is None:
+            return self.model.dynamics_plan(h)
+        key = (h.data_ptr(), tuple(h.shape), h.dtype)
+        if key not in scope:
+            scope[key] = self.model.dynamics_plan(h)
+        return scope[key]
+
+    @contextlib.contextmanager
+    def plan_scope(self):
+        self._plans = {}
+        try:
+            yield
+        finally:
+            self._plans = None
+
+    def _closed_form_update(self, h, v, e, u, implicit_signal):
+        """`least_control_update`'s gradients for a model of linear blocks, in closed form:
+        with s the signal reaching ṽ = f(h, v*) + e*, block b gets s_outᵀ φ(v*_in) and Σ s_out,
+        the readout −uᵀ φ(ṽ_readout) and −Σ u, and autograd carries s through h = E(x) into
+        the encoder only (no graph through f and D). Returns (ṽ, D(ṽ))."""
+        model = self.model
+        with torch.no_grad():
+            plan = self.batch_plan(h.detach())
+            plan.act(v)
+            v_tilde = plan.implicit_into(torch.empty_like(v), add=e)  # f(h, v*) + e*
+            signal = implicit_signal(v_tilde, e)
+            for (spec, *_), layer, t_in in zip(plan.blocks, model.blocks, plan._t_in):
+                s_out = signal[:, spec.out_start:spec.out_end]
+                _accumulate(layer.weight, s_out.t() @ t_in)
+                if layer.bias is not None:
+                    _accumulate(layer.bias, s_out.sum(0))
+            t_r = model.act(v_tilde[:, plan.r0:])
+            controlled_out = torch.addmm(plan.b_D, t_r, plan.W_D_t)
+            _accumulate(model.readout.weight, -(u.t() @ t_r))
+            _accumulate(model.readout.bias, -u.sum(0))
+        if h.requires_grad:
+            h.backward(signal)
+        return v_tilde, controlled_out
+
+
+def _linear_blocks(model) -> bool:
+    return isinstance(model, LinearReadoutModel) and all(
+        spec.conv is None for spec in model.block_specs)
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """param.grad += grad, as autograd accumulates."""
+    if param.grad is None:
+        param.grad = grad.detach().clone() if grad._base is not None else grad.detach()
+    else:
+        param.grad.add_(grad)
 
 
 def loss_gradient(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class LeastControlTrainer(Trainer):
         onehot = F.one_hot(y, num_classes).to(h.dtype)
         solver = self.controller()
         if self.can_fuse():
-            plan = self.model.dynamics_plan(h)
+            plan = self.batch_plan(h)
             if getattr(solver, "name", "") == "anderson" and hasattr(solver, "memory"):
                 kernel = self.fused_controlled_step(plan, onehot, ring=solver.memory + 1)
                 x, stats = kernel.anderson(solver.max_iter, solver.threshold, solver.memory,
@@ -136,8 +136,10 @@ class LeastControlTrainer(Trainer):
         model = self.model
         h = model.encode(x)
         num_classes = model.readout.out_features
-        v, v_hat, u_i, e, u, stats = self.controlled_equilibrium(h, y, num_classes)
-        v_tilde, update_stats = self.least_control_update(h, v, e, u, y, self.implicit_signal)
+        with self.plan_scope():
+            v, v_hat, u_i, e, u, stats = self.controlled_equilibrium(h, y, num_classes)
+            v_tilde, update_stats = self.least_control_update(h, v, e, u, y,
+                                                              self.implicit_signal)
         self.last = {"h": h.detach(), "y": y, "v": v, "v_hat": v_hat, "u_i": u_i, "e": e,
                      "u": u, "v_tilde": v_tilde}
         out = self.solver_stats("controlled", stats)

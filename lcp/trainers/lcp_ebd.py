@@ -83,7 +83,7 @@ class EnergyBasedTrainer(Trainer):
         kernel (PyTorch's own, `torch._fused_adam_`) instead of the optimizer's per-tensor
         ops. Adam's arithmetic is the same up to rounding."""
         cfg, model = self.cfg, self.model
-        plan = model.dynamics_plan(h)
+        plan = self.batch_plan(h)
         bsz, n = h.shape
         x = torch.cat([v0, v_hat0], dim=1)
         grad = torch.empty_like(x)
@@ -112,11 +112,12 @@ class EnergyBasedTrainer(Trainer):
     def compute_update(self, x, y):
         model = self.model
         h = model.encode(x)
-        v, v_hat, stats = self.energy_minimum(h, y)
-        with torch.no_grad():
-            e = v - model.implicit(h, v)  # so that ṽ = f(h, v*) + e* = v*
-            u = v_hat - model.decode(v)
-        _, update_stats = self.least_control_update(h, v, e, u, y, lambda v_tilde, e: -e)
+        with self.plan_scope():
+            v, v_hat, stats = self.energy_minimum(h, y)
+            with torch.no_grad():
+                e = v - model.implicit(h, v)  # so that ṽ = f(h, v*) + e* = v*
+                u = v_hat - model.decode(v)
+            _, update_stats = self.least_control_update(h, v, e, u, y, lambda v_tilde, e: -e)
         stats.update(update_stats)
         return stats
 
