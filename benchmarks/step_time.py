@@ -21,7 +21,7 @@ fixpoint_solver.py, fixpoint_trainer.py, implicit_model.py), its model is built,
 on the same batch: the table adds the paper's time, ours/theirs and the cosine between the two
 updates (the gradients of the model's parameters, flattened).
 
-    python benchmarks/step_time.py --skip-conv --compare-to /tmp/ref --json out.json
+    python benchmarks/step_time.py --skip-conv --compare-to ~/src/least-control --json out.json
     python benchmarks/step_time.py --only t1-ff-lcp-di --accel anderson
 
 Timings run on CUDA when it is available (with torch.cuda.synchronize around each step), else
