@@ -65,6 +65,11 @@ def plot_run_curves(history: list[Mapping[str, float]], path: str | Path, title:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    _save_figure(fig, path, title)
+
+
+def _save_figure(fig, path, title) -> None:
+    plt = _plt()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -324,11 +329,7 @@ def learning_curves(collected: Collected, path: str | Path, title: str = "") -> 
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no finished runs", ha="center", transform=ax.transAxes)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 # ====================================================================== the whole report
