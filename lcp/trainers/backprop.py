@@ -31,7 +31,7 @@ class BackpropTrainer(Trainer):
         logits = self.forward(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        return self.output_stats(logits.detach(), y)
+        return self.output_stats(logits.detach(), y, loss=loss.detach())
 
     @torch.no_grad()
     def predict(self, x):
@@ -56,7 +56,8 @@ class RecurrentBackpropTrainer(Trainer):
         v_bar = model.implicit(h, v_star)
         v_bar_leaf = v_bar.detach().requires_grad_(True)
         logits = model.decode(v_bar_leaf)
-        F.cross_entropy(logits, y).backward()  # decoder grads and g = ∂L/∂v̄
+        loss = F.cross_entropy(logits, y)
+        loss.backward()  # decoder grads and g = ∂L/∂v̄
         g = v_bar_leaf.grad
         h_fixed = h.detach()
 
@@ -79,7 +80,7 @@ class RecurrentBackpropTrainer(Trainer):
 
                 (gamma,), adjoint = self.solver(adjoint_step, (g,), phase="adjoint")
         v_bar.backward(gamma)
-        stats = self.output_stats(logits.detach(), y)
+        stats = self.output_stats(logits.detach(), y, loss=loss.detach())
         stats.update(self.solver_stats("free", free))
         stats.update(self.solver_stats("adjoint", adjoint))
         return stats

@@ -101,8 +101,11 @@ class Trainer:
         }
 
     @staticmethod
-    def output_stats(logits: torch.Tensor, y: torch.Tensor, prefix: str = "") -> dict[str, float]:
-        loss = F.cross_entropy(logits, y).item()
+    def output_stats(logits: torch.Tensor, y: torch.Tensor, prefix: str = "",
+                     loss: torch.Tensor | None = None) -> dict[str, float]:
+        """Loss and accuracy of `logits` (`loss`: the batch-mean cross entropy if the caller
+        already has it)."""
+        loss = (F.cross_entropy(logits, y) if loss is None else loss).item()
         if loss != loss:
             raise DivergenceError("the loss is not finite (the network output diverged)",
                                   phase="loss")
