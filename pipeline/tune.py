@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Mapping
 from lcp.callbacks import Callback
 from lcp.config import ConfigError, RunConfig, parse_bool
 from lcp.errors import DivergenceError, LcpError
-from pipeline.scheduler import signal_process_group
+from pipeline.scheduler import signal_process_group, visible_gpus
 
 OBJECTIVE = "eval_val/accuracy"
 DEFAULT_VALIDATION_SPLIT = 0.1
@@ -727,23 +727,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ====================================================================== slots
-
-
-def visible_gpus() -> list[str]:
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        ids = [p.strip() for p in env.split(",") if p.strip()]
-        if not ids or ids[0].startswith("-"):
-            return []
-    try:
-        import torch
-
-        count = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        count = 0
-    if env is not None:
-        return ids[:count]
-    return [str(i) for i in range(count)]
 
 
 @dataclass
