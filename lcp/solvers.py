@@ -94,6 +94,22 @@ def _step_error(old: State, new: State, old_norm: torch.Tensor, metric: str):
     return err, per_sample, new_norm
 
 
+class MeasuredStep:
+    """A step function that can also report its own stopping error.
+
+    Called as any step function (`fn(x) -> (next state,)`); `measure(x)` returns
+    `(next state, per-sample error, batch maximum)`, the l2 error `vanilla` would compute
+    between x and the next state, produced by the same pass that wrote the state (see
+    `lcp.native`). `vanilla` uses it for single-tensor states with the l2 metric.
+    """
+
+    def __init__(self, step: StepFn, measure: Callable[[torch.Tensor], tuple]):
+        self.step, self.measure = step, measure
+
+    def __call__(self, *state):
+        return self.step(*state)
+
+
 def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
             metric: str = "l2", phase: str = "", check_every: int = 1
             ) -> tuple[State, SolverStats]:
@@ -107,6 +123,9 @@ def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
     """
     state = tuple(state)
     k = max(1, int(check_every))
+    if isinstance(fn, MeasuredStep) and len(state) == 1 and metric == "l2":
+        # the step measures its error as it writes the state (on the host): nothing to batch
+        return _vanilla_measured(fn.measure, state[0], max_iter, threshold, phase)
     if k == 1 and len(state) == 1 and metric == "l2":
         return _vanilla_one(fn, state[0], max_iter, threshold, phase)
     trace: list[float] = []
@@ -165,6 +184,22 @@ def _vanilla_one(fn: StepFn, x: torch.Tensor, max_iter: int, threshold: float, p
         denom = torch.linalg.vector_norm(y_flat, dim=1).add_(_EPS)
     return (x,), SolverStats(max_iter, trace[-1] if trace else 0.0, False, max_iter, per_sample,
                              trace)
+
+
+def _vanilla_measured(measure, x: torch.Tensor, max_iter: int, threshold: float, phase: str):
+    """`_vanilla_one` for a step that measures its own error (`MeasuredStep`)."""
+    trace: list[float] = []
+    per_sample = None
+    inf = float("inf")
+    for it in range(1, max_iter + 1):
+        x, per_sample, value = measure(x)
+        trace.append(value)
+        if value != value or value == inf or value == -inf:
+            _check_finite(value, phase, it)
+        if value < threshold:
+            return (x,), SolverStats(it, value, True, max_iter, per_sample.clone(), trace)
+    return (x,), SolverStats(max_iter, trace[-1] if trace else 0.0, False, max_iter,
+                             None if per_sample is None else per_sample.clone(), trace)
 
 
 def anderson(fn: StepFn, state: State, *, max_iter: int, threshold: float, metric: str = "l2",

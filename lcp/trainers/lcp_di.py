@@ -117,7 +117,7 @@ class LeastControlTrainer(Trainer):
                                            solver.regulariser)
             else:
                 kernel = self.fused_controlled_step(plan, onehot, ring=solver.keeps() + 1)
-                (x,), stats = solver(kernel.step, (kernel.start(),), phase="controlled")
+                (x,), stats = solver(kernel.stepper(), (kernel.start(),), phase="controlled")
             v, v_hat, u_i, e = kernel.unpack(x)
         else:
             v = self.model.zero_state(h)
@@ -197,6 +197,7 @@ class FusedControlled:
         self.batch = bsz
 
         self._lean = self._build_lean()
+        self._native = self._build_native() if self._lean else None
 
     def _build_lean(self) -> bool:
         """Bind every view and matrix of the step once (linear blocks, non-overlapping
@@ -234,6 +235,110 @@ class FusedControlled:
         self._plain_u = tr.k_p == 0 and tr.k_i == 1
         return True
 
+    def _build_native(self):
+        """Bind the compiled kernels of `lcp.native` (CPU, tanh models): one step is then
+        tanh, the products (into scratch buffers) and two compiled passes — `_native_step`.
+        None where they do not apply or cannot be loaded (the lean step runs instead)."""
+        plan, tr = self.plan, self.trainer
+        h_b = plan.h_b
+        if (not self.native_allowed or h_b.device.type != "cpu" or not plan.tanh
+                or h_b.dtype not in (torch.float32, torch.float64)):
+            return None
+        from lcp import native
+
+        lib = native.library()
+        if lib is None:
+            return None
+        suffix = "f32" if h_b.dtype == torch.float32 else "f64"
+        bsz, n, c = plan.batch, plan.size, self.onehot.shape[1]
+        self.onehot = self.onehot.contiguous()
+        self._u = h_b.new_zeros(bsz, c)  # u of the step, contiguous for the products
+        self._p_c = h_b.new_zeros(bsz, c)  # φ(v)_readout W_Dᵀ
+        self._per_sample = h_b.new_zeros(bsz)
+        # forward products Σ t_in Wᵀ, each block into its output columns (others stay zero)
+        self._p_v = h_b.new_zeros(bsz, n)
+        seen, fwd = set(), []
+        for (spec, _w, weight_t, _conv), piece in zip(plan.blocks, plan._t_in):
+            region = (spec.out_start, spec.out_end)
+            fwd.append((piece, weight_t, self._p_v[:, region[0]:region[1]], region not in seen))
+            seen.add(region)
+        self._fwd = fwd
+        if self._rule == "transpose":
+            self._p_e, _, writes = plan._scratch_for(True)  # Σ e_out M_b + u M, as `_lean_step`
+            self._back_targets = [target for target, _ in writes]
+        else:
+            self._p_e = h_b.new_zeros(bsz, n)  # u Qᵀ
+        self._h_b = h_b.contiguous()
+        b_d = plan.b_D.contiguous()
+        self._b_d = b_d
+        ptr = lambda t: t.data_ptr()  # noqa: E731
+        self._pre_fn, self._post_fn = lib.pre[suffix], lib.post[suffix]
+        shape = (bsz, n, c, 2 * n + 2 * c)
+        # the arguments that do not change from step to step, converted once
+        self._pre_args = (ptr(self._u), ptr(self.onehot), float(tr.k_i), float(tr.k_p),
+                          float(self.keep_ui), float(tr.dt_u / bsz), float(self.soft_rate),
+                          int(self._plain_u))
+        self._post_args = (ptr(plan.t), ptr(self._u), ptr(self._h_b), ptr(self._p_v),
+                           ptr(self._p_e), ptr(self._p_c), ptr(b_d), float(tr.dt_v),
+                           float(tr.dt_e), int(self._rule != "transpose"),
+                           ptr(self._per_sample))
+        self._shape = shape
+        self.error = float("nan")  # the stopping error of the last native step
+        return lib
+
+    native_allowed = True  # tests switch the compiled kernels off to compare
+
+    def _native_step(self, x: torch.Tensor):
+        """`_lean_step` with its element-wise work in two compiled passes (`lcp.native`); also
+        leaves the vanilla solver's per-sample stopping error of this step in `_per_sample`
+        and its maximum in `error`."""
+        plan = self.plan
+        i = self._index.get(x.data_ptr())
+        src = self.slots[i] if i is not None and x.is_contiguous() else self._source(x)
+        self._last = j = (self._last + 1) % self.ring
+        dst = self.slots[j]
+        src_ptr, dst_ptr = src.buf.data_ptr(), dst.buf.data_ptr()
+        torch.tanh(src.v, out=plan.t)
+        self._pre_fn(*self._shape, src_ptr, dst_ptr, *self._pre_args)
+        u = self._u
+        torch.mm(plan._t_r, plan.W_D_t, out=self._p_c)
+        for piece, weight_t, target, first in self._fwd:
+            if first:
+                torch.mm(piece, weight_t, out=target)
+            else:
+                target.addmm_(piece, weight_t)
+        if self._rule == "transpose":
+            for piece, (m, first), target in zip(src.e_out, self._back, self._back_targets):
+                if first:
+                    torch.mm(piece, m, out=target)
+                else:
+                    target.addmm_(piece, m)
+            m, first = self._readout
+            if first:
+                torch.mm(u, m, out=self._back_targets[-1])
+            else:
+                self._back_targets[-1].addmm_(u, m)
+        else:
+            torch.mm(u, self._q_t, out=self._p_e)
+        self.error = self._post_fn(*self._shape, src_ptr, dst_ptr, *self._post_args)
+        return (dst.buf,)
+
+    def measure(self, x: torch.Tensor):
+        """One step and its stopping error: (next state, per-sample error, batch maximum) —
+        what `lcp.solvers.vanilla` computes after the step (l2 metric), measured by the
+        compiled pass that wrote the state."""
+        (y,) = self._native_step(x)
+        return y, self._per_sample, self.error
+
+    def stepper(self):
+        """The step function to hand to a solver: `step`, which the vanilla solver calls through
+        `measure` when the compiled kernels are in use (`lcp.solvers.MeasuredStep`)."""
+        if self._native is None:
+            return self.step
+        from lcp.solvers import MeasuredStep
+
+        return MeasuredStep(self.step, self.measure)
+
     def start(self) -> torch.Tensor:
         """The zero state (the first buffer)."""
         self._last = 0
@@ -248,6 +353,8 @@ class FusedControlled:
         return spare
 
     def step(self, x: torch.Tensor):
+        if self._native is not None:
+            return self._native_step(x)
         if self._lean:
             return self._lean_step(x)
         tr, plan = self.trainer, self.plan

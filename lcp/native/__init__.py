@@ -1,0 +1,131 @@
+"""Compiled element-wise kernels for the fused controlled dynamics on CPU (`dynamics.c`).
+
+The C source beside this file is compiled on first use with the machine's C compiler
+(`$CC`, else `cc`; `-O3 -march=native`) into a cache folder (`$LCP_CACHE_DIR`, else
+`~/.cache/lcp`; a temporary folder if that is not writable) and loaded with ctypes: no build
+step at install time and no Python headers needed. Where there is no compiler, or the build
+fails, or `LCP_NATIVE=0` is set, `library()` returns None and the dynamics run on PyTorch's
+kernels alone — the same computation, slower on CPU. `status()` says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("dynamics.c")
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
+    ["-O3", "-fopenmp-simd", "-fno-math-errno"],  # compilers without -march=native
+    ["-O2"],
+)
+
+_lock = threading.Lock()
+_library: "Kernels | None" = None
+_reason: str | None = None  # why there is no library (None: not tried yet, or loaded)
+_tried = False
+
+
+class Kernels:
+    """The loaded shared library, its functions typed for ctypes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        L, P, D, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+        self.pre, self.post = {}, {}
+        for suffix in ("f32", "f64"):
+            pre = getattr(lib, f"lcp_pre_{suffix}")
+            pre.argtypes = [L, L, L, L, P, P, P, P, D, D, D, D, D, I]
+            pre.restype = None
+            post = getattr(lib, f"lcp_post_{suffix}")
+            post.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, P, D, D, I, P]
+            post.restype = D
+            self.pre[suffix], self.post[suffix] = pre, post
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("LCP_CACHE_DIR") or os.path.join(Path.home(), ".cache", "lcp")
+    path = Path(base) / "native"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return path
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"lcp-native-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(source + " ".join([compiler, *flags, platform.machine(),
+                                                 platform.node()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"dynamics-{key}.so"
+        if target.exists():
+            return target
+        # build beside the target and rename: concurrent workers never load a half-written file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [compiler, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            os.unlink(tmp)
+            raise RuntimeError(f"cannot run the C compiler {compiler!r}: {exc}") from None
+        if proc.returncode == 0:
+            os.replace(tmp, target)
+            return target
+        os.unlink(tmp)
+        errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-400:]}")
+    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+
+
+def library() -> Kernels | None:
+    """The compiled kernels, building them on first use; None where they cannot be had."""
+    global _library, _reason, _tried
+    if _tried:
+        return _library
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        if os.environ.get("LCP_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            _reason = "disabled by LCP_NATIVE=0"
+            return None
+        compiler = os.environ.get("CC") or "cc"
+        if shutil.which(compiler) is None:
+            _reason = f"no C compiler ({compiler!r} not found; set CC)"
+            return None
+        try:
+            _library = Kernels(_build(compiler))
+        except (RuntimeError, OSError, AttributeError) as exc:
+            _reason = str(exc)
+            _library = None
+        return _library
+
+
+def status() -> str:
+    """One line: whether the compiled kernels are in use, and why not."""
+    lib = library()
+    if lib is not None:
+        return f"compiled kernels in use ({lib.path})"
+    return f"compiled kernels not in use: {_reason}; the dynamics run on PyTorch kernels"
+
+
+def reset() -> None:
+    """Forget the loaded library (tests: try again under other settings)."""
+    global _library, _reason, _tried
+    with _lock:
+        _library, _reason, _tried = None, None, False

@@ -1,0 +1,181 @@
+"""The compiled kernels of `lcp.native` compute what the PyTorch kernels compute.
+
+- one step of the controlled dynamics, compiled against PyTorch (`FusedControlled.native_allowed
+  = False`), for lcp-di/kp/lf on ff and rnn, with the paper's settings and with dt ≠ 1, k_p ≠ 0:
+  the same next state (float64 to 1e-12, float32 to rounding) and the same stopping error;
+- a whole controlled solve at the paper's sizes in float32: the same iterations, the same
+  update;
+- no compiler, a failing compiler, LCP_NATIVE=0: no kernels, a reason, and training still runs.
+
+No test here is timed: speed is measured by benchmarks/step_time.py.
+"""
+
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcp import native
+from lcp.config import RunConfig
+from lcp.models import build_model
+from lcp.solvers import relative_error
+from lcp.trainers import build_trainer
+from lcp.trainers.lcp_di import FusedControlled
+
+NEED = os.environ.get("LCP_TEST_REQUIRE_EXTRAS") == "1"
+
+
+@pytest.fixture
+def kernels():
+    lib = native.library()
+    if lib is None:
+        if NEED:
+            pytest.fail(f"the compiled kernels are required here: {native.status()}")
+        pytest.skip(native.status())
+    return lib
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A clean slate for the loader (own cache folder), restored afterwards."""
+    monkeypatch.setenv("LCP_CACHE_DIR", str(tmp_path / "cache"))
+    native.reset()
+    yield monkeypatch
+    native.reset()
+
+
+def kernel_pair(cfg, dtype, n=12, seed=0):
+    """The same controlled step twice — compiled and PyTorch-only — on one batch, and a random
+    non-zero state to step from."""
+    torch.manual_seed(seed)
+    net = build_model(cfg, (1, 28, 28), 10).to(dtype)
+    tr = build_trainer(cfg, net)
+    tr.auxiliary.to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(n, 1, 28, 28, generator=g).to(dtype)
+    y = torch.randint(0, 10, (n,), generator=g)
+    onehot = F.one_hot(y, 10).to(dtype)
+    with torch.no_grad():
+        h = net.encode(x)
+        plan = net.dynamics_plan(h)
+        compiled = tr.fused_controlled_step(plan, onehot, ring=3)
+        FusedControlled.native_allowed = False
+        try:
+            reference = tr.fused_controlled_step(net.dynamics_plan(h), onehot, ring=3)
+        finally:
+            FusedControlled.native_allowed = True
+    state = torch.randn(n, compiled.block.shape[-1], generator=g).to(dtype) * 0.5
+    return compiled, reference, state
+
+
+SETTINGS = {
+    "paper": {},
+    "dt-kp": {"dt": 0.5, "tau_e": 0.8, "tau_u": 2.0, "k_p": 0.3, "k_i": 0.7},
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("model", ["ff", "rnn"])
+@pytest.mark.parametrize("trainer", ["lcp-di", "lcp-kp", "lcp-lf"])
+def test_compiled_step_equals_the_pytorch_step(kernels, trainer, model, dtype, setting):
+    cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=32, alpha=0.1,
+                    **SETTINGS[setting])
+    compiled, reference, state = kernel_pair(cfg, dtype)
+    assert compiled._native is not None and reference._native is None
+    with torch.no_grad():
+        (want,) = reference.step(state.clone())
+        got, per_sample, error = compiled.measure(state.clone())
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    # the stopping error the compiled pass measured is the solver's l2 error of that step
+    expect_max, expect = relative_error((state,), (want,))
+    assert torch.allclose(per_sample, expect, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+    assert error == pytest.approx(expect_max.item(), rel=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("model", ["ff", "rnn"])
+def test_compiled_solve_at_the_paper_sizes_gives_the_pytorch_update(kernels, model):
+    """Float32, 256 units, batch 64, the seed line's settings: the same iteration count and the
+    same update as the PyTorch kernels."""
+    cfg = RunConfig(model=model, trainer="lcp-di", alpha=0.1)
+
+    def update(native_allowed):
+        FusedControlled.native_allowed = native_allowed
+        try:
+            torch.manual_seed(0)
+            net = build_model(cfg, (1, 28, 28), 10)
+            tr = build_trainer(cfg, net)
+            g = torch.Generator().manual_seed(3)
+            x = torch.rand(64, 1, 28, 28, generator=g)
+            y = torch.randint(0, 10, (64,), generator=g)
+            stats = tr.compute_update(x, y)
+            return torch.cat([p.grad.flatten() for p in net.parameters()]), stats
+        finally:
+            FusedControlled.native_allowed = True
+
+    fast, fast_stats = update(True)
+    ref, ref_stats = update(False)
+    assert fast_stats["controlled/iterations"] == ref_stats["controlled/iterations"]
+    assert F.cosine_similarity(fast, ref, dim=0).item() > 0.999999
+    assert torch.allclose(fast.norm(), ref.norm(), rtol=1e-5)
+
+
+def test_diverging_dynamics_raise_through_the_compiled_step(kernels):
+    from lcp.errors import DivergenceError
+
+    cfg = RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=32, alpha=10.0,
+                    solver_max_iter=800, solver_error_threshold=1e-10)
+    torch.manual_seed(0)
+    net = build_model(cfg, (1, 28, 28), 10)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    with pytest.raises(DivergenceError) as info:
+        build_trainer(cfg, net).compute_update(x, y)
+    assert info.value.phase == "controlled"
+
+
+def one_step_update(cfg):
+    torch.manual_seed(0)
+    net = build_model(cfg, (1, 28, 28), 10).double()
+    tr = build_trainer(cfg, net)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 28, 28, generator=g).double()
+    y = torch.randint(0, 10, (8,), generator=g)
+    stats = tr.compute_update(x, y)
+    return torch.cat([p.grad.flatten() for p in net.parameters()]), stats
+
+
+def test_without_a_compiler_the_pytorch_kernels_run(fresh_native):
+    fresh_native.setenv("CC", "/nonexistent/cc")
+    assert native.library() is None
+    assert "no C compiler" in native.status() and "set CC" in native.status()
+    cfg = RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=32, alpha=0.1)
+    update, stats = one_step_update(cfg)
+    assert stats["controlled/iterations"] > 1 and torch.isfinite(update).all()
+
+
+def test_a_failing_compiler_is_reported_and_falls_back(fresh_native, tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fatal: no headers here' >&2\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    fresh_native.setenv("CC", str(fake))
+    assert native.library() is None
+    assert "no headers here" in native.status()
+    assert not list((tmp_path / "cache" / "native").glob("*.so"))  # nothing half-built left
+
+
+def test_lcp_native_0_switches_the_kernels_off(fresh_native):
+    fresh_native.setenv("LCP_NATIVE", "0")
+    assert native.library() is None
+    assert "LCP_NATIVE=0" in native.status()
+
+
+def test_the_build_is_cached(fresh_native, kernels):
+    lib = native.library()
+    assert lib is not None and lib.path.exists()
+    first = lib.path.stat().st_mtime_ns
+    native.reset()
+    again = native.library()
+    assert again.path == lib.path and again.path.stat().st_mtime_ns == first
