@@ -22,6 +22,9 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("dynamics.c")
 _FLAG_SETS = (
+    # -fopenmp: the rows are split over PyTorch's threads (torch.get_num_threads()); the
+    # library then shares the OpenMP runtime PyTorch has loaded
+    ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno"],
     ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
     ["-O3", "-fopenmp-simd", "-fno-math-errno"],  # compilers without -march=native
     ["-O2"],
@@ -40,15 +43,13 @@ class Kernels:
         self.path = path
         lib = ctypes.CDLL(str(path))
         L, P, D, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-        self.pre, self.post = {}, {}
+        self.step = {}
         for suffix in ("f32", "f64"):
-            pre = getattr(lib, f"lcp_pre_{suffix}")
-            pre.argtypes = [L, L, L, L, P, P, P, P, D, D, D, D, D, I]
-            pre.restype = None
-            post = getattr(lib, f"lcp_post_{suffix}")
-            post.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, P, D, D, I, P]
-            post.restype = D
-            self.pre[suffix], self.post[suffix] = pre, post
+            fn = getattr(lib, f"lcp_step_{suffix}")
+            fn.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, L, P, P, L,
+                           D, D, D, D, D, I, D, D, I, P, I]
+            fn.restype = D
+            self.step[suffix] = fn
 
 
 def _cache_dir() -> Path:

@@ -236,9 +236,9 @@ class FusedControlled:
         return True
 
     def _build_native(self):
-        """Bind the compiled kernels of `lcp.native` (CPU, tanh models): one step is then
-        tanh, the products (into scratch buffers) and two compiled passes — `_native_step`.
-        None where they do not apply or cannot be loaded (the lean step runs instead)."""
+        """Bind the compiled step of `lcp.native` (CPU, tanh models): one step is then tanh, the
+        blocks' large products (into scratch buffers) and one compiled pass — `_native_step`.
+        None where it does not apply or cannot be loaded (the lean step runs instead)."""
         plan, tr = self.plan, self.trainer
         h_b = plan.h_b
         if (not self.native_allowed or h_b.device.type != "cpu" or not plan.tanh
@@ -249,13 +249,10 @@ class FusedControlled:
         lib = native.library()
         if lib is None:
             return None
-        suffix = "f32" if h_b.dtype == torch.float32 else "f64"
         bsz, n, c = plan.batch, plan.size, self.onehot.shape[1]
         self.onehot = self.onehot.contiguous()
-        self._u = h_b.new_zeros(bsz, c)  # u of the step, contiguous for the products
-        self._p_c = h_b.new_zeros(bsz, c)  # φ(v)_readout W_Dᵀ
         self._per_sample = h_b.new_zeros(bsz)
-        # forward products Σ t_in Wᵀ, each block into its output columns (others stay zero)
+        # the blocks' forward products t_in Wᵀ, each into its output columns (others stay 0)
         self._p_v = h_b.new_zeros(bsz, n)
         seen, fwd = set(), []
         for (spec, _w, weight_t, _conv), piece in zip(plan.blocks, plan._t_in):
@@ -264,63 +261,54 @@ class FusedControlled:
             seen.add(region)
         self._fwd = fwd
         if self._rule == "transpose":
-            self._p_e, _, writes = plan._scratch_for(True)  # Σ e_out M_b + u M, as `_lean_step`
-            self._back_targets = [target for target, _ in writes]
+            # the blocks' transposed products e_out M_b into their input columns; u M_u (the
+            # readout's) is added by the compiled pass
+            p_e, _, writes = plan._scratch_for(False)
+            self._back_native = [(m, target, first)
+                                 for (m, _), (target, first) in zip(self._back, writes)]
+            m_u, r_u = self._readout[0].contiguous(), plan.r0
         else:
-            self._p_e = h_b.new_zeros(bsz, n)  # u Qᵀ
-        self._h_b = h_b.contiguous()
-        b_d = plan.b_D.contiguous()
-        self._b_d = b_d
-        ptr = lambda t: t.data_ptr()  # noqa: E731
-        self._pre_fn, self._post_fn = lib.pre[suffix], lib.post[suffix]
-        shape = (bsz, n, c, 2 * n + 2 * c)
-        # the arguments that do not change from step to step, converted once
-        self._pre_args = (ptr(self._u), ptr(self.onehot), float(tr.k_i), float(tr.k_p),
-                          float(self.keep_ui), float(tr.dt_u / bsz), float(self.soft_rate),
-                          int(self._plain_u))
-        self._post_args = (ptr(plan.t), ptr(self._u), ptr(self._h_b), ptr(self._p_v),
-                           ptr(self._p_e), ptr(self._p_c), ptr(b_d), float(tr.dt_v),
-                           float(tr.dt_e), int(self._rule != "transpose"),
-                           ptr(self._per_sample))
-        self._shape = shape
+            p_e, self._back_native = None, []  # lcp-lf: e' = u Qᵀ, all in the compiled pass
+            m_u, r_u = self._q_t.contiguous(), 0
+        self._keep = (m_u, p_e, h_b.contiguous(), plan.W_D.contiguous(), plan.b_D.contiguous())
+        m_u, p_e, h_b, w_d, b_d = self._keep
+        ptr = lambda x: None if x is None else x.data_ptr()  # noqa: E731
+        self._step_fn = lib.step["f32" if h_b.dtype == torch.float32 else "f64"]
+        self._shape = (bsz, n, c, 2 * n + 2 * c)
+        # the arguments that do not change from step to step
+        self._args = (ptr(plan.t), ptr(self.onehot), ptr(h_b), ptr(self._p_v), ptr(p_e),
+                      ptr(w_d), int(plan.r0), ptr(b_d), ptr(m_u), int(r_u),
+                      float(tr.k_i), float(tr.k_p), float(self.keep_ui), float(tr.dt_u / bsz),
+                      float(self.soft_rate), int(self._plain_u), float(tr.dt_v),
+                      float(tr.dt_e), int(self._rule != "transpose"), ptr(self._per_sample),
+                      int(torch.get_num_threads()) if bsz * n >= 4096 else 1)
         self.error = float("nan")  # the stopping error of the last native step
         return lib
 
     native_allowed = True  # tests switch the compiled kernels off to compare
 
     def _native_step(self, x: torch.Tensor):
-        """`_lean_step` with its element-wise work in two compiled passes (`lcp.native`); also
-        leaves the vanilla solver's per-sample stopping error of this step in `_per_sample`
-        and its maximum in `error`."""
+        """`_lean_step` as tanh, the blocks' large products and one compiled pass
+        (`lcp.native`), which also leaves the vanilla solver's per-sample stopping error of this
+        step in `_per_sample` and its maximum in `error`."""
         plan = self.plan
         i = self._index.get(x.data_ptr())
         src = self.slots[i] if i is not None and x.is_contiguous() else self._source(x)
         self._last = j = (self._last + 1) % self.ring
         dst = self.slots[j]
-        src_ptr, dst_ptr = src.buf.data_ptr(), dst.buf.data_ptr()
         torch.tanh(src.v, out=plan.t)
-        self._pre_fn(*self._shape, src_ptr, dst_ptr, *self._pre_args)
-        u = self._u
-        torch.mm(plan._t_r, plan.W_D_t, out=self._p_c)
         for piece, weight_t, target, first in self._fwd:
             if first:
                 torch.mm(piece, weight_t, out=target)
             else:
                 target.addmm_(piece, weight_t)
-        if self._rule == "transpose":
-            for piece, (m, first), target in zip(src.e_out, self._back, self._back_targets):
-                if first:
-                    torch.mm(piece, m, out=target)
-                else:
-                    target.addmm_(piece, m)
-            m, first = self._readout
+        for piece, (m, target, first) in zip(src.e_out, self._back_native):
             if first:
-                torch.mm(u, m, out=self._back_targets[-1])
+                torch.mm(piece, m, out=target)
             else:
-                self._back_targets[-1].addmm_(u, m)
-        else:
-            torch.mm(u, self._q_t, out=self._p_e)
-        self.error = self._post_fn(*self._shape, src_ptr, dst_ptr, *self._post_args)
+                target.addmm_(piece, m)
+        self.error = self._step_fn(*self._shape, src.buf.data_ptr(), dst.buf.data_ptr(),
+                                   *self._args)
         return (dst.buf,)
 
     def measure(self, x: torch.Tensor):
