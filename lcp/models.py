@@ -261,6 +261,28 @@ class DynamicsPlan:
             self._scratch: dict = {}
             self._soft_in = None
 
+    def free_stepper(self):
+        """The free dynamics v ← f(h, v) as a solver step from the zero state: (step, start).
+
+        On CPU with the compiled kernels (`lcp.native`; linear blocks, tanh) the step is tanh,
+        the blocks' products and one compiled pass that also measures the solver's stopping
+        error (`lcp.solvers.MeasuredStep`); its states live in two buffers it alternates
+        between. Otherwise each step writes a new tensor with the plan's PyTorch kernels."""
+        start = self.h_b.new_zeros(self.batch, self.size)
+        if self.tanh and self.h_b.device.type == "cpu" and all(
+                conv is None for *_, conv in self.blocks):
+            from lcp import native
+
+            lib = native.library()
+            if lib is not None and self.h_b.dtype in (torch.float32, torch.float64):
+                return _NativeFree(self, lib, start).stepper(), start
+
+        def step(v):
+            self.act(v)
+            return (self.implicit_into(torch.empty_like(v)),)
+
+        return step, start
+
     def out_views(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The views of `x` (state-sized) that the blocks write in the forward direction and
         read in the transposed one; precompute them for buffers used at every step."""
@@ -389,6 +411,55 @@ class DynamicsPlan:
     def transpose_into(self, out, v, e, u, feedback=None, views=None):
         """out = (∂f/∂v)ᵀe + (∂D/∂v)ᵀu = φ'(v) ⊙ (Σ e_out W + u W_D), after `act(v)`."""
         return self.act_grad_mul_into(out, self.transpose_sum(e, u, feedback, views), v)
+
+
+class _NativeFree:
+    """`DynamicsPlan.free_stepper`'s compiled step: v' = h_b + Σ_blocks pad(tanh(v)_in Wᵀ)."""
+
+    def __init__(self, plan: DynamicsPlan, lib, start: torch.Tensor):
+        from lcp import native
+
+        self.plan = plan
+        self.buffers = [start, torch.empty_like(start)]
+        self.index = {b.data_ptr(): i for i, b in enumerate(self.buffers)}
+        self.p_v = torch.zeros_like(start)  # columns no block writes stay zero
+        self.h_b = plan.h_b.contiguous()
+        self.per_sample = start.new_zeros(plan.batch)
+        self.fn = lib.free_step["f32" if start.dtype == torch.float32 else "f64"]
+        self.args = (self.h_b.data_ptr(), self.p_v.data_ptr(), self.per_sample.data_ptr(),
+                     native.threads_for(plan.batch, plan.size))
+        seen, self.products = set(), []
+        for (spec, _w, weight_t, _conv), piece in zip(plan.blocks, plan._t_in):
+            region = (spec.out_start, spec.out_end)
+            self.products.append((piece, weight_t, self.p_v[:, region[0]:region[1]],
+                                  region not in seen))
+            seen.add(region)
+
+    def measure(self, v: torch.Tensor):
+        i = self.index.get(v.data_ptr())
+        if i is None or not v.is_contiguous():  # not one of ours (another solver's iterate)
+            src = self.buffers[0].copy_(v)
+            i = 0
+        else:
+            src = v
+        dst = self.buffers[1 - i]
+        torch.tanh(src, out=self.plan.t)
+        for piece, weight_t, target, first in self.products:
+            if first:
+                torch.mm(piece, weight_t, out=target)
+            else:
+                target.addmm_(piece, weight_t)
+        error = self.fn(self.plan.batch, self.plan.size, src.data_ptr(), dst.data_ptr(),
+                        *self.args)
+        return dst, self.per_sample, error
+
+    def step(self, v: torch.Tensor):
+        return (self.measure(v)[0],)
+
+    def stepper(self):
+        from lcp.solvers import MeasuredStep
+
+        return MeasuredStep(self.step, self.measure)
 
 
 def _conv_out_hw(spec: Block, layer: nn.Conv2d) -> tuple[int, int]:

@@ -179,3 +179,51 @@ def test_the_build_is_cached(fresh_native, kernels):
     native.reset()
     again = native.library()
     assert again.path == lib.path and again.path.stat().st_mtime_ns == first
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("model", ["ff", "rnn"])
+def test_compiled_free_solve_equals_the_pytorch_solve(kernels, monkeypatch, model, dtype):
+    cfg = RunConfig(model=model, trainer="rbp", rnn_hidden_units=64,
+                    solver_error_threshold=1e-7 if dtype == torch.float64 else 1e-5)
+    torch.manual_seed(0)
+    net = build_model(cfg, (1, 28, 28), 10).to(dtype)
+    tr = build_trainer(cfg, net)
+    x = torch.rand(16, 1, 28, 28).to(dtype)
+    with torch.no_grad():
+        h = net.encode(x)
+        step, _ = net.dynamics_plan(h).free_stepper()
+        assert hasattr(step, "measure")  # the compiled step
+        fast, fast_stats = tr.free_equilibrium(h)
+        monkeypatch.setattr(native, "library", lambda: None)
+        step, _ = net.dynamics_plan(h).free_stepper()
+        assert not hasattr(step, "measure")
+        ref, ref_stats = tr.free_equilibrium(h)
+    assert fast_stats.iterations == ref_stats.iterations > 2
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(fast, ref, rtol=tol, atol=tol)
+    assert fast_stats.residual == pytest.approx(ref_stats.residual, rel=1e-4)
+    # it is the fixed point of f
+    assert torch.allclose(net.implicit(h, fast), fast, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["ff", "rnn"])
+@pytest.mark.parametrize("trainer", ["lcp-di", "lcp-kp", "lcp-lf"])
+def test_compiled_anderson_equals_the_pytorch_anderson(kernels, trainer, model):
+    """The accelerated controller solver with its update in one compiled call: the same
+    iterations and the same equilibrium as with PyTorch's kernels (float64)."""
+    cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=32, alpha=0.1)
+    compiled, reference, _ = kernel_pair(cfg, torch.float64, n=16)
+    compiled = type(compiled)(compiled.trainer, compiled.plan, compiled.onehot, ring=6)
+    FusedControlled.native_allowed = False
+    try:
+        reference = type(reference)(reference.trainer, reference.plan, reference.onehot, ring=6)
+    finally:
+        FusedControlled.native_allowed = True
+    assert compiled._native is not None and reference._native is None
+    with torch.no_grad():
+        got, got_stats = compiled.anderson(500, 1e-9, 5, 1e-6)
+        want, want_stats = reference.anderson(500, 1e-9, 5, 1e-6)
+    assert want_stats.converged and got_stats.iterations == want_stats.iterations
+    assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
+    assert got_stats.trace == pytest.approx(want_stats.trace, rel=1e-6)

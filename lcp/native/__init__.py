@@ -43,13 +43,29 @@ class Kernels:
         self.path = path
         lib = ctypes.CDLL(str(path))
         L, P, D, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-        self.step = {}
+        self.step, self.free_step, self.anderson_mix = {}, {}, {}
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"lcp_step_{suffix}")
             fn.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, L, P, P, L,
                            D, D, D, D, D, I, D, D, I, P, I]
             fn.restype = D
             self.step[suffix] = fn
+            free = getattr(lib, f"lcp_free_step_{suffix}")
+            free.argtypes = [L, L, P, P, P, P, P, I]
+            free.restype = D
+            self.free_step[suffix] = free
+            mix = getattr(lib, f"lcp_anderson_mix_{suffix}")
+            mix.argtypes = [L, L, L, L, P, P, P, L, L, L, P, D, P, P, I]
+            mix.restype = I
+            self.anderson_mix[suffix] = mix
+
+
+def threads_for(rows: int, width: int) -> int:
+    """How many of PyTorch's threads a compiled pass over `rows` × `width` values uses (one
+    for small ones, where starting threads costs more than it saves)."""
+    import torch
+
+    return int(torch.get_num_threads()) if rows * width >= 4096 else 1
 
 
 def _cache_dir() -> Path:

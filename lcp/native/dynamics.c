@@ -21,6 +21,7 @@
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #define DEFINE_STEP(T, SUFFIX, EXP)                                                          \
@@ -117,3 +118,137 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, c
 
 DEFINE_STEP(float, f32, expf)
 DEFINE_STEP(double, f64, exp)
+
+/*
+ * One step of the free dynamics v' = h_b + p_v (p_v: the blocks' forward products of tanh(v),
+ * placed in their output columns), with the vanilla solver's per-sample stopping error, as in
+ * lcp_step_*. Rows of N values.
+ */
+#define DEFINE_FREE_STEP(T, SUFFIX)                                                             \
+double lcp_free_step_##SUFFIX(long B, long N, const T *src, T *dst, const T *h_b,              \
+                              const T *p_v, T *per_sample, int threads)                        \
+{                                                                                              \
+    _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static)")         \
+    for (long b = 0; b < B; ++b) {                                                             \
+        const T *v = src + b * N, *hb = h_b + b * N, *pv = p_v + b * N;                       \
+        T *v_next = dst + b * N;                                                               \
+        T diff = 0, norm = 0;                                                                  \
+        _Pragma("omp simd reduction(+:diff, norm)")                                            \
+        for (long j = 0; j < N; ++j) {                                                         \
+            T vn = hb[j] + pv[j];                                                              \
+            v_next[j] = vn;                                                                    \
+            T dv = vn - v[j];                                                                  \
+            diff += dv * dv;                                                                   \
+            norm += v[j] * v[j];                                                               \
+        }                                                                                      \
+        per_sample[b] = (T)(sqrt((double)diff) / (1e-5 + sqrt((double)norm)));                \
+    }                                                                                          \
+    double worst = 0.0;                                                                        \
+    for (long b = 0; b < B; ++b) {                                                             \
+        double ratio = (double)per_sample[b];                                                  \
+        if (worst == worst && (ratio > worst || ratio != ratio))                               \
+            worst = ratio;                                                                     \
+    }                                                                                          \
+    return worst;                                                                              \
+}
+
+DEFINE_FREE_STEP(float, f32)
+DEFINE_FREE_STEP(double, f64)
+
+/*
+ * One Anderson update of FusedControlled.anderson, after the step x -> F(x) = fx:
+ *   G[row] = the controller-block residual fx - x (columns c0..c1-1 of each row),
+ *   the Gram matrix's row and column `row` (double, m x m, first `filled` rows in use),
+ *   a = (Gram + reg * max diag * I)^-1 1 by Gaussian elimination with partial pivoting,
+ *   x = sum_i (a_i / sum a) F(x_i), F(x_i) in the ring buffer slot_of_row[i] (each B x S,
+ *   consecutive from ring_base).
+ * Returns 1, or 0 (x untouched) when the system is singular or the weights are not finite:
+ * the caller then takes the plain step and restarts the history.
+ */
+#define DEFINE_ANDERSON(T, SUFFIX)                                                              \
+int lcp_anderson_mix_##SUFFIX(long B, long S, long c0, long c1, const T *fx, T *x, T *G,       \
+                              long m, long filled, long row, double *gram, double reg,         \
+                              const int64_t *slot_of_row, const T *ring_base, int threads)     \
+{                                                                                              \
+    const long W = c1 - c0, L = B * W;                                                         \
+    T *g = G + row * L;                                                                        \
+    for (long b = 0; b < B; ++b)                                                               \
+        for (long c = 0; c < W; ++c)                                                           \
+            g[b * W + c] = fx[b * S + c0 + c] - x[b * S + c0 + c];                             \
+    for (long i = 0; i < filled; ++i) {                                                        \
+        const T *gi = G + i * L;                                                               \
+        double p = 0.0;                                                                        \
+        _Pragma("omp simd reduction(+:p)")                                                     \
+        for (long k = 0; k < L; ++k)                                                           \
+            p += (double)gi[k] * (double)g[k];                                                 \
+        gram[row * m + i] = p;                                                                 \
+        gram[i * m + row] = p;                                                                 \
+    }                                                                                          \
+    const long n = filled;                                                                     \
+    double A[n * n], a[n];                                                                     \
+    double top = 1e-300;                                                                       \
+    for (long i = 0; i < n; ++i)                                                               \
+        top = gram[i * m + i] > top ? gram[i * m + i] : top;                                   \
+    for (long i = 0; i < n; ++i) {                                                             \
+        for (long j = 0; j < n; ++j)                                                           \
+            A[i * n + j] = gram[i * m + j];                                                    \
+        A[i * n + i] += reg * top;                                                             \
+        a[i] = 1.0;                                                                            \
+    }                                                                                          \
+    for (long col = 0; col < n; ++col) {                                                       \
+        long piv = col;                                                                        \
+        for (long r = col + 1; r < n; ++r)                                                     \
+            if (fabs(A[r * n + col]) > fabs(A[piv * n + col]))                                 \
+                piv = r;                                                                       \
+        if (A[piv * n + col] == 0.0 || A[piv * n + col] != A[piv * n + col])                   \
+            return 0;                                                                          \
+        if (piv != col) {                                                                      \
+            for (long j = 0; j < n; ++j) {                                                     \
+                double tmp = A[col * n + j];                                                   \
+                A[col * n + j] = A[piv * n + j];                                               \
+                A[piv * n + j] = tmp;                                                          \
+            }                                                                                  \
+            double tmp = a[col]; a[col] = a[piv]; a[piv] = tmp;                                \
+        }                                                                                      \
+        for (long r = col + 1; r < n; ++r) {                                                   \
+            double f = A[r * n + col] / A[col * n + col];                                      \
+            for (long j = col; j < n; ++j)                                                     \
+                A[r * n + j] -= f * A[col * n + j];                                            \
+            a[r] -= f * a[col];                                                                \
+        }                                                                                      \
+    }                                                                                          \
+    double total = 0.0;                                                                        \
+    for (long i = n - 1; i >= 0; --i) {                                                        \
+        double s = a[i];                                                                       \
+        for (long j = i + 1; j < n; ++j)                                                       \
+            s -= A[i * n + j] * a[j];                                                          \
+        a[i] = s / A[i * n + i];                                                               \
+        total += a[i];                                                                         \
+    }                                                                                          \
+    if (!(fabs(total) >= 1e-300) || !(fabs(total) <= 1e300))                                   \
+        return 0;                                                                              \
+    T w[n];                                                                                    \
+    const T *src[n];                                                                           \
+    for (long i = 0; i < n; ++i) {                                                             \
+        w[i] = (T)(a[i] / total);                                                              \
+        src[i] = ring_base + slot_of_row[i] * B * S;                                           \
+    }                                                                                          \
+    _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static)")         \
+    for (long blk = 0; blk < B; ++blk) {                                                       \
+        T *out = x + blk * S;                                                                  \
+        const long off = blk * S;                                                              \
+        _Pragma("omp simd")                                                                    \
+        for (long k = 0; k < S; ++k)                                                           \
+            out[k] = w[0] * src[0][off + k];                                                   \
+        for (long i = 1; i < n; ++i) {                                                         \
+            const T wi = w[i], *si = src[i] + off;                                             \
+            _Pragma("omp simd")                                                                \
+            for (long k = 0; k < S; ++k)                                                       \
+                out[k] += wi * si[k];                                                          \
+        }                                                                                      \
+    }                                                                                          \
+    return 1;                                                                                  \
+}
+
+DEFINE_ANDERSON(float, f32)
+DEFINE_ANDERSON(double, f64)

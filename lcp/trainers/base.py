@@ -80,13 +80,8 @@ class Trainer:
         h = h.detach()
         model = self.model
         if self.fused and isinstance(model, LinearReadoutModel):
-            plan = self.batch_plan(h)
-
-            def step(v):
-                plan.act(v)
-                return (plan.implicit_into(torch.empty_like(v)),)
-
-            (v,), stats = self.solver(step, (model.zero_state(h),), phase="free")
+            step, start = self.batch_plan(h).free_stepper()
+            (v,), stats = self.solver(step, (start,), phase="free")
             return v, stats
         f = model.bind(h)
         (v,), stats = self.solver(lambda v: (f(v),), (model.zero_state(h),), phase="free")

@@ -273,7 +273,9 @@ class FusedControlled:
         self._keep = (m_u, p_e, h_b.contiguous(), plan.W_D.contiguous(), plan.b_D.contiguous())
         m_u, p_e, h_b, w_d, b_d = self._keep
         ptr = lambda x: None if x is None else x.data_ptr()  # noqa: E731
-        self._step_fn = lib.step["f32" if h_b.dtype == torch.float32 else "f64"]
+        suffix = "f32" if h_b.dtype == torch.float32 else "f64"
+        self._step_fn, self._mix_fn = lib.step[suffix], lib.anderson_mix[suffix]
+        self._threads = native.threads_for(bsz, n)
         self._shape = (bsz, n, c, 2 * n + 2 * c)
         # the arguments that do not change from step to step
         self._args = (ptr(plan.t), ptr(self.onehot), ptr(h_b), ptr(self._p_v), ptr(p_e),
@@ -281,7 +283,7 @@ class FusedControlled:
                       float(tr.k_i), float(tr.k_p), float(self.keep_ui), float(tr.dt_u / bsz),
                       float(self.soft_rate), int(self._plain_u), float(tr.dt_v),
                       float(tr.dt_e), int(self._rule != "transpose"), ptr(self._per_sample),
-                      int(torch.get_num_threads()) if bsz * n >= 4096 else 1)
+                      self._threads)
         self.error = float("nan")  # the stopping error of the last native step
         return lib
 
@@ -438,18 +440,32 @@ class FusedControlled:
         trace: list[float] = []
         per_sample = None
         filled, row = 0, -1
+        measured = self._native is not None
         for it in range(1, max_iter + 1):
-            (fx,) = self.step(x)
-            per_sample = (torch.linalg.vector_norm(torch.sub(fx, x, out=diff), dim=1)
-                          / (torch.linalg.vector_norm(x, dim=1) + 1e-5))
-            value = per_sample.max().item()
+            if measured:  # the compiled pass measured ‖F(x) − x‖/(1e-5 + ‖x‖) per sample
+                fx, per_sample, value = self.measure(x)
+            else:
+                (fx,) = self.step(x)
+                per_sample = (torch.linalg.vector_norm(torch.sub(fx, x, out=diff), dim=1)
+                              / (torch.linalg.vector_norm(x, dim=1) + 1e-5))
+                value = per_sample.max().item()
             trace.append(value)
             _check_finite(value, phase, it)
             if value < threshold:
-                return fx, SolverStats(it, value, True, max_iter, per_sample, trace)
+                return fx, SolverStats(it, value, True, max_iter, per_sample.clone(), trace)
             row = (row + 1) % m
             filled = min(filled + 1, m)
             slot_of_row[row] = self._last
+            if measured:  # the rest of the update in one compiled call, the same arithmetic
+                if not self._mix_fn(bsz, fx.shape[1], small.start, small.stop, fx.data_ptr(),
+                                    x.data_ptr(), G.data_ptr(), m, filled, row,
+                                    gram.ctypes.data, float(regulariser),
+                                    slot_of_row.ctypes.data, self.block.data_ptr(),
+                                    self._threads):
+                    x.copy_(fx)  # a singular system: take the plain step, restart the history
+                    gram[:] = 0.0
+                    filled, row = 0, -1
+                continue
             G[row].view(bsz, -1).copy_(diff[:, small])
             products = torch.mv(G[:filled], G[row]).cpu().numpy()
             gram[row, :filled] = products
@@ -471,7 +487,7 @@ class FusedControlled:
             w[slot_of_row[:filled]] = a / total
             weights.copy_(torch.from_numpy(w))
             torch.mv(outputs, weights, out=x.view(-1))
-        return fx, SolverStats(max_iter, trace[-1], False, max_iter, per_sample, trace)
+        return fx, SolverStats(max_iter, trace[-1], False, max_iter, per_sample.clone(), trace)
 
     def unpack(self, x: torch.Tensor):
         """(v, v̂, uᵢ, e), contiguous copies."""
