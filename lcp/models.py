@@ -260,6 +260,41 @@ class DynamicsPlan:
             self._t_r = self.t[:, self.r0:]
             self._scratch: dict = {}
             self._soft_in = None
+            self._forward = None
+
+    def forward_products(self):
+        """(p_v, run): a B × N buffer and a function that writes the blocks' forward products
+        Σ t_in Wᵀ of the plan's t = φ(v) into their output columns of it (columns no block
+        writes stay zero), for the compiled passes of `lcp.native`. Made once per plan."""
+        if self._forward is None:
+            p_v = torch.zeros_like(self.h_b)
+            seen, products = set(), []
+            for (spec, _w, weight_t, _conv), piece in zip(self.blocks, self._t_in):
+                region = (spec.out_start, spec.out_end)
+                products.append((piece, weight_t, p_v[:, region[0]:region[1]],
+                                 region not in seen))
+                seen.add(region)
+
+            def run():
+                for piece, weight_t, target, first in products:
+                    if first:
+                        torch.mm(piece, weight_t, out=target)
+                    else:
+                        target.addmm_(piece, weight_t)
+
+            self._forward = (p_v, run)
+        return self._forward
+
+    def native_kernels(self):
+        """The compiled kernels (`lcp.native`) where they apply to this plan — CPU, float32 or
+        float64, tanh, linear blocks — else None."""
+        if not (self.tanh and self.h_b.device.type == "cpu"
+                and self.h_b.dtype in (torch.float32, torch.float64)
+                and all(conv is None for *_, conv in self.blocks)):
+            return None
+        from lcp import native
+
+        return native.library()
 
     def free_stepper(self):
         """The free dynamics v ← f(h, v) as a solver step from the zero state: (step, start).
@@ -269,13 +304,9 @@ class DynamicsPlan:
         error (`lcp.solvers.MeasuredStep`); its states live in two buffers it alternates
         between. Otherwise each step writes a new tensor with the plan's PyTorch kernels."""
         start = self.h_b.new_zeros(self.batch, self.size)
-        if self.tanh and self.h_b.device.type == "cpu" and all(
-                conv is None for *_, conv in self.blocks):
-            from lcp import native
-
-            lib = native.library()
-            if lib is not None and self.h_b.dtype in (torch.float32, torch.float64):
-                return _NativeFree(self, lib, start).stepper(), start
+        lib = self.native_kernels()
+        if lib is not None:
+            return _NativeFree(self, lib, start).stepper(), start
 
         def step(v):
             self.act(v)
@@ -422,18 +453,12 @@ class _NativeFree:
         self.plan = plan
         self.buffers = [start, torch.empty_like(start)]
         self.index = {b.data_ptr(): i for i, b in enumerate(self.buffers)}
-        self.p_v = torch.zeros_like(start)  # columns no block writes stay zero
+        self.p_v, self.products = plan.forward_products()
         self.h_b = plan.h_b.contiguous()
         self.per_sample = start.new_zeros(plan.batch)
         self.fn = lib.free_step["f32" if start.dtype == torch.float32 else "f64"]
         self.args = (self.h_b.data_ptr(), self.p_v.data_ptr(), self.per_sample.data_ptr(),
                      native.threads_for(plan.batch, plan.size))
-        seen, self.products = set(), []
-        for (spec, _w, weight_t, _conv), piece in zip(plan.blocks, plan._t_in):
-            region = (spec.out_start, spec.out_end)
-            self.products.append((piece, weight_t, self.p_v[:, region[0]:region[1]],
-                                  region not in seen))
-            seen.add(region)
 
     def measure(self, v: torch.Tensor):
         i = self.index.get(v.data_ptr())
@@ -444,11 +469,7 @@ class _NativeFree:
             src = v
         dst = self.buffers[1 - i]
         torch.tanh(src, out=self.plan.t)
-        for piece, weight_t, target, first in self.products:
-            if first:
-                torch.mm(piece, weight_t, out=target)
-            else:
-                target.addmm_(piece, weight_t)
+        self.products()
         error = self.fn(self.plan.batch, self.plan.size, src.data_ptr(), dst.data_ptr(),
                         *self.args)
         return dst, self.per_sample, error

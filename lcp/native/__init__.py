@@ -43,7 +43,7 @@ class Kernels:
         self.path = path
         lib = ctypes.CDLL(str(path))
         L, P, D, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-        self.step, self.free_step, self.anderson_mix = {}, {}, {}
+        self.step, self.free_step, self.anderson_mix, self.noisy_step = {}, {}, {}, {}
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"lcp_step_{suffix}")
             fn.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, L, P, P, L,
@@ -58,6 +58,10 @@ class Kernels:
             mix.argtypes = [L, L, L, L, P, P, P, L, L, L, P, D, P, P, I]
             mix.restype = I
             self.anderson_mix[suffix] = mix
+            noisy = getattr(lib, f"lcp_noisy_step_{suffix}")
+            noisy.argtypes = [L, L, L] + [P] * 12 + [L] + [P] * 5 + [D] * 9 + [I]
+            noisy.restype = None
+            self.noisy_step[suffix] = noisy
 
 
 def threads_for(rows: int, width: int) -> int:

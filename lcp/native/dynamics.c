@@ -252,3 +252,83 @@ int lcp_anderson_mix_##SUFFIX(long B, long S, long c0, long c1, const T *fx, T *
 
 DEFINE_ANDERSON(float, f32)
 DEFINE_ANDERSON(double, f64)
+
+/*
+ * One step of lcp-lf's noisy phase (LinearFeedbackTrainer._fused_noisy_phase), after the
+ * caller drew xi (the step's scaled normal noise), t = tanh(v) and p_v (the blocks' forward
+ * products of t). With u = k_i u_i - k_p (softmax(v^) - onehot)/B:
+ *   v_fb = sigma eps + u Q^T          (written to fb_row; u - u_ref to du_row)
+ *   eps  = eps_keep eps + xi          (in place)
+ *   v'   = relax(h_b + v_fb + p_v, v, rate_v)
+ *   v^'  = relax((u + b_D) + t_r W_D^T, v^, rate_slow_v)
+ *   u_i  = (dt'_u/B) onehot + (1 - dt'_u alpha) u_i - (dt'_u/B) softmax   (in place)
+ * Rows: v, eps, xi, t, p_v, h_b, fb_row B x N; v^, u_i, onehot, u_ref, du_row B x C;
+ * Q^T is C x N, W_D C x (N - r_d).
+ */
+#define DEFINE_NOISY_STEP(T, SUFFIX, EXP)                                                       \
+void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_all,           \
+                             const T *v_hat_all, T *v_hat_next_all, T *u_i_all, T *eps_all,   \
+                             const T *xi_all, const T *t, const T *p_v, const T *h_b,         \
+                             const T *q_t, const T *w_d, long r_d, const T *b_d,              \
+                             const T *onehot, const T *u_ref, T *fb_all, T *du_all,           \
+                             double k_i, double k_p, double sigma, double eps_keep,           \
+                             double rate_v, double rate_slow_v, double keep_ui,               \
+                             double target_rate, double soft_rate, int threads)               \
+{                                                                                              \
+    const long R_d = N - r_d;                                                                  \
+    const int relax_v = rate_v != 1.0, relax_h = rate_slow_v != 1.0;                           \
+    const T rv = (T)rate_v, rv_old = (T)(1.0 - rate_v);                                        \
+    const T rh = (T)rate_slow_v, rh_old = (T)(1.0 - rate_slow_v);                              \
+    _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static)")         \
+    for (long b = 0; b < B; ++b) {                                                             \
+        T soft[C], u[C], back[N];                                                              \
+        const T *v = v_all + b * N, *v_hat = v_hat_all + b * C, *y = onehot + b * C;           \
+        const T *xi = xi_all + b * N, *t_row = t + b * N, *pv = p_v + b * N;                  \
+        const T *hb = h_b + b * N, *ur = u_ref + b * C;                                        \
+        T *v_next = v_next_all + b * N, *v_hat_next = v_hat_next_all + b * C;                 \
+        T *u_i = u_i_all + b * C, *eps = eps_all + b * N;                                      \
+        T *fb = fb_all + b * N, *du = du_all + b * C;                                          \
+        T top = v_hat[0], total = 0;                                                           \
+        for (long c = 1; c < C; ++c)                                                           \
+            top = v_hat[c] > top ? v_hat[c] : top;                                             \
+        for (long c = 0; c < C; ++c) {                                                         \
+            soft[c] = EXP(v_hat[c] - top);                                                     \
+            total += soft[c];                                                                  \
+        }                                                                                      \
+        for (long c = 0; c < C; ++c) {                                                         \
+            T s = soft[c] / total;                                                             \
+            u[c] = (T)k_i * u_i[c] - (T)k_p * ((s - y[c]) / (T)B);                             \
+            du[c] = u[c] - ur[c];                                                              \
+            const T *w = w_d + c * R_d, *tr = t_row + r_d;                                     \
+            T dot = 0;                                                                         \
+            _Pragma("omp simd reduction(+:dot)")                                               \
+            for (long j = 0; j < R_d; ++j)                                                     \
+                dot += tr[j] * w[j];                                                           \
+            T vh = (u[c] + b_d[c]) + dot;                                                      \
+            if (relax_h)                                                                       \
+                vh = vh * rh + v_hat[c] * rh_old;                                              \
+            v_hat_next[c] = vh;                                                                \
+            u_i[c] = ((T)(target_rate * y[c]) + (T)keep_ui * u_i[c]) + (T)soft_rate * s;       \
+        }                                                                                      \
+        memset(back, 0, (size_t)N * sizeof(T));                                                \
+        for (long c = 0; c < C; ++c) {                                                         \
+            const T uc = u[c], *q = q_t + c * N;                                               \
+            _Pragma("omp simd")                                                                \
+            for (long j = 0; j < N; ++j)                                                       \
+                back[j] += uc * q[j];                                                          \
+        }                                                                                      \
+        _Pragma("omp simd")                                                                    \
+        for (long j = 0; j < N; ++j) {                                                         \
+            T f = (T)sigma * eps[j] + back[j];                                                 \
+            fb[j] = f;                                                                         \
+            eps[j] = (T)eps_keep * eps[j] + xi[j];                                             \
+            T vn = (hb[j] + f) + pv[j];                                                        \
+            if (relax_v)                                                                       \
+                vn = vn * rv + v[j] * rv_old;                                                  \
+            v_next[j] = vn;                                                                    \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+DEFINE_NOISY_STEP(float, f32, expf)
+DEFINE_NOISY_STEP(double, f64, exp)

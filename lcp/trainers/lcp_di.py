@@ -240,26 +240,16 @@ class FusedControlled:
         blocks' large products (into scratch buffers) and one compiled pass — `_native_step`.
         None where it does not apply or cannot be loaded (the lean step runs instead)."""
         plan, tr = self.plan, self.trainer
-        h_b = plan.h_b
-        if (not self.native_allowed or h_b.device.type != "cpu" or not plan.tanh
-                or h_b.dtype not in (torch.float32, torch.float64)):
+        lib = plan.native_kernels() if self.native_allowed else None
+        if lib is None:
             return None
         from lcp import native
 
-        lib = native.library()
-        if lib is None:
-            return None
+        h_b = plan.h_b
         bsz, n, c = plan.batch, plan.size, self.onehot.shape[1]
         self.onehot = self.onehot.contiguous()
         self._per_sample = h_b.new_zeros(bsz)
-        # the blocks' forward products t_in Wᵀ, each into its output columns (others stay 0)
-        self._p_v = h_b.new_zeros(bsz, n)
-        seen, fwd = set(), []
-        for (spec, _w, weight_t, _conv), piece in zip(plan.blocks, plan._t_in):
-            region = (spec.out_start, spec.out_end)
-            fwd.append((piece, weight_t, self._p_v[:, region[0]:region[1]], region not in seen))
-            seen.add(region)
-        self._fwd = fwd
+        self._p_v, self._forward = plan.forward_products()
         if self._rule == "transpose":
             # the blocks' transposed products e_out M_b into their input columns; u M_u (the
             # readout's) is added by the compiled pass
@@ -299,11 +289,7 @@ class FusedControlled:
         self._last = j = (self._last + 1) % self.ring
         dst = self.slots[j]
         torch.tanh(src.v, out=plan.t)
-        for piece, weight_t, target, first in self._fwd:
-            if first:
-                torch.mm(piece, weight_t, out=target)
-            else:
-                target.addmm_(piece, weight_t)
+        self._forward()
         for piece, (m, target, first) in zip(src.e_out, self._back_native):
             if first:
                 torch.mm(piece, m, out=target)

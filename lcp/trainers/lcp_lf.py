@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lcp.errors import DivergenceError, LcpError
 from lcp.models import LinearReadoutModel
 from lcp.trainers.base import loss_gradient
-from lcp.trainers.lcp_di import LeastControlTrainer, relax_
+from lcp.trainers.lcp_di import FusedControlled, LeastControlTrainer, relax_
 
 
 class LinearFeedbackTrainer(LeastControlTrainer):
@@ -162,7 +162,37 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         keep_ui = 1.0 - rate_u * self.alpha
         soft_rate = -rate_u / bsz
         filled = 0
-        for _ in range(cfg.solver_max_iter):
+        lib = plan.native_kernels() if FusedControlled.native_allowed else None
+        if lib is not None:
+            # each step: the noise, tanh and the blocks' products by PyTorch, the rest in one
+            # compiled pass (`lcp.native`, lcp_noisy_step) — the same map and the same draws
+            from lcp import native
+
+            step = lib.noisy_step["f32" if v.dtype == torch.float32 else "f64"]
+            p_v, forward_products = plan.forward_products()
+            keep = (plan.h_b.contiguous(), Q_t.contiguous(), plan.W_D.contiguous(),
+                    plan.b_D.contiguous(), onehot.contiguous(), u_ref.contiguous())
+            h_b, q_t, w_d, b_d, onehot_c, u_ref_c = keep
+            fixed = (plan.t.data_ptr(), p_v.data_ptr(), h_b.data_ptr(), q_t.data_ptr(),
+                     w_d.data_ptr(), plan.r0, b_d.data_ptr(), onehot_c.data_ptr(),
+                     u_ref_c.data_ptr())
+            rates = (float(k_i), float(k_p), float(sigma), eps_keep, rate_v, rate_slow_v,
+                     keep_ui, rate_u / bsz, soft_rate, native.threads_for(bsz, n))
+            u_i_ptr, eps_ptr, xi_ptr = u_i.data_ptr(), eps.data_ptr(), xi.data_ptr()
+            for _ in range(cfg.solver_max_iter):
+                xi.normal_(0.0, noise_scale)
+                torch.tanh(v, out=plan.t)
+                forward_products()
+                step(bsz, n, c, v.data_ptr(), v_next.data_ptr(), v_hat.data_ptr(),
+                     vh_next.data_ptr(), u_i_ptr, eps_ptr, xi_ptr, *fixed,
+                     fb_rows[filled].data_ptr(), du_rows[filled].data_ptr(), *rates)
+                filled += 1
+                if filled == chunk:
+                    A_sum.addmm_(fb_block.t(), du_block, alpha=-1.0)
+                    filled = 0
+                v, v_next = v_next, v
+                v_hat, vh_next = vh_next, v_hat
+        for _ in range(0 if lib is not None else cfg.solver_max_iter):
             soft = plan.softmax(v_hat)
             u = u_i if plain_u else (u_i * k_i if k_p == 0 else
                                      k_i * u_i - k_p * ((soft - onehot) / bsz))
