@@ -1,7 +1,6 @@
 """The compiled kernels of `lcp.native` compute what the PyTorch kernels compute.
 
-- one step of the controlled dynamics, compiled against PyTorch (`FusedControlled.native_allowed
-  = False`), for lcp-di/kp/lf on ff and rnn, with the paper's settings and with dt ≠ 1, k_p ≠ 0:
+- one step of the controlled dynamics, compiled against PyTorch (`lcp.native.disabled()`), for lcp-di/kp/lf on ff and rnn, with the paper's settings and with dt ≠ 1, k_p ≠ 0:
   the same next state (float64 to 1e-12, float32 to rounding) and the same stopping error;
 - a whole controlled solve at the paper's sizes in float32: the same iterations, the same
   update;
@@ -10,6 +9,7 @@
 No test here is timed: speed is measured by benchmarks/step_time.py.
 """
 
+import contextlib
 import os
 import stat
 
@@ -22,7 +22,6 @@ from lcp.config import RunConfig
 from lcp.models import build_model
 from lcp.solvers import relative_error
 from lcp.trainers import build_trainer
-from lcp.trainers.lcp_di import FusedControlled
 
 NEED = os.environ.get("LCP_TEST_REQUIRE_EXTRAS") == "1"
 
@@ -61,11 +60,8 @@ def kernel_pair(cfg, dtype, n=12, seed=0):
         h = net.encode(x)
         plan = net.dynamics_plan(h)
         compiled = tr.fused_controlled_step(plan, onehot, ring=3)
-        FusedControlled.native_allowed = False
-        try:
+        with native.disabled():
             reference = tr.fused_controlled_step(net.dynamics_plan(h), onehot, ring=3)
-        finally:
-            FusedControlled.native_allowed = True
     state = torch.randn(n, compiled.block.shape[-1], generator=g).to(dtype) * 0.5
     return compiled, reference, state
 
@@ -102,9 +98,8 @@ def test_compiled_solve_at_the_paper_sizes_gives_the_pytorch_update(kernels, mod
     same update as the PyTorch kernels."""
     cfg = RunConfig(model=model, trainer="lcp-di", alpha=0.1)
 
-    def update(native_allowed):
-        FusedControlled.native_allowed = native_allowed
-        try:
+    def update(compiled):
+        with contextlib.nullcontext() if compiled else native.disabled():
             torch.manual_seed(0)
             net = build_model(cfg, (1, 28, 28), 10)
             tr = build_trainer(cfg, net)
@@ -113,8 +108,6 @@ def test_compiled_solve_at_the_paper_sizes_gives_the_pytorch_update(kernels, mod
             y = torch.randint(0, 10, (64,), generator=g)
             stats = tr.compute_update(x, y)
             return torch.cat([p.grad.flatten() for p in net.parameters()]), stats
-        finally:
-            FusedControlled.native_allowed = True
 
     fast, fast_stats = update(True)
     ref, ref_stats = update(False)
@@ -215,11 +208,8 @@ def test_compiled_anderson_equals_the_pytorch_anderson(kernels, trainer, model):
     cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=32, alpha=0.1)
     compiled, reference, _ = kernel_pair(cfg, torch.float64, n=16)
     compiled = type(compiled)(compiled.trainer, compiled.plan, compiled.onehot, ring=6)
-    FusedControlled.native_allowed = False
-    try:
+    with native.disabled():
         reference = type(reference)(reference.trainer, reference.plan, reference.onehot, ring=6)
-    finally:
-        FusedControlled.native_allowed = True
     assert compiled._native is not None and reference._native is None
     with torch.no_grad():
         got, got_stats = compiled.anderson(500, 1e-9, 5, 1e-6)
@@ -227,3 +217,26 @@ def test_compiled_anderson_equals_the_pytorch_anderson(kernels, trainer, model):
     assert want_stats.converged and got_stats.iterations == want_stats.iterations
     assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
     assert got_stats.trace == pytest.approx(want_stats.trace, rel=1e-6)
+
+
+@pytest.mark.parametrize("optim", ["adam", "gd"])
+@pytest.mark.parametrize("model", ["ff", "rnn"])
+def test_compiled_energy_descent_equals_the_pytorch_descent(kernels, model, optim):
+    """lcp-ebd's 200 descent steps with the compiled passes: the same minimum (float64) as the
+    PyTorch kernels with torch.optim.Adam's arithmetic."""
+    cfg = RunConfig(model=model, trainer="lcp-ebd", rnn_hidden_units=32, alpha=0.1,
+                    solver_max_iter=200, ebd_optim=optim, ebd_lr=0.01 if optim == "adam" else 0.1)
+    torch.manual_seed(0)
+    net = build_model(cfg, (1, 28, 28), 10).double()
+    tr = build_trainer(cfg, net)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 28, 28, generator=g).double()
+    y = torch.randint(0, 10, (8,), generator=g)
+    with torch.no_grad():
+        h = net.encode(x)
+        fast = tr.energy_minimum(h, y)
+        with native.disabled():
+            ref = tr.energy_minimum(h, y)
+    for a, b in zip(fast[:2], ref[:2]):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+    assert fast[2]["energy/value"] == pytest.approx(ref[2]["energy/value"], rel=1e-9)

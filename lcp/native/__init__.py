@@ -10,6 +10,7 @@ kernels alone — the same computation, slower on CPU. `status()` says which and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -34,6 +35,19 @@ _lock = threading.Lock()
 _library: "Kernels | None" = None
 _reason: str | None = None  # why there is no library (None: not tried yet, or loaded)
 _tried = False
+_disabled = 0  # > 0 inside `disabled()`
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside this block `library()` returns None: the dynamics built there run on PyTorch's
+    kernels (to compare the two)."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
 
 
 class Kernels:
@@ -44,6 +58,7 @@ class Kernels:
         lib = ctypes.CDLL(str(path))
         L, P, D, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
         self.step, self.free_step, self.anderson_mix, self.noisy_step = {}, {}, {}, {}
+        self.ebd_residuals, self.ebd_descend = {}, {}
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"lcp_step_{suffix}")
             fn.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, L, P, P, L,
@@ -62,6 +77,13 @@ class Kernels:
             noisy.argtypes = [L, L, L] + [P] * 12 + [L] + [P] * 5 + [D] * 9 + [I]
             noisy.restype = None
             self.noisy_step[suffix] = noisy
+            residuals = getattr(lib, f"lcp_ebd_residuals_{suffix}")
+            residuals.argtypes = [L, L, L] + [P] * 5 + [L] + [P] * 3 + [I]
+            residuals.restype = None
+            descend = getattr(lib, f"lcp_ebd_descend_{suffix}")
+            descend.argtypes = ([L, L, L] + [P] * 6 + [L, P, D, P, P, I] + [D] * 6 + [I])
+            descend.restype = None
+            self.ebd_residuals[suffix], self.ebd_descend[suffix] = residuals, descend
 
 
 def threads_for(rows: int, width: int) -> int:
@@ -116,6 +138,8 @@ def _build(compiler: str) -> Path:
 def library() -> Kernels | None:
     """The compiled kernels, building them on first use; None where they cannot be had."""
     global _library, _reason, _tried
+    if _disabled:
+        return None
     if _tried:
         return _library
     with _lock:

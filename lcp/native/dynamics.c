@@ -332,3 +332,98 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
 
 DEFINE_NOISY_STEP(float, f32, expf)
 DEFINE_NOISY_STEP(double, f64, exp)
+
+/*
+ * lcp-ebd's energy descent (EnergyBasedTrainer._fused_descent) on x = [v | v^] (B x (N + C)),
+ * in two passes around the caller's products (t = tanh(v), p_v = the blocks' forward products
+ * of t, p_e = the blocks' transposed products of r_f):
+ *   lcp_ebd_residuals: r_f = v - (h_b + p_v),  r_d = v^ - (b_D + t_r W_D^T)
+ *   lcp_ebd_descend:   g_v  = r_f - tanh'(v) (.) (p_e + r_d W_D on the readout columns)
+ *                      g_v^ = (r_d + softmax(v^)/(alpha B)) - onehot/(alpha B)
+ *                      then one step of Adam (torch.optim.Adam's arithmetic; bias corrections
+ *                      from the caller) or of gradient descent on x.
+ */
+#define DEFINE_EBD(T, SUFFIX, EXP, SQRT)                                                              \
+void lcp_ebd_residuals_##SUFFIX(long B, long N, long C, const T *x, const T *t, const T *p_v,  \
+                                const T *h_b, const T *w_d, long r_d0, const T *b_d, T *r_f,   \
+                                T *r_d, int threads)                                           \
+{                                                                                              \
+    const long S = N + C, R_d = N - r_d0;                                                      \
+    _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static)")         \
+    for (long b = 0; b < B; ++b) {                                                             \
+        const T *v = x + b * S, *v_hat = v + N, *t_row = t + b * N;                            \
+        const T *pv = p_v + b * N, *hb = h_b + b * N;                                          \
+        T *rf = r_f + b * N, *rd = r_d + b * C;                                                \
+        _Pragma("omp simd")                                                                    \
+        for (long j = 0; j < N; ++j)                                                           \
+            rf[j] = (v[j] - hb[j]) - pv[j];                                                    \
+        for (long c = 0; c < C; ++c) {                                                         \
+            const T *w = w_d + c * R_d, *tr = t_row + r_d0;                                    \
+            T dot = 0;                                                                         \
+            _Pragma("omp simd reduction(+:dot)")                                               \
+            for (long j = 0; j < R_d; ++j)                                                     \
+                dot += tr[j] * w[j];                                                           \
+            rd[c] = (v_hat[c] - b_d[c]) - dot;                                                 \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, const T *t, const T *r_f,          \
+                              const T *r_d, const T *p_e, const T *w_d, long r_d0,             \
+                              const T *onehot, double inv_alpha_b, T *exp_avg,                 \
+                              T *exp_avg_sq, int adam, double lr, double beta1, double beta2,  \
+                              double eps, double bias_correction1, double bias_correction2,    \
+                              int threads)                                                     \
+{                                                                                              \
+    const long S = N + C, R_d = N - r_d0;                                                      \
+    const T step_size = (T)(lr / bias_correction1), root2 = (T)sqrt(bias_correction2);        \
+    const T one_b1 = (T)(1.0 - beta1), b2 = (T)beta2, one_b2 = (T)(1.0 - beta2);              \
+    const T e8 = (T)eps, lr_t = (T)lr;                                                         \
+    _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static)")         \
+    for (long b = 0; b < B; ++b) {                                                             \
+        T g[S], soft[C];                                                                       \
+        T *xr = x + b * S, *m = exp_avg + b * S, *s2 = exp_avg_sq + b * S;                    \
+        const T *v_hat = xr + N, *t_row = t + b * N, *rf = r_f + b * N, *rd = r_d + b * C;    \
+        const T *y = onehot + b * C;                                                           \
+        if (p_e)                                                                               \
+            memcpy(g, p_e + b * N, (size_t)N * sizeof(T));                                     \
+        else                                                                                   \
+            memset(g, 0, (size_t)N * sizeof(T));                                               \
+        for (long c = 0; c < C; ++c) {                                                         \
+            const T rc = rd[c], *w = w_d + c * R_d;                                            \
+            T *to = g + r_d0;                                                                  \
+            _Pragma("omp simd")                                                                \
+            for (long j = 0; j < R_d; ++j)                                                     \
+                to[j] += rc * w[j];                                                            \
+        }                                                                                      \
+        _Pragma("omp simd")                                                                    \
+        for (long j = 0; j < N; ++j)                                                           \
+            g[j] = rf[j] - g[j] * ((T)1 - t_row[j] * t_row[j]);                                \
+        T top = v_hat[0], total = 0;                                                           \
+        for (long c = 1; c < C; ++c)                                                           \
+            top = v_hat[c] > top ? v_hat[c] : top;                                             \
+        for (long c = 0; c < C; ++c) {                                                         \
+            soft[c] = EXP(v_hat[c] - top);                                                     \
+            total += soft[c];                                                                  \
+        }                                                                                      \
+        for (long c = 0; c < C; ++c)                                                           \
+            g[N + c] = (rd[c] + (T)inv_alpha_b * (soft[c] / total)) - y[c] * (T)inv_alpha_b;  \
+        if (adam) {                                                                            \
+            _Pragma("omp simd")                                                                \
+            for (long k = 0; k < S; ++k) {                                                     \
+                T mk = m[k] + one_b1 * (g[k] - m[k]);                                          \
+                T sk = b2 * s2[k] + one_b2 * g[k] * g[k];                                      \
+                m[k] = mk;                                                                     \
+                s2[k] = sk;                                                                    \
+                xr[k] -= step_size * (mk / (SQRT(sk) / root2 + e8));                           \
+            }                                                                                  \
+        } else {                                                                               \
+            _Pragma("omp simd")                                                                \
+            for (long k = 0; k < S; ++k)                                                       \
+                xr[k] -= lr_t * g[k];                                                          \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+DEFINE_EBD(float, f32, expf, sqrtf)
+DEFINE_EBD(double, f64, exp, sqrt)

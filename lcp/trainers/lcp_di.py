@@ -240,7 +240,7 @@ class FusedControlled:
         blocks' large products (into scratch buffers) and one compiled pass — `_native_step`.
         None where it does not apply or cannot be loaded (the lean step runs instead)."""
         plan, tr = self.plan, self.trainer
-        lib = plan.native_kernels() if self.native_allowed else None
+        lib = plan.native_kernels()
         if lib is None:
             return None
         from lcp import native
@@ -276,8 +276,6 @@ class FusedControlled:
                       self._threads)
         self.error = float("nan")  # the stopping error of the last native step
         return lib
-
-    native_allowed = True  # tests switch the compiled kernels off to compare
 
     def _native_step(self, x: torch.Tensor):
         """`_lean_step` as tanh, the blocks' large products and one compiled pass

@@ -95,6 +95,10 @@ class EnergyBasedTrainer(Trainer):
         t_r = plan.t[:, plan.r0:]
         inv_alpha_b = 1.0 / (cfg.alpha * bsz)
         target_term = onehot * inv_alpha_b
+        lib = plan.native_kernels()
+        if lib is not None:
+            self._native_descent(lib, plan, x, onehot, inv_alpha_b)
+            return x[:, :n].contiguous(), x[:, n:].contiguous()
         step = _descent_step(x, cfg.ebd_optim, cfg.ebd_lr)
         for _ in range(cfg.solver_max_iter):
             # r_f = v − f(h, v),  r_d = v̂ − D(v)
@@ -108,6 +112,50 @@ class EnergyBasedTrainer(Trainer):
             g_vh.sub_(target_term)
             step(grad)
         return x[:, :n].contiguous(), x[:, n:].contiguous()
+
+    def _native_descent(self, lib, plan, x, onehot, inv_alpha_b):
+        """`_fused_descent`'s loop with the compiled passes of `lcp.native`: per step tanh and
+        the blocks' products by PyTorch; the residuals, the gradient and the Adam (or gradient
+        descent) step in two compiled passes. Adam's arithmetic is torch.optim.Adam's (betas
+        0.9, 0.999, eps 1e-8), to rounding."""
+        from lcp import native
+
+        cfg = self.cfg
+        bsz, n = plan.batch, plan.size
+        c = x.shape[1] - n
+        suffix = "f32" if x.dtype == torch.float32 else "f64"
+        residuals, descend = lib.ebd_residuals[suffix], lib.ebd_descend[suffix]
+        p_v, forward_products = plan.forward_products()
+        r_f = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
+        r_d = torch.empty(bsz, c, dtype=x.dtype, device=x.device)
+        # the blocks' transposed products of r_f into their input columns (scratch of the plan)
+        p_e, _, writes = plan._scratch_for(False)
+        back = [(piece, weight, target, first) for piece, (_, weight, _, _), (target, first)
+                in zip(plan.out_views(r_f), plan.blocks, writes)]
+        keep = (plan.h_b.contiguous(), plan.W_D.contiguous(), plan.b_D.contiguous(),
+                onehot.contiguous())
+        h_b, w_d, b_d, onehot_c = keep
+        exp_avg, exp_avg_sq = torch.zeros_like(x), torch.zeros_like(x)
+        threads = native.threads_for(bsz, n)
+        adam = cfg.ebd_optim == "adam"
+        res_args = (bsz, n, c, x.data_ptr(), plan.t.data_ptr(), p_v.data_ptr(), h_b.data_ptr(),
+                    w_d.data_ptr(), plan.r0, b_d.data_ptr(), r_f.data_ptr(), r_d.data_ptr(),
+                    threads)
+        head = (bsz, n, c, x.data_ptr(), plan.t.data_ptr(), r_f.data_ptr(), r_d.data_ptr(),
+                p_e.data_ptr() if back else None, w_d.data_ptr(), plan.r0,
+                onehot_c.data_ptr(), inv_alpha_b, exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+                int(adam), float(cfg.ebd_lr), 0.9, 0.999, 1e-8)
+        v = x[:, :n]
+        for step in range(1, cfg.solver_max_iter + 1):
+            torch.tanh(v, out=plan.t)
+            forward_products()
+            residuals(*res_args)
+            for piece, weight, target, first in back:
+                if first:
+                    torch.mm(piece, weight, out=target)
+                else:
+                    target.addmm_(piece, weight)
+            descend(*head, 1.0 - 0.9 ** step, 1.0 - 0.999 ** step, threads)
 
     def compute_update(self, x, y):
         model = self.model

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lcp.errors import DivergenceError, LcpError
 from lcp.models import LinearReadoutModel
 from lcp.trainers.base import loss_gradient
-from lcp.trainers.lcp_di import FusedControlled, LeastControlTrainer, relax_
+from lcp.trainers.lcp_di import LeastControlTrainer, relax_
 
 
 class LinearFeedbackTrainer(LeastControlTrainer):
@@ -162,7 +162,7 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         keep_ui = 1.0 - rate_u * self.alpha
         soft_rate = -rate_u / bsz
         filled = 0
-        lib = plan.native_kernels() if FusedControlled.native_allowed else None
+        lib = plan.native_kernels()
         if lib is not None:
             # each step: the noise, tanh and the blocks' products by PyTorch, the rest in one
             # compiled pass (`lcp.native`, lcp_noisy_step) — the same map and the same draws
