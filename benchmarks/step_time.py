@@ -427,9 +427,16 @@ def main(argv=None) -> int:
 
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    try:
+        from lcp import native
+    except ImportError:  # an export of the package from before the compiled kernels
+        native = None
+
     print(f"# lcp {lcp.__version__} ({Path(lcp.__file__).parent}), torch {torch.__version__}, "
           f"{where}; batch {args.batch_size}; median of {args.repeats} steps after "
           f"{args.warmup} warm-up steps, each from the same initial weights")
+    if native is not None:
+        print(f"# {native.status()}")
     try:
         print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     except OSError:

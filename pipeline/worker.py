@@ -287,6 +287,7 @@ def _run(args, run_dir: Path) -> int:
         threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:  # the scheduler's share of the CPU for this run
             torch.set_num_threads(threads)
+        from lcp import native
         from lcp.config import RunConfig
         from lcp.training import fit
 
@@ -300,12 +301,13 @@ def _run(args, run_dir: Path) -> int:
         tracker.set_tags(run_id, {
             "device": describe_device(cfg), "torch_version": torch.__version__,
             "attempt": args.attempt, "worker_pid": os.getpid(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "compiled_kernels": native.summary(),
             **({"resumed_from_epoch": resumed_from} if checkpoint.exists() else {}),
         })
         print(f"worker: run {run_id} ({name}) attempt {args.attempt}, "
               + (f"resuming from epoch {resumed_from}" if checkpoint.exists() else "from epoch 0")
-              + f", device {describe_device(cfg)}, {torch.get_num_threads()} threads", flush=True)
+              + f", device {describe_device(cfg)}, {torch.get_num_threads()} threads"
+              + f", compiled kernels {native.summary()}", flush=True)
         logger = MlflowLogger(tracker, run_id, run_dir,
                               float(previous.get("wall_time_s", 0.0)) if checkpoint.exists()
                               else 0.0)

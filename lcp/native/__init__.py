@@ -169,6 +169,11 @@ def status() -> str:
     return f"compiled kernels not in use: {_reason}; the dynamics run on PyTorch kernels"
 
 
+def summary() -> str:
+    """'on', or 'off: <why>' (for run tags and log lines)."""
+    return "on" if library() is not None else f"off: {_reason or 'disabled'}"
+
+
 def reset() -> None:
     """Forget the loaded library (tests: try again under other settings)."""
     global _library, _reason, _tried
