@@ -185,8 +185,9 @@ class FusedControlled:
         self.rows = (slice(0, n), slice(n, n + c), slice(n + c, n + 2 * c),
                      slice(n + 2 * c, 2 * n + 2 * c))
         self.ring = max(2, int(ring))
-        # the ring's buffers and a spare (for other inputs) in one block of memory
-        self.block = plan.h_b.new_zeros(self.ring + 1, bsz, 2 * n + 2 * c)
+        # the ring's buffers and a spare (for other inputs) in one block of memory; not zeroed:
+        # `start` zeroes the first, and a step writes every column of the buffer it fills
+        self.block = plan.h_b.new_empty(self.ring + 1, bsz, 2 * n + 2 * c)
         self.slots = [_Slot(plan, self.rows, buf) for buf in self.block]
         self._index = {s.buf.data_ptr(): i for i, s in enumerate(self.slots)}
         self._last = 0
