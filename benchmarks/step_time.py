@@ -429,6 +429,8 @@ def main(argv=None) -> int:
              else f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     try:
         from lcp import native
+        if Path(native.__file__).resolve().parent.parent != Path(lcp.__file__).resolve().parent:
+            native = None  # another checkout's module, not the timed package's
     except ImportError:  # an export of the package from before the compiled kernels
         native = None
 

@@ -1,11 +1,15 @@
-"""Compiled element-wise kernels for the fused controlled dynamics on CPU (`dynamics.c`).
+"""Compiled element-wise passes for the no-grad dynamics on CPU (`dynamics.c`).
 
-The C source beside this file is compiled on first use with the machine's C compiler
-(`$CC`, else `cc`; `-O3 -march=native`) into a cache folder (`$LCP_CACHE_DIR`, else
-`~/.cache/lcp`; a temporary folder if that is not writable) and loaded with ctypes: no build
-step at install time and no Python headers needed. Where there is no compiler, or the build
-fails, or `LCP_NATIVE=0` is set, `library()` returns None and the dynamics run on PyTorch's
-kernels alone — the same computation, slower on CPU. `status()` says which and why.
+On the linear-block tanh models (ff, rnn) a step of any phase — controlled (lcp-di/kp/lf,
+Euler or Anderson), free, lcp-lf's noisy phase, lcp-ebd's descent — is tanh and the blocks'
+large matrix products (PyTorch's kernels) plus one or two passes here that do everything else,
+including the solver's stopping error. The C source beside this file is compiled on first use
+with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`, then plainer
+flags) into a cache folder (`$LCP_CACHE_DIR`, else `~/.cache/lcp`; a temporary folder if that
+is not writable) and loaded with ctypes: no build step at install time and no Python headers.
+Where there is no compiler, or the build fails, or `LCP_NATIVE=0` is set, `library()` returns
+None and the same dynamics run on PyTorch's kernels alone (slower on CPU). `status()` says which
+and why.
 """
 
 from __future__ import annotations
