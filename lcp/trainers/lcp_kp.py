@@ -121,6 +121,24 @@ class KolenPollackTrainer(LeastControlTrainer):
         stats = super().compute_update(x, y)
         last = self.last
         # Kolen–Pollack: the feedback weights receive −φ(ṽ) pulled back through B(e*) + P(D_t·u*)
-        feedback = self.auxiliary(last["e"], last["u"])
-        feedback.backward(-self.model.act(last["v_tilde"]))
+        signal = -self.model.act(last["v_tilde"])
+        fb = self.auxiliary
+        if self.fused and all(isinstance(m, nn.Linear) for m in fb.maps):
+            # linear maps, in closed form: B_b gets s_inᵀ e_out, D_t gets s_readoutᵀ u
+            with torch.no_grad():
+                e, u = last["e"], last["u"]
+                for spec, m in zip(fb.specs, fb.maps):
+                    _accumulate(m.weight, signal[:, spec.in_start:spec.in_end].t()
+                                @ e[:, spec.out_start:spec.out_end])
+                _accumulate(fb.D_t, signal[:, fb.readout_start:].t() @ u)
+            return stats
+        fb(last["e"], last["u"]).backward(signal)
         return stats
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """param.grad += grad, as autograd's backward would."""
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
