@@ -66,7 +66,7 @@ class Kernels:
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"lcp_step_{suffix}")
             fn.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, L, P, P, L,
-                           D, D, D, D, D, I, D, D, I, P, I]
+                           D, D, D, D, D, I, D, D, I, P, P, I]
             fn.restype = D
             self.step[suffix] = fn
             free = getattr(lib, f"lcp_free_step_{suffix}")

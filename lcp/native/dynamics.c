@@ -17,7 +17,8 @@
  * their output columns (zero elsewhere), p_e = their transposed products placed in their input
  * columns (zero elsewhere; NULL: none), W_D (C x R_d, the readout weight, acting on columns
  * r_d..N-1 of t), M_u (C x R_u, acting from u into columns r_u..N-1 of e'). The formulas follow
- * FusedControlled._lean_step; results agree with it to rounding.
+ * FusedControlled._lean_step; results agree with it to rounding. v_copy (B x N, or NULL) receives
+ * v' as well, contiguous, for the next step's tanh (which is twice as fast on contiguous rows).
  */
 #include <math.h>
 #include <stddef.h>
@@ -30,7 +31,7 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, c
                          const T *w_d, long r_d, const T *b_d, const T *m_u, long r_u,         \
                          double k_i, double k_p, double keep_ui, double target_rate,           \
                          double soft_rate, int plain_u, double dt_v, double dt_e,              \
-                         int linear_e, T *per_sample, int threads)                             \
+                         int linear_e, T *per_sample, T *v_copy, int threads)                  \
 {                                                                                              \
     const T rv = (T)dt_v, rv_old = (T)(1.0 - dt_v), re = (T)dt_e, re_old = (T)(1.0 - dt_e);   \
     const int relax_v = dt_v != 1.0, relax_e = dt_e != 1.0;                                    \
@@ -100,6 +101,8 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, c
             if (relax_v)                                                                       \
                 vn = vn * rv + v[j] * rv_old;                                                  \
             v_next[j] = vn;                                                                    \
+            if (v_copy)                                                                        \
+                v_copy[b * N + j] = vn;                                                        \
             e_next[j] = en;                                                                    \
             T dv = vn - v[j], de = en - e[j];                                                  \
             diff += dv * dv + de * de;                                                         \
