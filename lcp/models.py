@@ -286,6 +286,7 @@ class DynamicsPlan:
                         target.addmm_(piece, weight_t)
 
             self._forward = (p_v, run)
+            self.forward_list = products  # (t_in, Wᵀ, target view, overwrite?) per block
         return self._forward
 
     def native_kernels(self):

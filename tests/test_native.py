@@ -240,3 +240,21 @@ def test_compiled_energy_descent_equals_the_pytorch_descent(kernels, model, opti
     for a, b in zip(fast[:2], ref[:2]):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
     assert fast[2]["energy/value"] == pytest.approx(ref[2]["energy/value"], rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("model,trainer", [("ff", "lcp-di"), ("rnn", "lcp-kp")])
+def test_the_two_products_at_once_equal_torch_mm(kernels, model, trainer, dtype):
+    """A step's forward and transposed products run together by PyTorch's BLAS (one thread
+    each) give what torch.mm gives."""
+    if not kernels.blas:
+        pytest.skip("PyTorch's BLAS cannot be reached from the compiled library here")
+    cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=64, alpha=0.1)
+    compiled, _, state = kernel_pair(cfg, dtype, n=16)
+    assert compiled._pair is not None
+    with torch.no_grad():
+        paired = compiled.measure(state.clone())[0].clone()
+        compiled._pair = None
+        separate = compiled.measure(state.clone())[0]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(paired, separate, rtol=tol, atol=tol * separate.abs().max().item())

@@ -62,7 +62,7 @@ class Kernels:
         lib = ctypes.CDLL(str(path))
         L, P, D, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
         self.step, self.free_step, self.anderson_mix, self.noisy_step = {}, {}, {}, {}
-        self.ebd_residuals, self.ebd_descend = {}, {}
+        self.ebd_residuals, self.ebd_descend, self.two_products = {}, {}, {}
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"lcp_step_{suffix}")
             fn.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, L, P, P, L,
@@ -88,6 +88,26 @@ class Kernels:
             descend.argtypes = ([L, L, L] + [P] * 6 + [L, P, D, P, P, I] + [D] * 6 + [I])
             descend.restype = None
             self.ebd_residuals[suffix], self.ebd_descend[suffix] = residuals, descend
+            two = getattr(lib, f"lcp_two_products_{suffix}")
+            two.argtypes = [I, I, I, P, I, P, I, P, I] * 2 + [I]
+            two.restype = None
+            self.two_products[suffix] = two
+        # the BLAS inside PyTorch's own library, for lcp_two_products (absent: torch.mm is used)
+        self.blas = False
+        init = lib.lcp_blas_init
+        init.argtypes, init.restype = [ctypes.c_char_p], I
+        for candidate in _torch_libraries():
+            if init(str(candidate).encode()):
+                self.blas = True
+                break
+
+
+def _torch_libraries() -> list[Path]:
+    """PyTorch's CPU library files (whichever of them this platform has)."""
+    import torch
+
+    folder = Path(torch.__file__).parent / "lib"
+    return [p for name in ("libtorch_cpu.so", "libtorch_cpu.dylib") if (p := folder / name).exists()]
 
 
 def threads_for(rows: int, width: int) -> int:
@@ -126,6 +146,8 @@ def _build(compiler: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         cmd = [compiler, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
+        if platform.system() == "Linux":
+            cmd.append("-ldl")  # dlopen on a C library older than glibc 2.34
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:

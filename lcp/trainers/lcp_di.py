@@ -280,6 +280,24 @@ class FusedControlled:
                       float(tr.dt_e), int(self._rule != "transpose"), ptr(self._per_sample),
                       ptr(self._v_copy), self._threads)
         self.error = float("nan")  # the stopping error of the last native step
+        # one forward and one transposed product (ff, rnn; lcp-di, lcp-kp): run both at once on
+        # two threads by PyTorch's own BLAS (lcp_two_products) where it can be reached
+        self._pair = None
+        fwd, back = plan.forward_list, self._back_native
+        if (lib.blas and len(fwd) == 1 and len(back) == 1 and fwd[0][3] and back[0][2]
+                and fwd[0][1].is_contiguous() and back[0][0].is_contiguous()):
+            (t_in, w_t, p_v_out, _), (m, p_e_in, _) = fwd[0], back[0]
+            head = (bsz, w_t.shape[1], w_t.shape[0], t_in.data_ptr(), t_in.stride(0),
+                    w_t.data_ptr(), w_t.stride(0), p_v_out.data_ptr(), p_v_out.stride(0))
+            self._pair_fn = lib.two_products[suffix]
+            # per source buffer: its e_out @ M into p_e's input columns
+            self._pair = {}
+            for slot in self.slots:
+                e_out = slot.e_out[0]
+                self._pair[id(slot)] = head + (
+                    bsz, m.shape[1], m.shape[0], e_out.data_ptr(), e_out.stride(0),
+                    m.data_ptr(), m.stride(0), p_e_in.data_ptr(), p_e_in.stride(0),
+                    self._threads)
         return lib
 
     def _native_step(self, x: torch.Tensor):
@@ -294,12 +312,15 @@ class FusedControlled:
         fresh = self._copy_of >= 0 and src is self.slots[self._copy_of]
         torch.tanh(self._v_copy if fresh else src.v, out=plan.t)
         self._copy_of = j
-        self._forward()
-        for piece, (m, target, first) in zip(src.e_out, self._back_native):
-            if first:
-                torch.mm(piece, m, out=target)
-            else:
-                target.addmm_(piece, m)
+        if self._pair is not None:
+            self._pair_fn(*self._pair[id(src)])
+        else:
+            self._forward()
+            for piece, (m, target, first) in zip(src.e_out, self._back_native):
+                if first:
+                    torch.mm(piece, m, out=target)
+                else:
+                    target.addmm_(piece, m)
         self.error = self._step_fn(*self._shape, src.buf.data_ptr(), dst.buf.data_ptr(),
                                    *self._args)
         return (dst.buf,)
