@@ -250,7 +250,12 @@ def test_the_two_products_at_once_equal_torch_mm(kernels, model, trainer, dtype)
     if not kernels.blas:
         pytest.skip("PyTorch's BLAS cannot be reached from the compiled library here")
     cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=64, alpha=0.1)
-    compiled, _, state = kernel_pair(cfg, dtype, n=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the pairing is for PyTorch on at most two threads
+    try:
+        compiled, _, state = kernel_pair(cfg, dtype, n=16)
+    finally:
+        torch.set_num_threads(threads)
     assert compiled._pair is not None
     with torch.no_grad():
         paired = compiled.measure(state.clone())[0].clone()

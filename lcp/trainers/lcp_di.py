@@ -281,10 +281,12 @@ class FusedControlled:
                       ptr(self._v_copy), self._threads)
         self.error = float("nan")  # the stopping error of the last native step
         # one forward and one transposed product (ff, rnn; lcp-di, lcp-kp): run both at once on
-        # two threads by PyTorch's own BLAS (lcp_two_products) where it can be reached
+        # two threads by PyTorch's own BLAS (lcp_two_products) where it can be reached — with
+        # PyTorch on at most two threads; with more, each product keeps all of them
         self._pair = None
         fwd, back = plan.forward_list, self._back_native
-        if (lib.blas and len(fwd) == 1 and len(back) == 1 and fwd[0][3] and back[0][2]
+        if (lib.blas and torch.get_num_threads() <= 2 and len(fwd) == 1 and len(back) == 1
+                and fwd[0][3] and back[0][2]
                 and fwd[0][1].is_contiguous() and back[0][0].is_contiguous()):
             (t_in, w_t, p_v_out, _), (m, p_e_in, _) = fwd[0], back[0]
             head = (bsz, w_t.shape[1], w_t.shape[0], t_in.data_ptr(), t_in.stride(0),
