@@ -27,7 +27,61 @@
 #include <stdint.h>
 #include <string.h>
 
-#define DEFINE_STEP(T, SUFFIX, EXP)                                                          \
+/*
+ * Row pieces every pass below uses (static, inlined where they are called).
+ *   softmax_*:      out = softmax(x) over C values (max-shifted)
+ *   dot_*:          sum_j a[j] b[j] over n values
+ *   add_product_*:  to[j] += sum_c coef[c] m[c * R + j] for j < R (a 1 x C by C x R product)
+ *   batch_worst_*:  the largest per-sample error, NaN if any is NaN
+ */
+#define DEFINE_ROW_HELPERS(T, SUFFIX, EXP)                                                      \
+static inline void softmax_##SUFFIX(const T *x, long C, T *out)                                \
+{                                                                                              \
+    T top = x[0], total = 0;                                                                   \
+    for (long c = 1; c < C; ++c)                                                               \
+        top = x[c] > top ? x[c] : top;                                                         \
+    for (long c = 0; c < C; ++c) {                                                             \
+        out[c] = EXP(x[c] - top);                                                              \
+        total += out[c];                                                                       \
+    }                                                                                          \
+    for (long c = 0; c < C; ++c)                                                               \
+        out[c] = out[c] / total;                                                               \
+}                                                                                              \
+                                                                                               \
+static inline T dot_##SUFFIX(const T *a, const T *b, long n)                                   \
+{                                                                                              \
+    T sum = 0;                                                                                 \
+    _Pragma("omp simd reduction(+:sum)")                                                       \
+    for (long j = 0; j < n; ++j)                                                               \
+        sum += a[j] * b[j];                                                                    \
+    return sum;                                                                                \
+}                                                                                              \
+                                                                                               \
+static inline void add_product_##SUFFIX(T *to, const T *coef, const T *m, long C, long R)      \
+{                                                                                              \
+    for (long c = 0; c < C; ++c) {                                                             \
+        const T k = coef[c], *row = m + c * R;                                                 \
+        _Pragma("omp simd")                                                                    \
+        for (long j = 0; j < R; ++j)                                                           \
+            to[j] += k * row[j];                                                               \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+static inline double batch_worst_##SUFFIX(const T *per_sample, long B)                         \
+{                                                                                              \
+    double worst = 0.0;                                                                        \
+    for (long b = 0; b < B; ++b) {                                                             \
+        double ratio = (double)per_sample[b];                                                  \
+        if (worst == worst && (ratio > worst || ratio != ratio))                               \
+            worst = ratio;                                                                     \
+    }                                                                                          \
+    return worst;                                                                              \
+}
+
+DEFINE_ROW_HELPERS(float, f32, expf)
+DEFINE_ROW_HELPERS(double, f64, exp)
+
+#define DEFINE_STEP(T, SUFFIX)                                                          \
 double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, const T *t,      \
                          const T *onehot, const T *h_b, const T *p_v, const T *p_e,           \
                          const T *w_d, long r_d, const T *b_d, const T *m_u, long r_u,         \
@@ -48,25 +102,14 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, c
         const T *pe = p_e ? p_e + b * N : NULL, *y = onehot + b * C;                           \
         T diff = 0, norm = 0;                                                                  \
         /* g = (softmax(v^) - onehot)/B;  u = k_i u_i - k_p g */                               \
-        T top = v_hat[0], total = 0;                                                           \
-        for (long c = 1; c < C; ++c)                                                           \
-            top = v_hat[c] > top ? v_hat[c] : top;                                             \
+        softmax_##SUFFIX(v_hat, C, soft);                                                      \
         for (long c = 0; c < C; ++c) {                                                         \
-            soft[c] = EXP(v_hat[c] - top);                                                     \
-            total += soft[c];                                                                  \
-        }                                                                                      \
-        for (long c = 0; c < C; ++c) {                                                         \
-            T s = soft[c] / total;                                                             \
+            T s = soft[c];                                                                     \
             u[c] = plain_u ? u_i[c] : (T)k_i * u_i[c] - (T)k_p * ((s - y[c]) / (T)B);          \
             /* u_i' = (dt_u/B) onehot + (1 - dt_u alpha) u_i - (dt_u/B) softmax */             \
             T ui = ((T)(target_rate * y[c]) + (T)keep_ui * u_i[c]) + (T)soft_rate * s;          \
             /* v^' = (u + b_D) + t_r W_D^T */                                                  \
-            const T *w = w_d + c * R_d, *tr = t_row + r_d;                                     \
-            T dot = 0;                                                                         \
-            _Pragma("omp simd reduction(+:dot)")                                               \
-            for (long j = 0; j < R_d; ++j)                                                     \
-                dot += tr[j] * w[j];                                                           \
-            T vh = (u[c] + b_d[c]) + dot;                                                      \
+            T vh = (u[c] + b_d[c]) + dot_##SUFFIX(t_row + r_d, w_d + c * R_d, R_d);            \
             if (relax_v)                                                                       \
                 vh = vh * rv + v_hat[c] * rv_old;                                              \
             u_i_next[c] = ui;                                                                  \
@@ -80,22 +123,16 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, c
             memcpy(back, pe, (size_t)N * sizeof(T));                                           \
         else                                                                                   \
             memset(back, 0, (size_t)N * sizeof(T));                                            \
-        for (long c = 0; c < C; ++c) {                                                         \
-            const T uc = u[c], *m = m_u + c * R_u;                                             \
-            T *to = back + r_u;                                                                \
-            _Pragma("omp simd")                                                                \
-            for (long j = 0; j < R_u; ++j)                                                     \
-                to[j] += uc * m[j];                                                            \
-        }                                                                                      \
+        add_product_##SUFFIX(back + r_u, u, m_u, C, R_u);                                      \
         /* e' from back, v' from the forward products */                                      \
         _Pragma("omp simd reduction(+:diff, norm)")                                            \
         for (long j = 0; j < N; ++j) {                                                         \
             T en, vn;                                                                          \
             if (linear_e) { /* lcp-lf: e' = Q u;  v' = h_b + e' + forward products */          \
-                en = back[j];                                                                     \
+                en = back[j];                                                                  \
                 vn = (hb[j] + en) + pv[j];                                                     \
             } else {        /* e' = tanh'(v) (.) back;  v' = h_b + e + forward products */     \
-                en = back[j] * ((T)1 - t_row[j] * t_row[j]);                                      \
+                en = back[j] * ((T)1 - t_row[j] * t_row[j]);                                   \
                 if (relax_e)                                                                   \
                     en = en * re + e[j] * re_old;                                              \
                 vn = (hb[j] + e[j]) + pv[j];                                                   \
@@ -112,17 +149,11 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, c
         }                                                                                      \
         per_sample[b] = (T)(sqrt((double)diff) / (1e-5 + sqrt((double)norm)));                \
     }                                                                                          \
-    double worst = 0.0;                                                                        \
-    for (long b = 0; b < B; ++b) {                                                             \
-        double ratio = (double)per_sample[b];                                                  \
-        if (worst == worst && (ratio > worst || ratio != ratio))                               \
-            worst = ratio;                                                                     \
-    }                                                                                          \
-    return worst;                                                                              \
+    return batch_worst_##SUFFIX(per_sample, B);                                                \
 }
 
-DEFINE_STEP(float, f32, expf)
-DEFINE_STEP(double, f64, exp)
+DEFINE_STEP(float, f32)
+DEFINE_STEP(double, f64)
 
 /*
  * One step of the free dynamics v' = h_b + p_v (p_v: the blocks' forward products of tanh(v),
@@ -148,13 +179,7 @@ double lcp_free_step_##SUFFIX(long B, long N, const T *src, T *dst, const T *h_b
         }                                                                                      \
         per_sample[b] = (T)(sqrt((double)diff) / (1e-5 + sqrt((double)norm)));                \
     }                                                                                          \
-    double worst = 0.0;                                                                        \
-    for (long b = 0; b < B; ++b) {                                                             \
-        double ratio = (double)per_sample[b];                                                  \
-        if (worst == worst && (ratio > worst || ratio != ratio))                               \
-            worst = ratio;                                                                     \
-    }                                                                                          \
-    return worst;                                                                              \
+    return batch_worst_##SUFFIX(per_sample, B);                                                \
 }
 
 DEFINE_FREE_STEP(float, f32)
@@ -270,7 +295,7 @@ DEFINE_ANDERSON(double, f64)
  * Rows: v, eps, xi, t, p_v, h_b, fb_row B x N; v^, u_i, onehot, u_ref, du_row B x C;
  * Q^T is C x N, W_D C x (N - r_d).
  */
-#define DEFINE_NOISY_STEP(T, SUFFIX, EXP)                                                       \
+#define DEFINE_NOISY_STEP(T, SUFFIX)                                                       \
 void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_all,           \
                              const T *v_hat_all, T *v_hat_next_all, T *u_i_all, T *eps_all,   \
                              const T *xi_all, const T *t, const T *p_v, const T *h_b,         \
@@ -293,35 +318,19 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
         T *v_next = v_next_all + b * N, *v_hat_next = v_hat_next_all + b * C;                 \
         T *u_i = u_i_all + b * C, *eps = eps_all + b * N;                                      \
         T *fb = fb_all + b * N, *du = du_all + b * C;                                          \
-        T top = v_hat[0], total = 0;                                                           \
-        for (long c = 1; c < C; ++c)                                                           \
-            top = v_hat[c] > top ? v_hat[c] : top;                                             \
+        softmax_##SUFFIX(v_hat, C, soft);                                                      \
         for (long c = 0; c < C; ++c) {                                                         \
-            soft[c] = EXP(v_hat[c] - top);                                                     \
-            total += soft[c];                                                                  \
-        }                                                                                      \
-        for (long c = 0; c < C; ++c) {                                                         \
-            T s = soft[c] / total;                                                             \
+            T s = soft[c];                                                                     \
             u[c] = (T)k_i * u_i[c] - (T)k_p * ((s - y[c]) / (T)B);                             \
             du[c] = u[c] - ur[c];                                                              \
-            const T *w = w_d + c * R_d, *tr = t_row + r_d;                                     \
-            T dot = 0;                                                                         \
-            _Pragma("omp simd reduction(+:dot)")                                               \
-            for (long j = 0; j < R_d; ++j)                                                     \
-                dot += tr[j] * w[j];                                                           \
-            T vh = (u[c] + b_d[c]) + dot;                                                      \
+            T vh = (u[c] + b_d[c]) + dot_##SUFFIX(t_row + r_d, w_d + c * R_d, R_d);            \
             if (relax_h)                                                                       \
                 vh = vh * rh + v_hat[c] * rh_old;                                              \
             v_hat_next[c] = vh;                                                                \
             u_i[c] = ((T)(target_rate * y[c]) + (T)keep_ui * u_i[c]) + (T)soft_rate * s;       \
         }                                                                                      \
         memset(back, 0, (size_t)N * sizeof(T));                                                \
-        for (long c = 0; c < C; ++c) {                                                         \
-            const T uc = u[c], *q = q_t + c * N;                                               \
-            _Pragma("omp simd")                                                                \
-            for (long j = 0; j < N; ++j)                                                       \
-                back[j] += uc * q[j];                                                          \
-        }                                                                                      \
+        add_product_##SUFFIX(back, u, q_t, C, N);                                              \
         _Pragma("omp simd")                                                                    \
         for (long j = 0; j < N; ++j) {                                                         \
             T f = (T)sigma * eps[j] + back[j];                                                 \
@@ -335,8 +344,8 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
     }                                                                                          \
 }
 
-DEFINE_NOISY_STEP(float, f32, expf)
-DEFINE_NOISY_STEP(double, f64, exp)
+DEFINE_NOISY_STEP(float, f32)
+DEFINE_NOISY_STEP(double, f64)
 
 /*
  * lcp-ebd's energy descent (EnergyBasedTrainer._fused_descent) on x = [v | v^] (B x (N + C)),
@@ -348,7 +357,7 @@ DEFINE_NOISY_STEP(double, f64, exp)
  *                      then one step of Adam (torch.optim.Adam's arithmetic; bias corrections
  *                      from the caller) or of gradient descent on x.
  */
-#define DEFINE_EBD(T, SUFFIX, EXP, SQRT)                                                              \
+#define DEFINE_EBD(T, SUFFIX, SQRT)                                                             \
 void lcp_ebd_residuals_##SUFFIX(long B, long N, long C, const T *x, const T *t, const T *p_v,  \
                                 const T *h_b, const T *w_d, long r_d0, const T *b_d, T *r_f,   \
                                 T *r_d, int threads)                                           \
@@ -362,14 +371,8 @@ void lcp_ebd_residuals_##SUFFIX(long B, long N, long C, const T *x, const T *t, 
         _Pragma("omp simd")                                                                    \
         for (long j = 0; j < N; ++j)                                                           \
             rf[j] = (v[j] - hb[j]) - pv[j];                                                    \
-        for (long c = 0; c < C; ++c) {                                                         \
-            const T *w = w_d + c * R_d, *tr = t_row + r_d0;                                    \
-            T dot = 0;                                                                         \
-            _Pragma("omp simd reduction(+:dot)")                                               \
-            for (long j = 0; j < R_d; ++j)                                                     \
-                dot += tr[j] * w[j];                                                           \
-            rd[c] = (v_hat[c] - b_d[c]) - dot;                                                 \
-        }                                                                                      \
+        for (long c = 0; c < C; ++c)                                                           \
+            rd[c] = (v_hat[c] - b_d[c]) - dot_##SUFFIX(t_row + r_d0, w_d + c * R_d, R_d);      \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
@@ -394,25 +397,13 @@ void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, const T *t, const T 
             memcpy(g, p_e + b * N, (size_t)N * sizeof(T));                                     \
         else                                                                                   \
             memset(g, 0, (size_t)N * sizeof(T));                                               \
-        for (long c = 0; c < C; ++c) {                                                         \
-            const T rc = rd[c], *w = w_d + c * R_d;                                            \
-            T *to = g + r_d0;                                                                  \
-            _Pragma("omp simd")                                                                \
-            for (long j = 0; j < R_d; ++j)                                                     \
-                to[j] += rc * w[j];                                                            \
-        }                                                                                      \
+        add_product_##SUFFIX(g + r_d0, rd, w_d, C, R_d);                                      \
         _Pragma("omp simd")                                                                    \
         for (long j = 0; j < N; ++j)                                                           \
             g[j] = rf[j] - g[j] * ((T)1 - t_row[j] * t_row[j]);                                \
-        T top = v_hat[0], total = 0;                                                           \
-        for (long c = 1; c < C; ++c)                                                           \
-            top = v_hat[c] > top ? v_hat[c] : top;                                             \
-        for (long c = 0; c < C; ++c) {                                                         \
-            soft[c] = EXP(v_hat[c] - top);                                                     \
-            total += soft[c];                                                                  \
-        }                                                                                      \
+        softmax_##SUFFIX(v_hat, C, soft);                                                      \
         for (long c = 0; c < C; ++c)                                                           \
-            g[N + c] = (rd[c] + (T)inv_alpha_b * (soft[c] / total)) - y[c] * (T)inv_alpha_b;  \
+            g[N + c] = (rd[c] + (T)inv_alpha_b * soft[c]) - y[c] * (T)inv_alpha_b;             \
         if (adam) {                                                                            \
             _Pragma("omp simd")                                                                \
             for (long k = 0; k < S; ++k) {                                                     \
@@ -430,8 +421,8 @@ void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, const T *t, const T 
     }                                                                                          \
 }
 
-DEFINE_EBD(float, f32, expf, sqrtf)
-DEFINE_EBD(double, f64, exp, sqrt)
+DEFINE_EBD(float, f32, sqrtf)
+DEFINE_EBD(double, f64, sqrt)
 
 /*
  * The two large products of a controlled step (the block's forward product t_in W^T and its
