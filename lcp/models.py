@@ -460,7 +460,7 @@ class _NativeFree:
         self.p_v, self.products = plan.forward_products()
         self.h_b = plan.h_b.contiguous()
         self.per_sample = start.new_zeros(plan.batch)
-        self.fn = lib.free_step["f32" if start.dtype == torch.float32 else "f64"]
+        self.fn = lib.get("free_step", start.dtype)
         self.args = (self.h_b.data_ptr(), self.p_v.data_ptr(), self.per_sample.data_ptr(),
                      native.threads_for(plan.batch, plan.size))
 

@@ -54,52 +54,45 @@ def disabled():
         _disabled -= 1
 
 
+_L, _P, _D, _I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+# every typed pass of dynamics.c, as (name, argument types, result type); each exists for
+# float32 (`lcp_<name>_f32`) and float64 (`lcp_<name>_f64`)
+_SIGNATURES = (
+    ("step", [_L] * 4 + [_P] * 8 + [_L, _P, _P, _L] + [_D] * 5 + [_I, _D, _D, _I, _P, _P, _I],
+     _D),
+    ("free_step", [_L, _L] + [_P] * 5 + [_I], _D),
+    ("anderson_mix", [_L] * 4 + [_P] * 3 + [_L] * 3 + [_P, _D, _P, _P, _I], _I),
+    ("noisy_step", [_L] * 3 + [_P] * 12 + [_L] + [_P] * 5 + [_D] * 9 + [_I], None),
+    ("ebd_residuals", [_L] * 3 + [_P] * 5 + [_L] + [_P] * 3 + [_I], None),
+    ("ebd_descend", [_L] * 3 + [_P] * 6 + [_L, _P, _D, _P, _P, _I] + [_D] * 6 + [_I], None),
+    ("two_products", [_I, _I, _I, _P, _I, _P, _I, _P, _I] * 2 + [_I], None),
+)
+
+
 class Kernels:
-    """The loaded shared library, its functions typed for ctypes."""
+    """The loaded shared library, its functions typed for ctypes: `get(name, dtype)`."""
 
     def __init__(self, path: Path):
         self.path = path
         lib = ctypes.CDLL(str(path))
-        L, P, D, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-        self.step, self.free_step, self.anderson_mix, self.noisy_step = {}, {}, {}, {}
-        self.ebd_residuals, self.ebd_descend, self.two_products = {}, {}, {}
-        for suffix in ("f32", "f64"):
-            fn = getattr(lib, f"lcp_step_{suffix}")
-            fn.argtypes = [L, L, L, L, P, P, P, P, P, P, P, P, L, P, P, L,
-                           D, D, D, D, D, I, D, D, I, P, P, I]
-            fn.restype = D
-            self.step[suffix] = fn
-            free = getattr(lib, f"lcp_free_step_{suffix}")
-            free.argtypes = [L, L, P, P, P, P, P, I]
-            free.restype = D
-            self.free_step[suffix] = free
-            mix = getattr(lib, f"lcp_anderson_mix_{suffix}")
-            mix.argtypes = [L, L, L, L, P, P, P, L, L, L, P, D, P, P, I]
-            mix.restype = I
-            self.anderson_mix[suffix] = mix
-            noisy = getattr(lib, f"lcp_noisy_step_{suffix}")
-            noisy.argtypes = [L, L, L] + [P] * 12 + [L] + [P] * 5 + [D] * 9 + [I]
-            noisy.restype = None
-            self.noisy_step[suffix] = noisy
-            residuals = getattr(lib, f"lcp_ebd_residuals_{suffix}")
-            residuals.argtypes = [L, L, L] + [P] * 5 + [L] + [P] * 3 + [I]
-            residuals.restype = None
-            descend = getattr(lib, f"lcp_ebd_descend_{suffix}")
-            descend.argtypes = ([L, L, L] + [P] * 6 + [L, P, D, P, P, I] + [D] * 6 + [I])
-            descend.restype = None
-            self.ebd_residuals[suffix], self.ebd_descend[suffix] = residuals, descend
-            two = getattr(lib, f"lcp_two_products_{suffix}")
-            two.argtypes = [I, I, I, P, I, P, I, P, I] * 2 + [I]
-            two.restype = None
-            self.two_products[suffix] = two
+        self._functions = {}
+        for name, argtypes, restype in _SIGNATURES:
+            for suffix, dtype_name in (("f32", "float32"), ("f64", "float64")):
+                fn = getattr(lib, f"lcp_{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, restype
+                self._functions[name, dtype_name] = fn
         # the BLAS inside PyTorch's own library, for lcp_two_products (absent: torch.mm is used)
         self.blas = False
         init = lib.lcp_blas_init
-        init.argtypes, init.restype = [ctypes.c_char_p], I
+        init.argtypes, init.restype = [ctypes.c_char_p], _I
         for candidate in _torch_libraries():
             if init(str(candidate).encode()):
                 self.blas = True
                 break
+
+    def get(self, name: str, dtype):
+        """The pass `name` (see `_SIGNATURES`) for tensors of `dtype` (torch.float32/64)."""
+        return self._functions[name, str(dtype).rpartition(".")[2]]
 
 
 def _torch_libraries() -> list[Path]:

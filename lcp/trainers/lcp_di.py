@@ -268,8 +268,8 @@ class FusedControlled:
         self._keep = (m_u, p_e, h_b.contiguous(), plan.W_D.contiguous(), plan.b_D.contiguous())
         m_u, p_e, h_b, w_d, b_d = self._keep
         ptr = lambda x: None if x is None else x.data_ptr()  # noqa: E731
-        suffix = "f32" if h_b.dtype == torch.float32 else "f64"
-        self._step_fn, self._mix_fn = lib.step[suffix], lib.anderson_mix[suffix]
+        self._step_fn = lib.get("step", h_b.dtype)
+        self._mix_fn = lib.get("anderson_mix", h_b.dtype)
         self._threads = native.threads_for(bsz, n)
         self._shape = (bsz, n, c, 2 * n + 2 * c)
         # the arguments that do not change from step to step
@@ -291,7 +291,7 @@ class FusedControlled:
             (t_in, w_t, p_v_out, _), (m, p_e_in, _) = fwd[0], back[0]
             head = (bsz, w_t.shape[1], w_t.shape[0], t_in.data_ptr(), t_in.stride(0),
                     w_t.data_ptr(), w_t.stride(0), p_v_out.data_ptr(), p_v_out.stride(0))
-            self._pair_fn = lib.two_products[suffix]
+            self._pair_fn = lib.get("two_products", h_b.dtype)
             # per source buffer: its e_out @ M into p_e's input columns
             self._pair = {}
             for slot in self.slots:

@@ -123,8 +123,7 @@ class EnergyBasedTrainer(Trainer):
         cfg = self.cfg
         bsz, n = plan.batch, plan.size
         c = x.shape[1] - n
-        suffix = "f32" if x.dtype == torch.float32 else "f64"
-        residuals, descend = lib.ebd_residuals[suffix], lib.ebd_descend[suffix]
+        residuals, descend = lib.get("ebd_residuals", x.dtype), lib.get("ebd_descend", x.dtype)
         p_v, forward_products = plan.forward_products()
         r_f = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
         r_d = torch.empty(bsz, c, dtype=x.dtype, device=x.device)

@@ -168,7 +168,7 @@ class LinearFeedbackTrainer(LeastControlTrainer):
             # compiled pass (`lcp.native`, lcp_noisy_step) — the same map and the same draws
             from lcp import native
 
-            step = lib.noisy_step["f32" if v.dtype == torch.float32 else "f64"]
+            step = lib.get("noisy_step", v.dtype)
             p_v, forward_products = plan.forward_products()
             keep = (plan.h_b.contiguous(), Q_t.contiguous(), plan.W_D.contiguous(),
                     plan.b_D.contiguous(), onehot.contiguous(), u_ref.contiguous())
