@@ -266,9 +266,9 @@ class DynamicsPlan:
             self._forward = None
 
     def forward_products(self):
-        """(p_v, run): a B × N buffer and a function that writes the blocks' forward products
-        Σ t_in Wᵀ of the plan's t = φ(v) into their output columns of it (columns no block
-        writes stay zero), for the compiled passes of `lcp.native`. Made once per plan."""
+        """(p_v, products): a B × N buffer and the blocks' forward products t_in Wᵀ of the
+        plan's t = φ(v) into their output columns of it (columns no block writes stay zero), as
+        `run_products` takes them, for the compiled passes of `lcp.native`. Made once per plan."""
         if self._forward is None:
             p_v = torch.zeros_like(self.h_b)
             seen, products = set(), []
@@ -277,16 +277,7 @@ class DynamicsPlan:
                 products.append((piece, weight_t, p_v[:, region[0]:region[1]],
                                  region not in seen))
                 seen.add(region)
-
-            def run():
-                for piece, weight_t, target, first in products:
-                    if first:
-                        torch.mm(piece, weight_t, out=target)
-                    else:
-                        target.addmm_(piece, weight_t)
-
-            self._forward = (p_v, run)
-            self.forward_list = products  # (t_in, Wᵀ, target view, overwrite?) per block
+            self._forward = (p_v, products)
         return self._forward
 
     def native_kernels(self):
@@ -448,6 +439,15 @@ class DynamicsPlan:
         return self.act_grad_mul_into(out, self.transpose_sum(e, u, feedback, views), v)
 
 
+def run_products(products) -> None:
+    """For each (a, b, out, overwrite): out = a b (overwrite) or out += a b."""
+    for a, b, out, overwrite in products:
+        if overwrite:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+
+
 class _NativeFree:
     """`DynamicsPlan.free_stepper`'s compiled step: v' = h_b + Σ_blocks pad(tanh(v)_in Wᵀ)."""
 
@@ -473,7 +473,7 @@ class _NativeFree:
             src = v
         dst = self.buffers[1 - i]
         torch.tanh(src, out=self.plan.t)
-        self.products()
+        run_products(self.products)
         error = self.fn(self.plan.batch, self.plan.size, src.data_ptr(), dst.data_ptr(),
                         *self.args)
         return dst, self.per_sample, error

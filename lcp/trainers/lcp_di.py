@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lcp.models import LinearReadoutModel
+from lcp.models import LinearReadoutModel, run_products
 from lcp.trainers.base import Trainer, loss_gradient
 
 
@@ -261,9 +261,14 @@ class FusedControlled:
             p_e, _, writes = plan._scratch_for(False)
             self._back_native = [(m, target, first)
                                  for (m, _), (target, first) in zip(self._back, writes)]
+            # as `run_products` takes them, for each buffer a step may read from
+            self._back_of = {id(slot): [(piece, m, target, first) for piece, (m, target, first)
+                                        in zip(slot.e_out, self._back_native)]
+                             for slot in self.slots}
             m_u, r_u = self._readout[0].contiguous(), plan.r0
         else:
             p_e, self._back_native = None, []  # lcp-lf: e' = u Qᵀ, all in the compiled pass
+            self._back_of = {id(slot): [] for slot in self.slots}
             m_u, r_u = self._q_t.contiguous(), 0
         self._keep = (m_u, p_e, h_b.contiguous(), plan.W_D.contiguous(), plan.b_D.contiguous())
         m_u, p_e, h_b, w_d, b_d = self._keep
@@ -284,7 +289,7 @@ class FusedControlled:
         # two threads by PyTorch's own BLAS (lcp_two_products) where it can be reached — with
         # PyTorch on at most two threads; with more, each product keeps all of them
         self._pair = None
-        fwd, back = plan.forward_list, self._back_native
+        fwd, back = self._forward, self._back_native
         if (lib.blas and torch.get_num_threads() <= 2 and len(fwd) == 1 and len(back) == 1
                 and fwd[0][3] and back[0][2]
                 and fwd[0][1].is_contiguous() and back[0][0].is_contiguous()):
@@ -317,12 +322,8 @@ class FusedControlled:
         if self._pair is not None:
             self._pair_fn(*self._pair[id(src)])
         else:
-            self._forward()
-            for piece, (m, target, first) in zip(src.e_out, self._back_native):
-                if first:
-                    torch.mm(piece, m, out=target)
-                else:
-                    target.addmm_(piece, m)
+            run_products(self._forward)
+            run_products(self._back_of[id(src)])
         self.error = self._step_fn(*self._shape, src.buf.data_ptr(), dst.buf.data_ptr(),
                                    *self._args)
         return (dst.buf,)

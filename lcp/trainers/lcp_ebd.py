@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lcp.errors import DivergenceError
-from lcp.models import LinearReadoutModel
+from lcp.models import LinearReadoutModel, run_products
 from lcp.trainers.base import Trainer, loss_gradient
 
 
@@ -82,7 +82,7 @@ class EnergyBasedTrainer(Trainer):
         leaf [v | v̂]: the same closed-form gradient, written in place, and one fused Adam
         kernel (PyTorch's own, `torch._fused_adam_`) instead of the optimizer's per-tensor
         ops. Adam's arithmetic is the same up to rounding."""
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
         plan = self.batch_plan(h)
         bsz, n = h.shape
         x = torch.cat([v0, v_hat0], dim=1)
@@ -147,13 +147,9 @@ class EnergyBasedTrainer(Trainer):
         v = x[:, :n]
         for step in range(1, cfg.solver_max_iter + 1):
             torch.tanh(v, out=plan.t)
-            forward_products()
+            run_products(forward_products)
             residuals(*res_args)
-            for piece, weight, target, first in back:
-                if first:
-                    torch.mm(piece, weight, out=target)
-                else:
-                    target.addmm_(piece, weight)
+            run_products(back)
             descend(*head, 1.0 - 0.9 ** step, 1.0 - 0.999 ** step, threads)
 
     def compute_update(self, x, y):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lcp.errors import DivergenceError, LcpError
-from lcp.models import LinearReadoutModel
+from lcp.models import LinearReadoutModel, run_products
 from lcp.trainers.base import loss_gradient
 from lcp.trainers.lcp_di import LeastControlTrainer, relax_
 
@@ -161,14 +161,14 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         target_term = onehot * (rate_u / bsz)
         keep_ui = 1.0 - rate_u * self.alpha
         soft_rate = -rate_u / bsz
-        filled = 0
+        compiled = None
         lib = plan.native_kernels()
         if lib is not None:
             # each step: the noise, tanh and the blocks' products by PyTorch, the rest in one
             # compiled pass (`lcp.native`, lcp_noisy_step) — the same map and the same draws
             from lcp import native
 
-            step = lib.get("noisy_step", v.dtype)
+            pass_fn = lib.get("noisy_step", v.dtype)
             p_v, forward_products = plan.forward_products()
             keep = (plan.h_b.contiguous(), Q_t.contiguous(), plan.W_D.contiguous(),
                     plan.b_D.contiguous(), onehot.contiguous(), u_ref.contiguous())
@@ -178,40 +178,41 @@ class LinearFeedbackTrainer(LeastControlTrainer):
                      u_ref_c.data_ptr())
             rates = (float(k_i), float(k_p), float(sigma), eps_keep, rate_v, rate_slow_v,
                      keep_ui, rate_u / bsz, soft_rate, native.threads_for(bsz, n))
-            u_i_ptr, eps_ptr, xi_ptr = u_i.data_ptr(), eps.data_ptr(), xi.data_ptr()
-            for _ in range(cfg.solver_max_iter):
+            state_ptrs = (u_i.data_ptr(), eps.data_ptr(), xi.data_ptr())
+
+            def compiled_step(v, v_next, v_hat, vh_next, fb_row, du_row):
                 xi.normal_(0.0, noise_scale)
                 torch.tanh(v, out=plan.t)
-                forward_products()
-                step(bsz, n, c, v.data_ptr(), v_next.data_ptr(), v_hat.data_ptr(),
-                     vh_next.data_ptr(), u_i_ptr, eps_ptr, xi_ptr, *fixed,
-                     fb_rows[filled].data_ptr(), du_rows[filled].data_ptr(), *rates)
-                filled += 1
-                if filled == chunk:
-                    A_sum.addmm_(fb_block.t(), du_block, alpha=-1.0)
-                    filled = 0
-                v, v_next = v_next, v
-                v_hat, vh_next = vh_next, v_hat
-        for _ in range(0 if lib is not None else cfg.solver_max_iter):
-            soft = plan.softmax(v_hat)
-            u = u_i if plain_u else (u_i * k_i if k_p == 0 else
-                                     k_i * u_i - k_p * ((soft - onehot) / bsz))
-            v_fb = torch.addmm(eps, u, Q_t, beta=sigma, out=fb_rows[filled])  # Q·u + σ·ε
-            torch.sub(u, u_ref, out=du_rows[filled])
+                run_products(forward_products)
+                pass_fn(bsz, n, c, v.data_ptr(), v_next.data_ptr(), v_hat.data_ptr(),
+                        vh_next.data_ptr(), *state_ptrs, *fixed, fb_row.data_ptr(),
+                        du_row.data_ptr(), *rates)
+
+            compiled = compiled_step
+        filled = 0
+        for _ in range(cfg.solver_max_iter):
+            if compiled is not None:
+                compiled(v, v_next, v_hat, vh_next, fb_rows[filled], du_rows[filled])
+            else:
+                soft = plan.softmax(v_hat)
+                u = u_i if plain_u else (u_i * k_i if k_p == 0 else
+                                         k_i * u_i - k_p * ((soft - onehot) / bsz))
+                v_fb = torch.addmm(eps, u, Q_t, beta=sigma, out=fb_rows[filled])  # Q·u + σ·ε
+                torch.sub(u, u_ref, out=du_rows[filled])
+                torch.add(xi.normal_(0.0, noise_scale), eps, alpha=eps_keep, out=eps)
+                plan.act(v)
+                plan.implicit_into(v_next, add=v_fb, views=views[1])
+                if rate_v != 1.0:
+                    relax_(v_next, v, rate_v)
+                relax_(plan.decode_into(vh_next, add=u), v_hat, rate_slow_v)
+                torch.add(target_term, u_i, alpha=keep_ui, out=u_i).add_(soft, alpha=soft_rate)
+                views = views[::-1]
             filled += 1
             if filled == chunk:  # A −= Σ v_fbᵀ (u − u_ref) over the block's steps and samples
                 A_sum.addmm_(fb_block.t(), du_block, alpha=-1.0)
                 filled = 0
-            torch.add(xi.normal_(0.0, noise_scale), eps, alpha=eps_keep, out=eps)
-            plan.act(v)
-            plan.implicit_into(v_next, add=v_fb, views=views[1])
-            if rate_v != 1.0:
-                relax_(v_next, v, rate_v)
-            relax_(plan.decode_into(vh_next, add=u), v_hat, rate_slow_v)
-            torch.add(target_term, u_i, alpha=keep_ui, out=u_i).add_(soft, alpha=soft_rate)
             v, v_next = v_next, v
             v_hat, vh_next = vh_next, v_hat
-            views = views[::-1]
         if filled:
             A_sum.addmm_(fb_block[:filled * bsz].t(), du_block[:filled * bsz], alpha=-1.0)
         A_mean = A_sum / (sigma**2 * bsz)
