@@ -45,9 +45,9 @@ def fresh_native(monkeypatch, tmp_path):
     native.reset()
 
 
-def kernel_pair(cfg, dtype, n=12, seed=0):
-    """The same controlled step twice — compiled and PyTorch-only — on one batch, and a random
-    non-zero state to step from."""
+def model_and_batch(cfg, dtype=torch.float64, n=8, seed=0):
+    """(model, trainer, x, y, generator): the model from seed `seed`, a batch of n MNIST-shaped
+    inputs from a generator seeded `seed + 1` (left to draw more from)."""
     torch.manual_seed(seed)
     net = build_model(cfg, (1, 28, 28), 10).to(dtype)
     tr = build_trainer(cfg, net)
@@ -55,6 +55,13 @@ def kernel_pair(cfg, dtype, n=12, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.rand(n, 1, 28, 28, generator=g).to(dtype)
     y = torch.randint(0, 10, (n,), generator=g)
+    return net, tr, x, y, g
+
+
+def kernel_pair(cfg, dtype, n=12, seed=0):
+    """The same controlled step twice — compiled and PyTorch-only — on one batch, and a random
+    non-zero state to step from."""
+    net, tr, x, y, g = model_and_batch(cfg, dtype, n, seed)
     onehot = F.one_hot(y, 10).to(dtype)
     with torch.no_grad():
         h = net.encode(x)
@@ -100,12 +107,7 @@ def test_compiled_solve_at_the_paper_sizes_gives_the_pytorch_update(kernels, mod
 
     def update(compiled):
         with contextlib.nullcontext() if compiled else native.disabled():
-            torch.manual_seed(0)
-            net = build_model(cfg, (1, 28, 28), 10)
-            tr = build_trainer(cfg, net)
-            g = torch.Generator().manual_seed(3)
-            x = torch.rand(64, 1, 28, 28, generator=g)
-            y = torch.randint(0, 10, (64,), generator=g)
+            net, tr, x, y, _ = model_and_batch(cfg, torch.float32, n=64, seed=2)
             stats = tr.compute_update(x, y)
             return torch.cat([p.grad.flatten() for p in net.parameters()]), stats
 
@@ -130,12 +132,7 @@ def test_diverging_dynamics_raise_through_the_compiled_step(kernels):
 
 
 def one_step_update(cfg):
-    torch.manual_seed(0)
-    net = build_model(cfg, (1, 28, 28), 10).double()
-    tr = build_trainer(cfg, net)
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(8, 1, 28, 28, generator=g).double()
-    y = torch.randint(0, 10, (8,), generator=g)
+    net, tr, x, y, _ = model_and_batch(cfg)
     stats = tr.compute_update(x, y)
     return torch.cat([p.grad.flatten() for p in net.parameters()]), stats
 
@@ -226,12 +223,7 @@ def test_compiled_energy_descent_equals_the_pytorch_descent(kernels, model, opti
     PyTorch kernels with torch.optim.Adam's arithmetic."""
     cfg = RunConfig(model=model, trainer="lcp-ebd", rnn_hidden_units=32, alpha=0.1,
                     solver_max_iter=200, ebd_optim=optim, ebd_lr=0.01 if optim == "adam" else 0.1)
-    torch.manual_seed(0)
-    net = build_model(cfg, (1, 28, 28), 10).double()
-    tr = build_trainer(cfg, net)
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(8, 1, 28, 28, generator=g).double()
-    y = torch.randint(0, 10, (8,), generator=g)
+    net, tr, x, y, _ = model_and_batch(cfg)
     with torch.no_grad():
         h = net.encode(x)
         fast = tr.energy_minimum(h, y)
@@ -263,3 +255,24 @@ def test_the_two_products_at_once_equal_torch_mm(kernels, model, trainer, dtype)
         separate = compiled.measure(state.clone())[0]
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.allclose(paired, separate, rtol=tol, atol=tol * separate.abs().max().item())
+
+
+@pytest.mark.parametrize("model", ["ff", "rnn"])
+def test_compiled_noisy_phase_moves_q_as_the_pytorch_one(kernels, model):
+    """lcp-lf's noisy phase with the compiled pass: the same noise draws and the same Q after
+    `post_update` (float64) as with PyTorch's kernels."""
+    cfg = RunConfig(model=model, trainer="lcp-lf", rnn_hidden_units=32, alpha=0.1,
+                    solver_max_iter=100)
+
+    def q_after_one_step(compiled):
+        with contextlib.nullcontext() if compiled else native.disabled():
+            net, tr, x, y, _ = model_and_batch(cfg)
+            tr.compute_update(x, y)
+            torch.manual_seed(7)  # the noise
+            tr.post_update()
+            return tr.Q.clone(), torch.rand(3)  # and where the generator stands after it
+
+    (q_fast, after_fast), (q_ref, after_ref) = q_after_one_step(True), q_after_one_step(False)
+    assert not torch.allclose(q_fast, model_and_batch(cfg)[1].Q)  # Q moved
+    assert torch.allclose(q_fast, q_ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(after_fast, after_ref)
