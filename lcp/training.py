@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import resource
 import time
 from collections import defaultdict
@@ -135,7 +136,7 @@ def save_checkpoint(path: str | os.PathLike, state: FitState) -> None:
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_rng_state(),
             "python": random.getstate(),
         },
     }
@@ -146,11 +147,49 @@ def save_checkpoint(path: str | os.PathLike, state: FitState) -> None:
     os.replace(tmp, path)
 
 
+def _numpy_rng_state() -> tuple:
+    """numpy's global RNG state as plain data (a list, not an array): loadable weights-only."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return (str(name), [int(k) for k in key], int(pos), int(has_gauss), float(gauss))
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs: RNG states in checkpoints of earlier versions."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_trusted_payload(path: str | os.PathLike, map_location, what: str):
+    """`torch.load` with `weights_only=True`: tensors and plain data only, so that loading a
+    file never runs code from it. numpy arrays are allowed explicitly; a file that needs any
+    other global is refused with one line."""
+    import pickle
+
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    try:
+        if safe_globals is not None:
+            with safe_globals(_numpy_array_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(exc))
+        needs = f" (it asks for {found.group(1)})" if found else ""
+        raise LcpError(f"refusing to load {what} {path}: it holds more than tensors and plain "
+                       f"data{needs}, and loading it could run code from the file; load only "
+                       "files written by lcp") from None
+    except Exception as exc:  # a truncated or foreign file
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LcpError(f"cannot read {what} {path}: {text}") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise LcpError(f"cannot read checkpoint {path}: {exc}. Delete it to start over.") from None
+        payload = load_trusted_payload(path, "cpu", "checkpoint")
+    except LcpError as exc:
+        raise LcpError(f"{exc}. Delete it to start over.") from None
     if not isinstance(payload, dict) or payload.get("format") != "lcp-checkpoint-1":
         raise LcpError(f"{path} is not an lcp checkpoint")
     return payload
@@ -169,7 +208,8 @@ def _restore(state: FitState, payload: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
+    name, key, *rest = rng["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     random.setstate(rng["python"])
 
 
@@ -280,10 +320,7 @@ def save_model_file(path: str | os.PathLike, state: FitState) -> None:
 def load_model_file(path: str | os.PathLike, input_shape, num_classes: int = 10,
                     device: str = "cpu"):
     """(cfg, model, trainer) from `save_model_file` or from an end-of-epoch checkpoint."""
-    try:
-        payload = torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:
-        raise LcpError(f"cannot read model file {path}: {exc}") from None
+    payload = load_trusted_payload(path, device, "model file")
     if not isinstance(payload, dict) or payload.get("format") not in ("lcp-model-1",
                                                                      "lcp-checkpoint-1"):
         raise LcpError(f"{path} is not an lcp model file")

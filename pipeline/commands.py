@@ -451,13 +451,13 @@ def ui_command(tracking_uri, host, port):
 
     import subprocess
 
-    from pipeline.tracking import artifact_root, check_reachable, is_server_uri, resolve_tracking_uri
+    from pipeline.tracking import Tracker, artifact_root, is_server_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_server_uri(uri):
         click.echo(f"{uri} is an MLflow server already: open it in a browser")
         return
-    check_reachable(uri)
+    Tracker(uri).client  # noqa: B018 - checks the store; creates or upgrades its schema (file lock)
     if not 1 <= port <= 65535:
         raise LcpError(f"--port must be in 1..65535 (got {port})")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,

@@ -14,7 +14,10 @@ logging, retries on a locked SQLite store, honest terminal status.
 The default store is embedded: `sqlite:///mlflow.db` in the working folder, its artifacts in
 `./mlartifacts` beside it. Relative SQLite paths are made absolute, so a worker started in
 another folder writes to the same store. Processes that write concurrently to SQLite may see
-"database is locked": every store call here is retried with exponential back-off.
+"database is locked": every store call here is retried with exponential back-off. The first open
+of an embedded store (MLflow creates or upgrades its schema then) is serialised across processes
+by a file lock beside the database (`mlflow.db.lock`), so commands started at once on a fresh
+folder do not race through the schema migration.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
@@ -37,6 +41,9 @@ TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Environment variables a worker must not inherit (they would redirect its logging).
 MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
                   "MLFLOW_TRACKING_URI")
+
+# How long a command waits for another process's first open of the same embedded store.
+STORE_LOCK_TIMEOUT_S = 600.0
 
 T = TypeVar("T")
 
@@ -172,15 +179,19 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            def open_store():
+                client = MlflowClient(tracking_uri=self.uri)
+                # MLflow opens the store lazily: this first call creates or upgrades its schema.
+                client.search_experiments(max_results=1)
+                return client
+
             try:
-                self._client = with_retry(lambda: MlflowClient(tracking_uri=self.uri),
-                                          what="opening the store")
+                with first_open_lock(self.uri):
+                    self._client = with_retry(open_store, what="opening the store")
             except LcpError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise TrackingError(
-                    f"cannot open the MLflow store {self.uri}: {_first_line(exc)}. Check "
-                    "--tracking-uri (or $MLFLOW_TRACKING_URI)") from None
+                raise open_error(self.uri, exc) from None
         return self._client
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -303,6 +314,46 @@ class Tracker:
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+@contextmanager
+def first_open_lock(db_url: str):
+    """Hold `<database>.lock` while a SQLite database (an MLflow store, an Optuna storage) is
+    first opened in this process, so that only one process at a time creates or upgrades its
+    schema. Nothing for other stores (a server or a database server migrates on its own)."""
+    path = sqlite_path(db_url)
+    if path is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=STORE_LOCK_TIMEOUT_S)
+    except Timeout:
+        raise TrackingError(
+            f"another process has been creating or upgrading the database {path} for "
+            f"{STORE_LOCK_TIMEOUT_S:.0f}s (lock {lock.lock_file} held); wait for it to finish, "
+            "or stop it and rerun") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def open_error(uri: str, exc: BaseException) -> TrackingError:
+    """One line for a store that cannot be opened: a failed schema migration says so."""
+    text = _first_line(exc)
+    if any(word in str(exc).lower() for word in ("alembic", "migration", "already exists",
+                                                  "duplicate column")):
+        path = sqlite_path(uri)
+        where = f"{path}" if path else uri
+        return TrackingError(
+            f"the MLflow store {where} could not create or upgrade its database schema ({text}); "
+            "it was probably left half-migrated by an older version run concurrently: move it "
+            "aside and rerun to start a fresh store")
+    return TrackingError(f"cannot open the MLflow store {uri}: {text}. Check --tracking-uri "
+                         "(or $MLFLOW_TRACKING_URI)")
 
 
 def _first_line(exc: BaseException) -> str:

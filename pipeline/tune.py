@@ -404,8 +404,11 @@ def open_storage(spec: StorageSpec):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}}
     elif scheme == "sqlite":
         engine_kwargs = {"connect_args": {"timeout": 60}}
+    from pipeline.tracking import first_open_lock
+
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with first_open_lock(url):  # one process at a time creates a SQLite storage's tables
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or _first_line(exc)
         hint = ("pip install -e \".[postgres]\" (psycopg2-binary and psycopg: SQLAlchemy "
