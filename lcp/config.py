@@ -258,7 +258,10 @@ def _coerce(value: Any, kind: str) -> Any:
             try:
                 return int(text)
             except ValueError:
-                as_float = float(text)  # accept '1e3'; raises a clear ValueError otherwise
+                try:
+                    as_float = float(text)  # accept '1e3'
+                except ValueError:
+                    raise ValueError(f"expected an integer, got {value!r}") from None
                 if not as_float.is_integer():
                     raise ValueError(f"expected an integer, got {value!r}") from None
                 return int(as_float)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import pickle
 import socket
 from dataclasses import dataclass
@@ -272,10 +273,15 @@ def _torchvision_download(name: str, root: Path, train: bool) -> str | None:
            "cifar10": datasets.CIFAR10}[name]
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_SOCKET_TIMEOUT_S)  # never hang forever on a dead network
+    top = root  # the highest folder this download may create
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    existing = _folders(top)
     try:
         root.mkdir(parents=True, exist_ok=True)
         cls(root=str(root), train=train, download=True)
     except Exception as exc:  # noqa: BLE001 - network/IO/checksum errors all mean "no data"
+        _remove_new_empty_folders(top, existing)  # a failed download leaves no empty folders
         # torchvision's messages span several lines (one per mirror tried): keep one line.
         reason = " ".join(str(exc).split()) or "no details"
         if len(reason) > 400:
@@ -284,6 +290,21 @@ def _torchvision_download(name: str, root: Path, train: bool) -> str | None:
     finally:
         socket.setdefaulttimeout(previous)
     return None
+
+
+def _folders(top: Path) -> set[str]:
+    if not top.is_dir():
+        return set()
+    return {str(top)} | {os.path.join(d, n) for d, names, _ in os.walk(top) for n in names}
+
+
+def _remove_new_empty_folders(top: Path, existing: set[str]) -> None:
+    """Remove the folders under (and including) `top` that are not in `existing` and empty."""
+    for folder in sorted(_folders(top) - existing, key=len, reverse=True):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (a partial file worth keeping) or gone
+            pass
 
 
 def _not_found_message(name: str, root: Path, train: bool, search: _Search, download: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import click
 
@@ -68,6 +69,8 @@ def _execution_options(func):
         click.option("--retries", default=0, show_default=True, type=int, metavar="K",
                      help="Retry a failed run up to K more times (it resumes from its "
                           "checkpoint)."),
+        click.option("--wait", is_flag=True, help="Wait for the pairs another scheduler owns "
+                     "(on this store) instead of skipping them; then run what it left."),
         click.option("--fail-fast", is_flag=True, help="Stop everything (runs KILLED) at the "
                      "first run that finally fails."),
         click.option("--workers", default=1, show_default=True, type=int, metavar="N",
@@ -142,6 +145,7 @@ def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quic
       lcp list --tracking-uri http://127.0.0.1:5000
     """
     from pipeline import runs as R
+    from pipeline.ownership import Ownership
     from pipeline.tracking import experiment_name, resolve_tracking_uri
 
     manifest = _load(manifest_path)
@@ -150,11 +154,12 @@ def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quic
     seed_list = R.parse_seeds(seeds)
     uri = resolve_tracking_uri(tracking_uri)
     reader = _reader(uri)
+    holders = Ownership(reader).holders() if reader is not None else None
     click.echo(f"manifest {manifest.path}; tracking {uri}" + ("" if reader else " (empty)"))
     for number in tables:
         rows = manifest.table(number)
         items = R.expand(rows, seed_list, overrides)
-        plans = R.plan_runs(items, reader, runs_dir)
+        plans = R.plan_runs(items, reader, runs_dir, holders=holders)
         by_row: dict[str, list] = {}
         for plan in plans:
             by_row.setdefault(plan.item.exp.id, []).append(plan)
@@ -280,9 +285,10 @@ def _check_executor_options(executor: str, address, cpus_per_run, workers: int) 
 
 def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir, seeds, sets,
               quick, data_dir, dry_run, force, retries, fail_fast, workers, gpus, runs_per_gpu,
-              threads):
+              threads, wait):
     from pipeline import runs as R
-    from pipeline.scheduler import ProgressDisplay
+    from pipeline.ownership import Ownership
+    from pipeline.scheduler import ProgressDisplay, SchedulerResult
     from pipeline.tracking import Tracker, is_server_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -294,31 +300,48 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
     tables = sorted({i.exp.table for i in items})
     if dry_run:
         reader = _reader(uri)
-        plans = R.plan_runs(items, reader, runs_dir, force=force)
+        holders = Ownership(reader).holders() if reader is not None else None
+        plans = R.plan_runs(items, reader, runs_dir, force=force, holders=holders)
         _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=True)
         return
     # Data first (read-only plan): a missing dataset is one error and creates nothing.
     R.ensure_data(R.plan_runs(items, _reader(uri), runs_dir, force=force), echo=click.echo)
     tracker = Tracker(uri)  # checks the store; creates the embedded one
-    plans = R.plan_runs(items, tracker, runs_dir, force=force)
-    _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=False)
-    todo = [p for p in plans if p.action in (R.NEW, R.RESUME)]
-    if not todo:
-        click.echo("nothing to run: every pair is done (use --force to run them again)")
-        _print_next(tables, quick, sets, seeds)
-        return
-    try:
-        R.prepare(plans, tracker, runs_dir, extra_tags={
-            "quick": "true" if quick else None,
-            "overrides": " ".join(sets) if sets else None,
-        })
-    except KeyboardInterrupt:
-        R.cancel(plans, tracker, "interrupted before any run started")
-        click.echo("interrupted before any run started; the runs created so far are KILLED",
-                   err=True)
-        sys.exit(130)
-    result = R.execute(plans, tracker, runner, retries=retries, fail_fast=fail_fast,
-                       display=ProgressDisplay(), threads=threads)
+    with Ownership(tracker) as ownership:  # the pairs this command runs are its own
+        plans = R.plan_owned(items, tracker, runs_dir, ownership, force=force)
+        _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=False)
+        if not any(p.action in (R.NEW, R.RESUME) for p in plans) and not (
+                wait and any(p.owner for p in plans)):
+            if not _print_busy(plans):
+                click.echo("nothing to run: every pair is done (use --force to run them again)")
+            _print_next(tables, quick, sets, seeds)
+            return
+        extra_tags = {"quick": "true" if quick else None,
+                      "overrides": " ".join(sets) if sets else None}
+        results = []
+        todo = [p for p in plans if p.action in (R.NEW, R.RESUME)]
+        while True:
+            if todo:
+                _prepare(todo, tracker, runs_dir, extra_tags)
+                results.append(R.execute(todo, tracker, runner, retries=retries,
+                                         fail_fast=fail_fast, display=ProgressDisplay(),
+                                         threads=threads, ownership=ownership))
+                if results[-1].stopped:
+                    break
+            waiting = [p for p in plans if p.owner]
+            if not (wait and waiting):
+                break
+            freed = _wait_for_owners(waiting, ownership)
+            if freed is None:  # Ctrl-C while waiting
+                results.append(SchedulerResult([], "SIGINT"))
+                break
+            replanned = R.plan_owned([p.item for p in freed], tracker, runs_dir, ownership,
+                                     force=force)
+            for old, plan in zip(freed, replanned):
+                plans[plans.index(old)] = plan
+            todo = [p for p in replanned if p.action in (R.NEW, R.RESUME)]
+    result = SchedulerResult([j for r in results for j in r.jobs],
+                             next((r.stopped for r in results if r.stopped), None))
     click.echo("\nSummary:")
     for line in R.summary_lines(plans, result):
         click.echo(line)
@@ -326,6 +349,7 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
               f"{len(result.killed)} killed, {sum(1 for p in plans if p.action == R.SKIP)} "
               "skipped (done)")
     click.echo(counts)
+    _print_busy(plans)
     if result.stopped:
         click.echo(f"stopped: {result.stopped}. Rerun the same command to resume.", err=True)
     if result.failed:
@@ -336,6 +360,55 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
         sys.exit(130 if result.stopped == "SIGINT" else 143)
     if not result.ok:
         sys.exit(EXIT_RUN_FAILED)
+
+
+def _prepare(todo, tracker, runs_dir, extra_tags) -> None:
+    """Create (or reschedule) the runs; a failure before any worker starts marks them FAILED
+    with the reason (resumable by the next call) and is one line."""
+    from pipeline import runs as R
+    from pipeline.tracking import first_line
+
+    try:
+        R.prepare(todo, tracker, runs_dir, extra_tags=extra_tags)
+    except KeyboardInterrupt:
+        R.cancel(todo, tracker, "interrupted before any run started")
+        click.echo("interrupted before any run started; the runs created so far are KILLED",
+                   err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - one line, the runs left resumable
+        if isinstance(exc, OSError) and exc.filename:
+            reason = (f"cannot write {exc.filename}: {exc.strerror}; give --runs-dir on a "
+                      "writable disk")
+        else:
+            reason = f"could not prepare the runs: {first_line(exc)}"
+        for plan in todo:
+            R.mark_not_started(plan, tracker, reason)
+        raise LcpError(f"{reason} (no run started; rerun to resume them)") from None
+
+
+def _wait_for_owners(waiting, ownership, poll_s: float = 5.0):
+    """Block until at least one of the pairs other schedulers own is free; those (None on
+    Ctrl-C)."""
+    owners = sorted({p.owner for p in waiting})
+    click.echo(f"waiting for {len(waiting)} pair(s) owned by {'; '.join(owners)} "
+               "(--wait; Ctrl-C to stop)")
+    try:
+        while True:
+            freed = [p for p in waiting if ownership.holder(p.item.lease_key) is None]
+            if freed:
+                return freed
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        return None
+
+
+def _print_busy(plans) -> bool:
+    busy = [p for p in plans if p.owner]
+    if busy:
+        owners = sorted({p.owner for p in busy})
+        click.echo(f"{len(busy)} pair(s) skipped: owned by {'; '.join(owners)}; rerun when it "
+                   "is done, or add --wait to wait for it", err=True)
+    return bool(busy)
 
 
 def _parse_sets(sets):

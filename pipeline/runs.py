@@ -109,6 +109,11 @@ class Item:
     def config_hash(self) -> str:
         return self.cfg.config_hash()
 
+    @property
+    def lease_key(self) -> str:
+        """What one scheduler at a time owns (pipeline.ownership): the pair and its config."""
+        return f"{self.experiment_name}/{self.exp.id}/seed={self.seed}/{self.config_hash}"
+
 
 def expand(experiments: Iterable[Experiment], seeds: list[int] | None = None,
            overrides: Mapping[str, Any] | None = None) -> list[Item]:
@@ -138,6 +143,8 @@ class RunPlan:
     note: str = ""
     experiment_id: str | None = None
     result: dict[str, float] = field(default_factory=dict)
+    attempts_before: int = 0  # attempts of this run in earlier scheduler calls
+    owner: str | None = None  # BUSY: the scheduler that owns the pair
 
     @property
     def name(self) -> str:
@@ -184,8 +191,12 @@ def run_dir_for(runs_dir: Path, item: Item, run_id: str) -> Path:
 
 
 def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str | Path,
-              *, force: bool = False) -> list[RunPlan]:
-    """What to do with each item, from the store's runs (read only: nothing is created)."""
+              *, force: bool = False, holders: Mapping[str, Any] | None = None) -> list[RunPlan]:
+    """What to do with each item, from the store's runs (read only: nothing is created).
+
+    `holders`: every live owner of a pair (lease key → pipeline.ownership.Holder); those pairs
+    are BUSY, and a SCHEDULED or RUNNING run of any other pair has lost its owner, so it is
+    resumed. Without `holders` (None) such a run with no folder here is BUSY elsewhere."""
     runs = existing_runs(tracker, (i.experiment_name for i in items))
     plans = []
     for item in items:
@@ -197,12 +208,18 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
                                  note=f"done (FINISHED run {run.info.run_id[:8]})",
                                  result=dict(run.data.metrics)))
             continue
+        holder = (holders or {}).get(item.lease_key)
+        if holder is not None:
+            plans.append(busy_plan(item, holder))
+            continue
         plan = RunPlan(item, NEW, note="new run" + (" (--force)" if finished else ""))
         for run in candidates:
             if run.info.status == "FINISHED":
                 continue
-            run_dir = Path(run.data.tags.get("run_dir") or
-                           run_dir_for(Path(runs_dir), item, run.info.run_id))
+            tagged = run.data.tags.get("run_dir")
+            # A folder that is not there (never written, another machine's): one here instead.
+            run_dir = (Path(tagged) if tagged and Path(tagged).exists()
+                       else run_dir_for(Path(runs_dir), item, run.info.run_id))
             checkpoint = run_dir / CHECKPOINT_NAME
             logged = "epoch" in run.data.metrics
             if run_dir.exists() and is_locked(run_dir):
@@ -210,7 +227,8 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
                                previous_status=run.info.status,
                                note=f"being run by another process (run {run.info.run_id[:8]})")
                 break
-            if run.info.status in ("RUNNING", "SCHEDULED") and not run_dir.exists():
+            if run.info.status in ("RUNNING", "SCHEDULED") and not run_dir.exists() \
+                    and holders is None:
                 if force:
                     continue
                 # Created by a scheduler elsewhere (another machine on the same server).
@@ -224,12 +242,52 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
                 where = f"from epoch {epoch}" if checkpoint.exists() else "from the start"
                 plan = RunPlan(item, RESUME, run.info.run_id, run_dir, resume_epoch=epoch,
                                previous_status=run.info.status,
-                               note=f"resume {run.info.status} run {run.info.run_id[:8]} {where}")
+                               note=f"resume {run.info.status} run {run.info.run_id[:8]} {where}",
+                               attempts_before=_int(run.data.tags.get("attempts")))
                 break
             plan.note = (f"new run (run {run.info.run_id[:8]} is {run.info.status} but its "
                          f"checkpoint {checkpoint} is gone)")
         plans.append(plan)
     return plans
+
+
+def _int(text) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return 0
+
+
+def busy_plan(item: Item, holder) -> RunPlan:
+    return RunPlan(item, BUSY, owner=holder.describe(),
+                   note=f"owned by {holder.describe()}; skipped (--wait waits for it)")
+
+
+def plan_owned(items: list[Item], tracker: tracking.Tracker, runs_dir: str | Path, ownership,
+               *, force: bool = False) -> list[RunPlan]:
+    """Plans for `items` with this process as the one owner of every pair it will run: the
+    pairs to run are claimed (pipeline.ownership) and planned again under the claim, so that
+    no other scheduler creates, resumes or finishes them meanwhile."""
+    holders = ownership.holders()
+    first = plan_runs(items, tracker, runs_dir, force=force, holders=holders)
+    plans: dict[int, RunPlan] = {}
+    claimed = []
+    for index, plan in enumerate(first):
+        if plan.action not in (NEW, RESUME):
+            plans[index] = plan
+            continue
+        holder = ownership.claim(plan.item.lease_key)
+        if holder is not None:
+            plans[index] = busy_plan(plan.item, holder)
+        else:
+            claimed.append(index)
+    again = plan_runs([first[i].item for i in claimed], tracker, runs_dir, force=force,
+                      holders=holders)
+    for index, plan in zip(claimed, again):
+        plans[index] = plan
+        if plan.action not in (NEW, RESUME):  # finished by its previous owner meanwhile
+            ownership.release(plan.item.lease_key)
+    return [plans[i] for i in range(len(first))]
 
 
 # ====================================================================== creating runs
@@ -278,6 +336,20 @@ def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Pat
             tracker.log_artifact(plan.run_id, plan.run_dir / CONFIG_NAME)
 
 
+def mark_not_started(plan: RunPlan, tracker: tracking.Tracker, reason: str) -> None:
+    """A run created (or rescheduled) whose worker could not be started: FAILED with the
+    reason, so it is not left SCHEDULED; the next plan resumes it."""
+    if not plan.run_id:
+        return
+    try:
+        if tracker.get_run(plan.run_id).info.status in ("RUNNING", "SCHEDULED"):
+            tracker.set_tags(plan.run_id, {"failure_reason": reason})
+            tracker.terminate(plan.run_id, "FAILED")
+    except Exception as exc:  # noqa: BLE001 - the store itself may be what failed
+        print(f"warning: could not mark {plan.name} FAILED: {tracking.first_line(exc)}",
+              file=sys.stderr)
+
+
 def cancel(plans: list[RunPlan], tracker: tracking.Tracker, reason: str) -> None:
     """Mark the runs of `plans` that were created or scheduled (and are not finished) KILLED."""
     for plan in plans:
@@ -315,16 +387,27 @@ class TrackingHooks(Hooks):
     """Keeps MLflow honest around the workers: a worker that died without saying so is marked
     FAILED with the reason; stopped runs KILLED; each attempt's log uploaded as an artifact."""
 
-    def __init__(self, tracker: tracking.Tracker):
+    def __init__(self, tracker: tracking.Tracker, ownership=None):
         self.tracker = tracker
+        self.ownership = ownership  # pipeline.ownership.Ownership: released as runs end
 
     def before_start(self, job: Job) -> None:
         plan: RunPlan = job.payload
+        attempt = plan.attempts_before + job.attempts  # counted across scheduler calls
         if "--attempt" in job.command:
             i = job.command.index("--attempt")
             del job.command[i:i + 2]
-        job.command += ["--attempt", str(job.attempts)]
-        self.tracker.set_tags(plan.run_id, {"attempts": job.attempts})
+        job.command += ["--attempt", str(attempt)]
+        self.tracker.set_tags(plan.run_id, {"attempts": attempt})
+
+    def on_done(self, job: Job) -> None:
+        plan: RunPlan = job.payload
+        try:
+            if job.status == FAILED:  # e.g. its worker could not be started
+                mark_not_started(plan, self.tracker, job.reason)
+        finally:
+            if self.ownership is not None:
+                self.ownership.release(plan.item.lease_key)
 
     def after_exit(self, job: Job, returncode: int) -> tuple[bool, str]:
         plan: RunPlan = job.payload
@@ -352,9 +435,10 @@ class TrackingHooks(Hooks):
         if was_running:
             self._upload_log(job)
         try:
-            run = self.tracker.get_run(plan.run_id)
-            if run.info.status != "KILLED":
-                self.tracker.set_tags(plan.run_id, {"killed_reason": job.reason})
+            # The scheduler's reason (e.g. "stopped (SIGINT)"), also over the worker's own (it
+            # only saw the SIGTERM the scheduler sent it).
+            self.tracker.set_tags(plan.run_id, {"killed_reason": job.reason})
+            if self.tracker.get_run(plan.run_id).info.status != "KILLED":
                 self.tracker.terminate(plan.run_id, "KILLED")
         except Exception as exc:  # noqa: BLE001 - keep stopping the others
             print(f"warning: could not mark {job.key} KILLED: {exc}", file=sys.stderr)
@@ -397,11 +481,11 @@ def make_jobs(plans: list[RunPlan], uri: str, threads: int | None = None) -> lis
 
 def execute(plans: list[RunPlan], tracker: tracking.Tracker, executor: Executor, *,
             retries: int = 0, fail_fast: bool = False, display: ProgressDisplay | None = None,
-            threads: int | None = None) -> SchedulerResult:
+            threads: int | None = None, ownership=None) -> SchedulerResult:
     """Run the new and resumed plans; SIGINT/SIGTERM stop cleanly (running runs → KILLED)."""
     jobs = make_jobs(plans, tracker.uri, threads)
-    scheduler = Scheduler(executor, TrackingHooks(tracker), retries=retries, fail_fast=fail_fast,
-                          display=display)
+    scheduler = Scheduler(executor, TrackingHooks(tracker, ownership), retries=retries,
+                          fail_fast=fail_fast, display=display)
     with stop_on_signals(scheduler):
         return scheduler.run(jobs)
 
@@ -423,6 +507,8 @@ def summary_lines(plans: list[RunPlan], result: SchedulerResult | None) -> list[
         text = f"  {plan.name:<34} {status:<9} {span:>6}  attempts {job.attempts}  {acc_text}"
         text = text.rstrip()
         if job.status in (FAILED, KILLED):
-            text += f"\n      reason: {job.reason}\n      log:    {job.log_path}"
+            text += f"\n      reason: {job.reason}"
+            if job.first_started_at is not None:  # no log for a run that never started
+                text += f"\n      log:    {job.log_path}"
         lines.append(text.rstrip())
     return lines

@@ -216,7 +216,7 @@ class Tracker:
             if existing is not None:
                 return existing
             raise TrackingError(f"cannot create experiment {name!r} in {self.uri}: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
 
     # ------------------------------------------------------------------ runs
     def create_run(self, experiment_id: str, name: str, *, tags: Mapping[str, Any] = (),
@@ -267,6 +267,13 @@ class Tracker:
         tag_list = [RunTag(k, str(v)[:8000]) for k, v in tags.items() if v is not None]
         for chunk in _chunks(tag_list, 100):
             self._call(lambda c=chunk: self.client.log_batch(run_id, tags=c))
+
+    def delete_tags(self, run_id: str, keys: Iterable[str]) -> None:
+        """Remove the run's tags among `keys` (those it does not have are ignored)."""
+        present = self.get_run(run_id).data.tags
+        for key in keys:
+            if key in present:
+                self._call(lambda k=key: self.client.delete_tag(run_id, k))
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
                     timestamp_ms: int | None = None) -> None:
@@ -343,7 +350,7 @@ def first_open_lock(db_url: str):
 
 def open_error(uri: str, exc: BaseException) -> TrackingError:
     """One line for a store that cannot be opened: a failed schema migration says so."""
-    text = _first_line(exc)
+    text = first_line(exc)
     if any(word in str(exc).lower() for word in ("alembic", "migration", "already exists",
                                                   "duplicate column")):
         path = sqlite_path(uri)
@@ -356,7 +363,7 @@ def open_error(uri: str, exc: BaseException) -> TrackingError:
                          "(or $MLFLOW_TRACKING_URI)")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
 

@@ -295,8 +295,11 @@ def _run(args, run_dir: Path) -> int:
         checkpoint = run_dir / CHECKPOINT_NAME
         previous = read_progress(run_dir)
         resumed_from = int(previous.get("epoch", 0)) if checkpoint.exists() else 0
-        tracker.set_status(run_id, "RUNNING")
         run = tracker.get_run(run_id)
+        if run.info.status == "FINISHED":  # never reopened: its results are final
+            print(f"worker: run {run_id} is already FINISHED; nothing to do", flush=True)
+            return EXIT_OK
+        tracker.set_status(run_id, "RUNNING")
         name = run.info.run_name or run_id
         tracker.set_tags(run_id, {
             "device": describe_device(cfg), "torch_version": torch.__version__,
@@ -350,7 +353,10 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     last = result.history[-1] if result.history else {}
     final = {k: v for k, v in result.final.items() if not (k in last and last[k] == v)}
     final["wall_time_s"] = logger.wall_time()
-    tracker.log_metrics(run_id, final, step=result.epochs_completed)
+    # Once: an attempt stopped after logging them (before FINISHED) already has them.
+    if not any(m.step == result.epochs_completed
+               for m in tracker.metric_history(run_id, "wall_time_s")):
+        tracker.log_metrics(run_id, final, step=result.epochs_completed)
     write_json_atomic(run_dir / PROGRESS_NAME, {
         "epoch": result.epochs_completed, "num_epochs": cfg.num_epochs, "phase": "finished",
         "wall_time_s": final["wall_time_s"], "pid": os.getpid(), "time": time.time(),
@@ -366,6 +372,7 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
         tracker.log_artifact(run_id, artifacts / name)
     if result.stopped_reason:
         tracker.set_tags(run_id, {"stopped_reason": result.stopped_reason})
+    tracker.delete_tags(run_id, ("failure_reason", "killed_reason"))  # of earlier attempts
     tracker.terminate(run_id, "FINISHED")
 
 

@@ -5,9 +5,11 @@ worker, full disks, and the smaller promises listed there."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,181 @@ def test_a_half_migrated_store_is_named_as_such(tmp_path):
     assert "Traceback" not in proc.stderr
     error, = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "schema" in error and str(ws.db) in error and "--tracking-uri" not in error
+
+
+# ====================================================================== 2. one owner per pair
+
+
+def _claim(uri: str, key: str, start, queue) -> None:
+    from pipeline.ownership import Ownership
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(uri)
+    tracker.client  # noqa: B018 - opened before the start signal
+    start.wait()
+    try:
+        holder = Ownership(tracker).claim(key)
+        queue.put("claimed" if holder is None else f"held by {holder.owner}")
+        start.wait()  # hold the lease (this process alive) until the parent has read all
+    except BaseException as exc:  # noqa: BLE001
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_lease_has_one_owner_when_claimed_at_once(tmp_path):
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri).client  # noqa: B018
+    context = multiprocessing.get_context("fork")
+    start, queue = context.Barrier(7), context.Queue()
+    procs = [context.Process(target=_claim, args=(uri, "lcp-table-1/r/seed=0/h", start, queue))
+             for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    start.wait()
+    outcomes = sorted(queue.get(timeout=300) for _ in procs)
+    start.wait()
+    for proc in procs:
+        proc.join(timeout=60)
+    assert outcomes.count("claimed") == 1, outcomes
+    assert all(o.startswith("held by ") and "pid" in o for o in outcomes if o != "claimed")
+
+
+def test_a_lease_is_released_taken_over_from_a_dead_owner_and_expires(tmp_path):
+    from pipeline.ownership import Ownership
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    key = "lcp-table-1/t1-ff-bp/seed=0/abc"
+    first, second = Ownership(tracker), Ownership(tracker)
+    assert first.claim(key) is None
+    assert first.claim(key) is None  # already ours
+    holder = second.claim(key)
+    assert holder is not None and holder.owner == first.owner and str(os.getpid()) in holder.owner
+    assert key in second.holders()
+    first.release(key)
+    assert second.claim(key) is None and first.claim(key) is not None
+    second.close()
+    assert not second.holders() and first.claim(key) is None
+    # A dead owner on this machine: taken over at once.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    ghost = Ownership(tracker)
+    ghost.pid = int(dead)
+    other = "lcp-table-1/t1-ff-bp/seed=1/abc"
+    assert ghost.claim(other) is None
+    assert first.claim(other) is None
+    # On another machine: only once its lease has expired.
+    remote = Ownership(tracker, ttl_s=2.0)
+    remote.host = "elsewhere"
+    third = "lcp-table-1/t1-ff-bp/seed=2/abc"
+    assert remote.claim(third) is None
+    remote._stop.set()  # a frozen remote owner: no renewal from its thread from now on
+    assert first.claim(third) is not None
+    remote.renew()
+    holder = first.claim(third)
+    assert holder is not None and not remote.lost
+    time.sleep(max(0.0, holder.expires - time.time()) + 0.1)
+    assert first.claim(third) is None
+    remote.renew()  # the old owner learns it lost the lease
+    assert remote.lost == {third}
+    # Released leases leave no active experiment behind.
+    first.close()
+    names = [e.name for e in tracker.client.search_experiments()]
+    assert not [n for n in names if n.startswith("lcp-lease/")], names
+
+
+def test_two_schedulers_on_the_same_pairs_run_each_once(tmp_path, monkeypatch):
+    """The second `lcp run` finds both pairs owned by the first (alive: this process) and skips
+    them with one line naming the owner; nothing is created, nothing is FAILED."""
+    from pipeline import runs as R
+    from pipeline.manifest import load_manifest
+    from pipeline.ownership import Ownership
+
+    ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    items = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp", "t1-ff-lcp-di"]),
+                     [0], {"data_dir": str(ws.data)})
+    first = Ownership(ws.tracker(), owner="lcp run on box (pid 1)")
+    assert [first.claim(i.lease_key) for i in items] == [None, None]
+    result = invoke(["run", "t1-ff-bp", "t1-ff-lcp-di", "--seeds", "0", *ws.run_args()])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("owned by lcp run on box (pid 1)") == 2
+    assert "2 pair(s) skipped: owned by lcp run on box (pid 1)" in result.stderr
+    assert ws.runs() == []
+    first.release(items[0].lease_key)  # the first finished one pair (without running it here)
+    result = invoke(["run", "t1-ff-bp", "t1-ff-lcp-di", "--seeds", "0", *ws.run_args()])
+    assert "1 finished, 0 failed" in result.output and "1 pair(s) skipped" in result.stderr
+    assert [(r.data.tags["id"], r.info.status) for r in ws.runs()] == [("t1-ff-bp", "FINISHED")]
+    first.close()
+
+
+def test_a_worker_never_reopens_a_finished_run(tmp_path, monkeypatch):
+    from pipeline import runs as R
+    from pipeline.manifest import load_manifest
+
+    ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    assert invoke(["run", "t1-ff-bp", *ws.run_args()]).exit_code == 0
+    run, = ws.runs()
+    tracker = ws.tracker()
+    before = {k: len(tracker.metric_history(run.info.run_id, k)) for k in run.data.metrics}
+    items = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
+                     {"data_dir": str(ws.data)})
+    plan = R.RunPlan(items[0], R.RESUME, run.info.run_id, Path(run.data.tags["run_dir"]))
+    proc = subprocess.run(R.worker_command(plan, ws.uri), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "already FINISHED; nothing to do" in proc.stdout, proc.stderr
+    after = tracker.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == run.info.end_time
+    assert {k: len(tracker.metric_history(run.info.run_id, k)) for k in run.data.metrics} == before
+
+
+# ====================================================================== 3. failures before start
+
+
+def test_a_run_folder_that_cannot_be_written_leaves_a_failed_resumable_run(tmp_path,
+                                                                          monkeypatch):
+    ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the runs folder should be")
+    args = ["run", "t1-ff-bp", *ws.common(), "--data-dir", str(ws.data)]
+    result = invoke([*args, "--runs-dir", str(blocked)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    error, = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "cannot write" in error and str(blocked) in error and "--runs-dir" in error
+    run, = ws.runs()
+    assert run.info.status == "FAILED" and "cannot write" in run.data.tags["failure_reason"]
+    result = invoke([*args, "--runs-dir", str(ws.runs_dir)])  # a good folder: resumed
+    assert result.exit_code == 0, result.output
+    assert f"RESUME  t1-ff-bp/seed=0" in result.output
+    run2, = ws.runs()
+    assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
+    assert "failure_reason" not in run2.data.tags  # item 7: no stale reason on a FINISHED run
+
+
+def test_a_scheduled_run_whose_owner_is_gone_is_resumed(tmp_path, monkeypatch):
+    """A run left SCHEDULED by a scheduler that died before starting its worker (no run folder
+    here, no live lease) is resumed, not reported as running elsewhere forever."""
+    from pipeline.tracking import Tracker
+
+    ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker(ws.uri)
+    from pipeline import runs as R
+    from pipeline.manifest import load_manifest
+
+    item, = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
+                     {"data_dir": str(ws.data)})
+    ghost = tracker.create_run(tracker.ensure_experiment("lcp-table-1"), item.name,
+                               tags={**R.run_tags(item), "run_dir": str(tmp_path / "elsewhere")},
+                               params=item.cfg.to_dict(), status="SCHEDULED")
+    dry = invoke(["run", "t1-ff-bp", *ws.run_args(), "--dry-run"])
+    assert "RESUME  t1-ff-bp/seed=0" in dry.output, dry.output
+    result = invoke(["run", "t1-ff-bp", *ws.run_args()])
+    assert result.exit_code == 0, result.output
+    assert "RESUME  t1-ff-bp/seed=0" in result.output
+    run, = ws.runs()
+    assert run.info.run_id == ghost and run.info.status == "FINISHED"
