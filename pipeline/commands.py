@@ -366,7 +366,7 @@ def _prepare(todo, tracker, runs_dir, extra_tags) -> None:
     """Create (or reschedule) the runs; a failure before any worker starts marks them FAILED
     with the reason (resumable by the next call) and is one line."""
     from pipeline import runs as R
-    from pipeline.tracking import first_line
+    from pipeline.tracking import disk_full_message, first_line, is_disk_full
 
     try:
         R.prepare(todo, tracker, runs_dir, extra_tags=extra_tags)
@@ -376,7 +376,9 @@ def _prepare(todo, tracker, runs_dir, extra_tags) -> None:
                    err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - one line, the runs left resumable
-        if isinstance(exc, OSError) and exc.filename:
+        if is_disk_full(exc):
+            reason = disk_full_message(exc, tracker.uri)
+        elif isinstance(exc, OSError) and exc.filename:
             reason = (f"cannot write {exc.filename}: {exc.strerror}; give --runs-dir on a "
                       "writable disk")
         else:

@@ -19,6 +19,7 @@ checkpoint).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -346,8 +347,9 @@ def mark_not_started(plan: RunPlan, tracker: tracking.Tracker, reason: str) -> N
             tracker.set_tags(plan.run_id, {"failure_reason": reason})
             tracker.terminate(plan.run_id, "FAILED")
     except Exception as exc:  # noqa: BLE001 - the store itself may be what failed
-        print(f"warning: could not mark {plan.name} FAILED: {tracking.first_line(exc)}",
-              file=sys.stderr)
+        if not tracking.is_disk_full(exc):  # said once by the caller
+            print(f"warning: could not mark {plan.name} FAILED: {tracking.first_line(exc)}",
+                  file=sys.stderr)
 
 
 def cancel(plans: list[RunPlan], tracker: tracking.Tracker, reason: str) -> None:
@@ -383,14 +385,42 @@ def worker_command(plan: RunPlan, uri: str, threads: int | None = None) -> list[
 # ====================================================================== scheduler hooks
 
 
+def _stops_on_a_full_disk(default=None, reraise: bool = False):
+    """A hook whose store call finds the disk full stops the scheduler (one reason for all)
+    instead of crashing it; the runs stay resumable (SCHEDULED, RUNNING or KILLED)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, job, *args):
+            try:
+                return method(self, job, *args)
+            except Exception as exc:  # noqa: BLE001 - only a full disk is handled here
+                if not tracking.is_disk_full(exc):
+                    raise
+                self.disk_full(exc)
+                if reraise:
+                    raise
+                return default(self) if callable(default) else default
+        return guarded
+    return wrap
+
+
 class TrackingHooks(Hooks):
     """Keeps MLflow honest around the workers: a worker that died without saying so is marked
-    FAILED with the reason; stopped runs KILLED; each attempt's log uploaded as an artifact."""
+    FAILED with the reason; stopped runs KILLED; each attempt's log uploaded as an artifact.
+    A full disk stops the scheduler with one reason (`request_stop`, set by `execute`)."""
 
     def __init__(self, tracker: tracking.Tracker, ownership=None):
         self.tracker = tracker
         self.ownership = ownership  # pipeline.ownership.Ownership: released as runs end
+        self.request_stop = lambda reason: None
+        self.full: str | None = None
 
+    def disk_full(self, exc: BaseException) -> None:
+        if self.full is None:
+            self.full = tracking.disk_full_message(exc, self.tracker.uri)
+            self.request_stop(self.full)
+
+    @_stops_on_a_full_disk(reraise=True)
     def before_start(self, job: Job) -> None:
         plan: RunPlan = job.payload
         attempt = plan.attempts_before + job.attempts  # counted across scheduler calls
@@ -400,6 +430,7 @@ class TrackingHooks(Hooks):
         job.command += ["--attempt", str(attempt)]
         self.tracker.set_tags(plan.run_id, {"attempts": attempt})
 
+    @_stops_on_a_full_disk()
     def on_done(self, job: Job) -> None:
         plan: RunPlan = job.payload
         try:
@@ -409,6 +440,7 @@ class TrackingHooks(Hooks):
             if self.ownership is not None:
                 self.ownership.release(plan.item.lease_key)
 
+    @_stops_on_a_full_disk(default=lambda self: (False, self.full))
     def after_exit(self, job: Job, returncode: int) -> tuple[bool, str]:
         plan: RunPlan = job.payload
         self._upload_log(job)
@@ -430,6 +462,7 @@ class TrackingHooks(Hooks):
             return False, run.data.tags.get("killed_reason", "killed")
         return False, reason or describe_returncode(returncode)
 
+    @_stops_on_a_full_disk()
     def on_cancel(self, job: Job, was_running: bool) -> None:
         plan: RunPlan = job.payload
         if was_running:
@@ -441,6 +474,8 @@ class TrackingHooks(Hooks):
             if self.tracker.get_run(plan.run_id).info.status != "KILLED":
                 self.tracker.terminate(plan.run_id, "KILLED")
         except Exception as exc:  # noqa: BLE001 - keep stopping the others
+            if tracking.is_disk_full(exc):
+                raise
             print(f"warning: could not mark {job.key} KILLED: {exc}", file=sys.stderr)
 
     def progress(self, job: Job) -> str:
@@ -457,6 +492,8 @@ class TrackingHooks(Hooks):
             try:
                 self.tracker.log_artifact(job.payload.run_id, job.log_path, "logs")
             except Exception as exc:  # noqa: BLE001
+                if tracking.is_disk_full(exc):
+                    raise
                 print(f"warning: could not upload {job.log_path}: {exc}", file=sys.stderr)
 
 
@@ -484,8 +521,10 @@ def execute(plans: list[RunPlan], tracker: tracking.Tracker, executor: Executor,
             threads: int | None = None, ownership=None) -> SchedulerResult:
     """Run the new and resumed plans; SIGINT/SIGTERM stop cleanly (running runs → KILLED)."""
     jobs = make_jobs(plans, tracker.uri, threads)
-    scheduler = Scheduler(executor, TrackingHooks(tracker, ownership), retries=retries,
-                          fail_fast=fail_fast, display=display)
+    hooks = TrackingHooks(tracker, ownership)
+    scheduler = Scheduler(executor, hooks, retries=retries, fail_fast=fail_fast,
+                          display=display)
+    hooks.request_stop = scheduler.request_stop
     with stop_on_signals(scheduler):
         return scheduler.run(jobs)
 

@@ -179,6 +179,12 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            # This layer reports store errors in one line; MLflow's own log of them is a
+            # multi-line traceback per failed call.
+            import logging
+
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
             def open_store():
                 client = MlflowClient(tracking_uri=self.uri)
                 # MLflow opens the store lazily: this first call creates or upgrades its schema.
@@ -361,6 +367,35 @@ def open_error(uri: str, exc: BaseException) -> TrackingError:
             "aside and rerun to start a fresh store")
     return TrackingError(f"cannot open the MLflow store {uri}: {text}. Check --tracking-uri "
                          "(or $MLFLOW_TRACKING_URI)")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """No space left: an OSError ENOSPC, or SQLite's "database or disk is full"."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return "database or disk is full" in text or "no space left on device" in text
+
+
+def disk_full_message(exc: BaseException, uri: str) -> str:
+    """One line naming the full file system (the store's, or the file's that failed)."""
+    import shutil
+
+    path = getattr(exc, "filename", None) or sqlite_path(uri) or os.getcwd()
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    mount = path
+    while not os.path.ismount(mount) and mount.parent != mount:
+        mount = mount.parent
+    try:
+        free = f"{shutil.disk_usage(mount).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"no space left on the file system mounted at {mount} ({free}; writing {path} "
+            "failed): free space there")
 
 
 def first_line(exc: BaseException) -> str:

@@ -57,17 +57,21 @@ def test_compose_has_the_services_volumes_and_gpu_reservation(compose):
     assert "healthcheck" in services["mlflow"] and "healthcheck" in services["postgres"]
 
 
-def test_mlflow_server_runs_on_postgres_with_an_artifact_volume(compose):
+def test_mlflow_server_runs_on_postgres_with_an_artifact_volume(compose, monkeypatch):
     from mlflow.cli import cli as mlflow_cli
 
     mlflow = compose["services"]["mlflow"]
     assert mlflow["entrypoint"] == ["mlflow"]
     args = command_of(mlflow)
     assert args[0] == "server"
+    for key, value in mlflow["environment"].items():
+        monkeypatch.setenv(key, value)
     ctx = mlflow_cli.commands["server"].make_context("server", args[1:])  # options exist
     params = ctx.params
-    assert params["backend_store_uri"] == (
-        "postgresql://lcp:not-a-real-password@postgres:5432/mlflow")
+    # The password reaches libpq as PGPASSWORD: not on the command line (`ps`), not in the URL.
+    assert params["backend_store_uri"] == "postgresql://lcp@postgres:5432/mlflow"
+    assert mlflow["environment"]["PGPASSWORD"] == ENV["POSTGRES_PASSWORD"]
+    assert not any(ENV["POSTGRES_PASSWORD"] in arg for arg in args)
     assert params["artifacts_destination"] == "/mlartifacts" and params["serve_artifacts"]
     assert "mlartifacts:/mlartifacts" in mlflow["volumes"]
     assert params["port"] == 5000 and params["host"] == "0.0.0.0"
@@ -122,7 +126,8 @@ def test_the_tuner_uses_the_postgres_storage(compose, monkeypatch):
 
     tuner = compose["services"]["tuner"]
     url = tuner["environment"]["LCP_OPTUNA_STORAGE"]
-    assert url == "postgresql://lcp:not-a-real-password@postgres:5432/optuna"
+    assert url == "postgresql://lcp@postgres:5432/optuna"  # the password: PGPASSWORD
+    assert tuner["environment"]["PGPASSWORD"] == ENV["POSTGRES_PASSWORD"]
     for key, value in tuner["environment"].items():
         monkeypatch.setenv(key, value)
     args = _lcp_command_lines(compose)["tuner"]
@@ -133,7 +138,8 @@ def test_the_tuner_uses_the_postgres_storage(compose, monkeypatch):
 # ====================================================================== secrets
 
 
-_URL_PASSWORD = re.compile(r"://[^:/@\s]+:([^@\s]+)@")
+# user:password@ in a URL (a `${USER:-default}` user is one name, not user:password)
+_URL_PASSWORD = re.compile(r"://(?:\$\{[^}]*\}|[^:/@\s$]+):([^@\s]+)@")
 
 
 def _docker_files():
@@ -158,6 +164,20 @@ def test_no_secret_is_written_in_any_file():
             for key, value in env.items():
                 if re.search(r"PASSWORD|SECRET|TOKEN", key):
                     assert str(value).startswith("${"), (name, key, value)
+
+
+def test_the_mlflow_server_is_published_on_this_machine_only_unless_widened():
+    """The server has no login: its port is bound to 127.0.0.1 unless MLFLOW_BIND widens it."""
+    def published(env):
+        ports = load({**ENV, **env})["services"]["mlflow"]["ports"]
+        assert len(ports) == 1
+        return ports[0]
+
+    assert published({}) == "127.0.0.1:5000:5000"
+    assert published({"MLFLOW_PORT": "5001"}) == "127.0.0.1:5001:5000"
+    assert published({"MLFLOW_BIND": "0.0.0.0"}) == "0.0.0.0:5000:5000"
+    for name, service in load(ENV)["services"].items():  # nothing else is published
+        assert name == "mlflow" or "ports" not in service, name
 
 
 def test_the_password_is_required_from_the_environment():

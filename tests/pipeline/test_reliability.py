@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -251,3 +253,141 @@ def test_a_scheduled_run_whose_owner_is_gone_is_resumed(tmp_path, monkeypatch):
     assert "RESUME  t1-ff-bp/seed=0" in result.output
     run, = ws.runs()
     assert run.info.run_id == ghost and run.info.status == "FINISHED"
+
+
+# ====================================================================== 4. a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only; skipped with the reason otherwise)."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command to make a small file system")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_with_one_line_a_summary_and_resumable_runs(tmp_path, small_disk):
+    """Store, artifacts and run folders on a 3 MiB file system, six runs: the disk fills; the
+    scheduler names the full file system in one line, prints its summary and exits 1, with no
+    traceback. With space again, a rerun finishes every pair, none twice."""
+    ws = Workspace(tmp_path, num_epochs=2, seeds=(0, 1, 2))
+    uri = f"sqlite:///{small_disk / 'mlflow.db'}"
+    args = ["run-table", "1", "--manifest", str(ws.manifest), "--tracking-uri", uri,
+            "--runs-dir", str(small_disk / "runs"), "--data-dir", str(ws.data)]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([LCP_BIN, *args], cwd=small_disk, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out and "[SQL:" not in out, out
+    stopped = [line for line in proc.stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and f"no space left on the file system mounted at {small_disk}" \
+        in stopped[0], out
+    assert "Summary:" in proc.stdout
+    # Space again (a bigger file system in its place): the rerun recovers every pair once.
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    proc = subprocess.run([LCP_BIN, *args], cwd=small_disk, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(uri, create=False)
+    runs = [r for r in tracker.search_runs([tracker.get_experiment_id("lcp-table-1")])
+            if r.data.tags.get("lcp.kind") == "run"]
+    pairs = sorted((r.data.tags["id"], r.data.tags["seed"]) for r in runs
+                   if r.info.status == "FINISHED")
+    assert pairs == sorted({(r.data.tags["id"], r.data.tags["seed"]) for r in runs})
+    assert len(pairs) == 6
+    for run in runs:
+        if run.info.status != "FINISHED":
+            continue
+        for key in ("train/loss", "wall_time_s", "eval_train/accuracy"):
+            steps = [m.step for m in tracker.metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.data.tags["id"], key, steps)
+
+
+# ====================================================================== 7. smaller promises
+
+
+def test_attempts_count_across_calls_and_a_finished_run_keeps_no_failure_reason(
+        tmp_path, monkeypatch):
+    ws = Workspace(tmp_path, num_epochs=2, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LCP_PIPELINE_FAULT", "t1-ff-bp/seed=0:raise@1")
+    result = invoke(["run", "t1-ff-bp", *ws.run_args()])
+    assert result.exit_code == 1, result.output
+    run, = ws.runs()
+    assert run.info.status == "FAILED" and "injected fault" in run.data.tags["failure_reason"]
+    assert run.data.tags["attempts"] == "1"
+    monkeypatch.delenv("LCP_PIPELINE_FAULT")
+    result = invoke(["run", "t1-ff-bp", *ws.run_args()])
+    assert result.exit_code == 0, result.output
+    run, = ws.runs()
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["attempts"] == "2" and run.data.tags["attempt"] == "2"
+    assert "failure_reason" not in run.data.tags and "killed_reason" not in run.data.tags
+
+
+def test_a_setting_that_wants_an_integer_says_so(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["run-table", "1", "--manifest", str(ws.manifest), "--tracking-uri", ws.uri,
+                     "--set", "num_epochs=five", "--dry-run"])
+    assert result.exit_code == 2
+    assert "expected an integer, got 'five'" in result.stderr
+    assert "could not convert" not in result.stderr
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    from lcp.data import DataNotFoundError, load_split
+
+    def failing(root, train, download):  # torchvision creates its folders, then fails
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("no network (test)")
+
+    monkeypatch.setattr(datasets, "MNIST", failing)
+    missing = tmp_path / "nonexistent" / "data"
+    with pytest.raises(DataNotFoundError, match="no network"):
+        load_split("mnist", missing, train=True, download=True)
+    assert not (tmp_path / "nonexistent").exists()
+    kept = tmp_path / "existing"
+    (kept / "MNIST").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError):
+        load_split("mnist", kept, train=True, download=True)
+    assert (kept / "MNIST").is_dir() and not (kept / "MNIST" / "raw").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_sigint_in_the_run_and_the_summary(tmp_path):
+    ws = Workspace(tmp_path, num_epochs=50, seeds=(0,))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "LCP_PIPELINE_FAULT": "sleep=0.5"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([LCP_BIN, "run", "t1-ff-bp", *ws.run_args()], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(ws.runs_dir.glob("**/progress.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    run, = ws.runs()
+    assert run.info.status == "KILLED"
+    assert run.data.tags["killed_reason"] == "stopped (SIGINT)", run.data.tags
+    assert "reason: stopped (SIGINT)" in out and "SIGTERM" not in out
