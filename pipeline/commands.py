@@ -289,7 +289,8 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
     from pipeline import runs as R
     from pipeline.ownership import Ownership
     from pipeline.scheduler import ProgressDisplay, SchedulerResult
-    from pipeline.tracking import Tracker, is_server_uri, resolve_tracking_uri
+    from pipeline.tracking import (Tracker, disk_full_message, is_disk_full, is_server_uri,
+                                   resolve_tracking_uri)
 
     uri = resolve_tracking_uri(tracking_uri)
     if getattr(runner, "nodes", lambda: 1)() > 1 and not is_server_uri(uri):
@@ -308,7 +309,12 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
     R.ensure_data(R.plan_runs(items, _reader(uri), runs_dir, force=force), echo=click.echo)
     tracker = Tracker(uri)  # checks the store; creates the embedded one
     with Ownership(tracker) as ownership:  # the pairs this command runs are its own
-        plans = R.plan_owned(items, tracker, runs_dir, ownership, force=force)
+        try:
+            plans = R.plan_owned(items, tracker, runs_dir, ownership, force=force)
+        except Exception as exc:  # noqa: BLE001 - a full disk is one line; others as they are
+            if not is_disk_full(exc):
+                raise
+            raise LcpError(disk_full_message(exc, uri)) from None
         _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=False)
         if not any(p.action in (R.NEW, R.RESUME) for p in plans) and not (
                 wait and any(p.owner for p in plans)):

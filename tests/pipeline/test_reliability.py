@@ -294,6 +294,11 @@ def test_a_full_disk_stops_with_one_line_a_summary_and_resumable_runs(tmp_path, 
     assert len(stopped) == 1 and f"no space left on the file system mounted at {small_disk}" \
         in stopped[0], out
     assert "Summary:" in proc.stdout
+    lines = proc.stdout.splitlines()
+    not_started = [i for i, line in enumerate(lines) if "reason: not started" in line]
+    assert not_started, out  # the runs it did not start: a reason, no log path
+    assert all(not lines[i + 1].strip().startswith("log:") for i in not_started
+               if i + 1 < len(lines)), out
     # Space again (a bigger file system in its place): the rerun recovers every pair once.
     subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
     proc = subprocess.run([LCP_BIN, *args], cwd=small_disk, env=env, capture_output=True,
