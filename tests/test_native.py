@@ -10,29 +10,25 @@ No test here is timed: speed is measured by benchmarks/step_time.py.
 """
 
 import contextlib
-import os
 import stat
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from extras import require
 from lcp import native
 from lcp.config import RunConfig
 from lcp.models import build_model
 from lcp.solvers import relative_error
 from lcp.trainers import build_trainer
 
-NEED = os.environ.get("LCP_TEST_REQUIRE_EXTRAS") == "1"
 
 
 @pytest.fixture
 def kernels():
     lib = native.library()
-    if lib is None:
-        if NEED:
-            pytest.fail(f"the compiled kernels are required here: {native.status()}")
-        pytest.skip(native.status())
+    require(lib is not None, native.status())
     return lib
 
 
@@ -239,8 +235,8 @@ def test_compiled_energy_descent_equals_the_pytorch_descent(kernels, model, opti
 def test_the_two_products_at_once_equal_torch_mm(kernels, model, trainer, dtype):
     """A step's forward and transposed products run together by PyTorch's BLAS (one thread
     each) give what torch.mm gives."""
-    if not kernels.blas:
-        pytest.skip("PyTorch's BLAS cannot be reached from the compiled library here")
+    require(kernels.blas, "PyTorch's BLAS (sgemm_/dgemm_ of libtorch_cpu) cannot be reached from "
+            "the compiled library here")
     cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=64, alpha=0.1)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the pairing is for PyTorch on at most two threads

@@ -96,12 +96,46 @@ def test_multi_tensor_states_use_one_norm_per_sample():
     assert per_sample[0].item() == pytest.approx(3 ** 0.5 / (1e-5 + 7 ** 0.5))
 
 
-@pytest.mark.parametrize("name", ["vanilla", "anderson"])
-def test_divergence_raises_with_the_phase(name):
+@pytest.mark.parametrize("name,iteration", [("vanilla", 1), ("anderson", 3)])
+def test_divergence_raises_with_the_phase_and_the_iteration(name, iteration):
+    # the first step's change (1e30 per element) already overflows the float32 l2 norm; Anderson
+    # counts its two starting evaluations of fn, so its first error is that of evaluation 3
     fn = lambda x: (x * 1e30 + 1,)  # noqa: E731 — overflows to inf in a few steps
     with pytest.raises(DivergenceError) as info:
         get_solver(name)(fn, (torch.ones(2, 3),), max_iter=50, threshold=1e-6, phase="free")
     assert info.value.phase == "free"
+    assert info.value.iteration == iteration
+    assert f"at iteration {iteration}." in str(info.value)
+
+
+def test_divergence_reports_the_first_step_whose_state_is_not_finite():
+    # x counts up by one per step and turns NaN at its 5th step
+    fn = lambda x: (torch.where(x >= 4, torch.full_like(x, float("nan")), x + 1),)  # noqa: E731
+    with pytest.raises(DivergenceError) as info:
+        vanilla(fn, (torch.zeros(2, 3),), max_iter=50, threshold=1e-6, phase="controlled")
+    assert (info.value.phase, info.value.iteration) == ("controlled", 5)
+
+
+def test_anderson_stops_on_the_l2_error_whatever_the_metric():
+    """As in the paper's code, Anderson ignores the threshold metric: l_inf and legacy_l2 give
+    the run, trace and state of l2 (vanilla's trace does change with the metric)."""
+    fn, b, _ = linear_map(contraction=0.9)
+    start = (torch.zeros_like(b),)
+    runs = {m: anderson(fn, start, max_iter=500, threshold=1e-8, metric=m)
+            for m in ("l2", "l_inf", "legacy_l2")}
+    (x, ), stats = runs["l2"]
+    assert stats.converged
+    for other in ("l_inf", "legacy_l2"):
+        (x_other,), stats_other = runs[other]
+        assert torch.equal(x_other, x)
+        assert stats_other.trace == stats.trace and stats_other.iterations == stats.iterations
+    assert vanilla(fn, start, max_iter=5, threshold=0.0, metric="l_inf")[1].trace != vanilla(
+        fn, start, max_iter=5, threshold=0.0, metric="l2")[1].trace
+    # the reported residual is the per-sample relative l2 change between the last iterate and
+    # its image (max over the batch)
+    image = fn(x)[0]
+    assert stats.residual == pytest.approx(
+        ((image - x).norm(dim=1) / (1e-5 + image.norm(dim=1))).max().item(), rel=1e-6)
 
 
 def test_unknown_solver_lists_the_valid_ones():

@@ -108,15 +108,21 @@ def test_fused_controlled_equilibrium_is_a_fixed_point_of_the_reference_step():
         assert torch.allclose(a, b, atol=1e-8)
 
 
-def test_fused_path_still_raises_divergence_with_the_phase():
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_path_still_raises_divergence_with_the_phase(fused):
+    """alpha = 10 with dt = 1: the controlled state stops being finite at step 23 (measured),
+    on the fused path as on the reference path."""
     cfg = RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=32, alpha=10.0,
                     solver_max_iter=800, solver_error_threshold=1e-10)
     torch.manual_seed(0)
     net = build_model(cfg, (1, 28, 28), 10)
     x, y = batch()
+    trainer = build_trainer(cfg, net)
+    trainer.fused = fused
     with pytest.raises(DivergenceError) as info:
-        build_trainer(cfg, net).compute_update(x, y)
+        trainer.compute_update(x, y)
     assert info.value.phase == "controlled"
+    assert info.value.iteration == 23
 
 
 # ------------------------------------------------------------------ check every k steps

@@ -22,14 +22,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_testing import Workspace, invoke  # noqa: E402
 
+from extras import require  # noqa: E402
+
 
 def _require(module: str, why: str):
     try:
         return __import__(module)
     except ImportError:
-        if os.environ.get("LCP_TEST_REQUIRE_EXTRAS") == "1":
-            pytest.fail(f"{module} is required here ($LCP_TEST_REQUIRE_EXTRAS=1): {why}")
-        pytest.skip(f"{module} is not installed ({why})")
+        require(False, f"{module} is not installed ({why})")
 
 
 @pytest.fixture(scope="module")

@@ -31,18 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from extras import require
 
 PG_USER = "lcp"
 START_TIMEOUT_S = 120
-
-
-def require(condition: bool, reason: str) -> None:
-    """Skip (or, with $LCP_TEST_REQUIRE_EXTRAS=1, fail) when `condition` does not hold."""
-    if condition:
-        return
-    if os.environ.get("LCP_TEST_REQUIRE_EXTRAS") == "1":
-        pytest.fail(f"required here ($LCP_TEST_REQUIRE_EXTRAS=1): {reason}")
-    pytest.skip(reason)
 
 
 def require_module(name: str, hint: str):
