@@ -20,7 +20,7 @@ from lcp.errors import LcpError
 
 MODELS = ("ff", "rnn", "conv-ff", "conv-rnn")
 TRAINERS = ("bp", "rbp", "lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd")
-DATASETS = ("mnist", "fashion-mnist", "cifar10")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist-sample")
 SOLVERS = ("vanilla", "anderson")
 THRESHOLD_METRICS = ("l2", "l_inf", "legacy_l2")
 OPTIMIZERS = ("adam", "sgd")
@@ -123,6 +123,8 @@ class RunConfig:
     validation_seed: int = 0
     track_free_output: bool = True  # LCP trainers: also solve the free equilibrium for train stats
     controller_solver: str = "euler"  # lcp-di/kp/lf: 'anderson' reaches the same fixed point faster
+    align: bool = True  # LCP trainers: cosine of the update to the exact gradient (lcp.alignment)
+    align_every: int = 0  # also every K optimizer steps (0: at epoch ends only)
 
     def __post_init__(self) -> None:
         self._coerce_types()
@@ -151,7 +153,8 @@ class RunConfig:
 
     # Settings that change what a run computes (the hash that identifies a run's result).
     # Where data lives, the device and the output folder do not.
-    _NOT_HASHED = ("data_dir", "device", "out_dir", "save_model")
+    # Nor do the alignment measurements (they leave the trajectory bit-identical).
+    _NOT_HASHED = ("data_dir", "device", "out_dir", "save_model", "align", "align_every")
 
     def config_hash(self) -> str:
         payload = {k: v for k, v in self.to_dict().items() if k not in self._NOT_HASHED}
@@ -229,8 +232,9 @@ class RunConfig:
             self.device == "cpu" or self.device.startswith("cuda")
         ):
             raise ConfigError(f"setting 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N")
-        if self.eval_epochs < 0:
-            raise ConfigError(f"setting 'eval_epochs' must be ≥ 0 (got {self.eval_epochs})")
+        for name in ("eval_epochs", "align_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"setting '{name}' must be ≥ 0 (got {getattr(self, name)})")
 
 
 def _field_kind(f: dataclasses.Field) -> str:

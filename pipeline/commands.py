@@ -159,6 +159,8 @@ def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quic
     for number in tables:
         rows = manifest.table(number)
         items = R.expand(rows, seed_list, overrides)
+        if quick:
+            items = R.quick_data_fallback(items, download=False)
         plans = R.plan_runs(items, reader, runs_dir, holders=holders)
         by_row: dict[str, list] = {}
         for plan in plans:
@@ -299,6 +301,8 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
                    "e.g. docker/compose.yaml) so that every node reaches it", err=True)
 
     tables = sorted({i.exp.table for i in items})
+    if quick:
+        items = R.quick_data_fallback(items, download=not dry_run, echo=click.echo)
     if dry_run:
         reader = _reader(uri)
         holders = Ownership(reader).holders() if reader is not None else None
@@ -502,7 +506,7 @@ def report_command(table, fmt, out_dir, any_config, no_mlflow, manifest_path, tr
     tracker = Tracker(uri, create=False)
     report = make_report(tracker, manifest, table, fmt=fmt, out_dir=out_dir,
                          seeds=R.parse_seeds(seeds), overrides=overrides,
-                         any_config=any_config, log_to_mlflow=not no_mlflow)
+                         any_config=any_config, log_to_mlflow=not no_mlflow, quick=quick)
     click.echo(report.text, nl=False)
     click.echo("", err=True)
     for kind in ("bars", "curves", "md", "csv", "latex"):

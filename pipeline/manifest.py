@@ -306,8 +306,9 @@ def load_manifest(path: str | os.PathLike[str] = DEFAULT_PATH) -> Manifest:
 def _resolve_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.exists() and str(path) == DEFAULT_PATH:
-        # Not run from the repository root: use the repository's own experiments.yaml.
-        repo_copy = Path(__file__).resolve().parent.parent / DEFAULT_PATH
+        # Not run from the repository root: the package's copy (a link to the repository's
+        # experiments.yaml in a checkout, the file itself in an installed package).
+        repo_copy = Path(__file__).resolve().parent / DEFAULT_PATH
         if repo_copy.exists():
             return repo_copy
     if not p.exists():

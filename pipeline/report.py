@@ -92,17 +92,24 @@ class Collected:
 
 def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
-            any_config: bool = False, ids: Iterable[str] = ()) -> Collected:
+            any_config: bool = False, ids: Iterable[str] = (), quick: bool = False
+            ) -> Collected:
+    """The FINISHED runs of `table` made with these settings (`quick`: also the runs that fell
+    back to the MNIST sample), the newest per (row, seed)."""
     import pandas as pd
 
-    from pipeline.runs import expand
+    from pipeline.runs import expand, fallback_config
 
     rows = manifest.table(table)
     ids = list(ids)
     if ids:
         rows = [r for r in rows if r.id in ids]
     number = rows[0].table
-    expected = {(it.exp.id, it.seed): it.config_hash for it in expand(rows, seeds, overrides)}
+    expected: dict[tuple[str, int], set[str]] = {}
+    for it in expand(rows, seeds, overrides):
+        fallback = fallback_config(it.cfg) if quick else None
+        expected[(it.exp.id, it.seed)] = {it.config_hash} | (
+            {fallback.config_hash()} if fallback is not None else set())
     row_ids = {r.id for r in rows}
     exp_id = tracker.get_experiment_id(tracking.experiment_name(number))
     found = tracker.search_runs([exp_id], "attributes.status = 'FINISHED'") if exp_id else []
@@ -119,7 +126,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
         if any_config:
             if seeds is not None and key[1] not in seeds:
                 continue
-        elif expected.get(key) != tags.get("config_hash"):
+        elif tags.get("config_hash") not in expected.get(key, ()):
             other += 1
             continue
         best = chosen.get(key)
@@ -141,6 +148,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
         records.append({
             "id": row_id, "seed": seed, "run_id": run_id,
             "config_hash": run.data.tags.get("config_hash", ""),
+            "data_source": run.data.tags.get("data_source", "full"),
             "test_acc": _pct(metrics.get("eval_test/accuracy")),
             "train_acc": _pct(metrics.get("eval_train/accuracy")),
             "wall_time_s": wall,
@@ -151,7 +159,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
         })
         curves[run_id] = {k: sorted((m.step, m.value) for m in histories[k])
                           for k in CURVE_KEYS if k in histories}
-    columns = ["id", "seed", "run_id", "config_hash", "test_acc", "train_acc", "wall_time_s",
+    columns = ["id", "seed", "run_id", "config_hash", "data_source", "test_acc", "train_acc", "wall_time_s",
                "solver_iters", "hit_max_iter", "epochs"]
     return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id)
 
@@ -346,11 +354,12 @@ class Report:
 def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
                 fmt: str = "md", out_dir: str | Path | None = None,
                 seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
-                any_config: bool = False, log_to_mlflow: bool = True) -> Report:
+                any_config: bool = False, log_to_mlflow: bool = True, quick: bool = False
+                ) -> Report:
     if fmt not in FORMATS:
         raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
     collected = collect(tracker, manifest, table, seeds=seeds, overrides=overrides,
-                        any_config=any_config)
+                        any_config=any_config, quick=quick)
     number = collected.table
     if collected.runs.empty:
         hint = ("" if not collected.other_finished else

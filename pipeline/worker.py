@@ -6,6 +6,7 @@ starts this process; the worker only logs to the run it is given. It
 
 - sets the run RUNNING, tags the device and torch version, and resumes from `DIR/checkpoint.pt`
   when that exists (`lcp.fit(checkpoint_path=...)` restores model, optimizer, scheduler and RNG);
+- writes a plain progress line to its log per epoch and at least every 2 minutes inside one;
 - logs every epoch's record at step=epoch in one `log_batch` call (after a resume, only the epochs
   the store does not have yet, so the history has no gap and no duplicate);
 - at the end logs the final evaluation, then the artifacts (config.yaml, model.pth, metrics.csv,
@@ -314,7 +315,10 @@ def _run(args, run_dir: Path) -> int:
         logger = MlflowLogger(tracker, run_id, run_dir,
                               float(previous.get("wall_time_s", 0.0)) if checkpoint.exists()
                               else 0.0)
-        callbacks = [logger]
+        from lcp.progress import ProgressBar
+
+        # its log is a file: one plain line per epoch and at least every 2 minutes inside one
+        callbacks = [logger, ProgressBar(sys.stderr, plain=True)]
         fault = os.environ.get(FAULT_ENV, "")
         if fault:
             callbacks.append(FaultInjector(fault, name, run_dir))

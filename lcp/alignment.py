@@ -1,0 +1,105 @@
+"""The paper's claim measured during training: how well a trainer's update aligns with the
+exact gradient as the weights move.
+
+At the end of every epoch (and every `align_every` steps when that is > 0), on one fixed probe
+batch (the first `batch_size` training samples), the update a trainer writes into `.grad` is
+compared with the exact gradient of the loss at the same weights, as the section's baseline
+computes it: `bp` on the feedforward models (their unroll is the network), `rbp` (the
+implicit-function gradient at the free equilibrium) on the recurrent ones. Over the model's
+parameters, flattened:
+
+    align/cos_to_gradient   cos(update, gradient)
+    align/norm_ratio        ‖update‖ / ‖gradient‖
+    align/u_norm            the controller effort ‖u*‖ on the probe batch (batch mean)
+    align/loss_gap          controlled loss − free loss on the probe batch
+    align/seconds           what the measurement cost
+
+Nothing of the run changes: the parameters' `.grad`, the model's and the trainer's state and
+attributes and every random generator are saved before and restored after, so a run's
+trajectory is bit-identical with the probe on or off. bp and rbp runs have no probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+
+import numpy as np
+import torch
+
+from lcp.trainers import build_trainer
+
+# the exact-gradient trainer of each model (the baseline of its section)
+REFERENCE = {"ff": "bp", "conv-ff": "bp", "rnn": "rbp", "conv-rnn": "rbp"}
+
+
+class AlignmentProbe:
+    def __init__(self, cfg, model, trainer, x: torch.Tensor, y: torch.Tensor):
+        self.model, self.trainer, self.x, self.y = model, trainer, x, y
+        self.every = cfg.align_every
+        self.reference = build_trainer(cfg.replace(trainer=REFERENCE[cfg.model]), model)
+        self.params = list(model.parameters())
+        self.all_params = self.params + trainer.parameters()
+
+    @classmethod
+    def for_run(cls, cfg, model, trainer, loader, device) -> "AlignmentProbe | None":
+        """The probe of a run, or None (bp/rbp, `align` off, or a loader without tensors)."""
+        if not cfg.align or cfg.trainer in REFERENCE.values() or not hasattr(loader, "x"):
+            return None
+        n = cfg.batch_size
+        return cls(cfg, model, trainer, loader.x[:n].to(device), loader.y[:n].to(device))
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def measure(self, prefix: str = "align/") -> dict[str, float]:
+        start = time.perf_counter()
+        with _preserved(self.model, self.trainer, self.all_params):
+            update, stats = self._update(self.trainer)
+            gradient, _ = self._update(self.reference)
+        dot = torch.dot(update, gradient).item()
+        norm_u, norm_g = update.norm().item(), gradient.norm().item()
+        out = {"cos_to_gradient": dot / max(norm_u * norm_g, 1e-300),
+               "norm_ratio": norm_u / max(norm_g, 1e-300)}
+        if "u_norm" in stats:
+            out["u_norm"] = stats["u_norm"]
+        if "controlled_loss" in stats and "loss" in stats:
+            out["loss_gap"] = stats["controlled_loss"] - stats["loss"]
+        out["seconds"] = time.perf_counter() - start
+        return {prefix + k: float(v) for k, v in out.items()}
+
+    def _update(self, trainer) -> tuple[torch.Tensor, dict[str, float]]:
+        """`trainer`'s update on the probe batch over the model's parameters, as one float64
+        vector (a parameter the update leaves alone counts as zeros)."""
+        for p in self.all_params:
+            p.grad = None
+        stats = trainer.compute_update(self.x, self.y)
+        flat = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in self.params]
+        return torch.cat(flat).double(), stats
+
+
+@contextlib.contextmanager
+def _preserved(model, trainer, params):
+    grads = [p.grad for p in params]
+    attributes = dict(vars(trainer))
+    states = [(m, {k: v.clone() for k, v in m.state_dict().items()}) for m in
+              (model, trainer)]
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None,
+           np.random.get_state(), random.getstate())
+    try:
+        yield
+    finally:
+        for module, state in states:
+            module.load_state_dict(state)
+        vars(trainer).clear()
+        vars(trainer).update(attributes)
+        for p, g in zip(params, grads):
+            p.grad = g
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        np.random.set_state(rng[2])
+        random.setstate(rng[3])
