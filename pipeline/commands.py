@@ -477,11 +477,13 @@ def _print_next(tables, quick, sets, seeds):
 @_selection_options
 def report_command(table, fmt, out_dir, any_config, no_mlflow, manifest_path, tracking_uri,
                    seeds, sets, quick, data_dir):
-    """Table TABLE from MLflow: per row seeds, test accuracy mean ± std, train accuracy, gap to
-    the section's BP/RBP baseline, wall time, solver iterations, solves that hit max_iter.
+    """Table TABLE from MLflow: per row seeds, test accuracy mean ± std and its 95% CI, the
+    paper's value (when experiments.yaml gives `paper:`), train accuracy, gap to the section's
+    BP/RBP baseline with Welch's t-test p-value, the update's cosine to the exact gradient, wall
+    time, solver iterations, solves that hit max_iter, and the data source.
 
-    Writes table-N.md/.csv/.tex, table-N-runs.csv, a bar chart (table-N-accuracy.png) and learning
-    curves (table-N-curves.png), and logs them to the `report` run of experiment lcp-table-N.
+    Writes table-N.md/.csv/.tex, table-N-runs.csv, a bar chart (table-N-accuracy.png), learning
+    curves (table-N-curves.png) and alignment curves (table-N-alignment.png), and logs them to the `report` run of experiment lcp-table-N.
     Selects the runs made with the same --quick/--set/--seeds (or --any-config).
 
     \b
@@ -509,7 +511,7 @@ def report_command(table, fmt, out_dir, any_config, no_mlflow, manifest_path, tr
                          any_config=any_config, log_to_mlflow=not no_mlflow, quick=quick)
     click.echo(report.text, nl=False)
     click.echo("", err=True)
-    for kind in ("bars", "curves", "md", "csv", "latex"):
+    for kind in ("bars", "curves", "alignment", "md", "csv", "latex"):
         click.echo(f"wrote {report.files[kind]}", err=True)
     if report.report_run_id:
         click.echo(f"logged to MLflow run {report.report_run_id} (run name 'report')", err=True)

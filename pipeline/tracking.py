@@ -44,6 +44,12 @@ MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NA
 
 # How long a command waits for another process's first open of the same embedded store.
 STORE_LOCK_TIMEOUT_S = 600.0
+# MLflow's experiment kind: the UI opens a model-development experiment on its runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow's system metrics (CPU, memory, GPU) of every run; LCP_SYSTEM_METRICS=0 turns them off.
+SYSTEM_METRICS_ENV = "LCP_SYSTEM_METRICS"
+SYSTEM_METRICS_INTERVAL_S = 5.0
 
 T = TypeVar("T")
 
@@ -144,6 +150,30 @@ def param_value(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
+def start_system_metrics(uri: str, run_id: str, *, resume: bool):
+    """MLflow's system-metrics monitor on `run_id` (CPU, memory, disk, network, and GPU
+    utilisation and memory when one is used), started; None when LCP_SYSTEM_METRICS=0.
+    `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` overrides the 5-second sampling interval."""
+    if os.environ.get(SYSTEM_METRICS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                   resume_logging=resume, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the monitor, then log the samples it took since its last logging (MLflow's monitor
+    drops them, so a run shorter than one interval would otherwise have none)."""
+    monitor.finish()
+    leftover = monitor.aggregate_metrics()
+    if leftover:
+        monitor.publish_metrics(leftover)
+        monitor.mlflow_logger.flush()
+
+
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
     """The project's git commit (with `-dirty` when tracked files changed), None outside git."""
     root = Path(path) if path else Path(__file__).resolve().parent.parent
@@ -209,14 +239,19 @@ class Tracker:
         return exp.experiment_id if exp is not None else None
 
     def ensure_experiment(self, name: str) -> str:
-        existing = self.get_experiment_id(name)
+        """The experiment's id, created if needed as a model-development experiment (MLflow's
+        `mlflow.experimentKind` tag, so that the UI opens on its runs, not the GenAI overview)."""
+        existing = self._call(lambda: self.client.get_experiment_by_name(name))
         if existing is not None:
-            return existing
+            if existing.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag existed
+                self._call(lambda: self.client.set_experiment_tag(
+                    existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND))
+            return existing.experiment_id
         root = artifact_root(self.uri)
         location = (root / sanitize_name(name).replace("/", "_")).as_uri() if root else None
         try:
             return self._call(lambda: self.client.create_experiment(
-                name, artifact_location=location))
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
         except Exception as exc:  # noqa: BLE001 - created meanwhile by another process
             existing = self.get_experiment_id(name)
             if existing is not None:
@@ -309,6 +344,21 @@ class Tracker:
     def last_step(self, run_id: str, key: str = "epoch") -> int:
         history = self.metric_history(run_id, key)
         return max((m.step for m in history), default=0)
+
+    def log_datasets(self, run_id: str, datasets: Iterable[Mapping[str, Any]]) -> None:
+        """Datasets as the run's inputs (MLflow's Dataset column): each a mapping with name,
+        split (the input's `mlflow.data.context`), size, digest and source."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [DatasetInput(
+            Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                    source=json.dumps({"uri": d["source"]}),
+                    profile=json.dumps({"num_rows": d["size"]})),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["split"])]) for d in datasets]
+        self._call(lambda: self.client.log_inputs(run_id, datasets=inputs))
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None
                      ) -> None:

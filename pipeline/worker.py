@@ -6,6 +6,8 @@ starts this process; the worker only logs to the run it is given. It
 
 - sets the run RUNNING, tags the device and torch version, and resumes from `DIR/checkpoint.pt`
   when that exists (`lcp.fit(checkpoint_path=...)` restores model, optimizer, scheduler and RNG);
+- logs its datasets as MLflow inputs (name, split, size, digest) and MLflow's system metrics
+  (off with LCP_SYSTEM_METRICS=0);
 - writes a plain progress line to its log per epoch and at least every 2 minutes inside one;
 - logs every epoch's record at step=epoch in one `log_batch` call (after a resume, only the epochs
   the store does not have yet, so the history has no gap and no duplicate);
@@ -147,6 +149,11 @@ class MlflowLogger(Callback):
             self.tracker.log_metric_records(self.run_id, missing)
         self._progress(state, "running")
 
+    def on_step_end(self, state, stats):
+        within = {k: v for k, v in stats.items() if k.startswith("align_step/")}
+        if within:  # alignment measured every align_every steps: at step=optimizer step
+            self.tracker.log_metrics(self.run_id, within, step=state.global_step)
+
     def on_epoch_end(self, state, metrics):
         self.state = state
         self.tracker.log_metrics(self.run_id, metrics, step=state.epoch)
@@ -211,6 +218,20 @@ def write_metrics_csv(history: list[dict], path: Path) -> None:
         writer.writeheader()
         for record in history:
             writer.writerow(record)
+
+
+def dataset_inputs(cfg, loaders) -> list[dict]:
+    """The run's datasets for `Tracker.log_datasets`: name, split, size, digest, source."""
+    import hashlib
+
+    train, evals, _, _ = loaders
+    out = []
+    for split, loader in [("train", train)] + [(k, v) for k, v in evals.items() if k != "train"]:
+        digest = hashlib.sha256(loader.x.cpu().numpy().tobytes())
+        digest.update(loader.y.cpu().numpy().tobytes())
+        out.append({"name": cfg.data, "split": split, "size": loader.dataset_size,
+                    "digest": digest.hexdigest()[:16], "source": cfg.data_dir})
+    return out
 
 
 def describe_device(cfg) -> str:
@@ -290,7 +311,10 @@ def _run(args, run_dir: Path) -> int:
             torch.set_num_threads(threads)
         from lcp import native
         from lcp.config import RunConfig
+        from lcp.data import build_loaders
         from lcp.training import fit
+        from pipeline.tracking import (SYSTEM_METRICS_ENV, start_system_metrics,
+                                       stop_system_metrics)
 
         cfg = RunConfig.from_dict(yaml.safe_load((run_dir / CONFIG_NAME).read_text()))
         checkpoint = run_dir / CHECKPOINT_NAME
@@ -322,7 +346,17 @@ def _run(args, run_dir: Path) -> int:
         fault = os.environ.get(FAULT_ENV, "")
         if fault:
             callbacks.append(FaultInjector(fault, name, run_dir))
-        result = fit(cfg, callbacks, checkpoint_path=checkpoint)
+        loaders = build_loaders(cfg)
+        if not checkpoint.exists():
+            tracker.log_datasets(run_id, dataset_inputs(cfg, loaders))
+        monitor = start_system_metrics(tracker.uri, run_id, resume=checkpoint.exists())
+        tracker.set_tags(run_id, {"system_metrics": "on" if monitor else
+                                  f"off ({SYSTEM_METRICS_ENV}=0)"})
+        try:
+            result = fit(cfg, callbacks, checkpoint_path=checkpoint, loaders=loaders)
+        finally:
+            if monitor is not None:
+                stop_system_metrics(monitor)
         _finish(tracker, run_id, run_dir, cfg, result, logger)
         print(f"worker: run {run_id} finished: " + ", ".join(
             f"{k}={v:.4f}" for k, v in result.final.items()), flush=True)
