@@ -528,6 +528,9 @@ def report_command(table, fmt, out_dir, any_config, no_mlflow, manifest_path, tr
 def ui_command(tracking_uri, host, port):
     """The MLflow UI on the pipeline's store (the same --tracking-uri as the runs).
 
+    Prints a link to each table's runs (in MLflow's "Model training" view rather than its GenAI
+    overview).
+
     \b
     Examples:
       lcp ui                          # http://127.0.0.1:5000
@@ -538,13 +541,15 @@ def ui_command(tracking_uri, host, port):
 
     import subprocess
 
-    from pipeline.tracking import Tracker, artifact_root, is_server_uri, resolve_tracking_uri
+    from pipeline.tracking import (Tracker, artifact_root, is_server_uri, resolve_tracking_uri,
+                                   ui_link)
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_server_uri(uri):
         click.echo(f"{uri} is an MLflow server already: open it in a browser")
         return
-    Tracker(uri).client  # noqa: B018 - checks the store; creates or upgrades its schema (file lock)
+    tracker = Tracker(uri)
+    tracker.client  # noqa: B018 - checks the store; creates or upgrades its schema (file lock)
     if not 1 <= port <= 65535:
         raise LcpError(f"--port must be in 1..65535 (got {port})")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
@@ -552,7 +557,9 @@ def ui_command(tracking_uri, host, port):
     root = artifact_root(uri)
     if root is not None:
         cmd += ["--artifacts-destination", str(root)]
-    click.echo(f"MLflow UI on {uri}: http://{host}:{port}  (Ctrl-C to stop)")
+    click.echo(f"MLflow UI on {uri}: {ui_link(host, port, 'experiments')}  (Ctrl-C to stop)")
+    for name, experiment_id in tracker.table_experiments():
+        click.echo(f"  {name}: {ui_link(host, port, 'experiments/' + experiment_id)}")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID",)}
     # Its own process group, so that stopping `lcp ui` (Ctrl-C, SIGTERM) also stops the
     # server's helper processes instead of leaving them behind.

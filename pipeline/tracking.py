@@ -47,6 +47,10 @@ STORE_LOCK_TIMEOUT_S = 600.0
 # MLflow's experiment kind: the UI opens a model-development experiment on its runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3's UI has a global GenAI / Model-training switch (default GenAI, which opens every
+# experiment on a traces overview); this query selects Model training, whose experiment page is
+# the runs table. Links printed by `lcp ui` carry it.
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
 # MLflow's system metrics (CPU, memory, GPU) of every run; LCP_SYSTEM_METRICS=0 turns them off.
 SYSTEM_METRICS_ENV = "LCP_SYSTEM_METRICS"
 SYSTEM_METRICS_INTERVAL_S = 5.0
@@ -148,6 +152,11 @@ def sanitize_name(name: str) -> str:
 
 def param_value(value: Any) -> str:
     return "None" if value is None else str(value)
+
+
+def ui_link(host: str, port: int, path: str) -> str:
+    """A link into the MLflow UI (its pages live after `#/`) in the Model-training view."""
+    return f"http://{host}:{port}/#/{path}?{UI_WORKFLOW_QUERY}"
 
 
 def start_system_metrics(uri: str, run_id: str, *, resume: bool):
@@ -258,6 +267,11 @@ class Tracker:
                 return existing
             raise TrackingError(f"cannot create experiment {name!r} in {self.uri}: "
                                 f"{first_line(exc)}") from None
+
+    def table_experiments(self) -> list[tuple[str, str]]:
+        """(name, id) of the store's `lcp-…` experiments (tables, tuning studies), by name."""
+        found = self._call(lambda: self.client.search_experiments(filter_string="name LIKE 'lcp-%'"))
+        return sorted((e.name, e.experiment_id) for e in found)
 
     # ------------------------------------------------------------------ runs
     def create_run(self, experiment_id: str, name: str, *, tags: Mapping[str, Any] = (),
