@@ -399,8 +399,8 @@ def first_open_lock(db_url: str):
     first opened in this process, so that only one process at a time creates or upgrades its
     schema. Nothing for other stores (a server or a database server migrates on its own)."""
     path = sqlite_path(db_url)
-    if path is None:
-        yield
+    if path is None or (path.exists() and not os.access(path.parent, os.W_OK)):
+        yield  # no file lock in a read-only folder (nothing there can be created either)
         return
     from filelock import FileLock, Timeout
 

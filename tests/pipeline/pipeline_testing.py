@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -72,3 +75,28 @@ def invoke(args: list[str]):
 
     runner = CliRunner()
     return runner.invoke(lcp, args, catch_exceptions=False)
+
+
+def signal_after_first_epoch(ws: Workspace, args: list[str], signum: int,
+                             timeout: float = 90) -> tuple[int, str]:
+    """Start `lcp ARGS` (its workers sleep 0.5 s per epoch), send `signum` once a worker has
+    finished its first epoch; (exit status, output)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "LCP_PIPELINE_FAULT": "sleep=0.5"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([LCP_BIN, *args], cwd=ws.root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (ws.db.exists() and list(ws.runs_dir.glob("**/progress.json"))):
+            if proc.poll() is not None:
+                raise AssertionError(f"lcp ended (rc {proc.returncode}) before a worker's first "
+                                     f"epoch:\n{proc.stdout.read()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for a worker's first epoch")
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_testing import LCP_BIN, Workspace, invoke  # noqa: E402,F401
+from pipeline_testing import LCP_BIN, Workspace, invoke, signal_after_first_epoch  # noqa: E402
 
 
 # ====================================================================== 1. concurrent first use
@@ -224,7 +224,7 @@ def test_a_run_folder_that_cannot_be_written_leaves_a_failed_resumable_run(tmp_p
     assert run.info.status == "FAILED" and "cannot write" in run.data.tags["failure_reason"]
     result = invoke([*args, "--runs-dir", str(ws.runs_dir)])  # a good folder: resumed
     assert result.exit_code == 0, result.output
-    assert f"RESUME  t1-ff-bp/seed=0" in result.output
+    assert "RESUME  t1-ff-bp/seed=0" in result.output
     run2, = ws.runs()
     assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
     assert "failure_reason" not in run2.data.tags  # item 7: no stale reason on a FINISHED run
@@ -377,21 +377,9 @@ def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ctrl_c_says_sigint_in_the_run_and_the_summary(tmp_path):
     ws = Workspace(tmp_path, num_epochs=50, seeds=(0,))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "LCP_PIPELINE_FAULT": "sleep=0.5"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([LCP_BIN, "run", "t1-ff-bp", *ws.run_args()], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(ws.runs_dir.glob("**/progress.json")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out
+    returncode, out = signal_after_first_epoch(ws, ["run", "t1-ff-bp", *ws.run_args()],
+                                               signal.SIGINT)
+    assert returncode == 130, out
     run, = ws.runs()
     assert run.info.status == "KILLED"
     assert run.data.tags["killed_reason"] == "stopped (SIGINT)", run.data.tags

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_testing import LCP_BIN, Workspace, invoke  # noqa: E402
+from pipeline_testing import Workspace, invoke, signal_after_first_epoch  # noqa: E402
 
 
 def _wait_for(predicate, timeout: float, what: str, proc=None):
@@ -158,20 +158,9 @@ def test_hard_crash_without_retries_is_failed_by_the_parent(tmp_path, monkeypatc
 
 def test_sigterm_to_the_scheduler_marks_running_and_queued_runs_killed(tmp_path):
     ws = Workspace(tmp_path, num_epochs=50, seeds=(0,))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "LCP_PIPELINE_FAULT": "sleep=0.5"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([LCP_BIN, "run-table", "1", *ws.run_args(), "--workers", "1"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        progress = lambda: list(ws.runs_dir.glob("**/progress.json"))  # noqa: E731
-        _wait_for(lambda: ws.db.exists() and progress(), 90, "a worker's first epoch", proc)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, out
+    returncode, out = signal_after_first_epoch(
+        ws, ["run-table", "1", *ws.run_args(), "--workers", "1"], signal.SIGTERM)
+    assert returncode == 143, out
     assert "stopping (SIGTERM)" in out
     statuses = {r.data.tags["id"]: r for r in ws.runs()}
     assert {k: r.info.status for k, r in statuses.items()} == {
