@@ -270,8 +270,10 @@ class Tracker:
 
     def table_experiments(self) -> list[tuple[str, str]]:
         """(name, id) of the store's `lcp-…` experiments (tables, tuning studies), by name."""
+        from pipeline.ownership import PREFIX  # the leases of pairs being run: not tables
+
         found = self._call(lambda: self.client.search_experiments(filter_string="name LIKE 'lcp-%'"))
-        return sorted((e.name, e.experiment_id) for e in found)
+        return sorted((e.name, e.experiment_id) for e in found if not e.name.startswith(PREFIX))
 
     # ------------------------------------------------------------------ runs
     def create_run(self, experiment_id: str, name: str, *, tags: Mapping[str, Any] = (),
