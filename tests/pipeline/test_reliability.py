@@ -159,6 +159,17 @@ def test_a_lease_is_released_taken_over_from_a_dead_owner_and_expires(tmp_path):
     assert not [n for n in names if n.startswith("lcp-lease/")], names
 
 
+def test_leases_are_not_listed_as_tables(tmp_path):
+    from pipeline.ownership import Ownership
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    table = tracker.ensure_experiment("lcp-table-1")
+    with Ownership(tracker) as ownership:
+        assert ownership.claim("lcp-table-1/t1-ff-bp/seed=0/abc") is None
+        assert tracker.table_experiments() == [("lcp-table-1", table)]
+
+
 def test_two_schedulers_on_the_same_pairs_run_each_once(tmp_path, monkeypatch):
     """The second `lcp run` finds both pairs owned by the first (alive: this process) and skips
     them with one line naming the owner; nothing is created, nothing is FAILED."""
