@@ -395,3 +395,34 @@ def test_ctrl_c_says_sigint_in_the_run_and_the_summary(tmp_path):
     assert run.info.status == "KILLED"
     assert run.data.tags["killed_reason"] == "stopped (SIGINT)", run.data.tags
     assert "reason: stopped (SIGINT)" in out and "SIGTERM" not in out
+
+
+@pytest.mark.slow
+def test_leases_through_an_mlflow_server_have_one_owner(tmp_path):
+    """The same claims over HTTP (an `mlflow server` on SQLite): one winner among claims made
+    at once; a released lease can be claimed again."""
+    from pipeline.ownership import Ownership
+    from pipeline.tracking import Tracker
+    from tests.servers.conftest import start_mlflow_server
+
+    with start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server") as url:
+        context = multiprocessing.get_context("fork")
+        start, queue = context.Barrier(7), context.Queue()
+        key = "lcp-table-1/t1-ff-bp/seed=0/abc"
+        procs = [context.Process(target=_claim, args=(url, key, start, queue))
+                 for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        start.wait()
+        outcomes = sorted(queue.get(timeout=300) for _ in procs)
+        start.wait()
+        for proc in procs:
+            proc.join(timeout=60)
+        assert outcomes.count("claimed") == 1, outcomes
+        tracker = Tracker(url)
+        first, second = Ownership(tracker), Ownership(tracker)
+        other = "lcp-table-1/t1-ff-bp/seed=1/abc"
+        assert first.claim(other) is None and second.claim(other) is not None
+        first.release(other)
+        assert second.claim(other) is None
+        second.close()
