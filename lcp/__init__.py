@@ -7,7 +7,7 @@ tracker, a tuner or a command-line framework.
     cfg = lcp.RunConfig(model="ff", trainer="lcp-di", alpha=0.1, solver_max_iter=800)
     model = lcp.build_model(cfg, input_shape=(1, 28, 28), num_classes=10)
     trainer = lcp.build_trainer(cfg, model)
-    stats = trainer.compute_update(x, y)     # fills .grad with the update of SPEC §3
+    stats = trainer.compute_update(x, y)     # fills .grad with the update (docs/equations.md)
     result = lcp.fit(cfg, callbacks=[...])  # the whole training loop
 """
 
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 
 def fit(cfg, callbacks=(), **kwargs):
-    """The training loop of SPEC §4 (see `lcp.training.fit`)."""
+    """The training loop (see `lcp.training.fit` and docs/equations.md)."""
     from lcp.training import fit as _fit  # imports the data stack only when training
 
     return _fit(cfg, callbacks, **kwargs)

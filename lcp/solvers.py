@@ -1,4 +1,5 @@
-"""Fixed-point solvers: a name → function registry with one signature.
+"""Fixed-point solvers: a name → function registry with one signature (docs/equations.md,
+"Solvers").
 
 Every solver takes a map `fn(*state) -> tuple(next_state)` over a tuple of batch-first tensors and
 a start state, and returns the solution with a `SolverStats` record (iterations, final residual,
@@ -45,17 +46,8 @@ def relative_error(old: State, new: State, metric: str = "l2") -> tuple[torch.Te
     l_inf: max over all elements of |new − old| / (1e-5 + |old|).
     legacy_l2: the l2 ratio over the whole batch at once.
     """
-    diff_sq = sum((n - o).reshape(o.shape[0], -1).pow(2).sum(1) for o, n in zip(old, new))
-    norm_sq = sum(o.reshape(o.shape[0], -1).pow(2).sum(1) for o in old)
-    per_sample = diff_sq.sqrt() / (_EPS + norm_sq.sqrt())
-    if metric == "l2":
-        return per_sample.max(), per_sample
-    if metric == "l_inf":
-        ratios = [((n - o).abs() / (_EPS + o.abs())).max() for o, n in zip(old, new)]
-        return torch.stack(ratios).max(), per_sample
-    if metric == "legacy_l2":
-        return diff_sq.sum().sqrt() / (_EPS + norm_sq.sum().sqrt()), per_sample
-    raise LcpError(f"unknown threshold metric {metric!r}; valid: l2, l_inf, legacy_l2")
+    err, per_sample, _ = _step_error(old, new, _per_sample(old), metric)
+    return err, per_sample
 
 
 def _check_finite(value: float, phase: str, iteration: int) -> None:
@@ -126,8 +118,6 @@ def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
     if isinstance(fn, MeasuredStep) and len(state) == 1 and metric == "l2":
         # the step measures its error as it writes the state (on the host): nothing to batch
         return _vanilla_measured(fn.measure, state[0], max_iter, threshold, phase)
-    if k == 1 and len(state) == 1 and metric == "l2":
-        return _vanilla_one(fn, state[0], max_iter, threshold, phase)
     trace: list[float] = []
     per_sample = None
     old_norm = _per_sample(state)  # each state is reduced once: new norm → next old norm
@@ -159,35 +149,8 @@ def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
                               trace)
 
 
-def _vanilla_one(fn: StepFn, x: torch.Tensor, max_iter: int, threshold: float, phase: str):
-    """`vanilla` for a single-tensor state, the l2 metric and every-step checks: the same
-    operations, with the per-step work kept to a few kernels."""
-    bsz = x.shape[0]
-    trace: list[float] = []
-    x_flat = x.reshape(bsz, -1)
-    denom = torch.linalg.vector_norm(x_flat, dim=1).add_(_EPS)  # _EPS + ‖old‖ per sample
-    diff = torch.empty_like(x_flat)
-    per_sample = None
-    inf = float("inf")
-    for it in range(1, max_iter + 1):
-        y = fn(x)[0]
-        y_flat = y.reshape(bsz, -1)
-        per_sample = torch.linalg.vector_norm(torch.sub(y_flat, x_flat, out=diff),
-                                              dim=1).div_(denom)
-        value = per_sample.max().item()
-        trace.append(value)
-        if value != value or value == inf or value == -inf:
-            _check_finite(value, phase, it)
-        x, x_flat = y, y_flat
-        if value < threshold:
-            return (x,), SolverStats(it, value, True, max_iter, per_sample, trace)
-        denom = torch.linalg.vector_norm(y_flat, dim=1).add_(_EPS)
-    return (x,), SolverStats(max_iter, trace[-1] if trace else 0.0, False, max_iter, per_sample,
-                             trace)
-
-
 def _vanilla_measured(measure, x: torch.Tensor, max_iter: int, threshold: float, phase: str):
-    """`_vanilla_one` for a step that measures its own error (`MeasuredStep`)."""
+    """`vanilla` for a step that measures its own error (`MeasuredStep`)."""
     trace: list[float] = []
     per_sample = None
     inf = float("inf")
@@ -308,8 +271,6 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
     G = x0.new_empty(m, length)
     gram = np.zeros((m, m))  # the small least-squares problem is solved on the host
     X[0].copy_(x0)
-    rows = len(state) == 1 and metric == "l2"  # per-sample norms straight from the flat rows
-    bsz = state[0].shape[0]
     trace: list[float] = []
     per_sample = None
     filled, slot = 0, 0
@@ -318,12 +279,7 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
         fx_state = tuple(fn(*x_state))
         flat.pack(fx_state, out=Fh[slot])
         torch.sub(Fh[slot], X[slot], out=G[slot])
-        if rows:
-            per_sample = (torch.linalg.vector_norm(G[slot].view(bsz, -1), dim=1)
-                          / (_EPS + torch.linalg.vector_norm(X[slot].view(bsz, -1), dim=1)))
-            err = per_sample.max()
-        else:
-            err, per_sample = relative_error(x_state, fx_state, metric)
+        err, per_sample = relative_error(x_state, fx_state, metric)
         value = err.item()
         trace.append(value)
         _check_finite(value, phase, it)

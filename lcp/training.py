@@ -1,4 +1,4 @@
-"""The training loop of SPEC §4, readable top to bottom: `fit(cfg, callbacks)`.
+"""The training loop (docs/equations.md, "Training loop"), readable top to bottom: `fit(cfg, callbacks)`.
 
 Per batch: explicit pre-update rules → the trainer's update into `.grad` → explicit post-update
 rules → optional clipping (model and trainer parameters separately) → optimizer step →

@@ -1,11 +1,11 @@
-"""RunConfig: defaults of SPEC §5, types, choices, supported pairs, clear messages."""
+"""RunConfig: the paper's command-line defaults, types, choices, supported pairs, clear messages."""
 
 import pytest
 
 from lcp.config import ConfigError, RunConfig, parse_bool
 from lcp.flags import parse_command_line, parse_flags
 
-SPEC_DEFAULTS = dict(
+PAPER_DEFAULTS = dict(
     seed=-1, data="mnist", num_epochs=30, eval_epochs=5, batch_size=64, out_dir="./out",
     save_model=False, solver="vanilla", solver_max_iter=50, solver_error_threshold=1e-4,
     solver_threshold_metric="l2", trainer="lcp-di", k_p=0.0, k_i=1.0, alpha=0.0, dt=1.0,
@@ -18,7 +18,7 @@ SPEC_DEFAULTS = dict(
 
 def test_defaults_are_the_papers():
     cfg = RunConfig(model="ff")
-    for name, value in SPEC_DEFAULTS.items():
+    for name, value in PAPER_DEFAULTS.items():
         assert getattr(cfg, name) == value, name
 
 

@@ -1,8 +1,8 @@
 """The fast paths compute what the reference paths compute.
 
-- the fused dynamics (`Trainer.fused = True`, the default) against the models' generic methods
-  (`fused = False`), for every trainer on ff and rnn (and conv-ff, lcp-di), in float64: same
-  iteration counts, same updates;
+- the compiled backend (`lcp.native`, the default on CPU) against the PyTorch definition of
+  each equation (`LCP_NATIVE=0`, the public setting), for every trainer on ff and rnn, in
+  float64: same iteration counts, same updates;
 - the vanilla solver checking every k steps against checking every step: the same
   iterations, returned state, residual and trace, bit for bit;
 - the accelerated controller solver (`controller_solver = "anderson"`) against the paper's
@@ -11,6 +11,9 @@
 No test here is timed: speed is measured by benchmarks/step_time.py.
 """
 
+import contextlib
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -36,16 +39,26 @@ def batch(shape=(1, 28, 28), n=16, seed=1, dtype=torch.float32):
     return x, y
 
 
-def run_update(cfg, fused, shape=(1, 28, 28), n=16, dtype=torch.float64, trainer_state=None,
+def native_on(on: bool):
+    """The compiled backend as it comes (on), or `LCP_NATIVE=0` (the PyTorch definition)."""
+    return contextlib.nullcontext() if on else mock.patch.dict(os.environ, {"LCP_NATIVE": "0"})
+
+
+def run_update(cfg, compiled, shape=(1, 28, 28), n=16, dtype=torch.float64, trainer_state=None,
                seed=0):
-    """(flat update of every trainable parameter, stats, trainer) of one step from seed 0."""
+    """(flat update of every trainable parameter, stats, trainer) of one step from seed 0, with
+    the compiled backend or the PyTorch definition."""
+    with native_on(compiled):
+        return _run_update(cfg, shape, n, dtype, trainer_state, seed)
+
+
+def _run_update(cfg, shape, n, dtype, trainer_state, seed):
     torch.manual_seed(seed)
     net = build_model(cfg, shape, 10).to(dtype)
     tr = build_trainer(cfg, net)
     tr.auxiliary.to(dtype)
     if trainer_state is not None:
         tr.load_state_dict(trainer_state)
-    tr.fused = fused
     x, y = batch(shape, n, dtype=dtype)
     torch.manual_seed(5)  # lcp-lf's noise
     tr.pre_update()
@@ -56,44 +69,26 @@ def run_update(cfg, fused, shape=(1, 28, 28), n=16, dtype=torch.float64, trainer
     return update, stats, tr
 
 
-# ------------------------------------------------------------------ fused == reference
+# ------------------------------------------------------------ compiled == the definition
 @pytest.mark.parametrize("model", ["ff", "rnn"])
 @pytest.mark.parametrize("trainer", FLAT_TRAINERS)
-def test_fused_dynamics_equal_the_reference_path(model, trainer):
+def test_compiled_dynamics_equal_the_definition(model, trainer):
     cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=32, alpha=0.1,
                     solver_max_iter=300, solver_error_threshold=1e-8, ff_init=(model == "rnn"))
-    ref, ref_stats, ref_tr = run_update(cfg, fused=False)
-    fast, fast_stats, fast_tr = run_update(cfg, fused=True)
+    ref, ref_stats, ref_tr = run_update(cfg, compiled=False)
+    fast, fast_stats, fast_tr = run_update(cfg, compiled=True)
     iterations = [k for k in ref_stats if k.endswith("/iterations")]
     assert iterations
     for key in iterations:
         assert fast_stats[key] == ref_stats[key], key
-    # fused Adam (lcp-ebd) differs from torch.optim.Adam by rounding, amplified near g = 0
+    # the compiled Adam (lcp-ebd) differs from torch.optim.Adam by rounding, amplified near g = 0
     rtol = 1e-5 if trainer == "lcp-ebd" else 1e-10
     assert torch.allclose(fast, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
     if trainer == "lcp-lf":  # the noisy phase draws the same noise and moves Q the same way
         assert torch.allclose(fast_tr.Q, ref_tr.Q, rtol=1e-10, atol=1e-12)
 
 
-def test_fused_dynamics_equal_the_reference_path_on_conv_ff():
-    cfg = RunConfig(model="conv-ff", trainer="lcp-di", data="cifar10", alpha=0.1,
-                    solver_max_iter=40, solver_error_threshold=1e-3)
-    ref, ref_stats, _ = run_update(cfg, False, shape=(3, 32, 32), n=2)
-    fast, fast_stats, _ = run_update(cfg, True, shape=(3, 32, 32), n=2)
-    assert fast_stats["controlled/iterations"] == ref_stats["controlled/iterations"]
-    assert torch.allclose(fast, ref, rtol=1e-9, atol=1e-12 * ref.abs().max().item())
-
-
-def test_fused_kp_feedback_on_conv_ff_equals_the_reference_path():
-    cfg = RunConfig(model="conv-ff", trainer="lcp-kp", data="cifar10", alpha=0.1,
-                    solver_max_iter=30, solver_error_threshold=1e-3, kp_wd=0.0)
-    ref, ref_stats, _ = run_update(cfg, False, shape=(3, 32, 32), n=2)
-    fast, fast_stats, _ = run_update(cfg, True, shape=(3, 32, 32), n=2)
-    assert fast_stats["controlled/iterations"] == ref_stats["controlled/iterations"]
-    assert torch.allclose(fast, ref, rtol=1e-9, atol=1e-12 * ref.abs().max().item())
-
-
-def test_fused_controlled_equilibrium_is_a_fixed_point_of_the_reference_step():
+def test_compiled_controlled_equilibrium_is_a_fixed_point_of_the_definition():
     cfg = RunConfig(model="rnn", trainer="lcp-di", rnn_hidden_units=32, alpha=0.1,
                     solver_max_iter=2000, solver_error_threshold=1e-10)
     torch.manual_seed(0)
@@ -108,18 +103,17 @@ def test_fused_controlled_equilibrium_is_a_fixed_point_of_the_reference_step():
         assert torch.allclose(a, b, atol=1e-8)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_fused_path_still_raises_divergence_with_the_phase(fused):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_compiled_path_still_raises_divergence_with_the_phase(compiled):
     """alpha = 10 with dt = 1: the controlled state stops being finite at step 23 (measured),
-    on the fused path as on the reference path."""
+    with the compiled backend as with the PyTorch definition."""
     cfg = RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=32, alpha=10.0,
                     solver_max_iter=800, solver_error_threshold=1e-10)
     torch.manual_seed(0)
     net = build_model(cfg, (1, 28, 28), 10)
     x, y = batch()
     trainer = build_trainer(cfg, net)
-    trainer.fused = fused
-    with pytest.raises(DivergenceError) as info:
+    with native_on(compiled), pytest.raises(DivergenceError) as info:
         trainer.compute_update(x, y)
     assert info.value.phase == "controlled"
     assert info.value.iteration == 23
@@ -170,8 +164,8 @@ def test_checking_every_k_steps_reports_the_first_non_finite_step():
 
 
 @pytest.mark.parametrize("model", ["ff", "rnn"])
-def test_fused_dynamics_with_check_every_k_equal_every_step(model):
-    """The fused kernel writes into a ring of buffers sized by `Solver.keeps`, so the states a
+def test_compiled_dynamics_with_check_every_k_equal_every_step(model):
+    """The compiled step writes into a ring of buffers sized by `Solver.keeps`, so the states a
     chunked solver keeps stay intact: the same equilibrium, bit for bit."""
     cfg = RunConfig(model=model, trainer="lcp-di", rnn_hidden_units=32, alpha=0.1,
                     solver_max_iter=800, solver_error_threshold=1e-6)
@@ -239,7 +233,7 @@ def test_anderson_controller_gives_the_euler_update_in_fewer_iterations(model, t
     assert s_fast["controlled/iterations"] * 2 < s_euler["controlled/iterations"]
 
 
-def test_anderson_controller_on_the_reference_path_agrees_with_the_fused_one():
+def test_anderson_controller_on_the_definition_agrees_with_the_compiled_step():
     cfg = with_controller(anderson_problem("ff", "lcp-di"), "anderson")
     ref, s_ref, _ = run_update(cfg, False, n=64, dtype=torch.float32)
     fast, s_fast, _ = run_update(cfg, True, n=64, dtype=torch.float32)
@@ -267,24 +261,23 @@ def test_unknown_controller_solver_is_refused():
         ControllerSolver("broyden", 10, 1e-4)
 
 
-
 # ------------------------------------------------------------------ lcp-lf's noisy phase
-def test_lf_fused_noisy_phase_draws_the_same_noise_and_leaves_the_generator_alike():
-    """The fused noisy phase draws its noise scaled and sums A in blocks of steps: Q and the
-    generator's state afterwards are those of the reference loop."""
+def test_lf_compiled_noisy_phase_draws_the_same_noise_and_leaves_the_generator_alike():
+    """The compiled noisy phase draws its noise scaled and sums A in blocks of steps: Q and the
+    generator's state afterwards are those of the definition's loop."""
     cfg = RunConfig(model="ff", trainer="lcp-lf", rnn_hidden_units=32, alpha=0.1,
                     solver_max_iter=37, solver_error_threshold=1e-8, sigma=0.05, tau_Q=10.0)
     results = []
-    for fused in (False, True):
+    for compiled in (False, True):
         torch.manual_seed(0)
         net = build_model(cfg, (1, 28, 28), 10).double()
         tr = build_trainer(cfg, net)
         tr.auxiliary.double()
-        tr.fused = fused
         x, y = batch(dtype=torch.float64)
         torch.manual_seed(7)
-        tr.compute_update(x, y)
-        tr.post_update()
+        with native_on(compiled):
+            tr.compute_update(x, y)
+            tr.post_update()
         results.append((tr.Q.clone(), torch.rand(4)))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     assert torch.equal(results[0][1], results[1][1])

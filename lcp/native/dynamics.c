@@ -1,6 +1,8 @@
 /*
- * The element-wise part of one step of the controlled dynamics of a linear-readout model
- * (lcp.trainers.lcp_di.FusedControlled), fused into two passes over the state.
+ * The accelerated CPU backend of the no-grad dynamics of the linear-block tanh models (ff, rnn):
+ * each pass computes the element-wise part of one step of an equation of docs/equations.md
+ * whose one definition is PyTorch code in lcp/ (named at each pass); the Python side
+ * (lcp/native/__init__.py) checks a step of each against that definition when it loads.
  *
  * A step of the controlled dynamics is tanh and two large matrix products (the blocks'
  * t W^T and their transposed products e_out M; done by the caller with PyTorch's kernels)
@@ -16,8 +18,8 @@
  * Inputs besides the state: t = tanh(v) (B x N), p_v = the blocks' forward products placed in
  * their output columns (zero elsewhere), p_e = their transposed products placed in their input
  * columns (zero elsewhere; NULL: none), W_D (C x R_d, the readout weight, acting on columns
- * r_d..N-1 of t), M_u (C x R_u, acting from u into columns r_u..N-1 of e'). The formulas follow
- * FusedControlled._lean_step; results agree with it to rounding. v_copy (B x N, or NULL) receives
+ * r_d..N-1 of t), M_u (C x R_u, acting from u into columns r_u..N-1 of e'). The formulas are
+ * LeastControlTrainer.controlled_step's (docs/equations.md, "Controlled dynamics"), to rounding. v_copy (B x N, or NULL) receives
  * v' as well, contiguous, for the next step's tanh (which is twice as fast on contiguous rows).
  */
 #define _GNU_SOURCE /* RTLD_NOLOAD */
@@ -186,105 +188,7 @@ DEFINE_FREE_STEP(float, f32)
 DEFINE_FREE_STEP(double, f64)
 
 /*
- * One Anderson update of FusedControlled.anderson, after the step x -> F(x) = fx:
- *   G[row] = the controller-block residual fx - x (columns c0..c1-1 of each row),
- *   the Gram matrix's row and column `row` (double, m x m, first `filled` rows in use),
- *   a = (Gram + reg * max diag * I)^-1 1 by Gaussian elimination with partial pivoting,
- *   x = sum_i (a_i / sum a) F(x_i), F(x_i) in the ring buffer slot_of_row[i] (each B x S,
- *   consecutive from ring_base).
- * Returns 1, or 0 (x untouched) when the system is singular or the weights are not finite:
- * the caller then takes the plain step and restarts the history.
- */
-#define DEFINE_ANDERSON(T, SUFFIX)                                                              \
-int lcp_anderson_mix_##SUFFIX(long B, long S, long c0, long c1, const T *fx, T *x, T *G,       \
-                              long m, long filled, long row, double *gram, double reg,         \
-                              const int64_t *slot_of_row, const T *ring_base, int threads)     \
-{                                                                                              \
-    const long W = c1 - c0, L = B * W;                                                         \
-    T *g = G + row * L;                                                                        \
-    for (long b = 0; b < B; ++b)                                                               \
-        for (long c = 0; c < W; ++c)                                                           \
-            g[b * W + c] = fx[b * S + c0 + c] - x[b * S + c0 + c];                             \
-    for (long i = 0; i < filled; ++i) {                                                        \
-        const T *gi = G + i * L;                                                               \
-        double p = 0.0;                                                                        \
-        _Pragma("omp simd reduction(+:p)")                                                     \
-        for (long k = 0; k < L; ++k)                                                           \
-            p += (double)gi[k] * (double)g[k];                                                 \
-        gram[row * m + i] = p;                                                                 \
-        gram[i * m + row] = p;                                                                 \
-    }                                                                                          \
-    const long n = filled;                                                                     \
-    double A[n * n], a[n];                                                                     \
-    double top = 1e-300;                                                                       \
-    for (long i = 0; i < n; ++i)                                                               \
-        top = gram[i * m + i] > top ? gram[i * m + i] : top;                                   \
-    for (long i = 0; i < n; ++i) {                                                             \
-        for (long j = 0; j < n; ++j)                                                           \
-            A[i * n + j] = gram[i * m + j];                                                    \
-        A[i * n + i] += reg * top;                                                             \
-        a[i] = 1.0;                                                                            \
-    }                                                                                          \
-    for (long col = 0; col < n; ++col) {                                                       \
-        long piv = col;                                                                        \
-        for (long r = col + 1; r < n; ++r)                                                     \
-            if (fabs(A[r * n + col]) > fabs(A[piv * n + col]))                                 \
-                piv = r;                                                                       \
-        if (A[piv * n + col] == 0.0 || A[piv * n + col] != A[piv * n + col])                   \
-            return 0;                                                                          \
-        if (piv != col) {                                                                      \
-            for (long j = 0; j < n; ++j) {                                                     \
-                double tmp = A[col * n + j];                                                   \
-                A[col * n + j] = A[piv * n + j];                                               \
-                A[piv * n + j] = tmp;                                                          \
-            }                                                                                  \
-            double tmp = a[col]; a[col] = a[piv]; a[piv] = tmp;                                \
-        }                                                                                      \
-        for (long r = col + 1; r < n; ++r) {                                                   \
-            double f = A[r * n + col] / A[col * n + col];                                      \
-            for (long j = col; j < n; ++j)                                                     \
-                A[r * n + j] -= f * A[col * n + j];                                            \
-            a[r] -= f * a[col];                                                                \
-        }                                                                                      \
-    }                                                                                          \
-    double total = 0.0;                                                                        \
-    for (long i = n - 1; i >= 0; --i) {                                                        \
-        double s = a[i];                                                                       \
-        for (long j = i + 1; j < n; ++j)                                                       \
-            s -= A[i * n + j] * a[j];                                                          \
-        a[i] = s / A[i * n + i];                                                               \
-        total += a[i];                                                                         \
-    }                                                                                          \
-    if (!(fabs(total) >= 1e-300) || !(fabs(total) <= 1e300))                                   \
-        return 0;                                                                              \
-    T w[n];                                                                                    \
-    const T *src[n];                                                                           \
-    for (long i = 0; i < n; ++i) {                                                             \
-        w[i] = (T)(a[i] / total);                                                              \
-        src[i] = ring_base + slot_of_row[i] * B * S;                                           \
-    }                                                                                          \
-    _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static)")         \
-    for (long blk = 0; blk < B; ++blk) {                                                       \
-        T *out = x + blk * S;                                                                  \
-        const long off = blk * S;                                                              \
-        _Pragma("omp simd")                                                                    \
-        for (long k = 0; k < S; ++k)                                                           \
-            out[k] = w[0] * src[0][off + k];                                                   \
-        for (long i = 1; i < n; ++i) {                                                         \
-            const T wi = w[i], *si = src[i] + off;                                             \
-            _Pragma("omp simd")                                                                \
-            for (long k = 0; k < S; ++k)                                                       \
-                out[k] += wi * si[k];                                                          \
-        }                                                                                      \
-    }                                                                                          \
-    return 1;                                                                                  \
-}
-
-DEFINE_ANDERSON(float, f32)
-DEFINE_ANDERSON(double, f64)
-
-/*
- * One step of lcp-lf's noisy phase (LinearFeedbackTrainer._fused_noisy_phase), after the
+ * One step of lcp-lf's noisy phase (LinearFeedbackTrainer.noisy_step), after the
  * caller drew xi (the step's scaled normal noise), t = tanh(v) and p_v (the blocks' forward
  * products of t). With u = k_i u_i - k_p (softmax(v^) - onehot)/B:
  *   v_fb = sigma eps + u Q^T          (written to fb_row; u - u_ref to du_row)
@@ -348,7 +252,7 @@ DEFINE_NOISY_STEP(float, f32)
 DEFINE_NOISY_STEP(double, f64)
 
 /*
- * lcp-ebd's energy descent (EnergyBasedTrainer._fused_descent) on x = [v | v^] (B x (N + C)),
+ * lcp-ebd's energy descent (EnergyBasedTrainer.energy_gradient and its Adam step) on x = [v | v^] (B x (N + C)),
  * in two passes around the caller's products (t = tanh(v), p_v = the blocks' forward products
  * of t, p_e = the blocks' transposed products of r_f):
  *   lcp_ebd_residuals: r_f = v - (h_b + p_v),  r_d = v^ - (b_D + t_r W_D^T)

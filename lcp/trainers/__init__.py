@@ -21,7 +21,7 @@ TRAINERS: dict[str, type[Trainer]] = {
 
 
 def build_trainer(cfg, model) -> Trainer:
-    """The trainer of SPEC §3 named by `cfg.trainer`, bound to `model`."""
+    """The trainer named by `cfg.trainer` (docs/equations.md), bound to `model`."""
     try:
         cls = TRAINERS[cfg.trainer]
     except KeyError:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lcp.models import LinearReadoutModel
 from lcp.trainers.base import Trainer
 
 
@@ -46,10 +45,6 @@ class RecurrentBackpropTrainer(Trainer):
     name = "rbp"
 
     def compute_update(self, x, y):
-        with self.plan_scope():
-            return self._compute_update(x, y)
-
-    def _compute_update(self, x, y):
         model = self.model
         h = model.encode(x)
         v_star, free = self.free_equilibrium(h)
@@ -59,28 +54,18 @@ class RecurrentBackpropTrainer(Trainer):
         loss = F.cross_entropy(logits, y)
         loss.backward()  # decoder grads and g = ∂L/∂v̄
         g = v_bar_leaf.grad
-        h_fixed = h.detach()
-
+        f = model.bind(h)
+        step = self.maybe_compiled(_adjoint_map)
         with torch.no_grad():
-            if self.fused and isinstance(model, LinearReadoutModel):
-                # γ ← Jᵀγ + g = φ'(v*) ⊙ (Σ Wᵀγ_out) + g, with φ'(v*) computed once
-                plan = self.batch_plan(h_fixed)
-                plan.act(v_star)
-                slope = plan.act_grad(v_star)
-
-                def adjoint_step(gamma):
-                    return (torch.addcmul(g, plan.transpose_sum(gamma, None), slope),)
-
-                (gamma,), adjoint = self.solver(adjoint_step, (g,), phase="adjoint")
-            else:
-                f = model.bind(h_fixed)
-
-                def adjoint_step(gamma):
-                    return (f.transpose(v_star, gamma) + g,)
-
-                (gamma,), adjoint = self.solver(adjoint_step, (g,), phase="adjoint")
+            (gamma,), adjoint = self.solver(lambda gamma: (step(f, v_star, g, gamma),), (g,),
+                                            phase="adjoint")
         v_bar.backward(gamma)
         stats = self.output_stats(logits.detach(), y, loss=loss.detach())
         stats.update(self.solver_stats("free", free))
         stats.update(self.solver_stats("adjoint", adjoint))
         return stats
+
+
+def _adjoint_map(f, v_star, g, gamma):
+    """One step of the adjoint equation γ = Jᵀγ + g, J = ∂f/∂v at v* (docs/equations.md)."""
+    return f.transpose(v_star, gamma) + g

@@ -1,6 +1,6 @@
 """The trainer interface: one batch in, the update in `.grad` out.
 
-A trainer turns a batch into "the update" of SPEC §3 — the vector the optimizer descends — and
+A trainer turns a batch into "the update" (docs/equations.md) — the vector the optimizer descends — and
 writes it into the `.grad` of every trainable parameter (the model's and its own auxiliary
 ones, such as Kolen–Pollack feedback weights). One optimizer loop then serves every trainer.
 
@@ -18,23 +18,38 @@ norms of u* and e*, and the loss/accuracy of the free output when it is computed
 
 from __future__ import annotations
 
-import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lcp import native
 from lcp.config import RunConfig
-from lcp.errors import DivergenceError
-from lcp.models import EquilibriumModel, LinearReadoutModel
+from lcp.errors import DivergenceError, LcpError
+from lcp.models import EquilibriumModel
 from lcp.solvers import Solver, SolverStats
+
+
+def compile_mode() -> str | None:
+    """How the dynamics' step functions run, from the public setting `LCP_COMPILE`
+    (environment variable): `0` (default) the PyTorch definition as written (eager), `1`
+    through `torch.compile` (inductor), `graphs` compiled and replayed as CUDA graphs. Returns
+    None (eager) or torch.compile's mode. Eager is the default on every device: on CPU the
+    first call's compile cost (tens of seconds per step function) is not repaid and
+    `lcp.native` is faster; on CUDA the choice awaits a measurement (docs/speed.md)."""
+    mode = os.environ.get("LCP_COMPILE", "0").strip().lower()
+    if mode in ("0", "false", "no", "off"):
+        return None
+    if mode == "graphs":
+        return "reduce-overhead"
+    if mode in ("1", "true", "yes", "on"):
+        return "default"
+    raise LcpError(f"LCP_COMPILE={mode!r} is not a setting; use 0, 1 or graphs")
 
 
 class Trainer:
     name = ""
-    # run the no-grad dynamics of LinearReadoutModels (ff, rnn, conv-ff) with the fused kernels
-    # of `DynamicsPlan`; False runs the reference path (the model's generic methods)
-    fused = True
 
     def __init__(self, cfg: RunConfig, model: EquilibriumModel):
         self.cfg = cfg
@@ -77,15 +92,31 @@ class Trainer:
     # ---------------------------------------------------------------- shared pieces
     @torch.no_grad()
     def free_equilibrium(self, h: torch.Tensor) -> tuple[torch.Tensor, SolverStats]:
+        """v* = f(h, v*) from v = 0 by the run's solver (docs/equations.md, "Free
+        equilibrium"); the compiled backend's `FreeStep` where it applies."""
         h = h.detach()
-        model = self.model
-        if self.fused and isinstance(model, LinearReadoutModel):
-            step, start = self.batch_plan(h).free_stepper()
-            (v,), stats = self.solver(step, (start,), phase="free")
+        plan = native.plan_for(self.model, h)
+        if plan is not None:
+            kernel = native.FreeStep(plan)
+            (v,), stats = self.solver(kernel.stepper(), (kernel.start(),), phase="free")
             return v, stats
-        f = model.bind(h)
-        (v,), stats = self.solver(lambda v: (f(v),), (model.zero_state(h),), phase="free")
+        f = self.model.bind(h)
+        step = self.maybe_compiled(_free_map)
+        (v,), stats = self.solver(lambda v: (step(f, v),), (self.model.zero_state(h),),
+                                  phase="free")
         return v, stats
+
+    def maybe_compiled(self, fn):
+        """`fn`, or `torch.compile(fn)` (made once per trainer) as `compile_mode` says."""
+        mode = compile_mode()
+        if mode is None:
+            return fn
+        cache = self.__dict__.setdefault("_compiled", {})
+        key = (getattr(fn, "__func__", fn), mode)
+        if key not in cache:
+            compiled = torch.compile(fn, mode=mode, dynamic=False)
+            cache[key] = compiled if mode == "default" else _replayed(compiled)
+        return cache[key]
 
     @staticmethod
     def solver_stats(phase: str, stats: SolverStats) -> dict[str, float]:
@@ -107,7 +138,6 @@ class Trainer:
         acc = (logits.argmax(1) == y).float().mean().item()
         return {f"{prefix}loss": loss, f"{prefix}accuracy": acc}
 
-
     def least_control_update(self, h, v, e, u, y, implicit_signal) -> tuple[torch.Tensor, dict]:
         """Write the least-control update of a controlled equilibrium (v*, e*, u*) into `.grad`.
 
@@ -117,13 +147,10 @@ class Trainer:
         output.
         """
         model = self.model
-        if self.fused and _linear_blocks(model):
-            v_tilde, controlled_out = self._closed_form_update(h, v, e, u, implicit_signal)
-        else:
-            f_v = model.implicit(h, v)  # graph into f and, through h, into E
-            v_tilde = f_v.detach() + e
-            controlled_out = model.decode(v_tilde)  # graph into D only
-            torch.autograd.backward([f_v, controlled_out], [implicit_signal(v_tilde, e), -u])
+        f_v = model.implicit(h, v)  # graph into f and, through h, into E
+        v_tilde = f_v.detach() + e
+        controlled_out = model.decode(v_tilde)  # graph into D only
+        torch.autograd.backward([f_v, controlled_out], [implicit_signal(v_tilde, e), -u])
         stats = {"u_norm": batch_norm_mean(u), "e_norm": batch_norm_mean(e)}
         stats.update(self.output_stats(controlled_out.detach() + u, y, prefix="controlled_"))
         if self.cfg.track_free_output:
@@ -133,61 +160,22 @@ class Trainer:
             stats.update(self.solver_stats("free", free))
         return v_tilde, stats
 
-    def batch_plan(self, h: torch.Tensor):
-        """The `DynamicsPlan` of h. Inside `plan_scope()` (one `compute_update`: h stays alive
-        and the weights do not change) it is made once and reused by every phase."""
-        scope = getattr(self, "_plans", None)
-        if scope is None:
-            return self.model.dynamics_plan(h)
-        key = (h.data_ptr(), tuple(h.shape), h.dtype)
-        if key not in scope:
-            scope[key] = self.model.dynamics_plan(h)
-        return scope[key]
 
-    @contextlib.contextmanager
-    def plan_scope(self):
-        self._plans = {}
-        try:
-            yield
-        finally:
-            self._plans = None
+def _replayed(compiled):
+    """A CUDA-graph-compiled function whose outputs survive the next replay (a solver keeps
+    the states it was given): each call starts a new graph step and copies its outputs."""
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args)
+        return torch.utils._pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
 
-    def _closed_form_update(self, h, v, e, u, implicit_signal):
-        """`least_control_update`'s gradients for a model of linear blocks, in closed form:
-        with s the signal reaching ṽ = f(h, v*) + e*, block b gets s_outᵀ φ(v*_in) and Σ s_out,
-        the readout −uᵀ φ(ṽ_readout) and −Σ u, and autograd carries s through h = E(x) into
-        the encoder only (no graph through f and D). Returns (ṽ, D(ṽ))."""
-        model = self.model
-        with torch.no_grad():
-            plan = self.batch_plan(h.detach())
-            plan.act(v)
-            v_tilde = plan.implicit_into(torch.empty_like(v), add=e)  # f(h, v*) + e*
-            signal = implicit_signal(v_tilde, e)
-            for (spec, *_), layer, t_in in zip(plan.blocks, model.blocks, plan._t_in):
-                s_out = signal[:, spec.out_start:spec.out_end]
-                _accumulate(layer.weight, s_out.t() @ t_in)
-                if layer.bias is not None:
-                    _accumulate(layer.bias, s_out.sum(0))
-            t_r = model.act(v_tilde[:, plan.r0:])
-            controlled_out = torch.addmm(plan.b_D, t_r, plan.W_D_t)
-            _accumulate(model.readout.weight, -(u.t() @ t_r))
-            _accumulate(model.readout.bias, -u.sum(0))
-        if h.requires_grad:
-            h.backward(signal)
-        return v_tilde, controlled_out
+    return call
 
 
-def _linear_blocks(model) -> bool:
-    return isinstance(model, LinearReadoutModel) and all(
-        spec.conv is None for spec in model.block_specs)
-
-
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """param.grad += grad, as autograd accumulates."""
-    if param.grad is None:
-        param.grad = grad.detach().clone() if grad._base is not None else grad.detach()
-    else:
-        param.grad.add_(grad)
+def _free_map(f, v):
+    """One step of the free dynamics: v ← f(h, v)."""
+    return f(v)
 
 
 def loss_gradient(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

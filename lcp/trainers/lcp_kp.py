@@ -21,8 +21,7 @@ from torch import nn
 
 from lcp.errors import LcpError
 from lcp.models import LinearReadoutModel
-from lcp.trainers.base import loss_gradient
-from lcp.trainers.lcp_di import LeastControlTrainer, relax_
+from lcp.trainers.lcp_di import LeastControlTrainer
 
 
 class FeedbackWeights(nn.Module):
@@ -90,55 +89,20 @@ class KolenPollackTrainer(LeastControlTrainer):
         for p in params:
             p.sub_(self.kp_wd * p)
 
-    def controlled_step(self, h, onehot):
-        model, feedback = self.model, self.auxiliary
+    def feedback(self, f, v, e, u):
+        """e' = e + dt_e·(−e + φ'(v) ⊙ (B(e) + P(D_t·u))); v driven by the old e."""
+        return e + self.dt_e * (-e + self.model.act_grad(v) * self.auxiliary(e, u)), e
 
-        def step(v, v_hat, u_i, e):
-            g = loss_gradient(v_hat, onehot)
-            u = self.k_i * u_i - self.k_p * g
-            e_next = e + self.dt_e * (-e + model.act_grad(v) * feedback(e, u))
-            v_next = v + self.dt_v * (model.implicit(h, v) - v + e)
-            v_hat_next = v_hat + self.dt_v * (model.decode(v) - v_hat + u)
-            u_i_next = u_i + self.dt_u * (-g - self.alpha * u_i)
-            return v_next, v_hat_next, u_i_next, e_next
-
-        return step
-
-    def fused_rule(self):
+    def feedback_matrices(self):
         # contiguous copies (once per batch): a product with a transposed view of a matrix
         # costs ~20% more at every step of the solve
         fb = self.auxiliary
         return ("transpose", [m.weight.detach().t().contiguous() for m in fb.maps],
                 fb.D_t.detach().t())
 
-    def fused_feedback_(self, plan, src, dst, u):
-        """e' = e + dt_e·(−e + φ'(v) ⊙ (B(e) + P(D_t·u))), v' as lcp-di."""
-        relax_(plan.implicit_into(dst.v, add=src.e, views=dst.v_out), src.v, self.dt_v)
-        relax_(plan.transpose_into(dst.e, src.v, src.e, u, feedback=self.auxiliary,
-                                   views=src.e_out), src.e, self.dt_e)
-
     def compute_update(self, x, y):
         stats = super().compute_update(x, y)
         last = self.last
         # Kolen–Pollack: the feedback weights receive −φ(ṽ) pulled back through B(e*) + P(D_t·u*)
-        signal = -self.model.act(last["v_tilde"])
-        fb = self.auxiliary
-        if self.fused and all(isinstance(m, nn.Linear) for m in fb.maps):
-            # linear maps, in closed form: B_b gets s_inᵀ e_out, D_t gets s_readoutᵀ u
-            with torch.no_grad():
-                e, u = last["e"], last["u"]
-                for spec, m in zip(fb.specs, fb.maps):
-                    _accumulate(m.weight, signal[:, spec.in_start:spec.in_end].t()
-                                @ e[:, spec.out_start:spec.out_end])
-                _accumulate(fb.D_t, signal[:, fb.readout_start:].t() @ u)
-            return stats
-        fb(last["e"], last["u"]).backward(signal)
+        self.auxiliary(last["e"], last["u"]).backward(-self.model.act(last["v_tilde"]))
         return stats
-
-
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """param.grad += grad, as autograd's backward would."""
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)

@@ -94,17 +94,19 @@ def controlled_steps_by_hand(trainer, net, x, y, steps, feedback):
     return {"v": v, "v_hat": v_hat, "u_i": u_i, "e": e}
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("model", ["ff", "rnn"])
 @pytest.mark.parametrize("trainer", ["lcp-kp", "lcp-lf"])
-def test_kp_and_lf_controllers_act_through_their_own_feedback(trainer, model, fused):
+def test_kp_and_lf_controllers_act_through_their_own_feedback(trainer, model, compiled,
+                                                              monkeypatch):
     """Five controlled steps with random feedback (B and D_t, or Q) against the same steps by
     hand; the exact transposes Wᵀ in their place give another state, so a controller that
     silently used them fails here. Measured: own feedback ≤ 3e-16 relative on every tensor
-    (0 on the reference path); the Wᵀ variant's e differs by 1.1 (kp) and 4.4–5.7 (lf)."""
+    (0 with the PyTorch definition); the Wᵀ variant's e differs by 1.1 (kp) and 4.4–5.7 (lf).
+    `compiled`: the compiled backend (lcp/native) or the PyTorch definition (LCP_NATIVE=0)."""
+    monkeypatch.setenv("LCP_NATIVE", "1" if compiled else "0")
     cfg, net, x, y = setup(model, trainer, solver_max_iter=5, k_p=0.3, dt=0.5, kp_wd=0.0)
     tr = build_trainer(cfg, net)
-    tr.fused = fused
     update(cfg, net, x, y, trainer=tr)
     assert tr.last is not None
     own = controlled_steps_by_hand(tr, net, x, y, 5, "kp" if trainer == "lcp-kp" else "lf")
@@ -116,15 +118,15 @@ def test_kp_and_lf_controllers_act_through_their_own_feedback(trainer, model, fu
 
 
 # ------------------------------------------------------------------ lcp-kp
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("model", ["ff", "rnn"])
-def test_kp_with_exact_transposes_gives_the_lcp_di_update(model, fused):
-    """Measured: identical to the last bit on the fused path, ~1e-16 relative on the reference
-    path."""
+def test_kp_with_exact_transposes_gives_the_lcp_di_update(model, compiled, monkeypatch):
+    """Measured: identical to the last bit with the compiled backend, ~1e-16 relative with the
+    PyTorch definition (LCP_NATIVE=0)."""
+    monkeypatch.setenv("LCP_NATIVE", "1" if compiled else "0")
     cfg, net, x, y = setup(model, kp_wd=0.0)
     di = build_trainer(cfg, net)
     kp = build_trainer(cfg.replace(trainer="lcp-kp"), net)
-    di.fused = kp.fused = fused
     g_di, _ = update(cfg, net, x, y, trainer=di)
     with torch.no_grad():
         kp.auxiliary.maps[0].weight.copy_(net.blocks[0].weight.t())
@@ -243,7 +245,7 @@ def test_lf_noisy_phase_is_reproducible_under_a_seed():
 
 
 def test_lf_q_moves_by_its_rule():
-    """Two noisy steps computed by hand from SPEC §3, with the per-sample B × N × C accumulator."""
+    """Two noisy steps computed by hand from docs/equations.md ("lcp-lf"), with the per-sample B × N × C accumulator."""
     cfg, net, x, y = setup("ff", "lcp-lf", solver_max_iter=2, sigma=0.05, k_p=0.3,
                            timescale_factor=5.0, tau_Q=10.0, wd_Q=0.01)
     lf = build_trainer(cfg, net)
