@@ -148,24 +148,25 @@ def one_step_update(cfg):
 
 
 def test_without_a_compiler_the_pytorch_definition_runs(fresh_native):
-    fresh_native.setenv("CC", "/nonexistent/cc")
-    with pytest.warns(RuntimeWarning, match="no C compiler .* PyTorch definition"):
+    fresh_native.setenv("CXX", "/nonexistent/c++")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler .* PyTorch definition"):
         assert native.library() is None
-    assert "no C compiler" in native.status() and "set CC" in native.status()
+    assert "no C++ compiler" in native.status() and "set CXX" in native.status()
     cfg = RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=32, alpha=0.1)
     update, stats = one_step_update(cfg)
     assert stats["controlled/iterations"] > 1 and torch.isfinite(update).all()
 
 
 def test_a_failing_compiler_is_reported_and_falls_back(fresh_native, tmp_path):
-    fake = tmp_path / "cc"
-    fake.write_text("#!/bin/sh\necho 'fatal: no headers here' >&2\nexit 1\n")
+    fake = tmp_path / "c++"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'c++ (fake) 12'; exit 0; }\n"
+                    "echo 'fatal: no headers here' >&2\nexit 1\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    fresh_native.setenv("CC", str(fake))
+    fresh_native.setenv("CXX", str(fake))
     with pytest.warns(RuntimeWarning, match="no headers here"):
         assert native.library() is None
     assert "no headers here" in native.status()
-    assert not list((tmp_path / "cache" / "native").glob("*.so"))  # nothing half-built left
+    assert not list((tmp_path / "cache" / "native").rglob("*.so"))  # nothing half-built left
 
 
 def test_a_library_that_fails_its_check_on_load_is_not_used(fresh_native, kernels, tmp_path):
@@ -187,16 +188,16 @@ def test_the_build_is_cached(fresh_native, kernels):
     lib = native.library()
     assert lib is not None and lib.path.exists()
     first = lib.path.stat().st_mtime_ns
-    again = native._build(os.environ.get("CC") or "cc")
+    again = native._build(native._compiler())
     assert again == lib.path and again.stat().st_mtime_ns == first
 
 
 def test_the_build_cache_is_keyed_by_the_cpu(fresh_native, kernels):
     """A folder shared by machines with other CPUs (containers, resized VMs) never hands one of
     them a build for another instruction set."""
-    path = native._build(os.environ.get("CC") or "cc")
+    path = native._build(native._compiler())
     fresh_native.setattr(native, "_cpu_features", lambda: "flags: sse2")
-    other = native._build(os.environ.get("CC") or "cc")
+    other = native._build(native._compiler())
     assert other != path and other.exists()
 
 

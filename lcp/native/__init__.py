@@ -1,18 +1,20 @@
-"""The accelerated CPU backend of the no-grad dynamics (`dynamics.c`), one per equation.
+"""The accelerated CPU backend of the no-grad dynamics (`dynamics.cpp`), one per equation.
 
 Every equation the library computes has one definition, in PyTorch (docs/equations.md names the
 function). On the linear-block tanh models (ff, rnn) on CPU, a step of the controlled dynamics
 (lcp-di/kp/lf), of the free phase, of lcp-lf's noisy phase and of lcp-ebd's descent is instead
 tanh and the blocks' large matrix products (PyTorch's kernels) plus one or two passes of
-`dynamics.c` that do everything else, including the solver's stopping error. It is the only
-accelerated backend; `backend()` decides, per call, whether it runs:
+`dynamics.cpp` that do everything else, including the solver's stopping error. It is the only
+accelerated backend; `plan_for()` decides, per call, whether it runs:
 
 - `LCP_NATIVE=0` (a public setting: environment variable) switches it off; the PyTorch
   definition then runs (slower on CPU, the same results to rounding);
-- the C source is compiled on first use with the machine's C compiler (`$CC`, else `cc`;
-  `-O3 -march=native -fopenmp`, then plainer flags) into a cache folder (`$LCP_CACHE_DIR`, else
-  `~/.cache/lcp`; a temporary folder if that is not writable), keyed by the source, the
-  compiler, the flags and the CPU's model and instruction-set flags, and loaded with ctypes;
+- the source is built on first use by `torch.utils.cpp_extension` (PyTorch's own compiler
+  flags, ABI and OpenMP; the machine's C++ compiler, `$CXX` else `c++`; `-O3 -march=native
+  -fopenmp`, then plainer flags) into a cache folder (`$LCP_CACHE_DIR`, else `~/.cache/lcp`; a
+  temporary folder if that is not writable), keyed by the source, the compiler, the flags,
+  PyTorch's version and the CPU's model and instruction-set flags, and its passes are called
+  through ctypes;
 - when it loads, one controlled step of a small random model is compared with the PyTorch
   definition; if it cannot be built or loaded, or the check fails, one warning line says so
   and the PyTorch definition runs. `status()` says which and why.
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("dynamics.c")
+SOURCE = Path(__file__).with_name("dynamics.cpp")
 _FLAG_SETS = (
     # -fopenmp: the rows are split over PyTorch's threads (torch.get_num_threads()); the
     # library then shares the OpenMP runtime PyTorch has loaded
@@ -44,7 +46,7 @@ _FLAG_SETS = (
 )
 
 _L, _P, _D, _I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-# every typed pass of dynamics.c, as (name, argument types, result type); each exists for
+# every typed pass of dynamics.cpp, as (name, argument types, result type); each exists for
 # float32 (`lcp_<name>_f32`) and float64 (`lcp_<name>_f64`)
 _SIGNATURES = (
     ("step", [_L] * 4 + [_P] * 8 + [_L, _P, _P, _L] + [_D] * 5 + [_I, _D, _D, _I, _P, _P, _I],
@@ -117,31 +119,37 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
+    """The built library for this source, compiler and CPU: from the cache, else built there by
+    `torch.utils.cpp_extension` (which serialises concurrent builds of one folder)."""
     source = SOURCE.read_bytes()
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(source + " ".join([compiler, *flags, platform.machine(),
-                                                 _cpu_features()]).encode()).hexdigest()[:16]
+                                                 torch.__version__, _cpu_features()]).encode()
+                             ).hexdigest()[:16]
         target = _cache_dir() / f"dynamics-{key}.so"
         if target.exists():
             return target
-        # build beside the target and rename: concurrent workers never load a half-written file
+        folder = _cache_dir() / f"build-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        from torch.utils import cpp_extension  # imported only to build: it logs a CUDA line
+
+        try:
+            cpp_extension.load(name=f"lcp_dynamics_{key}", sources=[str(SOURCE)],
+                               extra_cflags=flags,
+                               extra_ldflags=[f for f in flags if "openmp" in f] + ["-ldl"],
+                               build_directory=str(folder), is_python_module=False,
+                               verbose=False)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{' '.join(flags)}: {str(exc).strip()[-400:]}")
+            continue
+        # copy beside the target and rename: concurrent workers never load a half-written file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [compiler, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
-        if platform.system() == "Linux":
-            cmd.append("-ldl")  # dlopen on a C library older than glibc 2.34
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            os.unlink(tmp)
-            raise RuntimeError(f"cannot run the C compiler {compiler!r}: {exc}") from None
-        if proc.returncode == 0:
-            os.replace(tmp, target)
-            return target
-        os.unlink(tmp)
-        errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-400:]}")
-    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+        shutil.copyfile(folder / f"lcp_dynamics_{key}.so", tmp)
+        os.replace(tmp, target)
+        return target
+    raise RuntimeError("the C++ build failed: " + " | ".join(errors))
 
 
 def _switched_off() -> bool:
@@ -152,7 +160,7 @@ def _switched_off() -> bool:
 def _load(compiler: str, cache_dir: str) -> tuple[Kernels | None, str]:
     """(kernels, '') or (None, why): built, loaded and checked once per compiler and cache."""
     if shutil.which(compiler) is None:
-        why = f"no C compiler ({compiler!r} not found; set CC)"
+        why = f"no C++ compiler ({compiler!r} not found; set CXX)"
     else:
         try:
             lib = Kernels(_build(compiler))
@@ -167,19 +175,23 @@ def _load(compiler: str, cache_dir: str) -> tuple[Kernels | None, str]:
     return None, why
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX") or "c++"
+
+
 def library() -> Kernels | None:
     """The compiled kernels, building them on first use; None where they cannot be had or
     `LCP_NATIVE=0` is set."""
     if _switched_off():
         return None
-    return _load(os.environ.get("CC") or "cc", os.environ.get("LCP_CACHE_DIR", ""))[0]
+    return _load(_compiler(), os.environ.get("LCP_CACHE_DIR", ""))[0]
 
 
 def status() -> str:
     """One line: whether the compiled kernels are in use, and why not."""
     if _switched_off():
         return "compiled kernels not in use: disabled by LCP_NATIVE=0; the PyTorch definition runs"
-    lib, why = _load(os.environ.get("CC") or "cc", os.environ.get("LCP_CACHE_DIR", ""))
+    lib, why = _load(_compiler(), os.environ.get("LCP_CACHE_DIR", ""))
     if lib is not None:
         return f"compiled kernels in use ({lib.path})"
     return f"compiled kernels not in use: {why}; the PyTorch definition runs"

@@ -22,12 +22,20 @@
  * LeastControlTrainer.controlled_step's (docs/equations.md, "Controlled dynamics"), to rounding. v_copy (B x N, or NULL) receives
  * v' as well, contiguous, for the next step's tanh (which is twice as fast on contiguous rows).
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* RTLD_NOLOAD */
+#endif
 #include <dlfcn.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+/* C linkage: the Python side finds the passes by name (ctypes); built as C++ by
+ * torch.utils.cpp_extension, with variable-length arrays (a GNU extension) for the row buffers */
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 /*
  * Row pieces every pass below uses (static, inlined where they are called).
@@ -384,3 +392,7 @@ void lcp_two_products_##SUFFIX(int m1, int n1, int k1, const T *a1, int lda1, co
 
 DEFINE_PRODUCTS(float, f32, blas_sgemm)
 DEFINE_PRODUCTS(double, f64, blas_dgemm)
+
+#ifdef __cplusplus
+}
+#endif
