@@ -9,8 +9,9 @@ A model computes `h = E(x)`, has a state `v` with the fixed point `v = f(h, v)`,
   computes them with autograd; `LinearReadoutModel` (ff, rnn, conv-ff) has them in closed form,
   which keeps autograd out of the controller loop.
 
-Modules are created in the same order as in the paper's code so that, under the same seed, the
-initial weights are the same.
+`bind(h)` gives the small interface the dynamics of every trainer use (docs/equations.md names
+the function of each equation). Modules are created in the same order as in the paper's code so
+that, under the same seed, the initial weights are the same.
 """
 
 from __future__ import annotations
@@ -344,7 +345,8 @@ class _ConvRNNBound(BoundImplicit):
 
 
 def build_model(cfg: RunConfig, input_shape, num_classes: int = 10) -> EquilibriumModel:
-    """The model named by `cfg.model` (docs/equations.md, "Models"), with PyTorch's default initialisation."""
+    """The model named by `cfg.model` (docs/equations.md, "Models"), with PyTorch's default
+    initialisation."""
     if cfg.model == "ff":
         return build_ff(input_shape, cfg.rnn_hidden_units, num_classes)
     if cfg.model == "rnn":

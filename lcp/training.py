@@ -1,4 +1,4 @@
-"""The training loop (docs/equations.md, "Training loop"), readable top to bottom: `fit(cfg, callbacks)`.
+"""The training loop, readable top to bottom: `fit(cfg, callbacks)` (docs/equations.md).
 
 Per batch: explicit pre-update rules → the trainer's update into `.grad` → explicit post-update
 rules → optional clipping (model and trainer parameters separately) → optimizer step →

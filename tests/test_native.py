@@ -14,6 +14,7 @@ No test here is timed: speed is measured by benchmarks/step_time.py.
 """
 
 import contextlib
+import os
 import stat
 from unittest import mock
 
@@ -27,7 +28,6 @@ from lcp.config import RunConfig
 from lcp.models import build_model
 from lcp.solvers import relative_error
 from lcp.trainers import build_trainer
-
 
 
 @pytest.fixture

@@ -445,22 +445,26 @@ class NoisySteps:
         q_t, onehot_c, u_ref_c = self._keep
         self.noise_scale = rates["noise_scale"]
         self._fn = plan.lib.get("noisy_step", v.dtype)
-        self._fixed = (_ptr(plan.t), _ptr(plan.p_v), _ptr(plan.h_b), _ptr(q_t), _ptr(plan.W_D),
-                       plan.r0, _ptr(plan.b_D), _ptr(onehot_c), _ptr(u_ref_c))
-        self._rates = tuple(float(rates[k]) for k in (
+        fixed = (_ptr(self.u_i), _ptr(self.eps), _ptr(self.xi), _ptr(plan.t), _ptr(plan.p_v),
+                 _ptr(plan.h_b), _ptr(q_t), _ptr(plan.W_D), plan.r0, _ptr(plan.b_D),
+                 _ptr(onehot_c), _ptr(u_ref_c))
+        rates = tuple(float(rates[k]) for k in (
             "k_i", "k_p", "sigma", "eps_keep", "rate_v", "rate_slow_v", "keep_ui",
             "target_rate", "soft_rate")) + (plan.threads,)
+        # the pass's arguments by the step's parity (v and v̂ alternate between two buffers) and
+        # its place in the block of `chunk` steps
+        pairs = [(self.v, self.v_next, self.v_hat, self.vh_next),
+                 (self.v_next, self.v, self.vh_next, self.v_hat)]
+        self._args = [[(bsz, n, c, *map(_ptr, pair), *fixed, _ptr(self.fb[k * bsz:]),
+                        _ptr(self.du[k * bsz:]), *rates) for k in range(chunk)]
+                      for pair in pairs]
 
     def step(self) -> None:
-        plan, bsz = self.plan, self.plan.batch
-        k = self.n % self.chunk
+        plan = self.plan
         self.xi.normal_(0.0, self.noise_scale)
         torch.tanh(self.v, out=plan.t)
         run_products(plan.forward)
-        self._fn(bsz, plan.size, self.u_i.shape[1], _ptr(self.v), _ptr(self.v_next),
-                 _ptr(self.v_hat), _ptr(self.vh_next), _ptr(self.u_i), _ptr(self.eps),
-                 _ptr(self.xi), *self._fixed, _ptr(self.fb[k * bsz:]), _ptr(self.du[k * bsz:]),
-                 *self._rates)
+        self._fn(*self._args[self.n % 2][self.n % self.chunk])
         self.v, self.v_next = self.v_next, self.v
         self.v_hat, self.vh_next = self.vh_next, self.v_hat
         self.n += 1
