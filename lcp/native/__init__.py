@@ -134,8 +134,10 @@ def _build(compiler: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         from torch.utils import cpp_extension  # imported only to build: it logs a CUDA line
 
+        # one extension name per build folder: cpp_extension skips a name it has built before
+        name = "lcp_dynamics_" + hashlib.sha256(str(folder).encode()).hexdigest()[:16]
         try:
-            cpp_extension.load(name=f"lcp_dynamics_{key}", sources=[str(SOURCE)],
+            cpp_extension.load(name=name, sources=[str(SOURCE)],
                                extra_cflags=flags,
                                extra_ldflags=[f for f in flags if "openmp" in f] + ["-ldl"],
                                build_directory=str(folder), is_python_module=False,
@@ -146,7 +148,7 @@ def _build(compiler: str) -> Path:
         # copy beside the target and rename: concurrent workers never load a half-written file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        shutil.copyfile(folder / f"lcp_dynamics_{key}.so", tmp)
+        shutil.copyfile(folder / f"{name}.so", tmp)
         os.replace(tmp, target)
         return target
     raise RuntimeError("the C++ build failed: " + " | ".join(errors))
