@@ -43,8 +43,20 @@ _TRUE = {"yes", "true", "t", "y", "1"}
 _FALSE = {"no", "false", "f", "n", "0"}
 
 
+# What makes a manifest row that row: never overridden, searched or tuned.
+IDENTITY_FIELDS = ("seed", "model", "trainer")
+# Where data lives, the device, the output folder and the alignment measurements (they leave the
+# trajectory bit-identical): not what a run computes (not in the config hash).
+NOT_HASHED = ("data_dir", "device", "out_dir", "save_model", "align", "align_every")
+
+
 class ConfigError(LcpError, ValueError):
-    """A run setting is unknown, of the wrong type or outside its valid values."""
+    """A run setting is unknown, of the wrong type or outside its valid values; `field` names
+    the setting (None when the problem is not one setting's)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def parse_bool(value: Any) -> bool:
@@ -136,12 +148,17 @@ class RunConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
+    def field_kinds(cls) -> dict[str, str]:
+        """Each setting's kind: 'bool', 'int', 'float' or 'str'."""
+        return {f.name: _field_kind(f) for f in fields(cls)}
+
+    @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ConfigError(
                 f"unknown setting(s) {', '.join(unknown)}; valid settings are: "
-                + ", ".join(cls.field_names())
+                + ", ".join(cls.field_names()), unknown[0]
             )
         return cls(**dict(values))
 
@@ -151,13 +168,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    # Settings that change what a run computes (the hash that identifies a run's result).
-    # Where data lives, the device and the output folder do not.
-    # Nor do the alignment measurements (they leave the trajectory bit-identical).
-    _NOT_HASHED = ("data_dir", "device", "out_dir", "save_model", "align", "align_every")
-
     def config_hash(self) -> str:
-        payload = {k: v for k, v in self.to_dict().items() if k not in self._NOT_HASHED}
+        """The hash of what the run computes (every setting but NOT_HASHED)."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -169,20 +182,20 @@ class RunConfig:
             try:
                 setattr(self, f.name, _coerce(value, kind))
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"setting '{f.name}': {exc}") from None
+                raise ConfigError(f"setting '{f.name}': {exc}", f.name) from None
 
     def validate(self) -> None:
         def choice(name: str, valid: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in valid:
                 raise ConfigError(
-                    f"setting '{name}' is {value!r}; valid values are: {', '.join(valid)}"
+                    f"setting '{name}' is {value!r}; valid values are: {', '.join(valid)}", name
                 )
 
         if self.model is None:
             raise ConfigError(
                 "setting 'model' must be given (as in the paper's script); valid values are: "
-                + ", ".join(MODELS)
+                + ", ".join(MODELS), "model"
             )
         choice("model", MODELS)
         choice("trainer", TRAINERS)
@@ -198,12 +211,12 @@ class RunConfig:
             pairs = "; ".join(f"{m}: {', '.join(t)}" for m, t in SUPPORTED_PAIRS.items())
             raise ConfigError(
                 f"trainer '{self.trainer}' does not run on model '{self.model}' "
-                f"(supported pairs — {pairs})"
+                f"(supported pairs — {pairs})", "trainer"
             )
         if self.model in ("conv-ff", "conv-rnn") and self.data not in ("cifar10",):
             raise ConfigError(
                 f"model '{self.model}' takes 3×32×32 images: use --data=cifar10 "
-                f"(got --data={self.data})"
+                f"(got --data={self.data})", "data"
             )
         if self.model in ("ff", "rnn") and self.data == "cifar10":
             # The paper never ran this, but it is well defined: flatten 3×32×32.
@@ -211,30 +224,34 @@ class RunConfig:
         positive = ["num_epochs", "batch_size", "solver_max_iter", "rnn_hidden_units"]
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(f"setting '{name}' must be ≥ 1 (got {getattr(self, name)})")
+                raise ConfigError(f"setting '{name}' must be ≥ 1 (got {getattr(self, name)})", name)
         for name in ("dt", "tau_v", "tau_u", "tau_e", "tau_eps", "tau_Q", "timescale_factor",
                      "solver_error_threshold", "meta_lr"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"setting '{name}' must be > 0 (got {getattr(self, name)})")
+                raise ConfigError(f"setting '{name}' must be > 0 (got {getattr(self, name)})", name)
         if self.trainer == "lcp-lf" and not self.sigma > 0:
-            raise ConfigError(f"lcp-lf needs 'sigma' > 0 (got {self.sigma})")
+            raise ConfigError(f"lcp-lf needs 'sigma' > 0 (got {self.sigma})", "sigma")
         if self.trainer == "lcp-ebd" and not self.alpha > 0:
             raise ConfigError(
-                f"lcp-ebd weighs the loss by 1/alpha, so 'alpha' must be > 0 (got {self.alpha})"
+                f"lcp-ebd weighs the loss by 1/alpha, so 'alpha' must be > 0 (got {self.alpha})",
+                "alpha"
             )
         if self.solver == "anderson" and self.solver_max_iter < 3:
-            raise ConfigError("the anderson solver needs 'solver_max_iter' ≥ 3")
+            raise ConfigError("the anderson solver needs 'solver_max_iter' ≥ 3", "solver_max_iter")
         if not 0.0 <= self.validation_split < 1.0:
             raise ConfigError(
-                f"setting 'validation_split' must be in [0, 1) (got {self.validation_split})"
+                f"setting 'validation_split' must be in [0, 1) (got {self.validation_split})",
+                "validation_split"
             )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device.startswith("cuda")
         ):
-            raise ConfigError(f"setting 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N")
+            raise ConfigError(f"setting 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N",
+                              "device")
         for name in ("eval_epochs", "align_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"setting '{name}' must be ≥ 0 (got {getattr(self, name)})")
+                raise ConfigError(f"setting '{name}' must be ≥ 0 (got {getattr(self, name)})",
+                                  name)
 
 
 def _field_kind(f: dataclasses.Field) -> str:

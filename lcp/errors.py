@@ -15,3 +15,9 @@ class DivergenceError(LcpError):
         super().__init__(message)
         self.phase = phase
         self.iteration = iteration
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one short line (its type when it has none)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -37,7 +37,9 @@ def _tracking_option(func):
 
 
 def _runs_dir_option(func):
-    return click.option("--runs-dir", default="lcp-runs", show_default=True, metavar="DIR",
+    from pipeline.rundir import DEFAULT_RUNS_DIR
+
+    return click.option("--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, metavar="DIR",
                         help="Where each run keeps its checkpoint, config and log.")(func)
 
 
@@ -73,8 +75,19 @@ def _execution_options(func):
                      "(on this store) instead of skipping them; then run what it left."),
         click.option("--fail-fast", is_flag=True, help="Stop everything (runs KILLED) at the "
                      "first run that finally fails."),
-        click.option("--workers", default=1, show_default=True, type=int, metavar="N",
-                     help="On CPU: runs at a time; the CPU threads are split between them."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return executor_options(func)
+
+
+def executor_options(func):
+    """Where runs execute: the same options, with the same meaning, for run-table, run, tune."""
+    options = [
+        click.option("--workers", default=None, type=int, metavar="N",
+                     help="Runs at a time (default: 1 on CPU; on GPUs one per GPU slot; with "
+                          "--executor ray as many as the cluster holds). On CPU the threads "
+                          "are split between them."),
         click.option("--gpus", default="auto", show_default=True, metavar="0,1|auto|none",
                      help="GPUs to use (one slot each, pinned with CUDA_VISIBLE_DEVICES); "
                           "auto: every visible GPU; none: CPU only."),
@@ -98,6 +111,33 @@ def _execution_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def check_executor_options(*, executor: str, address, cpus_per_run, workers, threads,
+                           **_) -> None:
+    from pipeline.executors import check_workers
+
+    check_workers(workers)
+    if threads is not None and threads < 1:
+        raise LcpError(f"--threads must be ≥ 1 (got {threads})")
+    if executor != "ray":
+        for flag, value in (("--address", address), ("--cpus-per-run", cpus_per_run)):
+            if value is not None:
+                raise LcpError(f"{flag} is an option of --executor ray (the executor is "
+                               f"{executor!r}); add --executor ray or leave {flag} out")
+
+
+def make_runner(*, executor: str, address, cpus_per_run, workers, gpus, runs_per_gpu, threads,
+                retries: int = 0):
+    """The executor of `executor_options` (a Ray instance is started or joined here)."""
+    from pipeline.executors import make_executor, parse_gpus
+    from pipeline.tracking import MLFLOW_RUN_ENV
+
+    check_executor_options(executor=executor, address=address, cpus_per_run=cpus_per_run,
+                           workers=workers, threads=threads)
+    return make_executor(executor, gpus=parse_gpus(gpus), runs_per_gpu=runs_per_gpu,
+                         workers=workers, threads=threads, drop_env=MLFLOW_RUN_ENV,
+                         address=address, cpus_per_run=cpus_per_run, retries=retries)
 
 
 def _load(manifest_path: str):
@@ -248,41 +288,22 @@ def run_command(ids, **options):
 
 def _run(manifest, experiments, *, executor, address, cpus_per_run, **options):
     from pipeline import runs as R
-    from pipeline.scheduler import make_executor, parse_gpus
-    from pipeline.tracking import MLFLOW_RUN_ENV
 
     if options["retries"] < 0:
         raise LcpError(f"--retries must be ≥ 0 (got {options['retries']})")
-    if options["threads"] is not None and options["threads"] < 1:
-        raise LcpError(f"--threads must be ≥ 1 (got {options['threads']})")
-    _check_executor_options(executor, address, cpus_per_run, options["workers"])
     # The runs first: bad --set/--seeds fail before an executor (a Ray instance) starts.
     overrides = R.run_overrides(_parse_sets(options["sets"]), quick=options["quick"],
                                 data_dir=options["data_dir"])
     items = R.expand(experiments, R.parse_seeds(options["seeds"]), overrides)
-    runner = make_executor(executor, gpus=parse_gpus(options["gpus"]),
-                           runs_per_gpu=options["runs_per_gpu"], workers=options["workers"],
-                           threads=options["threads"], drop_env=MLFLOW_RUN_ENV,
-                           address=address, cpus_per_run=cpus_per_run,
-                           retries=options["retries"])
+    runner = make_runner(executor=executor, address=address, cpus_per_run=cpus_per_run,
+                         **{k: options[k] for k in ("workers", "gpus", "runs_per_gpu", "threads",
+                                                    "retries")})
     try:
         _run_with(items, overrides, runner, **options)
     finally:
         close = getattr(runner, "close", None)  # e.g. a Ray instance this command started
         if close is not None:
             close()
-
-
-def _check_executor_options(executor: str, address, cpus_per_run, workers: int) -> None:
-    if executor != "ray":
-        for flag, value in (("--address", address), ("--cpus-per-run", cpus_per_run)):
-            if value is not None:
-                raise LcpError(f"{flag} is an option of --executor ray (the executor is "
-                               f"{executor!r}); add --executor ray or leave {flag} out")
-    elif workers != 1:
-        raise LcpError("--workers is an option of the local executor; with --executor ray each "
-                       "run asks for --cpus-per-run CPUs (or one GPU) and Ray runs as many at a "
-                       "time as the cluster holds")
 
 
 def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir, seeds, sets,
@@ -537,7 +558,7 @@ def ui_command(tracking_uri, host, port):
       lcp ui --port 5001
       ssh -L 5000:127.0.0.1:5000 gpu-box  then  lcp ui   on gpu-box
     """
-    from pipeline.scheduler import signal_process_group
+    from pipeline.executors import signal_process_group
 
     import subprocess
 

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
-from lcp.config import MODELS, TRAINERS, ConfigError, RunConfig
+from lcp.config import IDENTITY_FIELDS, MODELS, TRAINERS, ConfigError, RunConfig
 from lcp.errors import LcpError
+from pipeline import schema
+from pipeline.schema import TABLES
 
 __all__ = [
     "BASELINE_LABELS",
@@ -47,7 +49,6 @@ __all__ = [
 
 DEFAULT_PATH = "experiments.yaml"
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
-TABLES: tuple[int, ...] = (1, 2)
 # section -> (table, model)
 SECTIONS: dict[str, tuple[int, str]] = {
     "MNIST FF": (1, "ff"),
@@ -66,17 +67,6 @@ LABELS: dict[str, str] = {
 }
 BASELINE_LABELS: tuple[str, ...] = ("BP", "RBP")
 
-TOP_LEVEL_KEYS = ("defaults", "sections", "experiments")
-DEFAULTS_KEYS = ("seeds", "search")
-SECTION_KEYS = ("args", "search")
-ROW_REQUIRED = ("id", "table", "section", "label", "args")
-ROW_OPTIONAL = ("seeds", "search", "derived_from", "paper")
-ROW_KEYS = ROW_REQUIRED + ROW_OPTIONAL
-SEARCH_TYPES = ("float", "int", "categorical")
-SEARCH_KEYS = ("type", "low", "high", "log", "choices")
-# What makes a row that row: not in a row's args (seed), search spaces or config overrides.
-IDENTITY_FIELDS = ("seed", "model", "trainer")
-
 _SUFFIX = r"[a-z0-9]+(?:[._-][a-z0-9]+)*"
 _SUFFIX_RE = re.compile(rf"^{_SUFFIX}$")
 
@@ -89,9 +79,6 @@ ID_RE = re.compile(
     rf"^t(?P<table>[0-9]+)-(?P<model>{_alternatives(MODELS)})"
     rf"-(?P<trainer>{_alternatives(TRAINERS)})(?:-(?P<suffix>{_SUFFIX}))?$"
 )
-
-_FIELD_KINDS: dict[str, str] = {f.name: str(f.type) for f in fields(RunConfig)}
-
 
 class ManifestError(LcpError):
     """experiments.yaml (or a row, an override or an id given for it) is not valid."""
@@ -403,49 +390,17 @@ class _Loader:
             if dupes:
                 where, line, first = dupes[0]
                 raise self.error(where, f"key {where[-1]!r} is given twice (first on line {first})")
-
-        if not isinstance(data, dict):
-            raise self.error((), "expected a mapping with keys " + ", ".join(TOP_LEVEL_KEYS)
-                             + f" (got {_kind(data)})")
-        self.check_keys((), data, TOP_LEVEL_KEYS, required=("experiments",))
-
-        defaults = data.get("defaults") or {}
-        if not isinstance(defaults, dict):
-            raise self.error(("defaults",), f"expected a mapping (got {_kind(defaults)})")
-        self.check_keys(("defaults",), defaults, DEFAULTS_KEYS)
-        default_seeds = (
-            self.check_seeds(("defaults", "seeds"), defaults["seeds"])
-            if "seeds" in defaults else list(DEFAULT_SEEDS)
-        )
-        default_search = self.check_search(("defaults", "search"), defaults.get("search"))
-
-        sections = data.get("sections") or {}
-        if not isinstance(sections, dict):
-            raise self.error(("sections",), f"expected a mapping (got {_kind(sections)})")
-        for name, body in sections.items():
-            where = ("sections", name)
-            if name not in SECTIONS:
-                raise self.error(where, f"unknown section {name!r}; sections are: "
-                                 + ", ".join(SECTIONS))
-            if not isinstance(body, dict):
-                raise self.error(where, f"expected a mapping (got {_kind(body)})")
-            self.check_keys(where, body, SECTION_KEYS)
-            self.check_args(where + ("args",), body.get("args", {}))
-            self.check_search(where + ("search",), body.get("search"), allow_null=True)
-
-        rows = data["experiments"]
-        if not isinstance(rows, list) or not rows:
-            raise self.error(("experiments",), "expected a non-empty list of rows "
-                             f"(got {_kind(rows)})")
-        experiments: list[Experiment] = []
+        try:
+            doc = schema.validate(schema.ManifestDoc, data, context={"sections": tuple(SECTIONS)})
+            experiments = [self.resolve(i, row, doc) for i, row in enumerate(doc.experiments)]
+        except schema.SchemaError as exc:
+            raise self.error(exc.loc, exc.reason) from None
         seen: dict[str, int] = {}
-        for index, row in enumerate(rows):
-            exp = self.load_row(index, row, sections, default_seeds, default_search)
+        for index, exp in enumerate(experiments):
             if exp.id in seen:
                 raise self.error(("experiments", index, "id"),
                                  f"id {exp.id!r} is already used by row {seen[exp.id] + 1}")
             seen[exp.id] = index
-            experiments.append(exp)
         by_id = {e.id: e for e in experiments}
         for index, exp in enumerate(experiments):
             if exp.derived_from is None:
@@ -461,232 +416,89 @@ class _Loader:
         return Manifest(path=resolved, experiments=experiments)
 
     # ------------------------------------------------------------------ one row
-    def load_row(self, index: int, row: Any, sections: dict, default_seeds: list[int],
-                 default_search: dict) -> Experiment:
+    def resolve(self, index: int, row: schema.Row, doc: schema.ManifestDoc) -> Experiment:
+        """The row with its section's args and the search spaces merged, checked as a whole."""
         where = ("experiments", index)
-        if not isinstance(row, dict):
-            raise self.error(where, f"expected a mapping with keys {', '.join(ROW_REQUIRED)} "
-                             f"(got {_kind(row)})")
-        self.check_keys(where, row, ROW_KEYS, required=ROW_REQUIRED)
-        row_id, table, section, label = row["id"], row["table"], row["section"], row["label"]
-        if not isinstance(row_id, str):
-            raise self.error(where + ("id",), f"expected text (got {_kind(row_id)})")
-        if isinstance(table, bool) or table not in TABLES:
-            raise self.error(where + ("table",), f"table must be one of "
-                             f"{', '.join(map(str, TABLES))} (got {table!r})")
-        if not isinstance(section, str) or section not in SECTIONS:
-            raise self.error(where + ("section",), f"section {section!r} is not valid; sections "
-                             "are: " + ", ".join(SECTIONS))
-        sec_table, sec_model = SECTIONS[section]
-        if sec_table != table:
-            raise self.error(where + ("section",), f"section {section!r} is in table {sec_table}, "
-                             f"not table {table}")
+        if row.section not in SECTIONS:
+            raise self.error(where + ("section",), f"section {row.section!r} is not valid; "
+                             "sections are: " + ", ".join(SECTIONS))
+        sec_table, sec_model = SECTIONS[row.section]
+        if sec_table != row.table:
+            raise self.error(where + ("section",), f"section {row.section!r} is in table "
+                             f"{sec_table}, not table {row.table}")
         valid_labels = list(LABELS.values())
-        if not isinstance(label, str) or not any(
-            label == v or label.startswith(v + " ") for v in valid_labels
-        ):
-            raise self.error(where + ("label",), f"label {label!r} is not valid; labels are: "
-                             + ", ".join(valid_labels))
-
-        # args: the section's shared flags, then the row's own
-        row_args = row["args"]
-        self.check_args(where + ("args",), row_args)
-        shared = (sections.get(section) or {}).get("args") or {}
-        merged = {**shared, **row_args}
-        seeds = (self.check_seeds(where + ("seeds",), row["seeds"])
-                 if "seeds" in row else list(default_seeds))
+        if not any(row.label == v or row.label.startswith(v + " ") for v in valid_labels):
+            raise self.error(where + ("label",), f"label {row.label!r} is not valid; labels "
+                             "are: " + ", ".join(valid_labels))
+        section = doc.sections.get(row.section) or schema.Section()
+        merged = {**section.args, **row.args}
+        seeds = row.seeds or doc.defaults.seeds or list(DEFAULT_SEEDS)
         try:
             cfg = RunConfig.from_dict({**merged, "seed": seeds[0]})
         except ConfigError as exc:
-            name = _setting_named(str(exc))
-            if name is not None and name not in row_args and name in shared:
+            name = exc.field
+            if name is not None and name not in row.args and name in section.args:
                 raise self.error(where + ("args", name),
-                                 f"(from sections[{section!r}].args) {exc}",
-                                 line_at=("sections", section, "args", name)) from None
+                                 f"(from sections[{row.section!r}].args) {exc}",
+                                 line_at=("sections", row.section, "args", name)) from None
             raise self.error(where + (("args", name) if name else ("args",)), str(exc)) from None
         args = {k: getattr(cfg, k) for k in merged}
-        model, trainer = cfg.model, cfg.trainer
-
-        if sec_model != model:
-            raise self.error(where + ("section",), f"section {section!r} holds model "
-                             f"{sec_model!r} runs, but args give model {model!r}")
-
-        expected = f"t{table}-{model}-{trainer}"
-        derived_from = row.get("derived_from")
-        if row_id == expected:
-            if derived_from is not None:
-                raise self.error(where + ("derived_from",), "only a derived row (id "
-                                 f"{expected}-<suffix>) names derived_from; this row's id "
-                                 "has no suffix")
-        elif row_id.startswith(expected + "-") and _SUFFIX_RE.match(row_id[len(expected) + 1:]):
-            if derived_from is None:
-                raise self.error(where + ("derived_from",), f"row {row_id} has a suffix after "
-                                 f"{expected}, so it must name the row it derives from "
-                                 "(derived_from: <id>)")
-            if not isinstance(derived_from, str):
-                raise self.error(where + ("derived_from",),
-                                 f"expected an id (got {_kind(derived_from)})")
-        else:
-            raise self.error(where + ("id",), f"id {row_id!r} does not match the row: expected "
-                             f"{expected!r} (t{{table}}-{{model}}-{{trainer}} from table {table},"
-                             f" model {model}, trainer {trainer}; a derived row may add -suffix)")
-
-        paper_label = LABELS[trainer]
-        label_ok = label == paper_label or (
-            derived_from is not None
-            and label.startswith(paper_label + " ")
-            and label not in LABELS.values()
-        )
-        if not label_ok:
-            raise self.error(where + ("label",), f"label {label!r} does not match trainer "
-                             f"{trainer!r}: the paper's label is {paper_label!r}"
-                             + (" (a derived row may add text after it)"
-                                if derived_from is not None else ""))
-
+        if sec_model != cfg.model:
+            raise self.error(where + ("section",), f"section {row.section!r} holds model "
+                             f"{sec_model!r} runs, but args give model {cfg.model!r}")
+        self.check_identity(where, row, cfg)
         # search: defaults, then the section's, then the row's (null drops an entry)
-        search: dict[str, dict[str, Any]] = dict(default_search)
+        search: dict[str, dict[str, Any]] = dict(doc.defaults.search)
         origin: dict[str, tuple] = {p: ("defaults", "search", p) for p in search}
-        for source, spec in (
-            (("sections", section, "search"), (sections.get(section) or {}).get("search")),
-            (where + ("search",), row.get("search")),
-        ):
-            for param, entry in self.check_search(source, spec, allow_null=True).items():
+        for source, spec in ((("sections", row.section, "search"), section.search),
+                             (where + ("search",), row.search)):
+            for param, entry in spec.items():
                 if entry is None:
                     search.pop(param, None)
                     origin.pop(param, None)
                 else:
-                    search[param] = entry
-                    origin[param] = source + (param,)
+                    search[param], origin[param] = entry, source + (param,)
         for param, entry in search.items():
-            values = entry["choices"] if entry["type"] == "categorical" else [entry["low"],
-                                                                             entry["high"]]
-            for value in values:
-                try:
-                    RunConfig.from_dict({**args, "seed": seeds[0], param: value})
-                except ConfigError as exc:
-                    src = origin[param]
-                    note = "" if src[0] == "experiments" else f" (from {'.'.join(map(str, src))})"
-                    raise self.error(where + ("search", param),
-                                     f"value {value!r} is not a valid {param}{note}: {exc}",
-                                     line_at=src) from None
+            try:
+                schema.check_values(param, entry, {**args, "seed": seeds[0]})
+            except schema.SchemaError as exc:
+                src = origin[param]
+                note = "" if src[0] == "experiments" else f" (from {'.'.join(map(str, src))})"
+                raise self.error(where + ("search", param), exc.reason + note,
+                                 line_at=src) from None
+        return Experiment(id=row.id, table=row.table, section=row.section, label=row.label,
+                          args=args, seeds=list(seeds), search=search,
+                          derived_from=row.derived_from, paper=row.paper)
 
-        paper = row.get("paper")
-        if paper is not None and (isinstance(paper, bool) or not isinstance(paper, (int, float))
-                                  or not 0 <= paper <= 100):
-            raise self.error(where + ("paper",), "expected the paper's test accuracy in % "
-                             f"(a number from 0 to 100; got {paper!r})")
-        return Experiment(id=row_id, table=table, section=section, label=label, args=args,
-                          seeds=seeds, search=search, derived_from=derived_from,
-                          paper=None if paper is None else float(paper))
-
-    # ------------------------------------------------------------------ pieces
-    def check_keys(self, where: tuple, mapping: dict, valid: tuple[str, ...],
-                   required: tuple[str, ...] = ()) -> None:
-        for key in mapping:
-            if key not in valid:
-                raise self.error(where + (key,), f"unknown key {key!r}; valid keys are: "
-                                 + ", ".join(valid))
-        for key in required:
-            if key not in mapping:
-                raise self.error(where + (key,), f"required key {key!r} is missing")
-
-    def check_args(self, where: tuple, args: Any) -> None:
-        if not isinstance(args, dict):
-            raise self.error(where, f"expected a mapping of flag: value (got {_kind(args)})")
-        valid = RunConfig.field_names()
-        for name, value in args.items():
-            if name == "seed":
-                raise self.error(where + (name,), "the seed is not a flag of the row: list the "
-                                 "row's seeds under `seeds`")
-            if name not in valid:
-                raise self.error(where + (name,), f"unknown flag {name!r}; valid flags (RunConfig "
-                                 "fields) are: " + ", ".join(n for n in valid if n != "seed"))
-            if value is None or isinstance(value, (dict, list)):
-                raise self.error(where + (name,), f"expected a single value (got {_kind(value)})")
-
-    def check_seeds(self, where: tuple, seeds: Any) -> list[int]:
-        if not isinstance(seeds, list) or not seeds:
-            raise self.error(where, f"expected a non-empty list of integers ≥ 0 "
-                             f"(got {_kind(seeds)})")
-        for seed in seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise self.error(where, f"seeds must be integers ≥ 0 (got {seed!r})")
-        if len(set(seeds)) != len(seeds):
-            raise self.error(where, f"seeds repeat: {seeds}")
-        return list(seeds)
-
-    def check_search(self, where: tuple, spec: Any, allow_null: bool = False) -> dict:
-        """A validated search space: {type, low, high, log} or {type, choices} per parameter."""
-        if spec is None:
-            return {}
-        if not isinstance(spec, dict):
-            raise self.error(where, "expected a mapping of parameter: {type, low, high, log} or "
-                             f"{{type: categorical, choices}} (got {_kind(spec)})")
-        out: dict[str, Any] = {}
-        for param, entry in spec.items():
-            at = where + (param,)
-            if param not in _FIELD_KINDS:
-                raise self.error(at, f"unknown parameter {param!r}: a search parameter must be a "
-                                 "RunConfig field; fields are: "
-                                 + ", ".join(n for n in _FIELD_KINDS if n not in IDENTITY_FIELDS))
-            if param in IDENTITY_FIELDS:
-                raise self.error(at, f"{param!r} cannot be searched: it defines the experiment")
-            if entry is None and allow_null:
-                out[param] = None
-                continue
-            if not isinstance(entry, dict):
-                raise self.error(at, f"expected a mapping with keys {', '.join(SEARCH_KEYS)} "
-                                 f"(got {_kind(entry)})")
-            for key in entry:
-                if key not in SEARCH_KEYS:
-                    raise self.error(at + (key,), f"unknown key {key!r}; valid keys are: "
-                                     + ", ".join(SEARCH_KEYS))
-            kind = entry.get("type")
-            if kind not in SEARCH_TYPES:
-                raise self.error(at + ("type",), f"type must be one of {', '.join(SEARCH_TYPES)}"
-                                 f" (got {kind!r})")
-            field_kind = _FIELD_KINDS[param]
-            if kind == "categorical":
-                for key in ("low", "high", "log"):
-                    if key in entry:
-                        raise self.error(at + (key,), f"a categorical entry takes `choices`, "
-                                         f"not {key!r}")
-                choices = entry.get("choices")
-                if not isinstance(choices, list) or not choices:
-                    raise self.error(at + ("choices",), "expected a non-empty list of values "
-                                     f"(got {_kind(choices)})")
-                for choice in choices:
-                    if isinstance(choice, (dict, list)) or choice is None:
-                        raise self.error(at + ("choices",), f"choices must be single values "
-                                         f"(got {choice!r})")
-                if len({repr(c) for c in choices}) != len(choices):
-                    raise self.error(at + ("choices",), f"choices repeat: {choices}")
-                out[param] = {"type": "categorical", "choices": list(choices)}
-                continue
-            if "choices" in entry:
-                raise self.error(at + ("choices",), f"a {kind} entry takes low/high, not choices")
-            if field_kind not in ("int", "float") or (kind == "float" and field_kind == "int"):
-                hint = "type: int" if field_kind == "int" else "type: categorical"
-                raise self.error(at + ("type",), f"{param} takes {field_kind} values: a {kind} "
-                                 f"range does not fit it (use {hint})")
-            bounds = {}
-            for key in ("low", "high"):
-                if key not in entry:
-                    raise self.error(at + (key,), f"a {kind} entry needs {key!r}")
-                bounds[key] = _number(entry[key], kind)
-                if bounds[key] is None:
-                    wanted = "an integer" if kind == "int" else "a number"
-                    raise self.error(at + (key,), f"expected {wanted} (got {entry[key]!r})")
-            low, high = bounds["low"], bounds["high"]
-            if not low < high:
-                raise self.error(at + ("low",), f"low must be < high (got low={low}, high={high})")
-            log = entry.get("log", False)
-            if not isinstance(log, bool):
-                raise self.error(at + ("log",), f"expected true or false (got {log!r})")
-            if log and not low > 0:
-                raise self.error(at + ("log",), f"a log-scale range needs low > 0 (got low={low})")
-            out[param] = {"type": kind, "low": low, "high": high, "log": log}
-        return out
+    def check_identity(self, where: tuple, row: schema.Row, cfg: RunConfig) -> None:
+        """The id is t{table}-{model}-{trainer}[-suffix]; the label is the trainer's."""
+        expected = f"t{row.table}-{cfg.model}-{cfg.trainer}"
+        derived_from = row.derived_from
+        if row.id == expected:
+            if derived_from is not None:
+                raise self.error(where + ("derived_from",), "only a derived row (id "
+                                 f"{expected}-<suffix>) names derived_from; this row's id "
+                                 "has no suffix")
+        elif row.id.startswith(expected + "-") and _SUFFIX_RE.match(row.id[len(expected) + 1:]):
+            if derived_from is None:
+                raise self.error(where + ("derived_from",), f"row {row.id} has a suffix after "
+                                 f"{expected}, so it must name the row it derives from "
+                                 "(derived_from: <id>)")
+            if not isinstance(derived_from, str):
+                raise self.error(where + ("derived_from",),
+                                 f"expected an id (got {schema.kind_of(derived_from)})")
+        else:
+            raise self.error(where + ("id",), f"id {row.id!r} does not match the row: expected "
+                             f"{expected!r} (t{{table}}-{{model}}-{{trainer}} from table "
+                             f"{row.table}, model {cfg.model}, trainer {cfg.trainer}; a derived "
+                             "row may add -suffix)")
+        paper_label = LABELS[cfg.trainer]
+        if not (row.label == paper_label or (derived_from is not None and row.label.startswith(
+                paper_label + " ") and row.label not in LABELS.values())):
+            raise self.error(where + ("label",), f"label {row.label!r} does not match trainer "
+                             f"{cfg.trainer!r}: the paper's label is {paper_label!r}"
+                             + (" (a derived row may add text after it)"
+                                if derived_from is not None else ""))
 
 
 def _field(rest: tuple) -> str:
@@ -698,65 +510,27 @@ def _field(rest: tuple) -> str:
     return f", field '{text}'"
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _number(value: Any, kind: str) -> int | float | None:
-    if isinstance(value, bool):
-        return None
-    if kind == "int":
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _setting_named(message: str) -> str | None:
-    """The RunConfig field a ConfigError message is about (None when it names none)."""
-    match = re.search(r"setting '(\w+)'", message)
-    if match:
-        return match.group(1)
-    if "does not run on model" in message:
-        return "trainer"
-    if "--data=" in message:
-        return "data"
-    for word in re.findall(r"'(\w+)'", message):
-        if word in _FIELD_KINDS:
-            return word
-    return None
-
-
 # ====================================================================== appending a row
 
 
 def write_row(path: str | os.PathLike[str], row: Mapping[str, Any], *,
               comment: str | None = None) -> Experiment:
-    """Append `row` (a mapping as written in the YAML) to the manifest at `path`.
+    """Append `row` (a mapping as written in the YAML) to the `experiments:` list of the
+    manifest at `path`, with `comment` above it.
 
-    The row's text is appended to the end of the file (the `experiments:` list must be the file's
-    last block); nothing else in the file changes. The file is then reloaded: if the row makes it
-    invalid, the file is cut back to what it was and the ManifestError is raised.
-    Returns the new row, resolved.
+    The file goes through a YAML round trip (ruamel.yaml) that keeps its comments, order and
+    layout; the new text is checked by loading it and only then replaces the file, so a row that
+    makes the manifest invalid leaves it as it was (ManifestError). Returns the new row, resolved.
     """
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.util import load_yaml_guess_indent
+
     path = Path(path)
     if not isinstance(row, Mapping):
-        raise ManifestError(f"{path}: a row must be a mapping (got {_kind(row)})")
+        raise ManifestError(f"{path}: a row must be a mapping (got {schema.kind_of(row)})")
     with _locked(path):
         manifest = load_manifest(path)
         row_id = row.get("id")
@@ -764,24 +538,62 @@ def write_row(path: str | os.PathLike[str], row: Mapping[str, Any], *,
             raise ManifestError(f"{path}: experiment {row_id!r} already exists; give the new row "
                                 "another id (e.g. another -suffix)")
         text = path.read_text(encoding="utf-8")
-        first_prefix, indent = _append_layout(path, text)
+        _, indent, dash = load_yaml_guess_indent(text)
+        rt = YAML()
+        rt.preserve_quotes = True
+        rt.width = 100_000
+        rt.indent(mapping=2, sequence=indent, offset=dash)
+        document = rt.load(text)
+        new = CommentedMap()
+        for key, value in row.items():
+            if isinstance(value, list):  # seeds: [0, 1, 2]
+                value = CommentedSeq(value)
+                value.fa.set_flow_style()
+            elif isinstance(value, Mapping):  # args: and search: one entry a line
+                value = CommentedMap({k: dict(v) if isinstance(v, Mapping) else v
+                                      for k, v in value.items()})
+            new[key] = value
+        rows = document["experiments"]
+        rows.append(new)
+        _move_trailing_comment(rows[-2], new)  # what followed the last row (e.g. a comment
+        # above the next block) still follows it
+        if comment:
+            rows.yaml_set_comment_before_after_key(len(rows) - 1, before="\n" + comment,
+                                                   indent=dash)
+        out = io.StringIO()
+        rt.dump(document, out)
         try:
-            block = _render_row(dict(row), first_prefix, indent, comment)
-        except yaml.YAMLError as exc:
-            raise ManifestError(
-                f"{path}: row {row_id!r} cannot be written as YAML: {exc}"
-            ) from None
-        if text and not text.endswith("\n"):
-            block = "\n" + block
-        size = path.stat().st_size
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(block)
-        try:
-            return load_manifest(path).get(row_id)
+            added = _Loader(str(path), out.getvalue()).load(path).get(row_id)
         except ManifestError as exc:
-            with open(path, "r+b") as fh:
-                fh.truncate(size)
             raise ManifestError(f"row not added to {path}: {exc}") from None
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(out.getvalue(), encoding="utf-8")
+        os.replace(tmp, path)
+        return added
+
+
+def _last_entry(node) -> tuple[Any, Any] | None:
+    """(container, key) of the entry a block-style YAML node ends with, as ruamel holds it."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    found = None
+    while isinstance(node, (CommentedMap, CommentedSeq)) and node and not node.fa.flow_style():
+        key = list(node)[-1] if isinstance(node, CommentedMap) else len(node) - 1
+        found, node = (node, key), node[key]
+    return found
+
+
+def _move_trailing_comment(old, new) -> None:
+    src, dst = _last_entry(old), _last_entry(new)
+    if src is None or dst is None:
+        return
+    (container, key), (target, target_key) = src, dst
+    entry = container.ca.items.get(key)
+    slot = 2 if isinstance(key, str) else 0
+    if entry and entry[slot] is not None:
+        target.ca.items.setdefault(target_key, [None] * 4)[2 if isinstance(target_key, str)
+                                                           else 0] = entry[slot]
+        entry[slot] = None
 
 
 class _locked:
@@ -804,58 +616,3 @@ class _locked:
     def __exit__(self, *exc: Any) -> None:
         if self.fh is not None:
             self.fh.close()  # closing releases the lock
-
-
-def _append_layout(path: Path, text: str) -> tuple[str, str]:
-    """How the file's rows are indented: ('  - ', '    ') for `  - id: ...` rows."""
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    last = root.value[-1] if isinstance(root, yaml.MappingNode) and root.value else None
-    if last is None or not isinstance(last[0], yaml.ScalarNode) or last[0].value != "experiments":
-        raise ManifestError(f"{path}: rows can only be appended when `experiments:` is the last "
-                            "block of the file; move it to the end")
-    seq = last[1]
-    if not isinstance(seq, yaml.SequenceNode) or seq.flow_style or not seq.value:
-        raise ManifestError(f"{path}: `experiments:` must be a block list (`- id: ...` rows) to "
-                            "append to it")
-    first = seq.value[0]
-    line = text.splitlines()[first.start_mark.line]
-    column = first.start_mark.column
-    dash = line.rfind("-", 0, column)
-    if dash < 0 or line[:dash].strip():
-        raise ManifestError(f"{path}: cannot tell how the rows of `experiments:` are indented")
-    return " " * dash + "-" + " " * (column - dash - 1), " " * column
-
-
-def _dump(key: Any, value: Any) -> list[str]:
-    """`key: value` as YAML lines; lists and mappings of plain values on one line."""
-    # default_flow_style=None writes collections of plain values in flow style ([0, 1, 2]), but
-    # would also write {key: scalar} itself that way, hence False for a plain value.
-    flow = None if isinstance(value, (list, dict)) else False
-    text = yaml.safe_dump({key: value}, default_flow_style=flow, sort_keys=False,
-                          allow_unicode=True, width=100_000)
-    return text.rstrip("\n").split("\n")
-
-
-def _render_row(row: dict[str, Any], first_prefix: str, indent: str,
-                comment: str | None) -> str:
-    blocks = ("args", "search")  # written last, one entry a line
-    first = ("id", "table", "section", "label", "derived_from", "seeds")
-    order = [k for k in first if k in row]
-    order += [k for k in ROW_KEYS if k in row and k not in blocks and k not in order]
-    order += [k for k in row if k not in ROW_KEYS] + [k for k in blocks if k in row]
-    lines: list[str] = []
-    for key in order:
-        value = row[key]
-        if key in ("args", "search") and isinstance(value, dict) and value:
-            lines.append(f"{key}:")
-            for sub_key, sub_value in value.items():
-                lines.extend("  " + part for part in _dump(sub_key, sub_value))
-        else:
-            lines.extend(_dump(key, value))
-    dash_indent = " " * (len(first_prefix) - len(first_prefix.lstrip(" ")))
-    out = [""]
-    if comment:
-        out.extend(f"{dash_indent}# {part}".rstrip() for part in comment.splitlines())
-    out.append(first_prefix + lines[0])
-    out.extend(indent + part for part in lines[1:])
-    return "\n".join(out) + "\n"

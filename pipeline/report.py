@@ -28,59 +28,11 @@ from typing import Any, Iterable, Mapping
 from lcp.errors import LcpError
 from pipeline import tracking
 from pipeline.manifest import Manifest
+from pipeline.plots import ALIGN_KEY, alignment_curves, bar_chart, learning_curves
 
 FORMATS = ("md", "csv", "latex")
-ALIGN_KEY = "align/cos_to_gradient"
 CURVE_KEYS = ("eval_test/accuracy", "train/accuracy", ALIGN_KEY)
 ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-# ====================================================================== one run's curves
-
-
-def _integer_ticks(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def plot_run_curves(history: list[Mapping[str, float]], path: str | Path, title: str = "") -> None:
-    """Loss and accuracy per epoch of one run (an artifact of every run)."""
-    plt = _plt()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    epochs = [r.get("epoch", i + 1) for i, r in enumerate(history)]
-    for key, ax, style in (("train/loss", ax_loss, "-"), ("eval_test/loss", ax_loss, "--"),
-                           ("train/accuracy", ax_acc, "-"), ("eval_test/accuracy", ax_acc, "--")):
-        points = [(e, r[key]) for e, r in zip(epochs, history) if key in r]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, style, marker="o", markersize=3, label=key)
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        _integer_ticks(ax)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    _save_figure(fig, path, title)
-
-
-def _save_figure(fig, path, title) -> None:
-    plt = _plt()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ====================================================================== collecting
@@ -311,96 +263,6 @@ def format_table(summary, fmt: str) -> str:
                    + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out) + "\n" + (f"% {note}" if note else "")
-
-
-# ====================================================================== charts
-
-
-def bar_chart(summary, path: str | Path, title: str = "") -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(summary) + 2), 4))
-    sections = list(dict.fromkeys(summary["section"]))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    xs, labels = [], []
-    x = 0.0
-    for s_index, section in enumerate(sections):
-        part = summary[summary["section"] == section]
-        for r in part.itertuples():
-            height = 0.0 if math.isnan(r.test_acc_mean) else r.test_acc_mean
-            err = 0.0 if math.isnan(r.test_acc_std) else r.test_acc_std
-            ax.bar(x, height, yerr=err, capsize=4, color=colors[s_index % len(colors)],
-                   label=section if r.Index == part.index[0] else None)
-            if math.isnan(r.test_acc_mean):
-                ax.text(x, 1, "no runs", ha="center", va="bottom", rotation=90, fontsize=8)
-            xs.append(x)
-            labels.append(r.label)
-            x += 1
-        x += 0.6
-    finite = summary["test_acc_mean"].dropna()
-    if len(finite):
-        low = max(0.0, float((finite - summary["test_acc_std"].fillna(0)).min()) - 5)
-        high = float((finite + summary["test_acc_std"].fillna(0)).max()) + 3
-        ax.set_ylim(low, min(100.0, high))
-    ax.set_xticks(xs)
-    ax.set_xticklabels(labels, rotation=30, ha="right")
-    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _mean_curve(collected: Collected, row_id: str, key: str, scale: float = 1.0):
-    """(epochs, mean over the row's seeds) of metric `key`, or None when no run has it."""
-    runs = collected.runs
-    per_epoch: dict[int, list[float]] = {}
-    for run_id in runs[runs["id"] == row_id]["run_id"]:
-        for step, value in collected.curves.get(run_id, {}).get(key, []):
-            per_epoch.setdefault(step, []).append(scale * value)
-    if not per_epoch:
-        return None
-    steps = sorted(per_epoch)
-    return steps, [sum(per_epoch[s]) / len(per_epoch[s]) for s in steps]
-
-
-def _section_panels(collected: Collected, path, title: str, ylabel: str, curves) -> None:
-    """One panel per section; `curves(exp)` gives [(key, scale, style, label)] per row."""
-    plt = _plt()
-    sections = list(dict.fromkeys(r.section for r in collected.rows))
-    fig, axes = plt.subplots(1, len(sections), figsize=(5 * len(sections), 3.8), squeeze=False)
-    for ax, section in zip(axes[0], sections):
-        for n, exp in enumerate(r for r in collected.rows if r.section == section):
-            for key, scale, style, label in curves(exp):
-                curve = _mean_curve(collected, exp.id, key, scale)
-                if curve is not None:
-                    ax.plot(*curve, style, color=f"C{n % 10}", marker="o", markersize=3,
-                            label=label)
-        ax.set_title(section)
-        _integer_ticks(ax)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no finished runs", ha="center", transform=ax.transAxes)
-    _save_figure(fig, path, title)
-
-
-def learning_curves(collected: Collected, path: str | Path, title: str = "") -> None:
-    """Per section: test accuracy per epoch, mean over seeds (train accuracy dashed)."""
-    _section_panels(collected, path, title, "accuracy (%) — test solid, train dashed",
-                    lambda exp: [("eval_test/accuracy", 100, "-", exp.label),
-                                 ("train/accuracy", 100, "--", None)])
-
-
-def alignment_curves(collected: Collected, path: str | Path, title: str = "") -> None:
-    """Per section: the cosine of each LCP row's update to the exact gradient per epoch."""
-    _section_panels(collected, path, title, "cosine of the update to the BP/RBP gradient",
-                    lambda exp: [(ALIGN_KEY, 1, "-", exp.label)])
 
 
 # ====================================================================== the whole report

@@ -20,25 +20,22 @@ checkpoint).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
-
-from lcp.config import RunConfig
+from lcp.config import NOT_HASHED, RunConfig
 from pipeline import tracking
+from pipeline.executors import Executor, child_env, describe_returncode
 from pipeline.manifest import Experiment, Manifest, ManifestError
-from pipeline.scheduler import (FAILED, KILLED, Executor, Hooks, Job,
-                                ProgressDisplay, Scheduler, SchedulerResult, describe_returncode,
-                                stop_on_signals)
-from pipeline.worker import (CHECKPOINT_NAME, CONFIG_NAME, EXIT_BUSY, LOG_NAME, is_locked,
-                             read_progress)
+from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, is_locked, read_progress,
+                             write_config)
+from pipeline.scheduler import (FAILED, KILLED, Hooks, Job, ProgressDisplay, Scheduler,
+                                SchedulerResult, stop_on_signals)
+from pipeline.worker import EXIT_BUSY
 
-DEFAULT_RUNS_DIR = "lcp-runs"
 QUICK_OVERRIDES = {"num_epochs": "1", "limit_train_batches": "20", "limit_eval_batches": "5",
                    "eval_epochs": "1"}
 
@@ -192,7 +189,7 @@ def command_line(cfg: RunConfig) -> str:
     defaults = RunConfig(model=cfg.model).to_dict()
     return "lcp train " + " ".join(
         f"--{k}={v}" for k, v in cfg.to_dict().items()
-        if k in ("model", "trainer", "data", "seed") or (k not in RunConfig._NOT_HASHED
+        if k in ("model", "trainer", "data", "seed") or (k not in NOT_HASHED
                                                          and v != defaults[k]))
 
 
@@ -430,13 +427,10 @@ def cancel(plans: list[RunPlan], tracker: tracking.Tracker, reason: str) -> None
 
 
 def write_run_folder(plan: RunPlan, uri: str) -> None:
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = plan.item.cfg.to_dict()
-    (plan.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (plan.run_dir / "run.json").write_text(json.dumps({
+    write_config(plan.run_dir, plan.item.cfg.to_dict(), {
         "run_id": plan.run_id, "tracking_uri": uri, "experiment": plan.item.experiment_name,
         "id": plan.item.exp.id, "seed": plan.item.seed, "config_hash": plan.item.config_hash,
-    }, indent=2))
+    })
 
 
 def worker_command(plan: RunPlan, uri: str, threads: int | None = None) -> list[str]:
@@ -566,19 +560,10 @@ class TrackingHooks(Hooks):
 
 
 def make_jobs(plans: list[RunPlan], uri: str, threads: int | None = None) -> list[Job]:
-    jobs = []
-    project_root = str(Path(__file__).resolve().parent.parent)
-    pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
-    for plan in plans:
-        if plan.action not in (NEW, RESUME):
-            continue
-        env = {"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
-        if plan.item.cfg.seed >= 0:
-            env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-        jobs.append(Job(key=plan.name, command=worker_command(plan, uri, threads),
-                        log_path=plan.run_dir / LOG_NAME, env=env, cwd=os.getcwd(),
-                        payload=plan))
-    return jobs
+    return [Job(key=plan.name, command=worker_command(plan, uri, threads),
+                log_path=plan.run_dir / LOG_NAME, env=child_env(plan.item.cfg.seed >= 0),
+                cwd=os.getcwd(), payload=plan)
+            for plan in plans if plan.action in (NEW, RESUME)]
 
 
 def execute(plans: list[RunPlan], tracker: tracking.Tracker, executor: Executor, *,

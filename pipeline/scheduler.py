@@ -1,18 +1,18 @@
-"""Run many jobs, each in its own process, on a fixed set of slots (GPUs or CPU workers).
+"""Run many jobs, each in its own process, on an executor's slots: one scheduler for every
+command (`lcp run-table`, `lcp run`, `lcp tune`).
 
-Nothing here knows MLflow or lcp: a `Job` is a command line with a log file; `Hooks` (given by
-`pipeline.runs`) connect the scheduler to the tracking store. The scheduler owns the slots: a slot
-is handed to one job at a time and pins it with `CUDA_VISIBLE_DEVICES` (GPU) or an empty
-`CUDA_VISIBLE_DEVICES` and a share of the CPU threads (CPU), so runs started together never pick
-the same GPU.
+Nothing here knows MLflow or lcp: a `Job` is a command line with a log file; `Hooks` connect the
+scheduler to the outside world (`pipeline.runs` keeps the MLflow runs of a table honest,
+`pipeline.tune` creates and reconciles an Optuna trial's run). The executor
+(`pipeline.executors`: local subprocesses or Ray tasks) says how many jobs may run now
+(`free_slots`) and starts, polls, stops and kills them.
 
     executor = make_executor("local", gpus=None, workers=2)
     result = Scheduler(executor, hooks, retries=1).run(jobs)
 
-An `Executor` starts, polls, stops and kills jobs. `LocalExecutor` runs subprocesses on this
-machine; `pipeline.ray_executor.RayExecutor` (`make_executor("ray", address=..., cpus_per_run=...,
-retries=...)`) runs each job as a Ray task on a cluster. Both implement the same five methods and
-are registered in `EXECUTORS`.
+`run` takes a list of jobs or a job source, a callable asked for the next job only when a slot is
+free (so that, e.g., an Optuna trial is asked for at the moment it can start); it returns None
+when it has nothing more to give.
 """
 
 from __future__ import annotations
@@ -22,171 +22,18 @@ import signal
 import sys
 import threading
 import time
-from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from lcp.errors import LcpError
+from pipeline.executors import STOP_GRACE_S, Executor, describe_returncode
 
 QUEUED, RUNNING, FINISHED, FAILED, KILLED = "queued", "running", "finished", "failed", "killed"
 
 
-# ====================================================================== slots
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One place a job may run: a GPU share (`gpu` is the CUDA device id) or a CPU worker."""
-
-    index: int
-    gpu: str | None
-    threads: int
-    share: int = 0  # which of the runs-per-gpu places on that GPU
-
-    @property
-    def label(self) -> str:
-        return f"gpu{self.gpu}#{self.share}" if self.gpu is not None else f"cpu#{self.index}"
-
-    def env(self) -> dict[str, str]:
-        threads = str(self.threads)
-        return {
-            "CUDA_VISIBLE_DEVICES": self.gpu if self.gpu is not None else "",
-            "OMP_NUM_THREADS": threads,
-            "MKL_NUM_THREADS": threads,
-            "LCP_SLOT": self.label,
-        }
-
-
-class SlotPool:
-    """A fixed set of slots; `acquire` hands out a free one (None when all are busy)."""
-
-    def __init__(self, slots: list[Slot]):
-        if not slots:
-            raise LcpError("no slot to run on: give --workers ≥ 1 or --runs-per-gpu ≥ 1")
-        self.slots = list(slots)
-        self._busy: set[int] = set()
-        self._lock = threading.Lock()
-
-    @classmethod
-    def for_gpus(cls, gpus: list[str], runs_per_gpu: int = 1, cpu_count: int | None = None,
-                 threads: int | None = None) -> "SlotPool":
-        if runs_per_gpu < 1:
-            raise LcpError(f"--runs-per-gpu must be ≥ 1 (got {runs_per_gpu})")
-        total = len(gpus) * runs_per_gpu
-        threads = threads or max(1, (cpu_count or os.cpu_count() or 1) // max(1, total))
-        slots, index = [], 0
-        for share in range(runs_per_gpu):  # spread: the first runs go to different GPUs
-            for gpu in gpus:
-                slots.append(Slot(index, str(gpu), threads, share))
-                index += 1
-        return cls(slots)
-
-    @classmethod
-    def for_cpu(cls, workers: int = 1, cpu_count: int | None = None,
-                threads: int | None = None) -> "SlotPool":
-        if workers < 1:
-            raise LcpError(f"--workers must be ≥ 1 (got {workers})")
-        threads = threads or max(1, (cpu_count or os.cpu_count() or 1) // workers)
-        return cls([Slot(i, None, threads) for i in range(workers)])
-
-    @property
-    def size(self) -> int:
-        return len(self.slots)
-
-    def free_count(self) -> int:
-        with self._lock:
-            return len(self.slots) - len(self._busy)
-
-    def acquire(self) -> Slot | None:
-        with self._lock:
-            for slot in self.slots:
-                if slot.index not in self._busy:
-                    self._busy.add(slot.index)
-                    return slot
-            return None
-
-    def release(self, slot: Slot) -> None:
-        with self._lock:
-            if slot.index not in self._busy:
-                raise RuntimeError(f"slot {slot.label} released twice")
-            self._busy.discard(slot.index)
-
-    def describe(self) -> str:
-        first = self.slots[0]
-        if first.gpu is None:
-            return f"{self.size} CPU worker(s) × {first.threads} thread(s)"
-        gpus = sorted({s.gpu for s in self.slots}, key=str)
-        per = self.size // max(1, len(gpus))
-        return f"GPU(s) {','.join(gpus)} × {per} run(s) per GPU ({first.threads} CPU thread(s) each)"
-
-
-def parse_gpus(text: str | None) -> list[str] | None:
-    """--gpus: None/'auto' → detect; 'none'/'cpu' → []; '0,1' → ['0', '1']."""
-    if text is None or text.strip().lower() in ("", "auto"):
-        return None
-    value = text.strip().lower()
-    if value in ("none", "cpu"):
-        return []
-    items = [part.strip() for part in value.split(",")]
-    if not all(item.isdigit() for item in items):
-        raise LcpError(f"--gpus {text!r} is not valid: give GPU indices separated by commas "
-                       "(e.g. --gpus 0,1), 'auto' (detect) or 'none' (CPU only)")
-    if len(set(items)) != len(items):
-        raise LcpError(f"--gpus {text!r} names a GPU twice; use --runs-per-gpu K for several "
-                       "runs per GPU")
-    return [str(int(item)) for item in items]
-
-
-def visible_gpus() -> list[str]:
-    """The CUDA devices this process may use, as ids for a child's CUDA_VISIBLE_DEVICES."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        ids = [part.strip() for part in env.split(",") if part.strip()]
-        if not ids or ids[0].startswith("-"):
-            return []
-    try:
-        import torch
-
-        count = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no usable CUDA
-        count = 0
-    if env is not None:
-        return ids[:count]
-    return [str(i) for i in range(count)]
-
-
-def choose_gpus(requested: list[str] | None, available: list[str] | None = None) -> list[str]:
-    """The GPUs to use: `requested` (checked against the visible ones) or all visible ones."""
-    available = visible_gpus() if available is None else available
-    if requested is None:
-        return list(available)
-    if not requested:
-        return []
-    if not available:
-        raise LcpError(f"--gpus {','.join(requested)} was given but no CUDA GPU is visible "
-                       "(torch.cuda.device_count() is 0); leave --gpus out (or --gpus none) to "
-                       "run on CPU with --workers N")
-    unknown = [g for g in requested if g not in available]
-    if unknown:
-        raise LcpError(f"--gpus: GPU {', '.join(unknown)} is not visible; visible GPUs are: "
-                       + ", ".join(available))
-    return list(requested)
-
-
-# ====================================================================== jobs and executors
-
-
-def signal_process_group(process, signum: int) -> None:
-    """Send `signum` to a worker's process group (its children too), else to the process."""
-    try:
-        os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        try:
-            process.send_signal(signum)
-        except ProcessLookupError:
-            pass
+# ====================================================================== jobs
 
 
 @dataclass
@@ -201,143 +48,12 @@ class Job:
     attempts: int = 0
     returncode: int | None = None
     reason: str = ""
-    slot: Slot | None = None
+    slot: Any = None  # where the executor placed it (a local Slot), else None
     started_at: float | None = None
     ended_at: float | None = None
     first_started_at: float | None = None
     detail: str = ""  # progress text, e.g. "epoch 3/30"
-
-
-class Executor(ABC):
-    """Where jobs run. The scheduler calls `start` only while `free_slots() > 0`."""
-
-    name = "?"
-
-    @abstractmethod
-    def free_slots(self) -> int: ...
-
-    @abstractmethod
-    def start(self, job: Job) -> Any: ...  # returns a handle
-
-    @abstractmethod
-    def poll(self, handle) -> int | None: ...  # exit code once ended (frees its slot)
-
-    @abstractmethod
-    def terminate(self, handle) -> None: ...  # ask to stop (SIGTERM)
-
-    @abstractmethod
-    def kill(self, handle) -> None: ...  # stop now (SIGKILL)
-
-    def describe(self) -> str:
-        return self.name
-
-
-@dataclass
-class _LocalHandle:
-    process: Any
-    slot: Slot
-    log: TextIO
-    released: bool = False
-
-
-class LocalExecutor(Executor):
-    """Subprocesses on this machine, one per slot; a crash or OOM kills only that process."""
-
-    name = "local"
-
-    def __init__(self, pool: SlotPool, base_env: dict[str, str] | None = None,
-                 drop_env: tuple[str, ...] = ()):
-        self.pool = pool
-        self.base_env = dict(os.environ if base_env is None else base_env)
-        for name in drop_env:
-            self.base_env.pop(name, None)
-
-    def free_slots(self) -> int:
-        return self.pool.free_count()
-
-    def describe(self) -> str:
-        return f"local: {self.pool.describe()}"
-
-    def start(self, job: Job) -> _LocalHandle:
-        import subprocess
-
-        slot = self.pool.acquire()
-        if slot is None:
-            raise RuntimeError("start() called without a free slot")
-        env = {**self.base_env, **job.env, **slot.env()}
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(job.log_path, "a", buffering=1)
-        log.write(f"=== {job.key}: attempt {job.attempts} on {slot.label} at "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
-        log.flush()
-        try:
-            process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=env, cwd=job.cwd,
-                                       start_new_session=True)
-        except OSError:
-            log.close()
-            self.pool.release(slot)
-            raise
-        job.slot = slot
-        return _LocalHandle(process, slot, log)
-
-    def poll(self, handle: _LocalHandle) -> int | None:
-        rc = handle.process.poll()
-        if rc is not None and not handle.released:
-            handle.released = True
-            handle.log.close()
-            self.pool.release(handle.slot)
-        return rc
-
-    def _signal(self, handle: _LocalHandle, signum: int) -> None:
-        if handle.process.poll() is not None:
-            return
-        try:
-            os.killpg(handle.process.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            try:
-                handle.process.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-    def terminate(self, handle: _LocalHandle) -> None:
-        self._signal(handle, signal.SIGTERM)
-
-    def kill(self, handle: _LocalHandle) -> None:
-        self._signal(handle, signal.SIGKILL)
-
-
-EXECUTORS: dict[str, Callable[..., Executor]] = {}
-
-
-def _local_factory(*, gpus: list[str] | None = None, runs_per_gpu: int = 1, workers: int = 1,
-                   threads: int | None = None, drop_env: tuple[str, ...] = (), **_) -> Executor:
-    chosen = choose_gpus(gpus)
-    if chosen:
-        pool = SlotPool.for_gpus(chosen, runs_per_gpu, threads=threads)
-    else:
-        pool = SlotPool.for_cpu(workers, threads=threads)
-    return LocalExecutor(pool, drop_env=drop_env)
-
-
-EXECUTORS["local"] = _local_factory
-
-
-def _ray_factory(**options) -> Executor:
-    # Imported here: Ray is an optional extra (LcpError with the install command when missing).
-    from pipeline.ray_executor import make_ray_executor
-
-    return make_ray_executor(**options)
-
-
-EXECUTORS["ray"] = _ray_factory
-
-
-def make_executor(name: str, **options) -> Executor:
-    if name not in EXECUTORS:
-        raise LcpError(f"--executor {name!r} is not available; valid executors are: "
-                       + ", ".join(sorted(EXECUTORS)))
-    return EXECUTORS[name](**options)
+    lost: str = ""  # why the executor lost it (its node or Ray worker died): not the job's fault
 
 
 # ====================================================================== hooks and display
@@ -347,6 +63,9 @@ class Hooks:
     """What the scheduler tells the outside world (all optional)."""
 
     def before_start(self, job: Job) -> None: ...
+
+    def on_started(self, job: Job) -> None:
+        """The job's process was started (`job.slot` says where)."""
 
     def after_exit(self, job: Job, returncode: int) -> tuple[bool, str]:
         """(succeeded, reason) for an attempt that ended with `returncode`."""
@@ -360,18 +79,6 @@ class Hooks:
 
     def progress(self, job: Job) -> str:
         return ""
-
-
-def describe_returncode(rc: int) -> str:
-    if rc < 0 or rc > 128:
-        signum = -rc if rc < 0 else rc - 128
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        hint = " (out of memory, or killed from outside?)" if signum == signal.SIGKILL else ""
-        return f"worker killed by {name}{hint}"
-    return f"worker exited with code {rc}"
 
 
 class ProgressDisplay:
@@ -470,7 +177,7 @@ class SchedulerResult:
 class Scheduler:
     def __init__(self, executor: Executor, hooks: Hooks | None = None, *, retries: int = 0,
                  fail_fast: bool = False, display: ProgressDisplay | None = None,
-                 poll_interval: float = 0.2, grace_s: float = 20.0):
+                 poll_interval: float = 0.2, grace_s: float = STOP_GRACE_S):
         if retries < 0:
             raise LcpError(f"--retries must be ≥ 0 (got {retries})")
         self.executor = executor
@@ -493,25 +200,39 @@ class Scheduler:
             self.stop_reason = reason
 
     # ------------------------------------------------------------------ the loop
-    def run(self, jobs: list[Job]) -> SchedulerResult:
+    def run(self, jobs: list[Job] = (), source: Callable[[], Job | None] | None = None
+            ) -> SchedulerResult:
+        """Run `jobs`, then the jobs `source` gives: it is asked only when a slot is free, and
+        again after every job's end; None means "nothing now" (the run ends when it says None
+        and nothing runs). SIGINT/SIGTERM (see `stop_on_signals`) and an error stop cleanly."""
+        jobs = list(jobs)
         queue = [j for j in jobs if j.status == QUEUED]
         running: list[Job] = []
-        total = len(jobs)
-        while (queue or running) and self.stop_reason is None:
-            while queue and self.executor.free_slots() > 0 and self.stop_reason is None:
-                job = queue.pop(0)
-                if not self._start(job, total, jobs):
-                    continue
-                running.append(job)
-            time.sleep(self.poll_interval)
-            for job in list(running):
-                rc = self.executor.poll(self._handles[id(job)])
-                if rc is None:
-                    job.detail = self.hooks.progress(job)
-                    continue
-                running.remove(job)
-                self._ended(job, rc, queue, jobs)
-            self.display.status(jobs)
+        try:
+            while self.stop_reason is None:
+                while self.executor.free_slots() > 0 and self.stop_reason is None:
+                    job = queue.pop(0) if queue else source() if source is not None else None
+                    if job is None:
+                        break
+                    if job not in jobs:
+                        jobs.append(job)
+                    if self._start(job, len(jobs), jobs):
+                        running.append(job)
+                if not (queue or running):
+                    break
+                time.sleep(self.poll_interval)
+                for job in list(running):
+                    rc = self.executor.poll(self._handles[id(job)])
+                    if rc is None:
+                        job.detail = self.hooks.progress(job)
+                        continue
+                    running.remove(job)
+                    self._ended(job, rc, queue, jobs)
+                self.display.status(jobs)
+        except BaseException as exc:  # e.g. a job source's store went away: stop the others
+            self.request_stop(f"an error in the scheduler ({type(exc).__name__})")
+            self._stop(running, queue)
+            raise
         if self.stop_reason is not None:
             self._stop(running, queue)
         self.display.close()
@@ -539,6 +260,7 @@ class Scheduler:
         where = f" on {job.slot.label}" if job.slot is not None else ""
         done = sum(1 for j in jobs if j.status in (FINISHED, FAILED, KILLED))
         self.display.event(f"[started]  {job.key}{where}{attempt}  ({done}/{total} done)")
+        self.hooks.on_started(job)
         return True
 
     def _ended(self, job: Job, rc: int, queue: list[Job], jobs: list[Job]) -> None:

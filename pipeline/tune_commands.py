@@ -5,9 +5,13 @@ LcpError, printed by the group as one line with exit status 2.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
+
+from pipeline.commands import check_executor_options, executor_options, make_runner
+from pipeline.rundir import DEFAULT_RUNS_DIR
 
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 
@@ -29,20 +33,6 @@ CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
                    "database URL (postgresql://user:pw@host/db) for several machines.")
 @click.option("--study", "study_name", default=None, metavar="NAME",
               help="The study (default: ID). The same name resumes it.")
-@click.option("--workers", default=1, show_default=True, type=int, metavar="N",
-              help="Trials at a time on this machine, each in its own process (spread over the "
-                   "visible GPUs; on CPU the threads are split).")
-@click.option("--executor", default="local", show_default=True,
-              type=click.Choice(["local", "ray"]),
-              help="Where trials run: local (processes on this machine) or ray (one Ray task "
-                   "per trial on a Ray cluster, --workers at a time; pip install -e \".[ray]\"; "
-                   "see docs/beyond-one-machine.md).")
-@click.option("--address", default=None, metavar="ADDR",
-              help="--executor ray: the cluster, e.g. auto, HOST:6379 or ray://HOST:10001 "
-                   "(default: $RAY_ADDRESS, else a local Ray instance).")
-@click.option("--cpus-per-run", default=None, type=float, metavar="K",
-              help="--executor ray: CPUs each trial asks for (default 1). Trials ask for one "
-                   "GPU each when the cluster has GPUs.")
 @click.option("--timeout", default=None, type=float, metavar="S",
               help="Start no new trial after S seconds (running ones finish).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -57,7 +47,7 @@ CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
               help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
 @click.option("--data-dir", default=None, metavar="DIR",
               help="Where the datasets are (not part of the study's identity).")
-@click.option("--runs-dir", default="lcp-runs", show_default=True, metavar="DIR",
+@click.option("--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, metavar="DIR",
               help="Where each trial keeps its spec and log.")
 @click.option("--export", is_flag=True,
               help="Append the best parameters to the manifest as row ID-tuned (derived_from: "
@@ -66,9 +56,10 @@ CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
               help="The exported row's id suffix.")
 @click.option("--export-to", default=None, metavar="FILE",
               help="Also write the best parameters as `--set key=value` lines to FILE.")
-def tune_command(experiment_id, trials, params, spaces, storage, study_name, workers, executor,
-                 address, cpus_per_run, timeout, sets, pruner, manifest_path, tracking_uri,
-                 data_dir, runs_dir, export, export_suffix, export_to):
+@executor_options
+def tune_command(experiment_id, trials, params, spaces, storage, study_name, timeout, sets,
+                 pruner, manifest_path, tracking_uri, data_dir, runs_dir, export, export_suffix,
+                 export_to, **where):
     """Tune row ID's hyper-parameters (k_i, k_p, alpha, or its `search:` block) with Optuna.
 
     Each trial trains the row's config (first seed) in its own process and is scored by its
@@ -86,72 +77,77 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, wor
       lcp tune t1-ff-lcp-di --export                     # row t1-ff-lcp-di-tuned
       lcp run t1-ff-lcp-di-tuned && lcp report 1
     """
-    from pipeline import tune as T
+    from pipeline import study as S
     from pipeline.manifest import load_manifest, parse_overrides
     from pipeline.tracking import Tracker, resolve_tracking_uri
+    from pipeline.tune import Tuner
 
     if trials is None and not (export or export_to):
-        raise T.TuneError("give --trials N (the study's total number of trials) to tune, or "
+        raise S.TuneError("give --trials N (the study's total number of trials) to tune, or "
                           "--export to write the best parameters of an existing study")
     if trials is not None and trials < 1:
-        raise T.TuneError(f"--trials must be ≥ 1 (got {trials})")
-    if workers < 1:
-        raise T.TuneError(f"--workers must be ≥ 1 (got {workers})")
+        raise S.TuneError(f"--trials must be ≥ 1 (got {trials})")
     if timeout is not None and not timeout > 0:
-        raise T.TuneError(f"--timeout must be > 0 seconds (got {timeout})")
-    if executor != "ray":
-        for flag, value in (("--address", address), ("--cpus-per-run", cpus_per_run)):
-            if value is not None:
-                raise T.TuneError(f"{flag} is an option of --executor ray; add --executor ray "
-                                  f"or leave {flag} out")
+        raise S.TuneError(f"--timeout must be > 0 seconds (got {timeout})")
+    check_executor_options(**where)
     manifest = load_manifest(manifest_path)
     exp = manifest.get(experiment_id)
     overrides = dict(parse_overrides(sets))
     if data_dir is not None:
         if "data_dir" in overrides:
-            raise T.TuneError("both --data-dir and --set data_dir=... are given; keep one")
+            raise S.TuneError("both --data-dir and --set data_dir=... are given; keep one")
         overrides["data_dir"] = data_dir
     if "data_dir" in overrides:
-        import os
-
         overrides["data_dir"] = os.path.abspath(os.path.expanduser(str(overrides["data_dir"])))
-    param_list = params.split(",") if params is not None else None
     uri = resolve_tracking_uri(tracking_uri)
-    storage_spec = T.resolve_storage(storage, uri)
+    storage_spec = S.resolve_storage(storage, uri)
     name = study_name or exp.id
 
     if trials is None:  # export only: the study as it is
-        storage_obj = T.open_storage(storage_spec)
-        study = T.open_study(None, storage_obj, name, create=False, exp_id=exp.id)
-        _export(T, manifest_path, exp, study, storage_spec, overrides, export, export_suffix,
+        study = S.open_study(None, S.open_storage(storage_spec), name, create=False,
+                             exp_id=exp.id)
+        _export(S, manifest_path, exp, study, storage_spec, overrides, export, export_suffix,
                 export_to)
         return
 
-    plan = T.prepare(exp, overrides, param_list, spaces)
-    for warning in plan.warnings + T.storage_warnings(storage_spec, workers):
+    plan = S.prepare(exp, overrides, params.split(",") if params is not None else None, spaces)
+    for warning in plan.warnings + S.storage_warnings(storage_spec, where["workers"] or 1):
         click.echo(f"warning: {warning}", err=True)
-    storage_obj = T.open_storage(storage_spec)  # first: a wrong --storage creates nothing
+    storage_obj = S.open_storage(storage_spec)  # first: a wrong --storage creates nothing
     tracker = Tracker(uri)  # checks the MLflow store (clear error when unreachable)
-    runner = _ray_executor(address, cpus_per_run, storage_spec, uri) if executor == "ray" else None
+    runner = make_runner(**where)
     try:
-        _tune(T, exp, plan, storage_obj, storage_spec, tracker, name, pruner, uri, trials,
-              workers, timeout, runs_dir, runner, manifest_path, overrides, export,
-              export_suffix, export_to)
+        _check_cluster(runner, storage_spec, uri)
+        study = S.open_study(plan, storage_obj, name, pruner=pruner)
+        click.echo(f"study {name} — {storage_spec.display()}; tracking {uri}")
+        click.echo(f"tuning {exp.id} ({exp.label}): {S.describe_space(plan.space)}")
+        click.echo(f"objective: {S.OBJECTIVE} on {plan.base.validation_split:g} of the training "
+                   f"set (validation_seed {plan.base.validation_seed}), seed {plan.base.seed}, "
+                   f"{plan.base.num_epochs} epoch(s), pruner {pruner}")
+        summary = Tuner(plan, study, storage_obj, storage_spec, trials=trials, executor=runner,
+                        tracker=tracker, timeout=timeout, pruner=pruner, runs_dir=runs_dir,
+                        echo=click.echo).run()
     finally:
-        if runner is not None:
-            runner.close()  # a Ray instance started for this command
+        close = getattr(runner, "close", None)  # a Ray instance started for this command
+        if close is not None:
+            close()
+    _print_summary(S, exp, summary, trials)
+    if summary.stopped:
+        click.echo(f"stopped: {summary.stopped}. Run the same command again to resume.",
+                   err=True)
+        sys.exit(130 if summary.stopped == "SIGINT" else 143)
+    if export or export_to:
+        _export(S, manifest_path, exp, study, storage_spec, overrides, export, export_suffix,
+                export_to)
 
 
-def _ray_executor(address, cpus_per_run, storage_spec, uri):
-    from pipeline.ray_executor import RayExecutor
-    from pipeline.tracking import MLFLOW_RUN_ENV, is_server_uri
-    from pipeline.tune import TuneError
+def _check_cluster(runner, storage_spec, uri) -> None:
+    """Trials on several machines need a storage and a tracking store every node reaches."""
+    from pipeline.study import TuneError
+    from pipeline.tracking import is_server_uri
 
-    runner = RayExecutor(address=address, gpus=None, cpus_per_run=cpus_per_run, retries=0,
-                         drop_env=MLFLOW_RUN_ENV)
-    if runner.nodes() > 1:
+    if getattr(runner, "nodes", lambda: 1)() > 1:
         if storage_spec.kind == "journal":
-            runner.close()
             raise TuneError("the Ray cluster has several machines: a journal file is for one "
                             "machine's local disk; give --storage postgresql://USER:PW@HOST/DB "
                             "(or $LCP_OPTUNA_STORAGE), which every node reaches")
@@ -159,33 +155,9 @@ def _ray_executor(address, cpus_per_run, storage_spec, uri):
             click.echo(f"warning: the trials run on several machines but the tracking store "
                        f"{uri} is not a server: give --tracking-uri http://HOST:5000", err=True)
     click.echo(f"executor {runner.describe()}")
-    return runner
 
 
-def _tune(T, exp, plan, storage_obj, storage_spec, tracker, name, pruner, uri, trials, workers,
-          timeout, runs_dir, runner, manifest_path, overrides, export, export_suffix,
-          export_to) -> None:
-    study = T.open_study(plan, storage_obj, name, pruner=pruner)
-    click.echo(f"study {name} — {storage_spec.display()}; tracking {uri}")
-    click.echo(f"tuning {exp.id} ({exp.label}): {T.describe_space(plan.space)}")
-    click.echo(f"objective: {T.OBJECTIVE} on {plan.base.validation_split:g} of the training set "
-               f"(validation_seed {plan.base.validation_seed}), seed {plan.base.seed}, "
-               f"{plan.base.num_epochs} epoch(s), pruner {pruner}")
-    tuner = T.Tuner(plan, study, storage_obj, storage_spec, trials=trials, workers=workers,
-                    timeout=timeout, pruner=pruner, tracker=tracker, runs_dir=runs_dir,
-                    echo=click.echo, executor=runner)
-    summary = tuner.run()
-    _print_summary(T, exp, summary, trials, tracker)
-    if summary.stopped:
-        click.echo(f"stopped: {summary.stopped}. Run the same command again to resume.",
-                   err=True)
-        sys.exit(130 if summary.stopped == "SIGINT" else 143)
-    if export or export_to:
-        _export(T, manifest_path, exp, study, storage_spec, overrides, export, export_suffix,
-                export_to)
-
-
-def _print_summary(T, exp, summary, trials, tracker) -> None:
+def _print_summary(T, exp, summary, trials) -> None:
     c = summary.counts
     click.echo(f"\nstudy {summary.study}: {c['counted']} of --trials {trials} — {c['complete']} "
                f"complete, {c['pruned']} pruned ({c['diverged']} diverged), {c['failed']} failed"

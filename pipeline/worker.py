@@ -1,5 +1,5 @@
 """One training run in its own process: `python -m pipeline.worker --tracking-uri URI --run-id ID
---run-dir DIR`.
+--run-dir DIR [--trial SPEC]` — the child of every command (a table's run, a tuning trial).
 
 The scheduler creates the MLflow run (and writes `DIR/config.yaml`, the resolved config) before it
 starts this process; the worker only logs to the run it is given. It
@@ -16,20 +16,25 @@ starts this process; the worker only logs to the run it is given. It
 - on DivergenceError marks it FAILED with `failure_reason`; on SIGTERM/SIGINT marks it KILLED; on
   any other error prints the traceback (to its log file) and marks it FAILED with the reason.
 
+With `--trial SPEC` the run is a trial of `lcp tune` (`pipeline.tune.TrialSession`): the same
+run, plus a callback that reports each epoch's validation accuracy to Optuna (and prunes), only
+the validation split evaluated, no checkpoint and no artifact but its log; the trial's outcome is
+told to Optuna and sets the run's status (pruned → FINISHED, diverged → FAILED).
+
 Exit status: 0 finished, 3 diverged, 1 other failure, 75 the run is already being run by another
 process (its lock is held), 128+signal when stopped by a signal.
 
-Test hook: `LCP_PIPELINE_FAULT="[SCOPE:]KIND"` (SCOPE: a run-name prefix such as `t1-ff-bp` or
-`t1-ff-bp/seed=1`; KIND: `raise@N` raise at the end of epoch N, `raise-once@N` the same on the
-first attempt only, `exit@N` hard exit (like an OOM kill) at the end of epoch N, `sleep=S` sleep S
-seconds after every epoch).
+Extra callbacks: `LCP_WORKER_CALLBACKS="pkg.module:factory[,...]"` adds, to every run, the
+`lcp.callbacks.Callback` that `factory(run_name, run_dir)` returns (None adds nothing), e.g. a
+custom logger; the tests inject faults this way. The variable travels to Ray tasks with the
+other `LCP_*` settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
+import importlib
 import os
 import signal
 import sys
@@ -38,18 +43,15 @@ import traceback
 from pathlib import Path
 
 from lcp.callbacks import Callback
+from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, PROGRESS_NAME, RunLock,
+                             read_config, read_progress, write_json_atomic)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_DIVERGED = 3
 EXIT_BUSY = 75
 
-CHECKPOINT_NAME = "checkpoint.pt"
-CONFIG_NAME = "config.yaml"
-PROGRESS_NAME = "progress.json"
-LOCK_NAME = "lock"
-LOG_NAME = "worker.log"
-FAULT_ENV = "LCP_PIPELINE_FAULT"
+CALLBACKS_ENV = "LCP_WORKER_CALLBACKS"
 
 
 class WorkerInterrupted(KeyboardInterrupt):
@@ -58,63 +60,6 @@ class WorkerInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-# ====================================================================== files in the run folder
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
-def read_progress(run_dir: str | os.PathLike) -> dict:
-    try:
-        return json.loads((Path(run_dir) / PROGRESS_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-class RunLock:
-    """An exclusive `flock` on DIR/lock while a worker runs (released by the OS if it dies)."""
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / LOCK_NAME
-        self.fh = None
-
-    def acquire(self) -> bool:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.close()
-            self.fh = None
-            return False
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(str(os.getpid()))
-        self.fh.flush()
-        return True
-
-    def release(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
-
-
-def is_locked(run_dir: str | os.PathLike) -> bool:
-    """True while some live process holds the run's lock."""
-    if not (Path(run_dir) / LOCK_NAME).exists():
-        return False
-    lock = RunLock(run_dir)
-    if lock.acquire():
-        lock.release()
-        return False
-    return True
 
 
 # ====================================================================== callbacks
@@ -172,38 +117,15 @@ class MlflowLogger(Callback):
         write_json_atomic(self.run_dir / PROGRESS_NAME, payload)
 
 
-class FaultInjector(Callback):
-    """The LCP_PIPELINE_FAULT test hook (see the module docstring)."""
-
-    def __init__(self, spec: str, name: str, run_dir: Path):
-        self.kind, self.epoch, self.seconds = None, 1, 0.0
-        self.run_dir = run_dir
-        spec = spec.strip()
-        if not spec:
-            return
-        scope, _, kind = spec.rpartition(":") if ":" in spec else ("", "", spec)
-        if scope and not (name == scope or name.startswith(scope + "/")):
-            return
-        if kind.startswith("sleep="):
-            self.kind, self.seconds = "sleep", float(kind.split("=", 1)[1])
-            return
-        base, _, at = kind.partition("@")
-        if base not in ("raise", "raise-once", "exit"):
-            raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r}")
-        self.kind, self.epoch = base, int(at or 1)
-
-    def on_epoch_end(self, state, metrics):
-        if self.kind == "sleep":
-            time.sleep(self.seconds)
-        elif self.kind is not None and state.epoch == self.epoch:
-            if self.kind == "exit":
-                os._exit(137)
-            marker = self.run_dir / ".fault-fired"
-            if self.kind == "raise-once":
-                if marker.exists():
-                    return
-                marker.write_text("1")
-            raise RuntimeError(f"injected fault ({FAULT_ENV}) at the end of epoch {state.epoch}")
+def extra_callbacks(name: str, run_dir: Path) -> list[Callback]:
+    """The callbacks named by $LCP_WORKER_CALLBACKS (see the module docstring)."""
+    out = []
+    for spec in filter(None, (p.strip() for p in os.environ.get(CALLBACKS_ENV, "").split(","))):
+        module, _, attr = spec.partition(":")
+        callback = getattr(importlib.import_module(module), attr)(name, run_dir)
+        if callback is not None:
+            out.append(callback)
+    return out
 
 
 # ====================================================================== artifacts
@@ -271,6 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: leave torch's default)")
     parser.add_argument("--attempt", type=int, default=1)
+    parser.add_argument("--trial", default=None, metavar="SPEC",
+                        help="run an Optuna trial of `lcp tune` (its spec.json): report to it, "
+                             "evaluate the validation split only, no checkpoint")
     return parser.parse_args(argv)
 
 
@@ -297,12 +222,11 @@ def main(argv=None) -> int:
 
 
 def _run(args, run_dir: Path) -> int:
-    import yaml
-
     from pipeline.tracking import Tracker
 
     tracker = Tracker(args.tracking_uri, check=True, create=False)
     run_id = args.run_id
+    trial = None
     try:
         import torch
 
@@ -316,7 +240,11 @@ def _run(args, run_dir: Path) -> int:
         from pipeline.tracking import (SYSTEM_METRICS_ENV, start_system_metrics,
                                        stop_system_metrics)
 
-        cfg = RunConfig.from_dict(yaml.safe_load((run_dir / CONFIG_NAME).read_text()))
+        cfg = RunConfig.from_dict(read_config(run_dir))
+        if args.trial:
+            from pipeline.tune import TrialSession
+
+            trial = TrialSession(args.trial, cfg.num_epochs)
         checkpoint = run_dir / CHECKPOINT_NAME
         previous = read_progress(run_dir)
         resumed_from = int(previous.get("epoch", 0)) if checkpoint.exists() else 0
@@ -342,28 +270,31 @@ def _run(args, run_dir: Path) -> int:
         from lcp.progress import ProgressBar
 
         # its log is a file: one plain line per epoch and at least every 2 minutes inside one
-        callbacks = [logger, ProgressBar(sys.stderr, plain=True)]
-        fault = os.environ.get(FAULT_ENV, "")
-        if fault:
-            callbacks.append(FaultInjector(fault, name, run_dir))
-        loaders = build_loaders(cfg)
+        callbacks = [logger, ProgressBar(sys.stderr, plain=True), *extra_callbacks(name, run_dir)]
+        if trial is not None:
+            callbacks.append(trial.reporter)
+        loaders = build_loaders(cfg) if trial is None else trial.loaders(cfg)
         if not checkpoint.exists():
             tracker.log_datasets(run_id, dataset_inputs(cfg, loaders))
         monitor = start_system_metrics(tracker.uri, run_id, resume=checkpoint.exists())
         tracker.set_tags(run_id, {"system_metrics": "on" if monitor else
                                   f"off ({SYSTEM_METRICS_ENV}=0)"})
         try:
-            result = fit(cfg, callbacks, checkpoint_path=checkpoint, loaders=loaders)
+            result = fit(cfg, callbacks, loaders=loaders,
+                         checkpoint_path=checkpoint if trial is None else None)
         finally:
             if monitor is not None:
                 stop_system_metrics(monitor)
-        _finish(tracker, run_id, run_dir, cfg, result, logger)
+        _finish(tracker, run_id, run_dir, cfg, result, logger,
+                *(() if trial is None else trial.finish(result)))
         print(f"worker: run {run_id} finished: " + ", ".join(
             f"{k}={v:.4f}" for k, v in result.final.items()), flush=True)
         return EXIT_OK
     except WorkerInterrupted as exc:
         print(f"worker: stopped by {exc}; marking run {run_id} KILLED", file=sys.stderr,
               flush=True)
+        if trial is not None:
+            trial.close()  # left RUNNING: `lcp tune` marks it interrupted and enqueues it again
         _mark(tracker, run_id, "KILLED", {"killed_reason": f"worker received {exc}"})
         return 128 + exc.signum
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the exit code
@@ -372,6 +303,11 @@ def _run(args, run_dir: Path) -> int:
         traceback.print_exc()
         reason = failure_reason(exc)
         print(f"worker: run {run_id} failed: {reason}", file=sys.stderr, flush=True)
+        if trial is not None:
+            try:
+                trial.fail(exc, reason)
+            except Exception as error:  # noqa: BLE001 - the parent fails the trial then
+                print(f"worker: could not end trial {trial.number}: {error}", file=sys.stderr)
         _mark(tracker, run_id, "FAILED", {"failure_reason": reason})
         return EXIT_DIVERGED if isinstance(exc, DivergenceError) else EXIT_FAILED
 
@@ -384,9 +320,13 @@ def _mark(tracker, run_id: str, status: str, tags: dict) -> None:
         print(f"worker: could not mark run {run_id} {status}: {exc}", file=sys.stderr, flush=True)
 
 
-def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogger) -> None:
+def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogger,
+            status: str = "FINISHED", tags: dict | None = None,
+            metrics: dict | None = None) -> None:
+    """The final evaluation and, for a table run, the artifacts; then the run's end `status`
+    (a trial's: what its outcome means, with its `tags` and `metrics`)."""
     from lcp.training import save_model_file
-    from pipeline.report import plot_run_curves
+    from pipeline.plots import plot_run_curves
 
     last = result.history[-1] if result.history else {}
     final = {k: v for k, v in result.final.items() if not (k in last and last[k] == v)}
@@ -394,11 +334,20 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     # Once: an attempt stopped after logging them (before FINISHED) already has them.
     if not any(m.step == result.epochs_completed
                for m in tracker.metric_history(run_id, "wall_time_s")):
-        tracker.log_metrics(run_id, final, step=result.epochs_completed)
+        tracker.log_metrics(run_id, {**final, **(metrics or {})}, step=result.epochs_completed)
     write_json_atomic(run_dir / PROGRESS_NAME, {
         "epoch": result.epochs_completed, "num_epochs": cfg.num_epochs, "phase": "finished",
         "wall_time_s": final["wall_time_s"], "pid": os.getpid(), "time": time.time(),
         **{k: v for k, v in result.final.items()}})
+    if result.stopped_reason:
+        tags = {"stopped_reason": result.stopped_reason, **(tags or {})}
+    if tags:
+        tracker.set_tags(run_id, tags)
+    if status == "FINISHED":
+        tracker.delete_tags(run_id, ("failure_reason", "killed_reason"))  # of earlier attempts
+    if metrics is not None:  # a trial: its log is its artifact
+        tracker.terminate(run_id, status)
+        return
     artifacts = run_dir / "artifacts"
     artifacts.mkdir(exist_ok=True)
     save_model_file(artifacts / "model.pth", logger.state)
@@ -408,10 +357,7 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     tracker.log_artifact(run_id, run_dir / CONFIG_NAME)
     for name in ("model.pth", "metrics.csv", "learning_curve.png"):
         tracker.log_artifact(run_id, artifacts / name)
-    if result.stopped_reason:
-        tracker.set_tags(run_id, {"stopped_reason": result.stopped_reason})
-    tracker.delete_tags(run_id, ("failure_reason", "killed_reason"))  # of earlier attempts
-    tracker.terminate(run_id, "FINISHED")
+    tracker.terminate(run_id, status)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import lcp
-from lcp.flags import parse_command_line
+from paper_flags import parse_command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--num_epochs=1", "--limit_train_batches=5", "--limit_eval_batches=2"]

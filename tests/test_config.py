@@ -3,7 +3,7 @@
 import pytest
 
 from lcp.config import ConfigError, RunConfig, parse_bool
-from lcp.flags import parse_command_line, parse_flags
+from paper_flags import parse_command_line, parse_flags
 
 PAPER_DEFAULTS = dict(
     seed=-1, data="mnist", num_epochs=30, eval_epochs=5, batch_size=64, out_dir="./out",

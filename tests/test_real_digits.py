@@ -13,7 +13,7 @@ fail them.
 import pytest
 
 from lcp.config import RunConfig
-from lcp.flags import parse_command_line
+from paper_flags import parse_command_line
 from lcp.training import fit
 
 pytestmark = pytest.mark.realdata

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
+from faults import fault_env
 
 LCP_BIN = str(Path(sys.executable).parent / "lcp")
 
@@ -81,7 +82,7 @@ def signal_after_first_epoch(ws: Workspace, args: list[str], signum: int,
                              timeout: float = 90) -> tuple[int, str]:
     """Start `lcp ARGS` (its workers sleep 0.5 s per epoch), send `signum` once a worker has
     finished its first epoch; (exit status, output)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "LCP_PIPELINE_FAULT": "sleep=0.5"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **fault_env("sleep=0.5")}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([LCP_BIN, *args], cwd=ws.root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -11,7 +11,7 @@ import yaml
 
 from lcp.config import RunConfig
 from lcp.errors import LcpError
-from lcp.flags import parse_command_line
+from paper_flags import parse_command_line
 from pipeline.manifest import (
     Experiment,
     ManifestError,
@@ -549,15 +549,17 @@ def test_append_rejects_bad_rows_and_leaves_the_file_as_it_was(tmp_path, manifes
     assert path.read_bytes() == before
 
 
-def test_append_needs_experiments_last(tmp_path):
+def test_append_keeps_the_blocks_after_experiments(tmp_path):
     data = minimal()
     text = yaml.safe_dump({"experiments": data["experiments"], "sections": data["sections"]},
-                          sort_keys=False)
+                          sort_keys=False).replace("sections:", "# the shared flags\nsections:")
     path = write_yaml(tmp_path, text, "ok.yaml")
     base = load_manifest(path).get("t1-ff-lcp-di")
-    with pytest.raises(ManifestError, match="last block"):
-        write_row(path, base.derived_row("tuned"))
-    assert path.read_text() == text
+    write_row(path, base.derived_row("tuned"), comment="a tuned row")
+    after = path.read_text()
+    assert after.endswith(text[text.index("# the shared flags"):])  # comment and block kept
+    assert "# a tuned row\n- id: t1-ff-lcp-di-tuned" in after
+    assert load_manifest(path).ids()[-1] == "t1-ff-lcp-di-tuned"
 
 
 def test_append_matches_indentless_rows(tmp_path):

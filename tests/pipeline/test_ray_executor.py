@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from faults import set_fault  # noqa: E402
 from pipeline_testing import Workspace, invoke  # noqa: E402
 
 from extras import require  # noqa: E402
@@ -84,7 +85,7 @@ def _wait_for(predicate, timeout: float, what: str):
 
 def test_missing_ray_is_one_clear_error(monkeypatch):
     from lcp.errors import LcpError
-    from pipeline.scheduler import make_executor
+    from pipeline.executors import make_executor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(LcpError, match=r'pip install -e "\.\[ray\]"'):
@@ -97,7 +98,7 @@ def test_options_of_the_other_executor_are_refused(tmp_path, monkeypatch):
     for extra, message in (
             (["--address", "auto"], "--address is an option of --executor ray"),
             (["--cpus-per-run", "2"], "--cpus-per-run is an option of --executor ray"),
-            (["--executor", "ray", "--workers", "2"], "--workers is an option of the local"),
+            (["--executor", "ray", "--workers", "0"], "--workers must be ≥ 1"),
             (["--executor", "ray", "--gpus", "0"], "Ray assigns the devices"),
             (["--executor", "slurm"], "valid executors are: local, ray")):
         result = invoke(["run-table", "1", *ws.run_args(), *extra])
@@ -114,7 +115,7 @@ def test_options_of_the_other_executor_are_refused(tmp_path, monkeypatch):
 
 def test_capacity_and_infeasible_runs(ray_instance):
     from lcp.errors import LcpError
-    from pipeline.ray_executor import RayExecutor
+    from pipeline.executors import RayExecutor
 
     executor = RayExecutor(gpus=None, cpus_per_run=1)
     assert executor.gpus_per_run == 0  # no GPU in the cluster: CPU runs
@@ -132,7 +133,7 @@ import json, sys, time
 from pathlib import Path
 import ray
 ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)  # declared GPUs
-from pipeline.ray_executor import RayExecutor
+from pipeline.executors import RayExecutor
 from pipeline.scheduler import Job
 out = Path(sys.argv[1])
 executor = RayExecutor(gpus=None, runs_per_gpu=2, cpus_per_run=1)
@@ -181,7 +182,7 @@ def test_runs_ask_for_a_gpu_share_when_the_cluster_has_gpus(ray_instance, tmp_pa
 
 
 def test_task_runs_the_command_with_its_environment(ray_instance, tmp_path, monkeypatch):
-    from pipeline.ray_executor import RayExecutor
+    from pipeline.executors import RayExecutor
 
     monkeypatch.setenv("LCP_SOMETHING", "forwarded")
     monkeypatch.setenv("MLFLOW_RUN_ID", "must-not-reach-the-worker")
@@ -203,7 +204,7 @@ def test_task_runs_the_command_with_its_environment(ray_instance, tmp_path, monk
 
 
 def test_terminate_sends_sigterm_and_kill_stops_it_now(ray_instance, tmp_path):
-    from pipeline.ray_executor import RayExecutor
+    from pipeline.executors import RayExecutor
 
     executor = RayExecutor(gpus=None, cpus_per_run=1, grace_s=30)
     polite = _job(tmp_path, "polite", (
@@ -254,7 +255,7 @@ def test_table_as_ray_tasks_with_a_retry(ray_instance, tmp_path, monkeypatch):
     artifacts."""
     ws = Workspace(tmp_path, seeds=(0,), num_epochs=2)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LCP_PIPELINE_FAULT", "t1-ff-bp:raise-once@1")  # forwarded to the tasks
+    set_fault(monkeypatch, "t1-ff-bp:raise-once@1")  # forwarded to the tasks
     result = invoke(["run-table", "1", *ws.run_args(), "--executor", "ray", "--cpus-per-run",
                      "1", "--retries", "1"])
     assert result.exit_code == 0, result.output
@@ -289,7 +290,7 @@ def test_ray_retries_a_task_whose_worker_died(ray_instance, tmp_path, monkeypatc
 
     ws = Workspace(tmp_path, seeds=(0,), num_epochs=2)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LCP_PIPELINE_FAULT", "sleep=3")  # slow epochs: time to kill it mid-way
+    set_fault(monkeypatch, "sleep=3")  # slow epochs: time to kill it mid-way
     killed: dict[str, int] = {}
 
     def kill_the_ray_worker():
@@ -297,7 +298,7 @@ def test_ray_retries_a_task_whose_worker_died(ray_instance, tmp_path, monkeypatc
 
         def sleeping_after_epoch_1():
             nonlocal lock
-            from pipeline.worker import read_progress
+            from pipeline.rundir import read_progress
 
             found = list(ws.runs_dir.glob("lcp-table-1/*/seed=0/*/checkpoint.pt"))
             if found:
@@ -353,7 +354,7 @@ def _tune_args(tmp_path: Path, ws: Workspace, *extra: str) -> list[str]:
 def _study(tmp_path: Path):
     import optuna
 
-    from pipeline import tune as T
+    from pipeline import study as T
 
     storage = T.open_storage(T.StorageSpec("journal", str(tmp_path / "journal.log")))
     return optuna.load_study(study_name="t1-ff-lcp-di", storage=storage)
@@ -396,7 +397,7 @@ def test_tune_trial_whose_ray_task_is_lost_is_enqueued_again(ray_instance, tmp_p
                         cmd = (proc / "cmdline").read_bytes().split(b"\0")
                     except OSError:
                         continue
-                    if b"run-trial" in cmd and any(a.endswith(spec.encode()) for a in cmd):
+                    if b"--trial" in cmd and any(a.endswith(spec.encode()) for a in cmd):
                         return int(proc.name)
             return None
 

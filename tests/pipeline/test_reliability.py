@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from faults import SPEC_ENV, fault_env, set_fault  # noqa: E402
 from pipeline_testing import LCP_BIN, Workspace, invoke, signal_after_first_epoch  # noqa: E402
 
 
@@ -339,13 +340,13 @@ def test_attempts_count_across_calls_and_a_finished_run_keeps_no_failure_reason(
         tmp_path, monkeypatch):
     ws = Workspace(tmp_path, num_epochs=2, seeds=(0,))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LCP_PIPELINE_FAULT", "t1-ff-bp/seed=0:raise@1")
+    set_fault(monkeypatch, "t1-ff-bp/seed=0:raise@1")
     result = invoke(["run", "t1-ff-bp", *ws.run_args()])
     assert result.exit_code == 1, result.output
     run, = ws.runs()
     assert run.info.status == "FAILED" and "injected fault" in run.data.tags["failure_reason"]
     assert run.data.tags["attempts"] == "1"
-    monkeypatch.delenv("LCP_PIPELINE_FAULT")
+    monkeypatch.delenv(SPEC_ENV)
     result = invoke(["run", "t1-ff-bp", *ws.run_args()])
     assert result.exit_code == 0, result.output
     run, = ws.runs()

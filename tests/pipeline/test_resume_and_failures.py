@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from faults import fault_env, set_fault  # noqa: E402
 from pipeline_testing import Workspace, invoke, signal_after_first_epoch  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def test_killed_worker_resumes_under_the_same_run_id(tmp_path, monkeypatch):
     plan = plans[0]
     checkpoint = plan.run_dir / "checkpoint.pt"
     # The first worker sleeps after every epoch so that it is surely mid-way when killed.
-    env = {**os.environ, "LCP_PIPELINE_FAULT": "sleep=2", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **fault_env("sleep=2"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(R.worker_command(plan, ws.uri), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -134,7 +135,7 @@ def test_diverging_run_fails_with_reason_is_retried_and_others_finish(tmp_path, 
 def test_transient_failure_is_retried_and_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     ws = Workspace(tmp_path, num_epochs=2, seeds=(0,))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LCP_PIPELINE_FAULT", "t1-ff-bp/seed=0:raise-once@1")
+    set_fault(monkeypatch, "t1-ff-bp/seed=0:raise-once@1")
     result = invoke(["run", "t1-ff-bp", *ws.run_args(), "--retries", "1"])
     assert result.exit_code == 0, result.output
     assert "injected fault" in result.output
@@ -147,7 +148,7 @@ def test_transient_failure_is_retried_and_resumes_from_its_checkpoint(tmp_path, 
 def test_hard_crash_without_retries_is_failed_by_the_parent(tmp_path, monkeypatch):
     ws = Workspace(tmp_path, num_epochs=2, seeds=(0,))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LCP_PIPELINE_FAULT", "exit@1")  # like an OOM kill: no handler runs
+    set_fault(monkeypatch, "exit@1")  # like an OOM kill: no handler runs
     result = invoke(["run", "t1-ff-bp", *ws.run_args(), "--fail-fast"])
     assert result.exit_code == 1, result.output
     run = ws.runs()[0]

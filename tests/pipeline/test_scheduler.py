@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from lcp.errors import LcpError
-from pipeline.scheduler import (FAILED, FINISHED, KILLED, Hooks, Job, LocalExecutor, Scheduler,
-                                SlotPool, choose_gpus, make_executor, parse_gpus,
-                                stop_on_signals)
+from pipeline.executors import (LocalExecutor, SlotPool, choose_gpus, make_executor,
+                                parse_gpus)
+from pipeline.scheduler import FAILED, FINISHED, KILLED, Hooks, Job, Scheduler, stop_on_signals
 
 # A job that records where it ran and when: slot env, start and end times.
 RECORDER = (

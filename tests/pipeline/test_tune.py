@@ -22,7 +22,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline import tune as T
+from pipeline import study as T
+from pipeline.tune import TrialReporter
 
 REPO = Path(__file__).resolve().parents[2]
 LCP_BIN = str(Path(sys.executable).parent / "lcp")
@@ -450,7 +451,7 @@ def test_reporter_never_reports_nan_and_prunes_on_request():
         return FitState(cfg=None, model=None, trainer=None, optimizer=None, scheduler=None)
 
     trial = FakeTrial(prune=False)
-    reporter = T.TrialReporter(trial)
+    reporter = TrialReporter(trial)
     s = state()
     reporter.on_epoch_end(s, {"epoch": 1, "eval_val/accuracy": 0.5, "eval_val/loss": 1.0})
     reporter.on_epoch_end(s, {"epoch": 2, "eval_val/accuracy": 0.1,
@@ -458,7 +459,7 @@ def test_reporter_never_reports_nan_and_prunes_on_request():
     assert trial.reports == [(1, 0.5)]
     assert s.stop_reason and "not finite" in reporter.diverged
     trial = FakeTrial(prune=True)
-    reporter = T.TrialReporter(trial)
+    reporter = TrialReporter(trial)
     s = state()
     reporter.on_epoch_end(s, {"epoch": 1, "eval_val/accuracy": 0.2, "eval_val/loss": 2.0})
     assert reporter.pruned_at == 1 and "pruned" in s.stop_reason

@@ -1,13 +1,10 @@
-"""The paper's command-line form (`--name=value`) to and from settings dictionaries.
-
-Used by the manifest (its rows are written as the paper's flags) and by tests that compare
-resolved configs with the paper's command lines.
-"""
+"""The paper's command-line form (`--name=value`) read into settings dictionaries, for the tests
+that compare resolved configs with the paper's command lines."""
 
 from __future__ import annotations
 
 import shlex
-from typing import Any, Iterable
+from typing import Iterable
 
 from lcp.config import ConfigError, RunConfig
 
@@ -44,7 +41,3 @@ def parse_command_line(text: str) -> dict[str, str]:
         tokens.pop(0)  # the interpreter and script name (or `lcp train`)
     return parse_flags(tokens)
 
-
-def to_flags(values: dict[str, Any]) -> list[str]:
-    """{'a': 1} -> ['--a=1'] (the form `lcp train` and the paper's script accept)."""
-    return [f"--{k}={v}" for k, v in values.items()]

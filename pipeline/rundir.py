@@ -1,0 +1,93 @@
+"""A run's folder: its resolved config, end-of-epoch checkpoint, progress file, lock and log.
+
+    <runs_dir>/lcp-table-N/<id>/seed=<S>/<run_id>/   (a table run)
+    <runs_dir>/lcp-tune-<id>/<study>/trial-NNNN/       (a tuning trial)
+
+`config.yaml` (what the worker trains), `checkpoint.pt` (`lcp.fit` resumes from it),
+`progress.json` (epoch, wall time, last metrics; rewritten atomically after every epoch),
+`lock` (an exclusive `flock` while a worker runs: a second worker on the same folder exits
+with EXIT_BUSY), `worker.log` (the process's output, every attempt appended) and `run.json`
+(the run id and store, beside the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULT_RUNS_DIR = "lcp-runs"  # --runs-dir of every command
+CHECKPOINT_NAME = "checkpoint.pt"
+CONFIG_NAME = "config.yaml"
+PROGRESS_NAME = "progress.json"
+LOCK_NAME = "lock"
+LOG_NAME = "worker.log"
+INFO_NAME = "run.json"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def read_progress(run_dir: str | os.PathLike) -> dict:
+    try:
+        return json.loads((Path(run_dir) / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class RunLock:
+    """An exclusive `flock` on DIR/lock while a worker runs (released by the OS if it dies)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fh = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            self.fh = None
+            return False
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(str(os.getpid()))
+        self.fh.flush()
+        return True
+
+    def release(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+def is_locked(run_dir: str | os.PathLike) -> bool:
+    """True while some live process holds the run's lock."""
+    if not (Path(run_dir) / LOCK_NAME).exists():
+        return False
+    lock = RunLock(run_dir)
+    if lock.acquire():
+        lock.release()
+        return False
+    return True
+
+
+def write_config(run_dir: Path, config: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+    """The folder's config.yaml (what the worker trains) and run.json (`info`: run id, store)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    write_json_atomic(run_dir / INFO_NAME, dict(info))
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    return yaml.safe_load((run_dir / CONFIG_NAME).read_text())
