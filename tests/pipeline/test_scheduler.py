@@ -203,3 +203,20 @@ def test_progress_display_lines(tmp_path):
     display.status(jobs)
     display.status(jobs)  # within the interval: not printed again
     assert stream.getvalue().splitlines() == ["[started]  job0", status_line(jobs)]
+
+
+def test_a_job_source_is_asked_only_when_a_slot_is_free(tmp_path):
+    """`lcp tune`'s way: the next job (an Optuna trial) is made only when it can start now."""
+    executor = make_executor("local", gpus=[], workers=2, threads=1)
+    waiting = _jobs(tmp_path, 5, seconds=0.3)
+    free_when_asked = []
+
+    def source():
+        free_when_asked.append(executor.free_slots())
+        return waiting.pop(0) if waiting else None
+
+    result = Scheduler(executor, poll_interval=0.05).run(source=source)
+    assert [j.status for j in result.jobs] == [FINISHED] * 5 and result.ok
+    assert free_when_asked and min(free_when_asked) >= 1
+    spans = [json.loads(j.payload.read_text()) for j in result.jobs]
+    assert all(sum(b["t0"] <= a["t0"] < b["t1"] for b in spans) <= 2 for a in spans)  # 2 at once
