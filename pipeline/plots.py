@@ -44,13 +44,20 @@ def plot_run_curves(history: list[Mapping[str, float]], path: str | Path, title:
             xs, ys = zip(*points)
             ax.plot(xs, ys, style, marker="o", markersize=3, label=key)
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        _integer_ticks(ax)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _epoch_axis(ax, name)
     _save_figure(fig, path, title)
+
+
+def _epoch_axis(ax, ylabel: str) -> bool:
+    """Integer epochs on x, `ylabel`, a grid and the legend; False when nothing was plotted."""
+    _integer_ticks(ax)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if not ax.get_legend_handles_labels()[0]:
+        return False
+    ax.legend(fontsize=8)
+    return True
 
 
 def _save_figure(fig, path, title) -> None:
@@ -128,13 +135,7 @@ def _section_panels(collected, path, title: str, ylabel: str, curves) -> None:
                     ax.plot(*curve, style, color=f"C{n % 10}", marker="o", markersize=3,
                             label=label)
         ax.set_title(section)
-        _integer_ticks(ax)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:
+        if not _epoch_axis(ax, ylabel):
             ax.text(0.5, 0.5, "no finished runs", ha="center", transform=ax.transAxes)
     _save_figure(fig, path, title)
 
