@@ -16,7 +16,7 @@ into `file:line: experiment row 4 (id ...), field 'search.alpha.low': reason`.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator,
                       model_validator)
@@ -29,7 +29,6 @@ FIELD_KINDS: dict[str, str] = RunConfig.field_kinds()
 SEARCH_TYPES = ("float", "int", "categorical")
 SEARCH_KEYS = ("type", "low", "high", "log", "choices")
 TABLES: tuple[int, ...] = (1, 2)
-Scalar = Union[bool, int, float, str]
 
 
 class SchemaError(LcpError):
@@ -85,7 +84,7 @@ def schema_error(exc: ValidationError, loc: tuple = ()) -> SchemaError:
 class Strict(BaseModel):
     """A mapping with known keys: unknown keys and missing required keys are named."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
     REQUIRED: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
