@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from faults import SPEC_ENV, fault_env, set_fault  # noqa: E402
+from faults import SPEC_ENV, set_fault  # noqa: E402
 from pipeline_testing import LCP_BIN, Workspace, invoke, signal_after_first_epoch  # noqa: E402
 
 
