@@ -95,16 +95,12 @@ def _claim(uri: str, key: str, start, queue) -> None:
     except BaseException as exc:  # noqa: BLE001
         queue.put(f"{type(exc).__name__}: {exc}")
 
-
-def test_a_lease_has_one_owner_when_claimed_at_once(tmp_path):
-    from pipeline.tracking import Tracker
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    Tracker(uri).client  # noqa: B018
+def _claim_at_once(uri: str, key: str, processes: int = 6) -> list[str]:
+    """Each of `processes` forked processes claims `key` at the same moment; their outcomes."""
     context = multiprocessing.get_context("fork")
-    start, queue = context.Barrier(7), context.Queue()
-    procs = [context.Process(target=_claim, args=(uri, "lcp-table-1/r/seed=0/h", start, queue))
-             for _ in range(6)]
+    start, queue = context.Barrier(processes + 1), context.Queue()
+    procs = [context.Process(target=_claim, args=(uri, key, start, queue))
+             for _ in range(processes)]
     for proc in procs:
         proc.start()
     start.wait()
@@ -112,6 +108,16 @@ def test_a_lease_has_one_owner_when_claimed_at_once(tmp_path):
     start.wait()
     for proc in procs:
         proc.join(timeout=60)
+    return outcomes
+
+
+
+def test_a_lease_has_one_owner_when_claimed_at_once(tmp_path):
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri).client  # noqa: B018
+    outcomes = _claim_at_once(uri, "lcp-table-1/r/seed=0/h")
     assert outcomes.count("claimed") == 1, outcomes
     assert all(o.startswith("held by ") and "pid" in o for o in outcomes if o != "claimed")
 
@@ -407,18 +413,7 @@ def test_leases_through_an_mlflow_server_have_one_owner(tmp_path):
     from tests.servers.conftest import start_mlflow_server
 
     with start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server") as url:
-        context = multiprocessing.get_context("fork")
-        start, queue = context.Barrier(7), context.Queue()
-        key = "lcp-table-1/t1-ff-bp/seed=0/abc"
-        procs = [context.Process(target=_claim, args=(url, key, start, queue))
-                 for _ in range(6)]
-        for proc in procs:
-            proc.start()
-        start.wait()
-        outcomes = sorted(queue.get(timeout=300) for _ in procs)
-        start.wait()
-        for proc in procs:
-            proc.join(timeout=60)
+        outcomes = _claim_at_once(url, "lcp-table-1/t1-ff-bp/seed=0/abc")
         assert outcomes.count("claimed") == 1, outcomes
         tracker = Tracker(url)
         first, second = Ownership(tracker), Ownership(tracker)
