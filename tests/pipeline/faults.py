@@ -19,8 +19,14 @@ from lcp.callbacks import Callback
 SPEC_ENV = "LCP_TEST_FAULT"
 
 
+# The repository root, so that a worker started from any folder can import this module.
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
 def fault_env(spec: str) -> dict[str, str]:
-    return {"LCP_WORKER_CALLBACKS": "tests.pipeline.faults:from_env", SPEC_ENV: spec}
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    return {"LCP_WORKER_CALLBACKS": "tests.pipeline.faults:from_env", SPEC_ENV: spec,
+            "PYTHONPATH": path}
 
 
 def set_fault(monkeypatch, spec: str) -> None:
