@@ -389,8 +389,7 @@ class Solver:
     @classmethod
     def from_config(cls, cfg) -> "Solver":
         return cls(cfg.solver, cfg.solver_max_iter, cfg.solver_error_threshold,
-                   cfg.solver_threshold_metric, cfg.dt,
-                   check_every=int(getattr(cfg, "solver_check_every", 0) or 0))
+                   cfg.solver_threshold_metric, cfg.dt)
 
     def _check_every(self, state: State, pure: bool) -> int:
         if not pure:
