@@ -416,10 +416,13 @@ def open_study(plan: TunePlan | None, storage, name: str, *, pruner: str = "medi
         if study.trials and S_ID not in attrs:
             raise TuneError(f"study {name!r} exists with trials but was not made by `lcp tune`; "
                             "give another --study NAME")
+        # Two tuners may start one study at once, and Optuna writes one attribute at a time: the
+        # settings go last, as the mark that the study is complete, and both then check what the
+        # storage holds, so a tuner with other settings is refused instead of mixing two studies.
         study.set_user_attr(S_ID, plan.exp.id)
-        study.set_user_attr(S_CONFIG, identity)
         study.set_user_attr(S_SPACE, space)
-        return study
+        study.set_user_attr(S_CONFIG, identity)
+        attrs = study.user_attrs  # read from the storage again
     old = attrs.get(S_CONFIG) or {}
     defaults = json.loads(json.dumps(RunConfig.from_dict({"model": "ff"}).to_dict(), default=str))
     missing = object()
@@ -436,7 +439,8 @@ def open_study(plan: TunePlan | None, storage, name: str, *, pruner: str = "medi
                         "give the same --set/--params as before, or start a new study with "
                         "--study NAME")
     if attrs.get(S_SPACE) != space:
-        raise TuneError(f"study {name!r} searches another space ({describe_space(attrs[S_SPACE])})"
+        raise TuneError(f"study {name!r} searches another space "
+                        f"({describe_space(attrs.get(S_SPACE) or {})})"
                         f", not {describe_space(plan.space)}; give the same --params/--space as "
                         "before, or start a new study with --study NAME")
     return study

@@ -364,6 +364,30 @@ def test_a_study_resumes_only_with_the_same_settings(tmp_path):
         T.open_study(T.prepare(exp, {"num_epochs": "2"}, ["alpha"]), storage, "s")
 
 
+def test_a_study_another_tuner_is_still_starting_opens_or_fails_in_one_line(tmp_path):
+    # Optuna writes a study's attributes one at a time: a second tuner can see the first one's
+    # half-written study (two tuners on one PostgreSQL study hit this with a KeyError).
+    space = Space(tmp_path)
+    from pipeline.manifest import load_manifest
+
+    exp = load_manifest(space.manifest).get(ID)
+    storage = T.open_storage(T.StorageSpec("journal", str(space.journal)))
+    plan = T.prepare(exp, {"num_epochs": "2"})
+    import optuna
+
+    starting = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    starting.set_user_attr(T.S_ID, exp.id)  # the other tuner has written the id and nothing else
+    study = T.open_study(plan, storage, "s")
+    assert set(study.user_attrs) == {T.S_ID, T.S_SPACE, T.S_CONFIG}
+    T.open_study(plan, storage, "s")  # and opens again with the same settings
+
+    odd = optuna.create_study(storage=storage, study_name="odd", direction="maximize")
+    odd.set_user_attr(T.S_ID, exp.id)
+    odd.set_user_attr(T.S_CONFIG, study.user_attrs[T.S_CONFIG])  # settings but no space
+    with pytest.raises(T.TuneError, match="searches another space"):
+        T.open_study(plan, storage, "odd")
+
+
 # ====================================================================== pieces
 
 
