@@ -99,6 +99,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accel", default="",
                    help="comma-separated accelerated controller solvers (e.g. anderson): adds a "
                         "row per LCP dynamics row (lcp-di, lcp-kp, lcp-lf) that uses it")
+    p.add_argument("--backends", default="",
+                   help="comma-separated other ways to run the same step, timed in turns with "
+                        "the default one on each non-baseline row: 'compiled' (LCP_NATIVE=0 "
+                        "LCP_COMPILE=1: torch.compile of the PyTorch definition), 'eager' "
+                        "(LCP_NATIVE=0 LCP_COMPILE=0); each is called once untimed first, so "
+                        "compiling is not timed")
     p.add_argument("--compare-to", metavar="DIR", default=None,
                    help="folder with the paper's code (fixpoint_solver.py, fixpoint_trainer.py, "
                         "implicit_model.py): time it on the same weights and batch")
@@ -294,6 +300,29 @@ class Ours:
                 if p.grad is not None}
 
 
+# the environment of each way to run a step (`--backends`); the default is the package's own
+BACKEND_ENV = {
+    "compiled": {"LCP_NATIVE": "0", "LCP_COMPILE": "1"},
+    "eager": {"LCP_NATIVE": "0", "LCP_COMPILE": "0"},
+}
+
+
+def under_env(env: dict[str, str], fn):
+    """fn, run with `env` set in os.environ (the settings are read at each call)."""
+    def call():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return call
+
+
 def main_iterations(trainer: str, stats: dict) -> tuple[str, float]:
     """The phase whose iterations say what the step costs, and their number."""
     for phase in ("controlled", "energy", "adjoint"):
@@ -474,6 +503,9 @@ def main(argv=None) -> int:
                          f"{fmt(rec.get('speedup'), '.1f'):>6}x "
                          f"{fmt(rec.get('cosine'), '.5f'):>8}")
             print(line, flush=True)
+            for name, b in rec["backends"].items():
+                print(f"{'  ' + name:<24}      {fmt_ms(b['ms'] / 1e3):>8}"
+                      f"  {b['over_default']:.2f}x the default step above", flush=True)
 
     print("\nbg: share of the machine's CPUs used by other processes while the row was timed "
           "(above ~10% the times are inflated, and the ratios less reliable).")
@@ -512,6 +544,17 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
         cases.append(("base", lambda: b_ours.step(bx, by), b_ours.restore))
         if theirs is not None and b_theirs is not None:
             cases.append(("paper_base", lambda: b_theirs.step(bx, by), b_theirs.restore))
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if not is_base else []
+    for name in backends:
+        if name not in BACKEND_ENV:
+            raise SystemExit(f"--backends: unknown {name!r}; valid: {', '.join(BACKEND_ENV)}")
+        step = under_env(BACKEND_ENV[name], lambda: ours.step(x, y))
+        t0 = time.perf_counter()
+        step()  # untimed: compiles on the first call
+        print(f"# {exp.id}{suffix}: first {name} step {time.perf_counter() - t0:.1f} s",
+              flush=True)
+        ours.restore()
+        cases.append((f"backend:{name}", step, ours.restore))
     times, outs, load = time_interleaved(cases, device, args.repeats, args.warmup,
                                          args.max_seconds, args.seed, quiet=args.wait_quiet)
     med = statistics.median(times["ours"])
@@ -530,6 +573,10 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
         "phase": phase, "base_ms": base_med * 1e3,
         "stats": {k: v for k, v in outs["ours"][-1].items() if isinstance(v, (int, float))},
         "x_base": med / base_med, "background_load": load,
+        "backends": {name: {"ms": statistics.median(times[f"backend:{name}"]) * 1e3,
+                            "ms_all": [t * 1e3 for t in times[f"backend:{name}"]],
+                            "over_default": statistics.median(times[f"backend:{name}"]) / med}
+                     for name in backends},
     }
     if theirs is not None:
         our_update = ours.named_update()

@@ -262,6 +262,10 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
 
     Each evaluation's output is copied at once, so `fn` may reuse its output buffers.
     """
+    # a step that measures its own l2 error as it writes the state (`MeasuredStep`): the error
+    # is read from that pass instead of being computed again over both states
+    measure = (fn.measure if isinstance(fn, MeasuredStep) and len(state) == 1 and metric == "l2"
+               else None)
     flat = _Flat(state)
     x0 = flat.pack(state)
     length = x0.numel()
@@ -276,15 +280,19 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
     filled, slot = 0, 0
     for it in range(1, max_iter + 1):
         x_state = flat.unpack(X[slot])
-        fx_state = tuple(fn(*x_state))
+        if measure is not None:
+            fx, per_sample, value = measure(x_state[0])
+            fx_state = (fx,)
+        else:
+            fx_state = tuple(fn(*x_state))
+            err, per_sample = relative_error(x_state, fx_state, metric)
+            value = err.item()
         flat.pack(fx_state, out=Fh[slot])
         torch.sub(Fh[slot], X[slot], out=G[slot])
-        err, per_sample = relative_error(x_state, fx_state, metric)
-        value = err.item()
         trace.append(value)
         _check_finite(value, phase, it)
         if value < threshold:
-            return fx_state, SolverStats(it, value, True, max_iter, per_sample, trace)
+            return fx_state, SolverStats(it, value, True, max_iter, per_sample.clone(), trace)
         filled = min(filled + 1, m)
         row = torch.mv(G[:filled], G[slot]).cpu().numpy().astype(np.float64)
         gram[slot, :filled] = row
@@ -307,7 +315,7 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
             a = torch.from_numpy(weights / total).to(dtype=x0.dtype, device=x0.device)
             torch.mv(Fh[:filled].t(), a, out=X[nxt])
         slot = nxt
-    return fx_state, SolverStats(max_iter, trace[-1], False, max_iter, per_sample, trace)
+    return fx_state, SolverStats(max_iter, trace[-1], False, max_iter, per_sample.clone(), trace)
 
 
 # solvers of the controlled phase that the `controller_solver` setting can name besides the
