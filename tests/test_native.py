@@ -268,29 +268,6 @@ def test_compiled_energy_descent_equals_the_pytorch_descent(kernels, model, opti
     assert fast[2]["energy/value"] == pytest.approx(ref[2]["energy/value"], rel=1e-9)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("model,trainer", [("ff", "lcp-di"), ("rnn", "lcp-kp")])
-def test_the_two_products_at_once_equal_torch_mm(kernels, model, trainer, dtype):
-    """A step's forward and transposed products run together by PyTorch's BLAS (one thread
-    each) give what torch.mm gives."""
-    require(kernels.blas, "PyTorch's BLAS (sgemm_/dgemm_ of libtorch_cpu) cannot be reached from "
-            "the compiled library here")
-    cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=64, alpha=0.1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the pairing is for PyTorch on at most two threads
-    try:
-        compiled, _, state = kernel_pair(cfg, dtype, n=16)
-    finally:
-        torch.set_num_threads(threads)
-    assert compiled._pair is not None
-    with torch.no_grad():
-        paired = compiled.measure(state.clone())[0].clone()
-        compiled._pair = None
-        separate = compiled.measure(state.clone())[0]
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert torch.allclose(paired, separate, rtol=tol, atol=tol * separate.abs().max().item())
-
-
 @pytest.mark.parametrize("model", ["ff", "rnn"])
 def test_compiled_noisy_phase_moves_q_as_the_pytorch_one(kernels, model):
     """lcp-lf's noisy phase with the compiled pass: the same noise draws and the same Q after

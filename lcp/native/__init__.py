@@ -55,7 +55,6 @@ _SIGNATURES = (
     ("noisy_step", [_L] * 3 + [_P] * 12 + [_L] + [_P] * 5 + [_D] * 9 + [_I], None),
     ("ebd_residuals", [_L] * 3 + [_P] * 5 + [_L] + [_P] * 3 + [_I], None),
     ("ebd_descend", [_L] * 3 + [_P] * 6 + [_L, _P, _D, _P, _P, _I] + [_D] * 6 + [_I], None),
-    ("two_products", [_I, _I, _I, _P, _I, _P, _I, _P, _I] * 2 + [_I], None),
 )
 
 
@@ -71,15 +70,6 @@ class Kernels:
                 fn = getattr(lib, f"lcp_{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, restype
                 self._functions[name, dtype_name] = fn
-        # the BLAS inside PyTorch's own library, for lcp_two_products (absent: torch.mm is used)
-        self.blas = False
-        init = lib.lcp_blas_init
-        init.argtypes, init.restype = [ctypes.c_char_p], _I
-        folder = Path(torch.__file__).parent / "lib"
-        for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-            if (folder / name).exists() and init(str(folder / name).encode()):
-                self.blas = True
-                break
 
     def get(self, name: str, dtype):
         """The pass `name` (see `_SIGNATURES`) for tensors of `dtype` (torch.float32/64)."""
@@ -139,7 +129,7 @@ def _build(compiler: str) -> Path:
         try:
             cpp_extension.load(name=name, sources=[str(SOURCE)],
                                extra_cflags=flags,
-                               extra_ldflags=[f for f in flags if "openmp" in f] + ["-ldl"],
+                               extra_ldflags=[f for f in flags if "openmp" in f],
                                build_directory=str(folder), is_python_module=False,
                                verbose=False)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
@@ -374,21 +364,6 @@ class ControlledStep:
                       float(-trainer.dt_u / bsz), int(plain_u), float(trainer.dt_v),
                       float(trainer.dt_e), int(linear), _ptr(self.per_sample),
                       _ptr(self._v_copy), plan.threads)
-        # one forward and one transposed product (ff, rnn; lcp-di, lcp-kp): both at once on
-        # two threads by PyTorch's own BLAS (lcp_two_products) where it can be reached — with
-        # PyTorch on at most two threads; with more, each product keeps all of them
-        self._pair = None
-        fwd = plan.forward
-        if (plan.lib.blas and torch.get_num_threads() <= 2 and len(fwd) == 1 and not linear
-                and len(self._back[0]) == 1 and fwd[0][0].stride(1) == 1):
-            t_in, w_t, p_v_out, _ = fwd[0]
-            head = (bsz, w_t.shape[1], w_t.shape[0], t_in.data_ptr(), t_in.stride(0),
-                    w_t.data_ptr(), w_t.stride(0), p_v_out.data_ptr(), p_v_out.stride(0))
-            self._pair_fn = plan.lib.get("two_products", plan.h_b.dtype)
-            self._pair = [head + (bsz, m.shape[1], m.shape[0], e_out.data_ptr(),
-                                  e_out.stride(0), m.data_ptr(), m.stride(0), p_e_in.data_ptr(),
-                                  p_e_in.stride(0), plan.threads)
-                          for ((e_out, m, p_e_in, _),) in self._back]
 
     def start(self) -> torch.Tensor:
         """The zero state (the first buffer)."""
@@ -407,11 +382,8 @@ class ControlledStep:
         fresh = self._copy_of >= 0 and i == self._copy_of
         torch.tanh(self._v_copy if fresh else src[:, self.rows[0]], out=plan.t)
         self._copy_of = j
-        if self._pair is not None:
-            self._pair_fn(*self._pair[i])
-        else:
-            run_products(plan.forward)
-            run_products(self._back[i])
+        run_products(plan.forward)
+        run_products(self._back[i])
         error = self._fn(*self._shape, src.data_ptr(), self.buffers[j].data_ptr(), *self._args)
         return self.buffers[j], self.per_sample, error
 

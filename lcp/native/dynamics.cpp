@@ -22,10 +22,6 @@
  * LeastControlTrainer.controlled_step's (docs/equations.md, "Controlled dynamics"), to rounding. v_copy (B x N, or NULL) receives
  * v' as well, contiguous, for the next step's tanh (which is twice as fast on contiguous rows).
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE /* RTLD_NOLOAD */
-#endif
-#include <dlfcn.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -336,62 +332,6 @@ void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, const T *t, const T 
 DEFINE_EBD(float, f32, sqrtf)
 DEFINE_EBD(double, f64, sqrt)
 
-/*
- * The two large products of a controlled step (the block's forward product t_in W^T and its
- * transposed product e_out M), run at the same time on two threads, each by the BLAS PyTorch
- * ships, single-threaded (a BLAS called inside an OpenMP region runs on the calling thread).
- * For products of this size (64 x 256 x 256) that is faster than one product after the other,
- * each split over the threads. lcp_blas_init looks the Fortran sgemm_/dgemm_ up in PyTorch's
- * already loaded library; without them the caller keeps torch.mm.
- * Row-major C (m x n, ldc) = A (m x k, lda) B (k x n, ldb), as column-major C^T = B^T A^T.
- */
-typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
-                         const float *, const float *, const int *, const float *, const int *,
-                         const float *, float *, const int *);
-typedef void (*dgemm_fn)(const char *, const char *, const int *, const int *, const int *,
-                         const double *, const double *, const int *, const double *,
-                         const int *, const double *, double *, const int *);
-static sgemm_fn blas_sgemm = NULL;
-static dgemm_fn blas_dgemm = NULL;
-
-int lcp_blas_init(const char *library)
-{
-    void *handle = dlopen(library, RTLD_NOW | RTLD_NOLOAD);
-    if (!handle)
-        return 0;
-    blas_sgemm = (sgemm_fn)dlsym(handle, "sgemm_");
-    blas_dgemm = (dgemm_fn)dlsym(handle, "dgemm_");
-    return blas_sgemm != NULL && blas_dgemm != NULL;
-}
-
-#define DEFINE_PRODUCTS(T, SUFFIX, GEMM)                                                       \
-static void gemm_##SUFFIX(int m, int n, int k, const T *a, int lda, const T *b, int ldb,       \
-                          T *c, int ldc)                                                       \
-{                                                                                              \
-    const T one = 1, zero = 0;                                                                 \
-    GEMM("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);                        \
-}                                                                                              \
-                                                                                               \
-void lcp_two_products_##SUFFIX(int m1, int n1, int k1, const T *a1, int lda1, const T *b1,     \
-                               int ldb1, T *c1, int ldc1, int m2, int n2, int k2, const T *a2, \
-                               int lda2, const T *b2, int ldb2, T *c2, int ldc2, int threads)  \
-{                                                                                              \
-    if (threads > 1) {                                                                         \
-        _Pragma("omp parallel sections num_threads(2)")                                        \
-        {                                                                                      \
-            _Pragma("omp section")                                                             \
-            gemm_##SUFFIX(m1, n1, k1, a1, lda1, b1, ldb1, c1, ldc1);                           \
-            _Pragma("omp section")                                                             \
-            gemm_##SUFFIX(m2, n2, k2, a2, lda2, b2, ldb2, c2, ldc2);                           \
-        }                                                                                      \
-    } else {                                                                                   \
-        gemm_##SUFFIX(m1, n1, k1, a1, lda1, b1, ldb1, c1, ldc1);                               \
-        gemm_##SUFFIX(m2, n2, k2, a2, lda2, b2, ldb2, c2, ldc2);                               \
-    }                                                                                          \
-}
-
-DEFINE_PRODUCTS(float, f32, blas_sgemm)
-DEFINE_PRODUCTS(double, f64, blas_dgemm)
 
 #ifdef __cplusplus
 }
