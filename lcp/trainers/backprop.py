@@ -39,7 +39,7 @@ class BackpropTrainer(Trainer):
 
 class RecurrentBackpropTrainer(Trainer):
     """rbp: v* = free equilibrium; v̄ = f(h, v*) with graph; output D(v̄). The gradient g that
-    reaches v̄ is replaced by the solution of γ = Jᵀγ + g (J = ∂f/∂v at v*), found with the same
+    reaches v̄ is replaced by the solution of γ = Jᵀγ + g (J = ∂f/∂v at v̄), found with the same
     solver started at g; autograd then carries γ through v̄ = f(h, v*) into f and E."""
 
     name = "rbp"
@@ -56,8 +56,10 @@ class RecurrentBackpropTrainer(Trainer):
         g = v_bar_leaf.grad
         f = model.bind(h)
         step = self.maybe_compiled(_adjoint_map)
+        # J at v̄ = f(h, v*), the state on the graph, as the paper's code differentiates it
+        at = v_bar_leaf.detach()
         with torch.no_grad():
-            (gamma,), adjoint = self.solver(lambda gamma: (step(f, v_star, g, gamma),), (g,),
+            (gamma,), adjoint = self.solver(lambda gamma: (step(f, at, g, gamma),), (g,),
                                             phase="adjoint")
         v_bar.backward(gamma)
         stats = self.output_stats(logits.detach(), y, loss=loss.detach())
@@ -66,6 +68,6 @@ class RecurrentBackpropTrainer(Trainer):
         return stats
 
 
-def _adjoint_map(f, v_star, g, gamma):
-    """One step of the adjoint equation γ = Jᵀγ + g, J = ∂f/∂v at v* (docs/equations.md)."""
-    return f.transpose(v_star, gamma) + g
+def _adjoint_map(f, at, g, gamma):
+    """One step of the adjoint equation γ = Jᵀγ + g, J = ∂f/∂v at `at` (docs/equations.md)."""
+    return f.transpose(at, gamma) + g
