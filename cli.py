@@ -111,16 +111,13 @@ class _ModelSaver(Callback):
 
 def _register_pipeline_commands() -> None:
     """The pipeline's commands (list, run-table, run, report, ui, tune) join the group."""
-    import importlib
-
-    for name in ("pipeline.commands", "pipeline.tune_commands"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real missing dependency, not an absent module
-                raise
-            continue
-        module.register(lcp)
+    try:
+        from pipeline import commands
+    except ModuleNotFoundError as exc:
+        if exc.name != "pipeline.commands":  # a real missing dependency, not an absent module
+            raise
+        return
+    commands.register(lcp)
 
 
 _register_pipeline_commands()

@@ -257,6 +257,13 @@ class Executor(ABC):
     def describe(self) -> str:
         return self.name
 
+    def nodes(self) -> int:
+        """The machines its jobs execute on."""
+        return 1
+
+    def close(self) -> None:
+        """Release what the executor started (a Ray instance); nothing for local subprocesses."""
+
 
 @dataclass
 class _LocalHandle:
