@@ -1,38 +1,11 @@
-"""Where jobs run: the slots of this machine (GPUs or CPU workers), a local executor that runs each
-job as a subprocess on a slot, and a Ray executor that runs each as a Ray task on a cluster.
+"""Where jobs run: the slots of this machine (GPUs or CPU workers) with a local executor that runs
+each job as a subprocess on a slot, or a Ray executor that runs each as a Ray task on a cluster.
 
 Nothing here knows the scheduler, MLflow or lcp: a job is anything with `key`, `command` (an argv),
 `env`, `cwd`, `log_path` and `attempts`; the scheduler (`pipeline.scheduler`) decides what starts
-when and calls the five methods of an `Executor`:
-
-    executor = make_executor("local", gpus=None, workers=2)     # or "ray", address=..., ...
-    handle = executor.start(job)     # only while executor.free_slots() > 0
-    executor.poll(handle)            # the exit code once it ended (its slot is free again)
-    executor.terminate(handle); executor.kill(handle)
-
-A local slot pins its job with `CUDA_VISIBLE_DEVICES` (GPU) or an empty `CUDA_VISIBLE_DEVICES`
-and a share of the CPU threads (CPU), so runs started together never pick the same GPU.
-
-The Ray executor (`make_executor("ray", address=..., cpus_per_run=..., retries=...)`): each job
-becomes one Ray task that asks for one GPU (a 1/K share with `--runs-per-gpu K`) when the cluster
-has GPUs and `--gpus` is not `none`, else `--cpus-per-run` CPUs. The task starts the job's command
-line as a subprocess, so a crash, an OOM kill or diverging dynamics end that run's process only.
-Failures:
-
-- the process ends with a non-zero code (exception, divergence, killed): the task returns that
-  code and the scheduler's `--retries` apply (the run resumes from its checkpoint);
-- the process running the task or its node is lost (node died, Ray worker killed, e.g. by Ray's
-  memory monitor): Ray retries the task itself, `max_retries = --retries` times. The run's
-  process dies with the task (parent-death signal), so its lock is free and the retry resumes
-  from the checkpoint. When Ray gives up, the job says why (`job.lost`) and has used
-  every attempt;
-- `terminate` = `ray.cancel(force=False)`: the task sends SIGTERM to the process and SIGKILL
-  after a grace period; `kill` = `ray.cancel(force=True)`.
-
-Requirements on a cluster of several machines: every node has the project installed (the same
-image, e.g. `docker/Dockerfile.gpu`), the run folders and the data are on a file system shared by
-the driver and the nodes, and the tracking store is an MLflow server. Ray is an optional
-dependency (`pip install -e ".[ray]"`), imported only when its executor is made.
+when and calls `free_slots`, `start`, `poll`, `terminate` and `kill`. What a slot pins and what
+each executor does when a run, its process or its node dies: docs/pipeline.md and
+docs/beyond-one-machine.md. Ray is an optional dependency, imported only when its executor is made.
 """
 
 from __future__ import annotations

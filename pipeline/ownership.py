@@ -1,27 +1,13 @@
 """One owner at a time per (row, seed): leases kept in the tracking store itself.
 
-A scheduler claims the pair it is about to create or resume a run for, keeps the claim alive
-while the run goes on, and releases it when the run ends. A second scheduler on the same store
-(this machine or another) finds the pair owned and skips it, naming the owner, or waits for it
-(`--wait`). A claim whose owner died is taken over: at once when the owner ran on this machine
-and its process is gone, otherwise once its lease has expired (no renewal for `ttl_s`).
-
     ownership = Ownership(tracker)                 # this process as owner; renews in a thread
     holder = ownership.claim(key)                  # None: ours now; else the Holder that has it
-    ...
     ownership.release(key)                         # or ownership.close(): all of ours
 
-The lease is an MLflow experiment named `lcp-lease/<key>` whose tags say who holds it and until
-when. Creating an experiment whose name exists fails in every database-backed store (a unique
-constraint on the name, checked by the database in one transaction), on SQLite and behind an
-MLflow server alike: that failure is the atomic test-and-set. Taking over a stale lease renames
-that experiment (by its id, so a concurrent taker can only rename the same stale one) and then
-creates the lease anew, which again only one process can win. Released leases are renamed to a
-unique name and deleted, so they leave the experiment list. What this does not guarantee: an
-owner that stops renewing for longer than `ttl_s` while still running (a frozen machine, clocks
-more than the TTL apart) can lose its lease to a successor; it then notices at its next renewal
-and says so, but the two may have overlapped. MLflow's file store (a plain folder) checks names
-without a transaction, so two claims at the same instant could both succeed there.
+A lease is the MLflow experiment `lcp-lease/<key>`. Creating an experiment whose name exists fails
+in every database-backed store, checked by the database in one transaction: that failure is the
+atomic test-and-set. How a dead owner's lease is taken over, and what is not guaranteed:
+docs/reliability.md ("Ownership").
 """
 
 from __future__ import annotations

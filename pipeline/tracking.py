@@ -2,22 +2,10 @@
 logging, retries on a locked SQLite store, honest terminal status.
 
 `lcp/` never imports MLflow; only this module does, and lazily (inside functions), so that
-`lcp list --help` and the library stay fast and usable without a tracking store.
-
-    uri = resolve_tracking_uri(None)           # --tracking-uri, $MLFLOW_TRACKING_URI or the default
-    tracker = Tracker(uri)                     # checks the store can be reached (LcpError if not)
-    exp_id = tracker.ensure_experiment("lcp-table-1")
-    run_id = tracker.create_run(exp_id, "t1-ff-bp/seed=0", tags={...}, params={...})
-    tracker.log_metrics(run_id, {"train/loss": 0.3}, step=1)    # one log_batch call
-    tracker.terminate(run_id, "FINISHED")
-
-The default store is embedded: `sqlite:///mlflow.db` in the working folder, its artifacts in
-`./mlartifacts` beside it. Relative SQLite paths are made absolute, so a worker started in
-another folder writes to the same store. Processes that write concurrently to SQLite may see
-"database is locked": every store call here is retried with exponential back-off. The first open
-of an embedded store (MLflow creates or upgrades its schema then) is serialised across processes
-by a file lock beside the database (`mlflow.db.lock`), so commands started at once on a fresh
-folder do not race through the schema migration.
+`lcp list --help` and the library stay fast and usable without a tracking store. Processes that
+write concurrently to SQLite may see "database is locked": every store call here is retried with
+exponential back-off. The first open of an embedded store (MLflow creates or upgrades its schema
+then) is serialised across processes by a file lock beside the database (`mlflow.db.lock`).
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
-"""`lcp tune`: an Optuna study's trials as jobs of the pipeline's one scheduler.
+"""`lcp tune`: an Optuna study's trials as jobs of the pipeline's one scheduler (docs/tuning.md).
 
-    executor = make_executor("local", gpus=None, workers=2)      # or "ray", the same as tables
     summary = Tuner(plan, study, storage, spec, trials=50, executor=executor,
                     tracker=tracker).run()
 
-The `Tuner` is the scheduler's job source and hooks (`pipeline.scheduler`): Optuna is asked for
-the next trial only when a slot is free; the trial's nested MLflow run (tag
-`mlflow.parentRunId`) is created before its process starts, and trial and run are reconciled
-after it exits; a trial stopped by Ctrl-C or SIGTERM (or whose Ray task was lost) is marked
-interrupted and its parameters are enqueued again. Slots, the launch, the stop path (SIGTERM,
-then SIGKILL after a grace period) and the exit-code text are the scheduler's and executors'.
-
-A trial is a worker run (`python -m pipeline.worker ... --trial SPEC`, the child of every
-command) with a `TrialSession`: the row's config (first seed) with `validation_split=0.1` of the
-training set held out (fixed `validation_seed`) and `eval_epochs=1`, plus the trial's parameters.
-Only the validation split is evaluated — never the test set. After every epoch the validation
-accuracy is reported to Optuna and the pruner may stop the trial (PRUNED). Dynamics that leave the
-finite numbers (`DivergenceError`, a non-finite validation loss) end the trial PRUNED with the
-reason in `lcp.end_reason` (so the sampler learns to avoid the region; its MLflow run is FAILED);
-NaN is never reported. Any other error ends it FAILED with the reason; the study goes on.
+The `Tuner` is the scheduler's job source and hooks: Optuna is asked for the next trial only when
+a slot is free, the trial's nested MLflow run is created before its process starts, and trial and
+run are reconciled after it exits. `TrialSession` is the worker's side of a trial: it reports each
+epoch's validation accuracy to Optuna (never NaN) and tells Optuna how the trial ended.
 """
 
 from __future__ import annotations

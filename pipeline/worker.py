@@ -2,32 +2,16 @@
 --run-dir DIR [--trial SPEC]` — the child of every command (a table's run, a tuning trial).
 
 The scheduler creates the MLflow run (and writes `DIR/config.yaml`, the resolved config) before it
-starts this process; the worker only logs to the run it is given. It
-
-- sets the run RUNNING, tags the device and torch version, and resumes from `DIR/checkpoint.pt`
-  when that exists (`lcp.fit(checkpoint_path=...)` restores model, optimizer, scheduler and RNG);
-- logs its datasets as MLflow inputs (name, split, size, digest) and MLflow's system metrics
-  (off with LCP_SYSTEM_METRICS=0);
-- writes a plain progress line to its log per epoch and at least every 2 minutes inside one;
-- logs every epoch's record at step=epoch in one `log_batch` call (after a resume, only the epochs
-  the store does not have yet, so the history has no gap and no duplicate);
-- at the end logs the final evaluation, then the artifacts (config.yaml, model.pth, metrics.csv,
-  learning_curve.png) and only then marks the run FINISHED;
-- on DivergenceError marks it FAILED with `failure_reason`; on SIGTERM/SIGINT marks it KILLED; on
-  any other error prints the traceback (to its log file) and marks it FAILED with the reason.
-
-With `--trial SPEC` the run is a trial of `lcp tune` (`pipeline.tune.TrialSession`): the same
-run, plus a callback that reports each epoch's validation accuracy to Optuna (and prunes), only
-the validation split evaluated, no checkpoint and no artifact but its log; the trial's outcome is
-told to Optuna and sets the run's status (pruned → FINISHED, diverged → FAILED).
+starts this process; the worker only logs to the run it is given, resumes from
+`DIR/checkpoint.pt` when that exists, and marks the run FINISHED only after its final metrics and
+artifacts are logged. What a run logs: docs/pipeline.md; a trial (`--trial`): docs/tuning.md.
 
 Exit status: 0 finished, 3 diverged, 1 other failure, 75 the run is already being run by another
 process (its lock is held), 128+signal when stopped by a signal.
 
 Extra callbacks: `LCP_WORKER_CALLBACKS="pkg.module:factory[,...]"` adds, to every run, the
-`lcp.callbacks.Callback` that `factory(run_name, run_dir)` returns (None adds nothing), e.g. a
-custom logger; the tests inject faults this way. The variable travels to Ray tasks with the
-other `LCP_*` settings.
+`lcp.callbacks.Callback` that `factory(run_name, run_dir)` returns (None adds nothing); the tests
+inject faults this way. The variable travels to Ray tasks with the other `LCP_*` settings.
 """
 
 from __future__ import annotations
