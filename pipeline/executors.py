@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from lcp.errors import LcpError, first_line
 
@@ -620,14 +620,22 @@ class RayExecutor(Executor):
 
 
 
-# ====================================================================== the registry
+# ====================================================================== making one
 
 
-def _local(*, gpus: list[str] | None = None, runs_per_gpu: int = 1, workers: int | None = None,
-           threads: int | None = None, drop_env: tuple[str, ...] = (), **_) -> Executor:
-    """`workers`: runs at a time (on GPUs at most GPUs × runs_per_gpu; default: all of those,
-    or 1 on CPU)."""
+def make_executor(name: str, *, gpus: list[str] | None = None, runs_per_gpu: int = 1,
+                  workers: int | None = None, threads: int | None = None,
+                  drop_env: tuple[str, ...] = (), address: str | None = None,
+                  cpus_per_run: float | None = None, retries: int = 0) -> Executor:
+    """`workers`: runs at a time (local on GPUs: at most GPUs × runs_per_gpu, default all of
+    those; local on CPU: default 1; Ray: default what the cluster holds)."""
+    if name not in ("local", "ray"):
+        raise LcpError(f"--executor {name!r} is not available; valid executors are: local, ray")
     check_workers(workers)
+    if name == "ray":
+        return RayExecutor(address=address, gpus=gpus, runs_per_gpu=runs_per_gpu,
+                           cpus_per_run=cpus_per_run, threads=threads, retries=retries,
+                           drop_env=drop_env, workers=workers)
     chosen = choose_gpus(gpus)
     if chosen:
         pool = SlotPool.for_gpus(chosen, runs_per_gpu, threads=threads)
@@ -641,22 +649,3 @@ def _local(*, gpus: list[str] | None = None, runs_per_gpu: int = 1, workers: int
 def check_workers(workers: int | None) -> None:
     if workers is not None and workers < 1:
         raise LcpError(f"--workers must be ≥ 1 (got {workers})")
-
-
-def _ray(*, address: str | None = None, gpus: list[str] | None = None, runs_per_gpu: int = 1,
-         cpus_per_run: float | None = None, threads: int | None = None, retries: int = 0,
-         drop_env: tuple[str, ...] = (), workers: int | None = None, **_) -> Executor:
-    check_workers(workers)
-    return RayExecutor(address=address, gpus=gpus, runs_per_gpu=runs_per_gpu,
-                       cpus_per_run=cpus_per_run, threads=threads, retries=retries,
-                       drop_env=drop_env, workers=workers)
-
-
-EXECUTORS: dict[str, Callable[..., Executor]] = {"local": _local, "ray": _ray}
-
-
-def make_executor(name: str, **options) -> Executor:
-    if name not in EXECUTORS:
-        raise LcpError(f"--executor {name!r} is not available; valid executors are: "
-                       + ", ".join(sorted(EXECUTORS)))
-    return EXECUTORS[name](**options)
