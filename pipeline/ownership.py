@@ -46,17 +46,18 @@ class Holder:
         """Expired, or its process has ended on this machine."""
         if (now or time.time()) > self.expires:
             return True
-        return self.host == socket.gethostname() and not _alive(self.pid)
+        return self.host == socket.gethostname() and not pid_alive(self.pid)
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def pid_alive(pid) -> bool:
+    """Whether process `pid` of this machine is alive (someone else's process is)."""
     try:
-        os.kill(pid, 0)
+        if int(pid) <= 0:
+            return False
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
+    except (PermissionError, OverflowError, ValueError):
         return True
     return True
 

@@ -480,19 +480,11 @@ def trial_id(study, storage, number: int) -> int:
     return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
 def stale_reason(trial, now: float | None = None, host: str | None = None,
                  stale_after: float = STALE_AFTER_S) -> str | None:
     """Why a RUNNING trial is abandoned (its process is gone or silent), None if it is alive."""
+    from pipeline.ownership import pid_alive
+
     now = time.time() if now is None else now
     host = host or socket.gethostname()
     attrs = trial.user_attrs
