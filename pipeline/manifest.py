@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -531,7 +532,7 @@ def write_row(path: str | os.PathLike[str], row: Mapping[str, Any], *,
     path = Path(path)
     if not isinstance(row, Mapping):
         raise ManifestError(f"{path}: a row must be a mapping (got {schema.kind_of(row)})")
-    with _locked(path):
+    with _locked(_resolve_path(path)):  # a missing file: one ManifestError
         manifest = load_manifest(path)
         row_id = row.get("id")
         if row_id in manifest:
@@ -596,23 +597,11 @@ def _move_trailing_comment(old, new) -> None:
         entry[slot] = None
 
 
-class _locked:
-    """An exclusive advisory lock on `path` while a row is appended (POSIX; no-op elsewhere)."""
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on `path` while a row is appended (closing releases it)."""
+    import fcntl
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fh = None
-
-    def __enter__(self) -> "_locked":
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return self
-        if self.path.exists():
-            self.fh = open(self.path, "rb")
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.fh is not None:
-            self.fh.close()  # closing releases the lock
+    with open(path, "rb") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield
