@@ -258,10 +258,7 @@ class Scheduler:
     def _ended(self, job: Job, rc: int, queue: list[Job], jobs: list[Job]) -> None:
         job.returncode = rc
         job.ended_at = time.time()
-        try:
-            ok, reason = self.hooks.after_exit(job, rc)
-        except Exception as exc:  # noqa: BLE001
-            ok, reason = False, f"{describe_returncode(rc)}; checking its result failed: {exc}"
+        ok, reason = self._after_exit(job, rc)
         elapsed = job.ended_at - (job.started_at or job.ended_at)
         if ok:
             job.status = FINISHED
@@ -312,7 +309,7 @@ class Scheduler:
         for job in running:
             job.ended_at = time.time()
             if job.returncode == 0:  # it finished just before the stop reached it
-                ok, reason = self._safe_after_exit(job, 0)
+                ok, reason = self._after_exit(job, 0)
                 if ok:
                     job.status = FINISHED
                     self.display.event(f"[finished] {job.key}")
@@ -329,11 +326,11 @@ class Scheduler:
             self.hooks.on_cancel(job, False)
             self.hooks.on_done(job)
 
-    def _safe_after_exit(self, job: Job, rc: int) -> tuple[bool, str]:
+    def _after_exit(self, job: Job, rc: int) -> tuple[bool, str]:
         try:
             return self.hooks.after_exit(job, rc)
-        except Exception as exc:  # noqa: BLE001
-            return False, str(exc)
+        except Exception as exc:  # noqa: BLE001 - that job's failure, not the scheduler's
+            return False, f"{describe_returncode(rc)}; checking its result failed: {exc}"
 
 
 # ====================================================================== signals
