@@ -378,12 +378,10 @@ def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Pat
                 plan.experiment_id, item.name, tags=run_tags(item, extra_tags),
                 params=item.cfg.to_dict(), status="SCHEDULED")
             plan.run_dir = run_dir_for(Path(runs_dir), item, plan.run_id)
-            tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
-                                           "log_path": str(plan.run_dir / LOG_NAME)})
         else:
             tracker.set_status(plan.run_id, "SCHEDULED")
-            tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
-                                           "log_path": str(plan.run_dir / LOG_NAME)})
+        tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
+                                       "log_path": str(plan.run_dir / LOG_NAME)})
         write_run_folder(plan, tracker.uri)
         if plan.action == NEW:
             tracker.log_artifact(plan.run_id, plan.run_dir / CONFIG_NAME)
@@ -392,28 +390,29 @@ def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Pat
 def mark_not_started(plan: RunPlan, tracker: tracking.Tracker, reason: str) -> None:
     """A run created (or rescheduled) whose worker could not be started: FAILED with the
     reason, so it is not left SCHEDULED; the next plan resumes it."""
-    if not plan.run_id:
-        return
-    try:
-        if tracker.get_run(plan.run_id).info.status in ("RUNNING", "SCHEDULED"):
-            tracker.set_tags(plan.run_id, {"failure_reason": reason})
-            tracker.terminate(plan.run_id, "FAILED")
-    except Exception as exc:  # noqa: BLE001 - the store itself may be what failed
-        if not tracking.is_disk_full(exc):  # said once by the caller
-            print(f"warning: could not mark {plan.name} FAILED: {tracking.first_line(exc)}",
-                  file=sys.stderr)
+    _end_open_run(plan, tracker, "FAILED", {"failure_reason": reason})
 
 
 def cancel(plans: list[RunPlan], tracker: tracking.Tracker, reason: str) -> None:
     """Mark the runs of `plans` that were created or scheduled (and are not finished) KILLED."""
     for plan in plans:
-        if plan.action in (NEW, RESUME) and plan.run_id:
-            try:
-                if tracker.get_run(plan.run_id).info.status in ("RUNNING", "SCHEDULED"):
-                    tracker.set_tags(plan.run_id, {"killed_reason": reason})
-                    tracker.terminate(plan.run_id, "KILLED")
-            except Exception as exc:  # noqa: BLE001 - keep marking the others
-                print(f"warning: could not mark {plan.name} KILLED: {exc}", file=sys.stderr)
+        if plan.action in (NEW, RESUME):
+            _end_open_run(plan, tracker, "KILLED", {"killed_reason": reason})
+
+
+def _end_open_run(plan: RunPlan, tracker: tracking.Tracker, status: str, tags: dict) -> None:
+    """End the plan's run with `status` and `tags` if it is still RUNNING or SCHEDULED."""
+    if not plan.run_id:
+        return
+    try:
+        if tracker.get_run(plan.run_id).info.status in ("RUNNING", "SCHEDULED"):
+            tracker.set_tags(plan.run_id, tags)
+            tracker.terminate(plan.run_id, status)
+    except Exception as exc:  # noqa: BLE001 - the store itself may be what failed; go on
+        # A full disk that keeps a run from starting is said once, by the caller.
+        if status == "KILLED" or not tracking.is_disk_full(exc):
+            print(f"warning: could not mark {plan.name} {status}: {tracking.first_line(exc)}",
+                  file=sys.stderr)
 
 
 def write_run_folder(plan: RunPlan, uri: str) -> None:
