@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from lcp.errors import LcpError
+from lcp.errors import LcpError, first_line  # noqa: F401 - also tracking.first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR_NAME = "mlartifacts"
@@ -450,11 +450,6 @@ def disk_full_message(exc: BaseException, uri: str) -> str:
         free = "free space unknown"
     return (f"no space left on the file system mounted at {mount} ({free}; writing {path} "
             "failed): free space there")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 # ====================================================================== reachability
