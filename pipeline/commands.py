@@ -16,6 +16,7 @@ import time
 import click
 
 from lcp.errors import LcpError
+from pipeline.rundir import DEFAULT_RUNS_DIR
 
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 EXIT_RUN_FAILED = 1
@@ -24,94 +25,79 @@ EXIT_RUN_FAILED = 1
 # ====================================================================== shared options
 
 
-def _manifest_option(func):
-    return click.option("--manifest", "manifest_path", default="experiments.yaml",
-                        show_default=True, metavar="PATH",
-                        help="The experiment manifest (tables, rows, seeds).")(func)
+def _options(*options):
+    """One decorator for several options, listed by --help in the order given."""
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
 
 
-def _tracking_option(func):
-    return click.option("--tracking-uri", default=None, metavar="URI",
-                        help="MLflow store: sqlite:///file.db or http(s)://server:port "
-                             "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here, "
-                             "artifacts in ./mlartifacts).")(func)
-
-
-def _runs_dir_option(func):
-    from pipeline.rundir import DEFAULT_RUNS_DIR
-
-    return click.option("--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, metavar="DIR",
-                        help="Where each run keeps its checkpoint, config and log.")(func)
-
-
-def _selection_options(func):
-    options = [
-        click.option("--seeds", default=None, metavar="0,1,...",
-                     help="Seeds for every row (default: each row's seeds in the manifest)."),
-        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                     help="Override a run setting for all runs (repeatable), e.g. "
-                          "--set num_epochs=5."),
-        click.option("--quick", is_flag=True,
-                     help="A few-minute tour: num_epochs=1, limit_train_batches=20, "
-                          "limit_eval_batches=5, evaluation at the end (--set wins)."),
-        click.option("--data-dir", default=None, metavar="DIR",
-                     help="Where the datasets are (same as --set data_dir=DIR; not part of "
-                          "the config hash)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _execution_options(func):
-    options = [
-        click.option("--dry-run", is_flag=True, help="Print the plan (new / resume / skip), "
-                     "run nothing, create nothing."),
-        click.option("--force", is_flag=True, help="Run again (as new runs) the pairs that "
-                     "already have a FINISHED run with the same config hash."),
-        click.option("--retries", default=0, show_default=True, type=int, metavar="K",
-                     help="Retry a failed run up to K more times (it resumes from its "
-                          "checkpoint)."),
-        click.option("--wait", is_flag=True, help="Wait for the pairs another scheduler owns "
-                     "(on this store) instead of skipping them; then run what it left."),
-        click.option("--fail-fast", is_flag=True, help="Stop everything (runs KILLED) at the "
-                     "first run that finally fails."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return executor_options(func)
-
-
-def executor_options(func):
-    """Where runs execute: the same options, with the same meaning, for run-table, run, tune."""
-    options = [
-        click.option("--workers", default=None, type=int, metavar="N",
-                     help="Runs at a time (default: 1 on CPU; on GPUs one per GPU slot; with "
-                          "--executor ray as many as the cluster holds). On CPU the threads "
-                          "are split between them."),
-        click.option("--gpus", default="auto", show_default=True, metavar="0,1|auto|none",
-                     help="GPUs to use (one slot each, pinned with CUDA_VISIBLE_DEVICES); "
-                          "auto: every visible GPU; none: CPU only."),
-        click.option("--runs-per-gpu", default=1, show_default=True, type=int, metavar="K",
-                     help="Runs sharing one GPU at a time."),
-        click.option("--threads", default=None, type=int, metavar="N",
-                     help="CPU threads per run (default: the CPU cores / runs at a time)."),
-        click.option("--executor", default="local", show_default=True, metavar="local|ray",
-                     help="Where runs execute: local (subprocesses on this machine, on the "
-                          "slots above) or ray (one Ray task per run on a Ray cluster; "
-                          "pip install -e \".[ray]\"). See docs/beyond-one-machine.md."),
-        click.option("--address", default=None, metavar="ADDR",
-                     help="--executor ray: the cluster, e.g. auto (started here with `ray "
-                          "start --head`), HOST:6379 or ray://HOST:10001 (default: "
-                          "$RAY_ADDRESS, else a local Ray instance)."),
-        click.option("--cpus-per-run", default=None, type=float, metavar="K",
-                     help="--executor ray: CPUs each run asks Ray for (default 1; also its "
-                          "threads unless --threads). Runs ask for one GPU each when the "
-                          "cluster has GPUs, unless --gpus none."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+_manifest_option = click.option(
+    "--manifest", "manifest_path", default="experiments.yaml", show_default=True, metavar="PATH",
+    help="The experiment manifest (tables, rows, seeds).")
+_tracking_option = click.option(
+    "--tracking-uri", default=None, metavar="URI",
+    help="MLflow store: sqlite:///file.db or http(s)://server:port (default: "
+         "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here, artifacts in ./mlartifacts).")
+_runs_dir_option = click.option(
+    "--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, metavar="DIR",
+    help="Where each run keeps its checkpoint, config and log.")
+_selection_options = _options(
+    click.option("--seeds", default=None, metavar="0,1,...",
+                 help="Seeds for every row (default: each row's seeds in the manifest)."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                 help="Override a run setting for all runs (repeatable), e.g. "
+                      "--set num_epochs=5."),
+    click.option("--quick", is_flag=True,
+                 help="A few-minute tour: num_epochs=1, limit_train_batches=20, "
+                      "limit_eval_batches=5, evaluation at the end (--set wins)."),
+    click.option("--data-dir", default=None, metavar="DIR",
+                 help="Where the datasets are (same as --set data_dir=DIR; not part of "
+                      "the config hash)."),
+)
+# Where runs execute: the same options, with the same meaning, for run-table, run, tune.
+executor_options = _options(
+    click.option("--workers", default=None, type=int, metavar="N",
+                 help="Runs at a time (default: 1 on CPU; on GPUs one per GPU slot; with "
+                      "--executor ray as many as the cluster holds). On CPU the threads "
+                      "are split between them."),
+    click.option("--gpus", default="auto", show_default=True, metavar="0,1|auto|none",
+                 help="GPUs to use (one slot each, pinned with CUDA_VISIBLE_DEVICES); "
+                      "auto: every visible GPU; none: CPU only."),
+    click.option("--runs-per-gpu", default=1, show_default=True, type=int, metavar="K",
+                 help="Runs sharing one GPU at a time."),
+    click.option("--threads", default=None, type=int, metavar="N",
+                 help="CPU threads per run (default: the CPU cores / runs at a time)."),
+    click.option("--executor", default="local", show_default=True, metavar="local|ray",
+                 help="Where runs execute: local (subprocesses on this machine, on the "
+                      "slots above) or ray (one Ray task per run on a Ray cluster; "
+                      "pip install -e \".[ray]\"). See docs/beyond-one-machine.md."),
+    click.option("--address", default=None, metavar="ADDR",
+                 help="--executor ray: the cluster, e.g. auto (started here with `ray "
+                      "start --head`), HOST:6379 or ray://HOST:10001 (default: "
+                      "$RAY_ADDRESS, else a local Ray instance)."),
+    click.option("--cpus-per-run", default=None, type=float, metavar="K",
+                 help="--executor ray: CPUs each run asks Ray for (default 1; also its "
+                      "threads unless --threads). Runs ask for one GPU each when the "
+                      "cluster has GPUs, unless --gpus none."),
+)
+# lcp run-table and lcp run
+_run_options = _options(
+    _manifest_option, _tracking_option, _runs_dir_option, _selection_options, executor_options,
+    click.option("--dry-run", is_flag=True, help="Print the plan (new / resume / skip), "
+                 "run nothing, create nothing."),
+    click.option("--force", is_flag=True, help="Run again (as new runs) the pairs that "
+                 "already have a FINISHED run with the same config hash."),
+    click.option("--retries", default=0, show_default=True, type=int, metavar="K",
+                 help="Retry a failed run up to K more times (it resumes from its "
+                      "checkpoint)."),
+    click.option("--wait", is_flag=True, help="Wait for the pairs another scheduler owns "
+                 "(on this store) instead of skipping them; then run what it left."),
+    click.option("--fail-fast", is_flag=True, help="Stop everything (runs KILLED) at the "
+                 "first run that finally fails."),
+)
 
 
 def check_executor_options(*, executor: str, address, cpus_per_run, workers, threads,
@@ -257,11 +243,7 @@ def _state(plan) -> str:
 
 @click.command("run-table", context_settings=CONTEXT)
 @click.argument("table")
-@_manifest_option
-@_tracking_option
-@_runs_dir_option
-@_selection_options
-@_execution_options
+@_run_options
 def run_table_command(table, **options):
     """Run every (row, seed) of table TABLE, each as one MLflow run in its own process.
 
@@ -285,11 +267,7 @@ def run_table_command(table, **options):
 
 @click.command("run", context_settings=CONTEXT)
 @click.argument("ids", nargs=-1, required=True)
-@_manifest_option
-@_tracking_option
-@_runs_dir_option
-@_selection_options
-@_execution_options
+@_run_options
 def run_command(ids, **options):
     """Run the rows IDS (see `lcp list`), each seed as one MLflow run in its own process.
 
