@@ -102,11 +102,7 @@ def bar_chart(summary, path: str | Path, title: str = "") -> None:
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 def _mean_curve(collected, row_id: str, key: str, scale: float = 1.0):
@@ -206,13 +202,10 @@ def plot_history(study, path: Path) -> None:
                    color="tab:orange", label="failed / diverged")
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(f"Optimisation history: study {study.study_name}")
     ax.grid(alpha=0.3)
     if complete or pruned or failed:
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, f"Optimisation history: study {study.study_name}")
 
 
 def importance_plot(study, path: Path, notes: list[str]) -> bool:
@@ -242,8 +235,6 @@ def importance_plot(study, path: Path, notes: list[str]) -> bool:
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
     ax.set_xlabel("importance for validation accuracy")
-    ax.set_title(f"Parameter importances: study {study.study_name} ({len(complete)} complete)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, f"Parameter importances: study {study.study_name} "
+                 f"({len(complete)} complete)")
     return True
