@@ -675,11 +675,19 @@ def export_overrides(path: str | os.PathLike, study, exp_id: str) -> Path:
     return path
 
 
-def _best_or_error(study, exp_id: str):
+def best_trial(study):
+    """The study's best complete trial, None while it has none."""
     try:
         return study.best_trial
     except ValueError:
+        return None
+
+
+def _best_or_error(study, exp_id: str):
+    best = best_trial(study)
+    if best is None:
         counts = tally(study.get_trials(deepcopy=False))
         raise TuneError(f"study {study.study_name!r} has no complete trial yet ({counts['pruned']}"
                         f" pruned, {counts['failed']} failed): run `lcp tune {exp_id} --trials N` "
-                        "first, or widen the search space if every trial diverges") from None
+                        "first, or widen the search space if every trial diverges")
+    return best

@@ -30,7 +30,7 @@ from pipeline.rundir import DEFAULT_RUNS_DIR, read_progress, write_config
 from pipeline.scheduler import FAILED, Hooks, Job, ProgressDisplay, Scheduler, stop_on_signals
 from pipeline.study import (A_DIVERGED, A_DURATION, A_EPOCHS, A_HEARTBEAT, A_HOST, A_PID,
                             A_REASON, A_RETRY_OF, A_RUN, A_SURPLUS, HEARTBEAT_S, OBJECTIVE,
-                            StorageSpec, TuneError, TunePlan, _fmt, _safe, _safe_name,
+                            StorageSpec, TuneError, TunePlan, _fmt, _safe, _safe_name, best_trial,
                             counts_toward_total, describe_trial, distributions,
                             ensure_parent_run, make_pruner, mark_interrupted, mlflow_outcome,
                             open_storage, quiet_optuna, recover_stale, tally, trial_id,
@@ -96,7 +96,7 @@ class Tuner(Hooks):
         self.parent_run_id = ensure_parent_run(self.tracker, self.study, self.plan, self.spec,
                                                self.pruner)
         self.experiment = self.tracker.ensure_experiment(tune_experiment_name(self.plan.exp.id))
-        if self._best() is not None:
+        if best_trial(self.study) is not None:
             tags = self.tracker.get_run(self.parent_run_id).data.tags
             self.best_number = int(tags.get("lcp.best_trial", -1))
         self.recovered += recover_stale(self.study, self.storage, tracker=self.tracker,
@@ -206,10 +206,7 @@ class Tuner(Hooks):
             if job.lost:  # Ray lost the task (its node or worker died): not the trial's fault
                 self._interrupt(job, trial, job.lost, "enqueued again")
                 return False, job.lost
-            reason = f"{describe_returncode(returncode)}{_log_tail(job.log_path)}"
-            _safe(lambda: self.storage.set_trial_user_attr(info.tid, A_REASON, reason))
-            _safe(lambda: self.study.tell(info.number, state=TrialState.FAIL,
-                                          skip_if_finished=True))
+            self._fail(info, f"{describe_returncode(returncode)}{_log_tail(job.log_path)}")
             trial = self.storage.get_trial(info.tid)
         run = _safe(lambda: self.tracker.get_run(info.run_id))
         if run is not None and run.info.status in ("RUNNING", "SCHEDULED"):
@@ -230,11 +227,7 @@ class Tuner(Hooks):
         info: TrialJob = job.payload
         self.running.pop(info.number, None)
         if job.returncode is None and job.status == FAILED:  # its process could not start
-            from optuna.trial import TrialState
-
-            _safe(lambda: self.storage.set_trial_user_attr(info.tid, A_REASON, job.reason))
-            _safe(lambda: self.study.tell(info.number, state=TrialState.FAIL,
-                                          skip_if_finished=True))
+            self._fail(info, job.reason)
             self._close_run(info.run_id, "FAILED", {"failure_reason": job.reason,
                                                     "optuna.state": "FAIL"})
             self.echo(f"trial {info.number} FAILED: {job.reason}")
@@ -245,6 +238,13 @@ class Tuner(Hooks):
         except Exception as exc:  # noqa: BLE001 - e.g. the storage is unreachable for now
             self.echo(f"warning: could not update the best trial ({first_line(exc)})")
 
+    def _fail(self, info: TrialJob, reason: str) -> None:
+        """The trial FAILED with `reason` (unless its process told Optuna how it ended)."""
+        from optuna.trial import TrialState
+
+        _safe(lambda: self.storage.set_trial_user_attr(info.tid, A_REASON, reason))
+        _safe(lambda: self.study.tell(info.number, state=TrialState.FAIL, skip_if_finished=True))
+
     def _interrupt(self, job: Job, trial, reason: str, then: str) -> None:
         mark_interrupted(self.study, self.storage, trial, reason, self.tracker)
         self.echo(f"trial {job.payload.number} interrupted ({reason}): {then}")
@@ -253,14 +253,8 @@ class Tuner(Hooks):
         _safe(lambda: self.tracker.set_tags(run_id, dict(tags)))
         _safe(lambda: self.tracker.terminate(run_id, status))
 
-    def _best(self):
-        try:
-            return self.study.best_trial
-        except ValueError:
-            return None
-
     def _update_best(self) -> None:
-        best = self._best()
+        best = best_trial(self.study)
         if best is None or best.number == self.best_number:
             return
         if self.best_number is not None and self.best_number >= 0:
@@ -280,7 +274,7 @@ class Tuner(Hooks):
         from pipeline.plots import write_study_files
 
         counts = tally(self.study.get_trials(deepcopy=False))
-        best = self._best()
+        best = best_trial(self.study)
         self._update_best()
         notes: list[str] = []
         artifacts: list[str] = []
@@ -407,7 +401,6 @@ class TrialSession:
         from optuna.trial import TrialState
 
         final, reporter = result.final.get(OBJECTIVE), self.reporter
-        value = None
         if reporter.diverged:
             return self._tell(TrialState.PRUNED, reporter.diverged, diverged=True)
         if reporter.pruned_at is not None:
