@@ -266,11 +266,10 @@ class Tracker:
     # ------------------------------------------------------------------ runs
     def create_run(self, experiment_id: str, name: str, *, tags: Mapping[str, Any] = (),
                    params: Mapping[str, Any] = (), status: str = "RUNNING") -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
-        tag_list = [RunTag(k, str(v)) for k, v in dict(tags).items() if v is not None]
-        run = self._call(lambda: self.client.create_run(experiment_id, run_name=name,
-                                                        tags={t.key: t.value for t in tag_list}))
+        tags = {k: str(v) for k, v in dict(tags).items() if v is not None}
+        run = self._call(lambda: self.client.create_run(experiment_id, run_name=name, tags=tags))
         run_id = run.info.run_id
         param_list = [Param(sanitize_name(k), param_value(v)) for k, v in dict(params).items()]
         for chunk in _chunks(param_list, 100):
