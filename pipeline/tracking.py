@@ -138,10 +138,6 @@ def sanitize_name(name: str) -> str:
     return "/".join(parts) or "_"
 
 
-def param_value(value: Any) -> str:
-    return "None" if value is None else str(value)
-
-
 def ui_link(host: str, port: int, path: str) -> str:
     """A link into the MLflow UI (its pages live after `#/`) in the Model-training view."""
     return f"http://{host}:{port}/#/{path}?{UI_WORKFLOW_QUERY}"
@@ -271,7 +267,7 @@ class Tracker:
         tags = {k: str(v) for k, v in dict(tags).items() if v is not None}
         run = self._call(lambda: self.client.create_run(experiment_id, run_name=name, tags=tags))
         run_id = run.info.run_id
-        param_list = [Param(sanitize_name(k), param_value(v)) for k, v in dict(params).items()]
+        param_list = [Param(sanitize_name(k), str(v)) for k, v in dict(params).items()]
         for chunk in _chunks(param_list, 100):
             self._call(lambda c=chunk: self.client.log_batch(run_id, params=c))
         if status != "RUNNING":
