@@ -362,12 +362,6 @@ def make_pruner(name: str, num_epochs: int):
     raise TuneError(f"--pruner {name!r} is not valid; pruners are: {', '.join(PRUNERS)}")
 
 
-def make_sampler():
-    import optuna
-
-    return optuna.samplers.TPESampler(constant_liar=True)
-
-
 def quiet_optuna() -> None:
     import optuna
 
@@ -382,7 +376,9 @@ def open_study(plan: TunePlan | None, storage, name: str, *, pruner: str = "medi
 
     quiet_optuna()
     num_epochs = plan.base.num_epochs if plan is not None else 1
-    kwargs = dict(storage=storage, study_name=name, sampler=make_sampler(),
+    # constant_liar: trials running at once are not all asked for the same point
+    kwargs = dict(storage=storage, study_name=name,
+                  sampler=optuna.samplers.TPESampler(constant_liar=True),
                   pruner=make_pruner(pruner, num_epochs))
     exp_id = exp_id or (plan.exp.id if plan is not None else None)
     try:
