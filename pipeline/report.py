@@ -46,7 +46,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
     back to the MNIST sample), the newest per (row, seed)."""
     import pandas as pd
 
-    from pipeline.runs import expand, fallback_config
+    from pipeline.runs import expand, fallback_config, run_key
 
     rows = manifest.table(table)
     ids = list(ids)
@@ -64,17 +64,13 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
     chosen: dict[tuple[str, int], Any] = {}
     other = 0
     for run in found:
-        tags = run.data.tags
-        if tags.get("lcp.kind", "run") != "run" or tags.get("id") not in row_ids:
-            continue
-        try:
-            key = (tags["id"], int(tags.get("seed", "-1")))
-        except ValueError:
+        key = run_key(run)
+        if key is None or key[0] not in row_ids:
             continue
         if any_config:
             if seeds is not None and key[1] not in seeds:
                 continue
-        elif tags.get("config_hash") not in expected.get(key, ()):
+        elif run.data.tags.get("config_hash") not in expected.get(key, ()):
             other += 1
             continue
         best = chosen.get(key)

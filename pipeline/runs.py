@@ -228,15 +228,21 @@ def existing_runs(tracker: tracking.Tracker | None, experiment_names: Iterable[s
         if exp_id is None:
             continue
         for run in tracker.search_runs([exp_id]):
-            tags = run.data.tags
-            if tags.get("lcp.kind", "run") != "run" or "id" not in tags:
-                continue
-            try:
-                key = (tags["id"], int(tags.get("seed", "-1")), tags.get("config_hash", ""))
-            except ValueError:
-                continue
-            out.setdefault(key, []).append(run)
+            key = run_key(run)
+            if key is not None:
+                out.setdefault((*key, run.data.tags.get("config_hash", "")), []).append(run)
     return out
+
+
+def run_key(run) -> tuple[str, int] | None:
+    """(row id, seed) of a table's run, from its tags; None for the table's other runs."""
+    tags = run.data.tags
+    if tags.get("lcp.kind", "run") != "run" or "id" not in tags:
+        return None
+    try:
+        return tags["id"], int(tags.get("seed", "-1"))
+    except ValueError:
+        return None
 
 
 def run_dir_for(runs_dir: Path, item: Item, run_id: str) -> Path:
