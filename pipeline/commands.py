@@ -43,7 +43,7 @@ _tracking_option = click.option(
          "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here, artifacts in ./mlartifacts).")
 _runs_dir_option = click.option(
     "--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, metavar="DIR",
-    help="Where each run keeps its checkpoint, config and log.")
+    help="Where each run or trial keeps its folder (config, checkpoint or trial spec, log).")
 _selection_options = _options(
     click.option("--seeds", default=None, metavar="0,1,...",
                  help="Seeds for every row (default: each row's seeds in the manifest)."),
