@@ -486,27 +486,14 @@ def energy_descent(plan: Plan, x: torch.Tensor, onehot, inv_alpha_b: float, step
 
 
 # ---------------------------------------------------------------------- the check on load
-def _self_check(lib: Kernels) -> str:
-    """One controlled step of a small random rnn (lcp-di, float64) by the compiled pass against
-    `LeastControlTrainer.controlled_step`: '' when they agree, else what differs."""
-    from lcp.config import RunConfig
-    from lcp.models import build_model
-    from lcp.trainers import build_trainer
+# The check run when the kernels load: one controlled step against the PyTorch definition,
+# `lcp.trainers.lcp_di.check_compiled_step`, which sets itself here when imported (the trainers
+# import this module, never the other way round; importing lcp imports the trainers first).
+reference_check = None
 
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        cfg = RunConfig(model="rnn", trainer="lcp-di", rnn_hidden_units=8, alpha=0.5, k_p=0.3,
-                        dt=0.5)
-        model = build_model(cfg, (1, 4, 4), 10).double()
-        trainer = build_trainer(cfg, model)
-        h = model.encode(torch.rand(3, 1, 4, 4, dtype=torch.float64))
-        onehot = torch.nn.functional.one_hot(torch.tensor([0, 3, 9]), 10).double()
-        state = (torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64),
-                 torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
-        expected = torch.cat(trainer.controlled_step(h, onehot)(*state), dim=1)
-        kernel = ControlledStep(trainer, Plan(model, h, lib), onehot)
-        got = kernel.measure(torch.cat(state, dim=1))[0]
-    if not torch.allclose(got, expected, rtol=1e-10, atol=1e-12):
-        worst = (got - expected).abs().max().item()
-        return f"its controlled step differs from the PyTorch definition by {worst:.3g}"
-    return ""
+
+def _self_check(lib: Kernels) -> str:
+    """'' when the kernels agree with the PyTorch definition, else what differs."""
+    if reference_check is None:
+        return "no check against the PyTorch definition is set (import lcp.trainers)"
+    return reference_check(lib)
