@@ -26,9 +26,10 @@ THRESHOLD_METRICS = ("l2", "l_inf", "legacy_l2")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cos")
 EBD_OPTIMIZERS = ("adam", "gd")
-# 'euler': the paper's explicit-Euler controlled dynamics iterated by --solver (the default);
-# 'anderson': opt-in Anderson acceleration on the joint controlled state (same fixed point)
-CONTROLLER_SOLVERS = ("euler", "anderson")
+# --controller_solver, as the solver of `lcp.solvers.SOLVERS` it runs: 'euler' (the default) the
+# paper's explicit-Euler controlled dynamics iterated by --solver; 'anderson' opt-in Anderson
+# acceleration on the joint controlled state (`anderson_joint`: the same fixed point)
+CONTROLLER_SOLVERS = {"euler": None, "anderson": "anderson_joint"}
 
 # Which trainers each model supports, as in the paper's code: the conv-rnn model exposes no
 # readout slice, feedback module or block list, so only rbp and lcp-di can run on it.
@@ -185,7 +186,7 @@ class RunConfig:
                 raise ConfigError(f"setting '{f.name}': {exc}", f.name) from None
 
     def validate(self) -> None:
-        def choice(name: str, valid: tuple[str, ...]) -> None:
+        def choice(name: str, valid) -> None:
             value = getattr(self, name)
             if value not in valid:
                 raise ConfigError(

@@ -318,50 +318,12 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
     return fx_state, SolverStats(max_iter, trace[-1], False, max_iter, per_sample.clone(), trace)
 
 
-# solvers of the controlled phase that the `controller_solver` setting can name besides the
-# default ('euler': the paper's explicit-Euler dynamics iterated by `--solver`)
-CONTROLLER_SOLVERS: dict[str, Callable[..., tuple[State, SolverStats]]] = {
-    "anderson": anderson_joint,
-}
-
-
-class ControllerSolver:
-    """An accelerated solver for the controlled dynamics, bound to a run's settings; the same
-    call signature as `Solver`. Its threshold is the vanilla one (solver_error_threshold × dt),
-    on the same step error, so it stops at the same tolerance."""
-
-    def __init__(self, name: str, max_iter: int, error_threshold: float, metric: str = "l2",
-                 dt: float = 1.0, memory: int = 5, regulariser: float = 1e-6):
-        try:
-            self.fn = CONTROLLER_SOLVERS[name]
-        except KeyError:
-            raise LcpError(f"unknown controller solver {name!r}; valid: euler, "
-                           + ", ".join(CONTROLLER_SOLVERS)) from None
-        self.name = name
-        self.memory = memory
-        self.regulariser = regulariser
-        self.max_iter = max_iter
-        self.threshold = error_threshold * dt
-        self.metric = metric
-
-    @classmethod
-    def from_config(cls, cfg, name: str) -> "ControllerSolver":
-        return cls(name, cfg.solver_max_iter, cfg.solver_error_threshold,
-                   cfg.solver_threshold_metric, cfg.dt)
-
-    def keeps(self, state: State = (), pure: bool = True) -> int:
-        return 0  # every output is copied before fn runs again
-
-    def __call__(self, fn: StepFn, state: State, *, phase: str = "",
-                 max_iter: int | None = None, pure: bool = True) -> tuple[State, SolverStats]:
-        return self.fn(fn, tuple(state), max_iter=max_iter or self.max_iter,
-                       threshold=self.threshold, metric=self.metric, phase=phase,
-                       memory=self.memory, regulariser=self.regulariser)
-
-
+# every solver, by name; the run's `--solver` names `vanilla` or `anderson` (the paper's two), its
+# `--controller_solver=anderson` names `anderson_joint` (lcp.config.CONTROLLER_SOLVERS)
 SOLVERS: dict[str, Callable[..., tuple[State, SolverStats]]] = {
     "vanilla": vanilla,
     "anderson": anderson,
+    "anderson_joint": anderson_joint,
 }
 
 
@@ -373,11 +335,12 @@ def get_solver(name: str):
 
 
 class Solver:
-    """A solver bound to a run's settings: `solver(fn, state, phase=...)`.
+    """A solver of `SOLVERS` bound to a run's settings: `solver(fn, state, phase=...)`.
 
-    The vanilla threshold is `solver_error_threshold × dt` (as in the paper's code); the
-    Anderson threshold is not multiplied by dt. `check_every` (vanilla only): how often the
-    stopping error is read back — 0 (default) means every step on CPU and every
+    The threshold is `solver_error_threshold × dt` (as in the paper's code; `anderson_joint`
+    stops on the vanilla step error, so at the same tolerance), except for the paper's
+    Anderson, whose threshold is not multiplied by dt. `check_every` (vanilla only): how often
+    the stopping error is read back — 0 (default) means every step on CPU and every
     `CUDA_CHECK_EVERY` steps for CUDA states; the result is the same either way (see
     `vanilla`). A call with `pure=False` (a step with side effects, e.g. BatchNorm statistics)
     always checks every step.
@@ -390,13 +353,14 @@ class Solver:
         self.name = name
         self.fn = get_solver(name)
         self.max_iter = max_iter
-        self.threshold = error_threshold * dt if name == "vanilla" else error_threshold
+        self.threshold = error_threshold if name == "anderson" else error_threshold * dt
         self.metric = metric
         self.check_every = check_every
 
     @classmethod
-    def from_config(cls, cfg) -> "Solver":
-        return cls(cfg.solver, cfg.solver_max_iter, cfg.solver_error_threshold,
+    def from_config(cls, cfg, name: str | None = None) -> "Solver":
+        """The solver `name` (default: the run's `--solver`) with the run's settings."""
+        return cls(name or cfg.solver, cfg.solver_max_iter, cfg.solver_error_threshold,
                    cfg.solver_threshold_metric, cfg.dt)
 
     def _check_every(self, state: State, pure: bool) -> int:

@@ -141,4 +141,4 @@ def test_anderson_stops_on_the_l2_error_whatever_the_metric():
 def test_unknown_solver_lists_the_valid_ones():
     with pytest.raises(LcpError, match="vanilla, anderson"):
         get_solver("broyden")
-    assert set(SOLVERS) == {"vanilla", "anderson"}
+    assert set(SOLVERS) == {"vanilla", "anderson", "anderson_joint"}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lcp.config import RunConfig
 from lcp.errors import DivergenceError
 from lcp.models import build_model
-from lcp.solvers import ControllerSolver, Solver, anderson_joint, vanilla
+from lcp.solvers import Solver, anderson_joint, vanilla
 from lcp.trainers import build_trainer
 
 FLAT_TRAINERS = ["rbp", "lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd"]
@@ -258,7 +258,7 @@ def test_unknown_controller_solver_is_refused():
     from lcp.errors import LcpError
 
     with pytest.raises(LcpError, match="euler, anderson"):
-        ControllerSolver("broyden", 10, 1e-4)
+        RunConfig(model="ff", controller_solver="broyden")
 
 
 # ------------------------------------------------------------------ lcp-lf's noisy phase

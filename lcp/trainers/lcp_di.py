@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from lcp import native
-from lcp.config import RunConfig
+from lcp.config import CONTROLLER_SOLVERS, RunConfig
 from lcp.models import build_model
+from lcp.solvers import Solver
 from lcp.trainers.base import Trainer, loss_gradient
 
 
@@ -76,12 +77,9 @@ class LeastControlTrainer(Trainer):
 
     def controller(self):
         """The solver of the controlled phase: `--solver` (the paper's explicit-Euler dynamics
-        iterated to their fixed point) unless an accelerated one is chosen."""
-        if self.controller_solver == "euler":
-            return self.solver
-        from lcp.solvers import ControllerSolver
-
-        return ControllerSolver.from_config(self.cfg, self.controller_solver)
+        iterated to their fixed point) unless `--controller_solver` names an accelerated one."""
+        name = CONTROLLER_SOLVERS[self.controller_solver]
+        return self.solver if name is None else Solver.from_config(self.cfg, name)
 
     @torch.no_grad()
     def controlled_equilibrium(self, h, y, num_classes):
