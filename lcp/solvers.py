@@ -87,19 +87,19 @@ def _step_error(old: State, new: State, old_norm: torch.Tensor, metric: str):
 
 
 class MeasuredStep:
-    """A step function that can also report its own stopping error.
+    """A step function that also reports its own stopping error (the kernels of `lcp.native`).
 
     Called as any step function (`fn(x) -> (next state,)`); `measure(x)` returns
     `(next state, per-sample error, batch maximum)`, the l2 error `vanilla` would compute
-    between x and the next state, produced by the same pass that wrote the state (see
-    `lcp.native`). `vanilla` uses it for single-tensor states with the l2 metric.
+    between x and the next state, produced by the same pass that wrote the state. `vanilla`
+    uses it for single-tensor states with the l2 metric.
     """
 
-    def __init__(self, step: StepFn, measure: Callable[[torch.Tensor], tuple]):
-        self.step, self.measure = step, measure
+    def measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        raise NotImplementedError
 
-    def __call__(self, *state):
-        return self.step(*state)
+    def __call__(self, x: torch.Tensor) -> State:
+        return (self.measure(x)[0],)
 
 
 def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
@@ -153,12 +153,10 @@ def _vanilla_measured(measure, x: torch.Tensor, max_iter: int, threshold: float,
     """`vanilla` for a step that measures its own error (`MeasuredStep`)."""
     trace: list[float] = []
     per_sample = None
-    inf = float("inf")
     for it in range(1, max_iter + 1):
         x, per_sample, value = measure(x)
         trace.append(value)
-        if value != value or value == inf or value == -inf:
-            _check_finite(value, phase, it)
+        _check_finite(value, phase, it)
         if value < threshold:
             return (x,), SolverStats(it, value, True, max_iter, per_sample.clone(), trace)
     return (x,), SolverStats(max_iter, trace[-1] if trace else 0.0, False, max_iter,

@@ -1,23 +1,17 @@
-"""The accelerated CPU backend of the no-grad dynamics (`dynamics.cpp`), one per equation.
+"""The accelerated CPU backend of the no-grad dynamics (`dynamics.cpp`), one pass per equation
+(docs/equations.md names each one's PyTorch definition; docs/speed.md says why and how).
 
-Every equation the library computes has one definition, in PyTorch (docs/equations.md names the
-function). On the linear-block tanh models (ff, rnn) on CPU, a step of the controlled dynamics
-(lcp-di/kp/lf), of the free phase, of lcp-lf's noisy phase and of lcp-ebd's descent is instead
-tanh and the blocks' large matrix products (PyTorch's kernels) plus one or two passes of
-`dynamics.cpp` that do everything else, including the solver's stopping error. It is the only
-accelerated backend; `plan_for()` decides, per call, whether it runs:
-
-- `LCP_NATIVE=0` (a public setting: environment variable) switches it off; the PyTorch
-  definition then runs (slower on CPU, the same results to rounding);
-- the source is built on first use by `torch.utils.cpp_extension` (PyTorch's own compiler
-  flags, ABI and OpenMP; the machine's C++ compiler, `$CXX` else `c++`; `-O3 -march=native
-  -fopenmp`, then plainer flags) into a cache folder (`$LCP_CACHE_DIR`, else `~/.cache/lcp`; a
-  temporary folder if that is not writable), keyed by the source, the compiler, the flags,
-  PyTorch's version and the CPU's model and instruction-set flags, and its passes are called
-  through ctypes;
-- when it loads, one controlled step of a small random model is compared with the PyTorch
-  definition; if it cannot be built or loaded, or the check fails, one warning line says so
-  and the PyTorch definition runs. `status()` says which and why.
+On the linear-block tanh models (ff, rnn) on CPU, a step of the controlled dynamics
+(lcp-di/kp/lf), of the free phase, of lcp-lf's noisy phase and of lcp-ebd's descent is tanh and
+the blocks' large matrix products (PyTorch's kernels) plus one or two passes of `dynamics.cpp`
+that do everything else, including the solver's stopping error. `plan_for()` decides, per
+call, whether it runs: `LCP_NATIVE=0` (a public setting: environment variable) switches it off;
+the source is built on first use by `torch.utils.cpp_extension` (`$CXX` else `c++`) into a
+cache folder (`$LCP_CACHE_DIR`, else `~/.cache/lcp`; a temporary folder if that is not
+writable), keyed by the source, the compiler, the flags, PyTorch's version and the CPU; when it
+loads, one controlled step is compared with the PyTorch definition. If it cannot be built or
+loaded, or the check fails, one warning line says so and the PyTorch definition runs (slower on
+CPU, the same results to rounding); `status()` says which and why.
 """
 
 from __future__ import annotations
@@ -34,6 +28,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from lcp.solvers import MeasuredStep
 
 SOURCE = Path(__file__).with_name("dynamics.cpp")
 _FLAG_SETS = (
@@ -171,19 +167,22 @@ def _compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
+def _loaded() -> tuple[Kernels | None, str]:
+    """(kernels, '') or (None, why not), building them on first use."""
+    if _switched_off():
+        return None, "disabled by LCP_NATIVE=0"
+    return _load(_compiler(), os.environ.get("LCP_CACHE_DIR", ""))
+
+
 def library() -> Kernels | None:
     """The compiled kernels, building them on first use; None where they cannot be had or
     `LCP_NATIVE=0` is set."""
-    if _switched_off():
-        return None
-    return _load(_compiler(), os.environ.get("LCP_CACHE_DIR", ""))[0]
+    return _loaded()[0]
 
 
 def status() -> str:
     """One line: whether the compiled kernels are in use, and why not."""
-    if _switched_off():
-        return "compiled kernels not in use: disabled by LCP_NATIVE=0; the PyTorch definition runs"
-    lib, why = _load(_compiler(), os.environ.get("LCP_CACHE_DIR", ""))
+    lib, why = _loaded()
     if lib is not None:
         return f"compiled kernels in use ({lib.path})"
     return f"compiled kernels not in use: {why}; the PyTorch definition runs"
@@ -191,10 +190,8 @@ def status() -> str:
 
 def summary() -> str:
     """'on', or 'off: <why>' (for run tags and log lines)."""
-    status_line = status()
-    if status_line.startswith("compiled kernels in use"):
-        return "on"
-    return "off: " + status_line.split(": ", 1)[1].split("; the PyTorch")[0]
+    lib, why = _loaded()
+    return "on" if lib is not None else f"off: {why}"
 
 
 def _ptr(x):
@@ -280,7 +277,7 @@ def plan_for(model, h: torch.Tensor) -> Plan | None:
 
 
 # --------------------------------------------------------------------------- the free phase
-class FreeStep:
+class FreeStep(MeasuredStep):
     """v' = f(h, v) = h_b + Σ_blocks pad(tanh(v)_in Wᵀ) (`Trainer.free_equilibrium`), with its
     stopping error measured by the pass (`lcp.solvers.MeasuredStep`); its states live in two
     buffers it alternates between."""
@@ -310,14 +307,9 @@ class FreeStep:
                         plan.threads)
         return dst, self.per_sample, error
 
-    def stepper(self):
-        from lcp.solvers import MeasuredStep
-
-        return MeasuredStep(lambda v: (self.measure(v)[0],), self.measure)
-
 
 # --------------------------------------------------------------------- the controlled phase
-class ControlledStep:
+class ControlledStep(MeasuredStep):
     """`LeastControlTrainer.controlled_step` on one flat state [v | v̂ | uᵢ | e] (B × (2N + 2C)):
     tanh, the blocks' products and one pass, which also measures the vanilla solver's stopping
     error (the per-sample norm over the four concatenated tensors, as on the tuple state).
@@ -386,11 +378,6 @@ class ControlledStep:
         run_products(self._back[i])
         error = self._fn(*self._shape, src.data_ptr(), self.buffers[j].data_ptr(), *self._args)
         return self.buffers[j], self.per_sample, error
-
-    def stepper(self):
-        from lcp.solvers import MeasuredStep
-
-        return MeasuredStep(lambda x: (self.measure(x)[0],), self.measure)
 
     def unpack(self, x: torch.Tensor):
         """(v, v̂, uᵢ, e), contiguous copies."""

@@ -98,7 +98,7 @@ class Trainer:
         plan = native.plan_for(self.model, h)
         if plan is not None:
             kernel = native.FreeStep(plan)
-            (v,), stats = self.solver(kernel.stepper(), (kernel.start(),), phase="free")
+            (v,), stats = self.solver(kernel, (kernel.start(),), phase="free")
             return v, stats
         f = self.model.bind(h)
         step = self.maybe_compiled(_free_map)

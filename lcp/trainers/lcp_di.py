@@ -89,7 +89,7 @@ class LeastControlTrainer(Trainer):
         plan = native.plan_for(self.model, h)
         if plan is not None:
             kernel = native.ControlledStep(self, plan, onehot, ring=solver.keeps() + 1)
-            (x,), stats = solver(kernel.stepper(), (kernel.start(),), phase="controlled")
+            (x,), stats = solver(kernel, (kernel.start(),), phase="controlled")
             v, v_hat, u_i, e = kernel.unpack(x)
         else:
             v = self.model.zero_state(h)
