@@ -1,17 +1,10 @@
-"""Equilibrium models: an encoder E, an implicit map f(h, v) and a decoder D(v).
+"""Equilibrium models: an encoder E, an implicit map f(h, v) and a decoder D(v)
+(docs/equations.md, "Models"); trainers use only the methods of `EquilibriumModel`.
 
-A model computes `h = E(x)`, has a state `v` with the fixed point `v = f(h, v)`, and outputs
-`D(v)`. Trainers only use the methods of `EquilibriumModel`:
-
-- `encode(x)`, `implicit(h, v)`, `decode(v)`;
-- `implicit_vjp(h, v, e) -> (f(h, v), (∂f/∂v)ᵀ e)` and `decode_vjp(v, u) -> (D(v), (∂D/∂v)ᵀ u)`,
-  the vector–Jacobian products the controller dynamics need at every step. The base class
-  computes them with autograd; `LinearReadoutModel` (ff, rnn, conv-ff) has them in closed form,
-  which keeps autograd out of the controller loop.
-
-`bind(h)` gives the small interface the dynamics of every trainer use (docs/equations.md names
-the function of each equation). Modules are created in the same order as in the paper's code so
-that, under the same seed, the initial weights are the same.
+The vector–Jacobian products the dynamics need at every step are taken by autograd in the base
+class and in closed form by `LinearReadoutModel` (ff, rnn, conv-ff), which keeps autograd out of
+the controller loop. Modules are created in the same order as in the paper's code so that,
+under the same seed, the initial weights are the same.
 """
 
 from __future__ import annotations
@@ -59,16 +52,6 @@ class EquilibriumModel(nn.Module):
         """(∂D/∂v)ᵀ u alone."""
         return self.decode_vjp(v, u)[1]
 
-    # parameter groups the trainers treat differently (KP decays f and D, not E)
-    def encoder_parameters(self):
-        raise NotImplementedError
-
-    def implicit_parameters(self):
-        raise NotImplementedError
-
-    def decoder_parameters(self):
-        raise NotImplementedError
-
     def decode_has_side_effects(self) -> bool:
         """Whether calling D changes the model (a BatchNorm in training mode updates its
         running statistics): a solver must then not evaluate extra steps."""
@@ -90,7 +73,7 @@ def autograd_vjp(fn, v, e):
 
 
 class BoundImplicit:
-    """f(h, ·) and D for one batch: `f(v)`, `f.vjp(v, e)`, `f.transpose(v, e)`, `f.decode(v)`,
+    """f(h, ·) and D for one batch: `f(v)`, `f.transpose(v, e)`, `f.decode(v)`,
     `f.decode_transpose(v, u)` — the small interface the dynamics of every trainer use."""
 
     def __init__(self, model: EquilibriumModel, h: torch.Tensor):
@@ -98,9 +81,6 @@ class BoundImplicit:
 
     def __call__(self, v):
         return self.model.implicit(self.h, v)
-
-    def vjp(self, v, e):
-        return self.model.implicit_vjp(self.h, v, e)
 
     def transpose(self, v, e):
         return self.model.implicit_transpose(self.h, v, e)
@@ -207,41 +187,11 @@ class LinearReadoutModel(EquilibriumModel):
     def decode_vjp(self, v, u):
         return self.decode(v), self.decode_transpose(v, u)
 
-    def encoder_parameters(self):
-        return list(self.encoder.parameters())
-
-    def implicit_parameters(self):
-        return list(self.blocks.parameters())
-
-    def decoder_parameters(self):
-        return list(self.readout.parameters())
-
 
 def _conv_out_hw(spec: Block, layer: nn.Conv2d) -> tuple[int, int]:
     _, h, w = spec.in_shape
     k, s, p = layer.kernel_size[0], spec.conv["stride"], spec.conv["padding"]
     return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-
-def build_ff(input_shape, hidden: int, num_classes: int) -> LinearReadoutModel:
-    """[a1, a2]: a1 = W0 x + b0 (from h), a2 = W1 tanh(a1) + b1; D = W2 tanh(a2) + b2."""
-    n_in = int(math.prod(input_shape))
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden))
-    layer = nn.Linear(hidden, hidden)
-    model = LinearReadoutModel(
-        "ff", 2 * hidden, [Block(0, hidden, hidden, 2 * hidden, (hidden,))], [layer],
-        encoder, hidden, hidden, num_classes, "tanh")
-    return model
-
-
-def build_rnn(input_shape, hidden: int, num_classes: int) -> LinearReadoutModel:
-    """v = W0 x + b0 + W1 tanh(v) + b1; D = W2 tanh(v) + b2."""
-    n_in = int(math.prod(input_shape))
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden))
-    layer = nn.Linear(hidden, hidden)
-    return LinearReadoutModel(
-        "rnn", hidden, [Block(0, hidden, 0, hidden, (hidden,))], [layer],
-        encoder, hidden, 0, num_classes, "tanh")
 
 
 # conv-ff state blocks: 96×15×15, 128×7×7, 256×3×3, 2048, 2048
@@ -316,16 +266,6 @@ class ConvRNNModel(EquilibriumModel):
     def decode(self, v):
         return self.readout(F.avg_pool2d(self.decoder_norm(v), 8, 8).flatten(1))
 
-    def encoder_parameters(self):
-        return list(self.encoder.parameters())
-
-    def implicit_parameters(self):
-        mods = [self.conv1, self.conv2, self.norm1, self.norm2, self.norm3]
-        return [p for m in mods for p in m.parameters()]
-
-    def decoder_parameters(self):
-        return list(self.decoder_norm.parameters()) + list(self.readout.parameters())
-
 
 class _ConvRNNBound(BoundImplicit):
     def __init__(self, model: ConvRNNModel, h: torch.Tensor):
@@ -337,20 +277,23 @@ class _ConvRNNBound(BoundImplicit):
         m = self.model
         return m.norm3(F.relu(self.h + m.norm2(v + self.c)))
 
-    def vjp(self, v, e):
-        return autograd_vjp(self, v, e)
-
     def transpose(self, v, e):
-        return self.vjp(v, e)[1]
+        return autograd_vjp(self, v, e)[1]
 
 
 def build_model(cfg: RunConfig, input_shape, num_classes: int = 10) -> EquilibriumModel:
     """The model named by `cfg.model` (docs/equations.md, "Models"), with PyTorch's default
     initialisation."""
-    if cfg.model == "ff":
-        return build_ff(input_shape, cfg.rnn_hidden_units, num_classes)
-    if cfg.model == "rnn":
-        return build_rnn(input_shape, cfg.rnn_hidden_units, num_classes)
+    if cfg.model in ("ff", "rnn"):
+        hidden = cfg.rnn_hidden_units
+        encoder = nn.Sequential(nn.Flatten(), nn.Linear(int(math.prod(input_shape)), hidden))
+        layer = nn.Linear(hidden, hidden)
+        # ff: v = [a₁, a₂], the block writes a₂ = W₁ tanh(a₁) + b₁ and D reads a₂;
+        # rnn: v = W₀x + b₀ + W₁ tanh(v) + b₁, the block reads and writes all of v
+        out = hidden if cfg.model == "ff" else 0
+        return LinearReadoutModel(
+            cfg.model, out + hidden, [Block(0, hidden, out, out + hidden, (hidden,))], [layer],
+            encoder, hidden, out, num_classes, "tanh")
     if cfg.model == "conv-ff":
         return build_conv_ff(input_shape, num_classes)
     if cfg.model == "conv-rnn":

@@ -1,15 +1,11 @@
-"""lcp-kp: dynamic inversion with learned Kolen–Pollack feedback weights.
-
-The transposes of lcp-di are replaced by learned feedback maps:
-
-    e' = e + dt/τ_e · [ −e + φ'(v) ⊙ ( B(e) + P(D_t·u) ) ]
+"""lcp-kp: dynamic inversion with learned Kolen–Pollack feedback weights (docs/equations.md,
+"Controlled dynamics" and "lcp-kp").
 
 B has, for every forward block `in → out`, a bias-free map `out → in` (a Linear of transposed
 shape, or a ConvTranspose2d with the block's kernel/stride/padding), each initialised by
-PyTorch's default and divided by its Frobenius norm. D_t (H_readout × C) starts N(0, 1/(C·H_readout));
-P places D_t·u in the readout slice. The feedback update is −φ(ṽ) pulled back through
-B(e*) + P(D_t·u*) — the transpose of the forward update — and, with the decay of `pre_update`,
-the feedback weights come to mirror the forward weights.
+PyTorch's default and divided by its Frobenius norm. D_t (H_readout × C) starts
+N(0, 1/(C·H_readout)); P places D_t·u in the readout slice. With the decay of `pre_update`, the
+feedback weights come to mirror the forward weights.
 """
 
 from __future__ import annotations
@@ -84,8 +80,8 @@ class KolenPollackTrainer(LeastControlTrainer):
         """p ← p − kp_wd·p for every feedback parameter and every parameter of f and D."""
         if self.kp_wd == 0:
             return
-        params = (list(self.auxiliary.parameters()) + self.model.implicit_parameters()
-                  + self.model.decoder_parameters())
+        params = (list(self.auxiliary.parameters()) + list(self.model.blocks.parameters())
+                  + list(self.model.readout.parameters()))
         for p in params:
             p.sub_(self.kp_wd * p)
 
