@@ -31,7 +31,6 @@ import math
 import os
 import pickle
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -169,9 +168,9 @@ def _load_idx_pair(name: str, images_path: Path, labels_path: Path) -> tuple[Ten
 
 def _unpickle(path: Path) -> dict:
     # CIFAR-10's batches are Python 2 pickles; encoding="bytes" reads their str keys as bytes.
+    raw = _read_bytes(path)
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+        return pickle.loads(raw, encoding="bytes")
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise DataCorruptError(f"cannot read CIFAR-10 batch {path}: {exc}") from None
 
@@ -213,64 +212,31 @@ def _load_cifar_batches(paths: list[Path]) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------------- sources
-@dataclass
-class _Search:
-    """What was looked at, so a failure can tell the user exactly where we searched."""
-
-    lines: list[str]
-
-    def note(self, folder: Path, what: str, outcome: str) -> None:
-        self.lines.append(f"  - {folder} ({what}): {outcome}")
-
-
-def _try_idx_folder(
-    name: str, folder: Path, train: bool, what: str, search: _Search
-) -> tuple[Tensor, Tensor] | None:
-    wanted = _IDX_FILES[train]
-    found = [_find_file(folder, f) for f in wanted]
-    if all(found):
-        return _load_idx_pair(name, found[0], found[1])  # type: ignore[arg-type]
-    if not folder.is_dir():
-        search.note(folder, what, "no such folder")
-    else:
-        missing = [f for f, p in zip(wanted, found) if p is None]
-        search.note(folder, what, f"missing {', '.join(missing)} (or .gz)")
-    return None
-
-
-def _try_cifar_folder(folder: Path, train: bool, what: str, search: _Search):
-    wanted = _CIFAR_TRAIN_BATCHES if train else (_CIFAR_TEST_BATCH,)
-    paths = [folder / f for f in wanted]
-    if all(p.is_file() for p in paths):
-        return _load_cifar_batches(paths)
-    if not folder.is_dir():
-        search.note(folder, what, "no such folder")
-    else:
-        missing = [p.name for p in paths if not p.is_file()]
-        search.note(folder, what, f"missing {', '.join(missing)}")
-    return None
-
-
-def _find_local(name: str, root: Path, train: bool, search: _Search):
-    """Sources 1-3: every place on disk the data may already be, in order."""
+def _find_local(name: str, root: Path, train: bool, searched: list[str]):
+    """Sources 1-3: every place on disk the data may already be, in order; each place that
+    does not hold the split adds a line to `searched` saying why."""
     if name == "cifar10":
-        for folder, what in ((root / _CIFAR_FOLDER, "torchvision layout"),
-                             (root, "CIFAR-10 python batches")):
-            loaded = _try_cifar_folder(folder, train, what, search)
-            if loaded is not None:
-                return loaded
-        return None
-    candidates = [
-        (root / _TORCHVISION_FOLDER[name] / "raw", "torchvision layout"),
-        (root, "plain IDX folder"),
-        (root / name, "plain IDX folder"),
-    ]
-    if name == "fashion-mnist":
-        candidates.append((DEBIAN_FASHION_MNIST_DIR, "Debian package dataset-fashion-mnist"))
-    for folder, what in candidates:
-        loaded = _try_idx_folder(name, folder, train, what, search)
-        if loaded is not None:
-            return loaded
+        wanted = _CIFAR_TRAIN_BATCHES if train else (_CIFAR_TEST_BATCH,)
+        places = [(root / _CIFAR_FOLDER, "torchvision layout"),
+                  (root, "CIFAR-10 python batches")]
+        load = _load_cifar_batches
+    else:
+        wanted = _IDX_FILES[train]
+        places = [(root / _TORCHVISION_FOLDER[name] / "raw", "torchvision layout"),
+                  (root, "plain IDX folder"), (root / name, "plain IDX folder")]
+        if name == "fashion-mnist":
+            places.append((DEBIAN_FASHION_MNIST_DIR, "Debian package dataset-fashion-mnist"))
+
+        def load(paths):
+            return _load_idx_pair(name, *paths)
+
+    for folder, what in places:
+        found = [_find_file(folder, f) for f in wanted]
+        if all(found):
+            return load(found)
+        missing = ", ".join(f for f, path in zip(wanted, found) if path is None)
+        outcome = f"missing {missing} (or .gz)" if folder.is_dir() else "no such folder"
+        searched.append(f"  - {folder} ({what}): {outcome}")
     return None
 
 
@@ -318,7 +284,8 @@ def _remove_new_empty_folders(top: Path, existing: set[str]) -> None:
             pass
 
 
-def _not_found_message(name: str, root: Path, train: bool, search: _Search, download: str) -> str:
+def _not_found_message(name: str, root: Path, train: bool, searched: list[str],
+                       download: str) -> str:
     split = "training" if train else "test"
     if name == "cifar10":
         how = (
@@ -342,7 +309,7 @@ def _not_found_message(name: str, root: Path, train: bool, search: _Search, down
     how += "  - or allow the download (run with network access) so torchvision fetches it."
     return (
         f"could not find the {name} dataset ({split} split).\n"
-        f"Folders searched:\n" + "\n".join(search.lines) + "\n"
+        f"Folders searched:\n" + "\n".join(searched) + "\n"
         f"Download into {root}: {download}\n"
         f"To fix it:\n{how}"
     )
@@ -361,8 +328,8 @@ def load_split(
         images, labels = mnist_sample(train)
         return (torch.tensor(images).float().div_(255).unsqueeze(1), torch.tensor(labels))
     root = Path(data_dir).expanduser().absolute()
-    search = _Search(lines=[])
-    loaded = _find_local(name, root, train, search)
+    searched: list[str] = []
+    loaded = _find_local(name, root, train, searched)
     if loaded is not None:
         return loaded
     if not download:
@@ -370,14 +337,13 @@ def load_split(
     else:
         failure = _torchvision_download(name, root, train)
         if failure is None:
-            after = _Search(lines=[])
-            loaded = _find_local(name, root, train, after)
+            loaded = _find_local(name, root, train, [])
             if loaded is not None:
                 return loaded
             outcome = "torchvision reported success but the files are not where expected"
         else:
             outcome = f"failed ({failure})"
-    raise DataNotFoundError(_not_found_message(name, root, train, search, outcome))
+    raise DataNotFoundError(_not_found_message(name, root, train, searched, outcome))
 
 
 def mnist_sample(train: bool) -> tuple[np.ndarray, np.ndarray]:
