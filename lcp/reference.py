@@ -13,59 +13,38 @@ from typing import Mapping
 import torch
 
 from lcp.errors import LcpError
-from lcp.models import ConvRNNModel, EquilibriumModel, LinearReadoutModel
+from lcp.models import EquilibriumModel
 
 
-def _linear_readout_key(model: LinearReadoutModel, key: str) -> str | None:
-    m = re.fullmatch(r"_implicit_module\.module_list\.(\d+)\.1\.(weight|bias)", key)
-    if m:
-        return f"blocks.{m.group(1)}.{m.group(2)}"
-    m = re.fullmatch(r"_decoder_module\.2\.(weight|bias)", key)
-    if m:
-        return f"readout.{m.group(1)}"
-    if model.name in ("ff", "rnn"):
-        m = re.fullmatch(r"_encoder_module\.1\.(weight|bias)", key)
-        if m:
-            return f"encoder.1.{m.group(1)}"
-    else:  # conv-ff: Conv2d is the encoder's first module
-        m = re.fullmatch(r"_encoder_module\.0\.(weight|bias)", key)
-        if m:
-            return f"encoder.0.{m.group(1)}"
-    return None
-
-
-def _conv_rnn_key(key: str) -> str | None:
-    m = re.fullmatch(r"_encoder_module\.([01])\.(.+)", key)
-    if m:
-        return f"encoder.{m.group(1)}.{m.group(2)}"
-    m = re.fullmatch(r"_implicit_module\.((?:conv|norm)\d)\.(.+)", key)
-    if m:
-        return f"{m.group(1)}.{m.group(2)}"
-    m = re.fullmatch(r"_decoder_module\.0\.(.+)", key)
-    if m:
-        return f"decoder_norm.{m.group(1)}"
-    m = re.fullmatch(r"_decoder_module\.3\.(weight|bias)", key)
-    if m:
-        return f"readout.{m.group(1)}"
-    return None
+# the paper's key names (patterns) and ours, per model
+_BLOCKS = (r"_implicit_module\.module_list\.(\d+)\.1\.(weight|bias)", r"blocks.\1.\2")
+_READOUT = (r"_decoder_module\.2\.(weight|bias)", r"readout.\1")
+_KEYS = {
+    "ff": [(r"_encoder_module\.1\.(weight|bias)", r"encoder.1.\1"), _BLOCKS, _READOUT],
+    "rnn": [(r"_encoder_module\.1\.(weight|bias)", r"encoder.1.\1"), _BLOCKS, _READOUT],
+    # conv-ff: Conv2d is the encoder's first module
+    "conv-ff": [(r"_encoder_module\.0\.(weight|bias)", r"encoder.0.\1"), _BLOCKS, _READOUT],
+    "conv-rnn": [(r"_encoder_module\.([01])\.(.+)", r"encoder.\1.\2"),
+                 (r"_implicit_module\.((?:conv|norm)\d)\.(.+)", r"\1.\2"),
+                 (r"_decoder_module\.0\.(.+)", r"decoder_norm.\1"),
+                 (r"_decoder_module\.3\.(weight|bias)", r"readout.\1")],
+}
 
 
 def convert_reference_state_dict(model: EquilibriumModel,
                                  state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The paper's key names → ours (raises on keys it cannot place)."""
+    if model.name not in _KEYS:
+        raise LcpError(f"no reference mapping for model {type(model).__name__}")
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        if isinstance(model, ConvRNNModel):
-            new = _conv_rnn_key(key)
-        elif isinstance(model, LinearReadoutModel):
-            new = _linear_readout_key(model, key)
+        found = [m.expand(ours) for pattern, ours in _KEYS[model.name]
+                 if (m := re.fullmatch(pattern, key))]
+        if found:
+            out[found[0]] = value
         else:
-            raise LcpError(f"no reference mapping for model {type(model).__name__}")
-        if new is None:
             unknown.append(key)
-        else:
-            out[new] = value
     if unknown:
         raise LcpError(
             f"these keys of the reference state_dict do not belong to a '{model.name}' model: "
