@@ -30,10 +30,9 @@ def _duration(seconds: float) -> str:
 class ProgressBar(Callback):
     """`plain`: None (the default) chooses plain lines when `stream` is not a terminal."""
 
-    def __init__(self, stream=None, disable: bool | None = None, plain: bool | None = None,
+    def __init__(self, stream=None, plain: bool | None = None,
                  interval_s: float = DEFAULT_INTERVAL_S):
         self.stream = stream or sys.stderr
-        self.disable = disable
         if plain is None:
             isatty = getattr(self.stream, "isatty", None)
             plain = not (isatty is not None and isatty())
@@ -58,7 +57,7 @@ class ProgressBar(Callback):
         if not self.plain:
             self.bar = tqdm(total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/"
                             f"{state.cfg.num_epochs}", file=self.stream, leave=True,
-                            disable=self.disable, dynamic_ncols=True)
+                            disable=None, dynamic_ncols=True)  # None: silent off a terminal
 
     def on_step_end(self, state, stats):
         if self._t_epoch is None:
@@ -101,8 +100,6 @@ class ProgressBar(Callback):
         return sum(self._iters) / len(self._iters) if self._iters else 0.0
 
     def _line(self, state, epoch: int, extra: str = "") -> None:
-        if self.disable:
-            return
         now = time.monotonic()
         self._t_line = now
         elapsed = now - self._t_fit
