@@ -1,11 +1,10 @@
-"""The training loop, readable top to bottom: `fit(cfg, callbacks)` (docs/equations.md).
+"""The training loop, readable top to bottom: `fit(cfg, callbacks)` (docs/equations.md,
+"Training loop").
 
-Per batch: explicit pre-update rules → the trainer's update into `.grad` → explicit post-update
-rules → optional clipping (model and trainer parameters separately) → optimizer step →
-scheduler step. Every `eval_epochs` epochs the test (and validation) set is evaluated; at the
-end the train and test sets, as the paper's script prints them (`eval_train/*`, `eval_test/*`).
-LCP runs measure their update's alignment with the exact gradient at the end of each epoch (and
-every `align_every` steps) without touching the trajectory (`lcp.alignment`).
+Every `eval_epochs` epochs the test (and validation) set is evaluated; at the end the train and
+test sets, as the paper's script prints them (`eval_train/*`, `eval_test/*`). LCP runs measure
+their update's alignment with the exact gradient at the end of each epoch (and every
+`align_every` steps) without touching the trajectory (`lcp.alignment`).
 
 With `checkpoint_path`, the complete state (model, trainer, optimizer, scheduler, RNG, history)
 is written atomically at the end of every epoch, and a later `fit` with the same path resumes
@@ -118,14 +117,11 @@ class EpochStats:
         out: dict[str, float] = {}
         for key, vals in self.values.items():
             arr = np.asarray(vals, dtype=float)
-            if key.endswith("/iterations"):
+            if key.endswith(("/iterations", "/residual")):
                 out[f"{key}_mean"] = float(arr.mean())
                 out[f"{key}_max"] = float(arr.max())
             elif key.endswith("/hit_max_iter"):
                 out[f"{key}_count"] = float(arr.sum())
-            elif key.endswith("/residual"):
-                out[f"{key}_mean"] = float(arr.mean())
-                out[f"{key}_max"] = float(arr.max())
             else:
                 out[f"train/{key}"] = float(arr.mean())
         return out

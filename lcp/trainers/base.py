@@ -139,12 +139,9 @@ class Trainer:
         return {f"{prefix}loss": loss, f"{prefix}accuracy": acc}
 
     def least_control_update(self, h, v, e, u, y, implicit_signal) -> tuple[torch.Tensor, dict]:
-        """Write the least-control update of a controlled equilibrium (v*, e*, u*) into `.grad`.
-
-        With ṽ = f(h, v*) + e*, the gradient reaching ṽ is replaced by `implicit_signal` (−e* for
-        lcp-di) and carried through f(h, v*) into f and, through h, into E; D receives
-        −(∂D(ṽ)/∂θ)ᵀu*. Returns ṽ and the stats of the controlled (and, when tracked, the free)
-        output.
+        """Write the least-control update of a controlled equilibrium (v*, e*, u*) into `.grad`
+        (docs/equations.md, "The least-control update"; `implicit_signal` gives s). Returns
+        ṽ = f(h, v*) + e* and the stats of the controlled (and, when tracked, the free) output.
         """
         model = self.model
         f_v = model.implicit(h, v)  # graph into f and, through h, into E

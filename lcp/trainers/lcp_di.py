@@ -1,18 +1,5 @@
-"""lcp-di: the least-control principle with a dynamic-inversion controller.
-
-The controlled state is (v, v̂, uᵢ, e), all zero at start. One explicit-Euler step, every
-right-hand side using the old state (docs/equations.md, "Controlled dynamics"):
-
-    g   = ∇_v̂ L(v̂, y)
-    u   = k_i·uᵢ − k_p·g
-    e'  = e  + dt/τ_e · [ (∂f/∂v)ᵀe − e + (∂D/∂v)ᵀu ]
-    v'  = v  + dt/τ_v · [ f(h, v) − v + e ]
-    v̂'  = v̂  + dt/τ_v · [ D(v) − v̂ + u ]
-    uᵢ' = uᵢ + dt/τ_u · [ −g − α·uᵢ ]
-
-At the controlled equilibrium, with u* = k_i·uᵢ* − k_p·∇L(v̂*) and ṽ = f(h, v*) + e*, the update
-is −(∂f(h, v*)/∂θ)ᵀe* for f and E, and −(∂D(ṽ)/∂θ)ᵀu* for D.
-"""
+"""lcp-di: the least-control principle with a dynamic-inversion controller (docs/equations.md,
+"Controlled dynamics" and "The least-control update")."""
 
 from __future__ import annotations
 

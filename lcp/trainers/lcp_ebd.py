@@ -1,13 +1,8 @@
-"""lcp-ebd: least control found by minimising an energy (docs/equations.md, "lcp-ebd").
+"""lcp-ebd: least control found by minimising an energy over the leaf states (v, v̂) for
+exactly `solver_max_iter` steps of Adam or gradient descent (docs/equations.md, "lcp-ebd").
 
-Leaf states v (N) and v̂ (C) start at zero — or, with `ff_init`, at the free equilibrium and
-D(v*) — and Adam (`ebd_optim=adam`) or plain gradient descent (`gd`) at `ebd_lr` minimises, for
-exactly `solver_max_iter` steps and with h held fixed,
-
-    E(v, v̂) = ½·Σ‖v − f(h, v)‖² + ½·Σ‖v̂ − D(v)‖² + (1/α)·L(v̂, y).
-
-Its gradient is taken in closed form (`energy_gradient`), so no graph is built per step. Then
-e* = v* − f(h, v*), u* = v̂* − D(v*), and the update is the lcp-di rule.
+The energy's gradient is taken in closed form (`energy_gradient`), so no graph is built per
+step.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""lcp-lf: least control with a fixed-rule linear feedback Q (N × C).
-
-Controlled dynamics as lcp-di, but the controller reaches the network through Q:
-e' = Q·u and v' = v + dt/τ_v·[f(h, v) − v + Q·u] (u from the current state). The update is
-−(∂f/∂θ)ᵀ(e* ⊙ φ'(ṽ)) for f and E, −(∂D/∂θ)ᵀu* for D.
+"""lcp-lf: least control with a fixed-rule linear feedback Q (N × C) (docs/equations.md,
+"Controlled dynamics" and "lcp-lf").
 
 Q is not trained by the optimizer: after each batch's update, `post_update` runs a noisy phase
-from the controlled equilibrium and moves Q by its local rule (docs/equations.md, "lcp-lf").
+from the controlled equilibrium and moves Q by its local rule.
 """
 
 from __future__ import annotations
@@ -71,13 +68,8 @@ class LinearFeedbackTrainer(LeastControlTrainer):
                 "rate_u": rate_u, "keep_ui": 1.0 - rate_u * self.alpha}
 
     def noisy_step(self, f, onehot, u_ref, rates, xi, v, v_hat, u_i, eps):
-        """One step of the noisy phase (docs/equations.md, "lcp-lf"):
-
-            u   = k_i·uᵢ − k_p·g,  g = ∇L(v̂)        v_fb = Q·u + σ·ε
-            ε'  = ε + T/τ_ε·(−dt'·ε + √dt'·ξ)        v'  = v + dt/τ_v·[f(h, v) − v + v_fb]
-            v̂'  = v̂ + dt'/τ_v·[D(v) − v̂ + u]        uᵢ' = uᵢ + dt'/τ_u·[−g − α·uᵢ]
-
-        ξ ~ N(0, I) is drawn by the caller (PyTorch's generator, also when this is compiled).
+        """One step of the noisy phase (docs/equations.md, "lcp-lf"). ξ ~ N(0, I) is drawn by
+        the caller (PyTorch's generator, also when this is compiled).
         Returns the next (v, v̂, uᵢ, ε) and this step's −v_fbᵀ(u − u_ref) summed over the batch
         (A's increment times σ²)."""
         g = loss_gradient(v_hat, onehot)
