@@ -126,16 +126,10 @@ def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
         new_state = tuple(fn(*state))
         err, per_sample, old_norm = _step_error(state, new_state, old_norm, metric)
         state = new_state
-        if k == 1:
-            value = err.item()
-            trace.append(value)
-            _check_finite(value, phase, it)
-            if value < threshold:
-                return state, SolverStats(it, value, True, max_iter, per_sample, trace)
-            continue
         pending.append((new_state, err, per_sample))
         if len(pending) == k or it == max_iter:
-            values = torch.stack([p[1] for p in pending]).tolist()  # the one sync
+            # the one sync of these k steps
+            values = [err.item()] if k == 1 else torch.stack([p[1] for p in pending]).tolist()
             first = it - len(pending) + 1
             for j, value in enumerate(values):
                 trace.append(value)
