@@ -28,28 +28,23 @@ class FeedbackWeights(nn.Module):
         self.specs = model.block_specs
         self.state_size = model.state_size
         self.readout_start = model.readout_start
-        maps = []
+        maps, self._out_shapes = [], []  # the out shape each map reads (None: flat)
         for spec, layer in zip(model.block_specs, model.blocks):
             if spec.conv is None:
                 fb = nn.Linear(layer.out_features, layer.in_features, bias=False)
+                self._out_shapes.append(None)
             else:
                 fb = nn.ConvTranspose2d(layer.out_channels, layer.in_channels,
                                         kernel_size=layer.kernel_size, stride=spec.conv["stride"],
                                         padding=spec.conv["padding"], bias=False)
+                side = int(round(math.sqrt((spec.out_end - spec.out_start) / layer.out_channels)))
+                self._out_shapes.append((layer.out_channels, side, side))
             with torch.no_grad():
                 fb.weight /= fb.weight.norm()
             maps.append(fb)
         self.maps = nn.ModuleList(maps)
         c, h_r = model.num_classes, model.readout_size
         self.D_t = nn.Parameter(torch.randn(h_r, c) / math.sqrt(c * h_r))
-        self._out_shapes = []
-        for spec, layer in zip(model.block_specs, model.blocks):
-            if spec.conv is None:
-                self._out_shapes.append(None)
-            else:
-                n_out = spec.out_end - spec.out_start
-                side = int(round(math.sqrt(n_out / layer.out_channels)))
-                self._out_shapes.append((layer.out_channels, side, side))
 
     def forward(self, e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """B(e) + P(D_t·u), a vector in state space."""
