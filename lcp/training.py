@@ -84,6 +84,12 @@ def evaluate(trainer, loader, device) -> dict[str, float]:
     return {"loss": float(np.mean(losses)), "accuracy": float(np.mean(accs))}
 
 
+def evaluate_splits(trainer, loaders, splits, device) -> dict[str, float]:
+    """`evaluate` on each of `splits` that `loaders` has, as `eval_<split>/<metric>`."""
+    return {f"eval_{split}/{k}": v for split in splits if split in loaders
+            for k, v in evaluate(trainer, loaders[split], device).items()}
+
+
 def update_norm(params) -> float:
     """The l2 norm of the update (the `.grad` of `params`), summed in float64: in float32 the
     sum of squares overflows from a norm of about 1.8e19, while every element is still finite."""
@@ -253,10 +259,7 @@ def fit(cfg: RunConfig, callbacks=(), *, checkpoint_path: str | os.PathLike | No
                 record.update(probe.measure())
             epoch = state.epoch + 1
             if cfg.eval_epochs > 0 and epoch % cfg.eval_epochs == 0:
-                for split in ("test", "val"):
-                    if split in eval_loaders:
-                        for k, v in evaluate(trainer, eval_loaders[split], device).items():
-                            record[f"eval_{split}/{k}"] = v
+                record.update(evaluate_splits(trainer, eval_loaders, ("test", "val"), device))
             record["epoch"] = epoch
             state.epoch = epoch
             state.history.append(record)
@@ -264,12 +267,8 @@ def fit(cfg: RunConfig, callbacks=(), *, checkpoint_path: str | os.PathLike | No
                 save_checkpoint(checkpoint_path, state)
             cbs.on_epoch_end(state, record)
 
-        final: dict[str, float] = {}
-        if state.stop_reason is None:
-            for split in ("train", "test", "val"):
-                if split in eval_loaders:
-                    for k, v in evaluate(trainer, eval_loaders[split], device).items():
-                        final[f"eval_{split}/{k}"] = v
+        final = {} if state.stop_reason is not None else evaluate_splits(
+            trainer, eval_loaders, ("train", "test", "val"), device)
         result = FitResult(final, state.history, state.stop_reason, state.epoch)
         cbs.on_fit_end(state, result)
         return result
