@@ -1,8 +1,8 @@
 /*
  * The accelerated CPU backend of the no-grad dynamics of the linear-block tanh models (ff, rnn):
  * each pass computes the element-wise part of one step of an equation of docs/equations.md
- * whose one definition is PyTorch code in lcp/ (named at each pass); the Python side
- * (lcp/native/__init__.py) checks a step of each against that definition when it loads.
+ * whose one definition is PyTorch code in lcp/ (named at each pass); when it loads, a controlled
+ * step is checked against that definition (lcp/trainers/lcp_di.py, check_compiled_step).
  *
  * A step of the controlled dynamics is tanh and two large matrix products (the blocks'
  * t W^T and their transposed products e_out M; done by the caller with PyTorch's kernels)
