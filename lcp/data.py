@@ -25,6 +25,7 @@ neither found nor downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import math
@@ -278,10 +279,8 @@ def _folders(top: Path) -> set[str]:
 def _remove_new_empty_folders(top: Path, existing: set[str]) -> None:
     """Remove the folders under (and including) `top` that are not in `existing` and empty."""
     for folder in sorted(_folders(top) - existing, key=len, reverse=True):
-        try:
+        with contextlib.suppress(OSError):  # not empty (a partial file worth keeping) or gone
             os.rmdir(folder)
-        except OSError:  # not empty (a partial file worth keeping) or gone
-            pass
 
 
 def _not_found_message(name: str, root: Path, train: bool, searched: list[str],

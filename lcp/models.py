@@ -259,9 +259,12 @@ class ConvRNNModel(EquilibriumModel):
         once per batch and every step evaluates f(h, v) = GN3(ReLU(h + GN2(v + c)))."""
         return _ConvRNNBound(self, h)
 
-    def implicit(self, h, v):
-        y = self.norm1(F.relu(self.conv1(h)))
-        return self.norm3(F.relu(h + self.norm2(v + self.conv2(y))))
+    def conv_path(self, h):  # c, the part of f that reads only h (see `bind`)
+        return self.conv2(self.norm1(F.relu(self.conv1(h))))
+
+    def implicit(self, h, v, c=None):
+        c = self.conv_path(h) if c is None else c
+        return self.norm3(F.relu(h + self.norm2(v + c)))
 
     def decode(self, v):
         return self.readout(F.avg_pool2d(self.decoder_norm(v), 8, 8).flatten(1))
@@ -271,11 +274,10 @@ class _ConvRNNBound(BoundImplicit):
     def __init__(self, model: ConvRNNModel, h: torch.Tensor):
         super().__init__(model, h)
         with torch.no_grad():
-            self.c = model.conv2(model.norm1(F.relu(model.conv1(self.h))))
+            self.c = model.conv_path(self.h)
 
     def __call__(self, v):
-        m = self.model
-        return m.norm3(F.relu(self.h + m.norm2(v + self.c)))
+        return self.model.implicit(self.h, v, self.c)
 
     def transpose(self, v, e):
         return autograd_vjp(self, v, e)[1]
