@@ -13,6 +13,7 @@ from it instead of starting over.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -181,12 +182,11 @@ def load_trusted_payload(path: str | os.PathLike, map_location, what: str):
     other global is refused with one line."""
     import pickle
 
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # PyTorch ≥ 2.5
+    allowed = safe_globals(_numpy_array_globals()) if safe_globals else contextlib.nullcontext()
     try:
-        if safe_globals is not None:
-            with safe_globals(_numpy_array_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with allowed:
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(exc))
         needs = f" (it asks for {found.group(1)})" if found else ""
