@@ -251,11 +251,8 @@ class RunConfig:
 
 
 def _field_kind(f: dataclasses.Field) -> str:
-    annotation = str(f.type)
-    for kind in ("bool", "int", "float"):
-        if annotation == kind:
-            return kind
-    return "str"
+    """'bool', 'int' or 'float' as annotated, else 'str' (also `str | None`)."""
+    return f.type if f.type in ("bool", "int", "float") else "str"
 
 
 def _coerce(value: Any, kind: str) -> Any:
