@@ -48,6 +48,10 @@ class EquilibriumModel(nn.Module):
         """(∂f/∂v)ᵀ e alone."""
         return self.implicit_vjp(h, v, e)[1]
 
+    def implicit_transpose_at(self, h, v):
+        """e ↦ (∂f/∂v at v)ᵀ e, for many e at one v (rbp's adjoint equation)."""
+        return autograd_transpose_at(lambda v: self.implicit(h.detach(), v), v)
+
     def decode_transpose(self, v, u):
         """(∂D/∂v)ᵀ u alone."""
         return self.decode_vjp(v, u)[1]
@@ -72,6 +76,14 @@ def autograd_vjp(fn, v, e):
     return out.detach(), vjp
 
 
+def autograd_transpose_at(fn, v):
+    """e ↦ (∂fn/∂v at v)ᵀ e by autograd: the graph of fn at v is built once and reused."""
+    with torch.enable_grad():
+        v = v.detach().requires_grad_(True)
+        out = fn(v)
+    return lambda e: torch.autograd.grad(out, v, e, retain_graph=True)[0]
+
+
 class BoundImplicit:
     """f(h, ·) and D for one batch: `f(v)`, `f.transpose(v, e)`, `f.decode(v)`,
     `f.decode_transpose(v, u)` — the small interface the dynamics of every trainer use."""
@@ -84,6 +96,10 @@ class BoundImplicit:
 
     def transpose(self, v, e):
         return self.model.implicit_transpose(self.h, v, e)
+
+    def transpose_at(self, v):
+        """e ↦ (∂f/∂v at v)ᵀ e: what depends on v alone is computed once."""
+        return self.model.implicit_transpose_at(self.h, v)
 
     def decode(self, v):
         return self.model.decode(v)
@@ -171,11 +187,19 @@ class LinearReadoutModel(EquilibriumModel):
             stride=spec.conv["stride"], padding=spec.conv["padding"]).flatten(1)
 
     def implicit_transpose(self, h, v, e):
-        vjp = torch.zeros_like(v)
+        return self._transpose_with(self.act_grad(v), e)
+
+    def implicit_transpose_at(self, h, v):
+        derivative = self.act_grad(v)  # φ'(v), once for every e
+        return lambda e: self._transpose_with(derivative, e)
+
+    def _transpose_with(self, derivative, e):
+        """(∂f/∂v)ᵀ e given φ'(v): Σ_b (e_out,b W_b) into block b's input columns, times φ'(v)."""
+        vjp = torch.zeros_like(derivative)
         for spec, layer in zip(self.block_specs, self.blocks):
             back = self._layer_transpose(spec, layer, e[:, spec.out_start:spec.out_end])
             vjp[:, spec.in_start:spec.in_end] += back
-        return vjp * self.act_grad(v)
+        return vjp * derivative
 
     def implicit_vjp(self, h, v, e):
         return self.implicit(h, v), self.implicit_transpose(h, v, e)
@@ -281,6 +305,9 @@ class _ConvRNNBound(BoundImplicit):
 
     def transpose(self, v, e):
         return autograd_vjp(self, v, e)[1]
+
+    def transpose_at(self, v):
+        return autograd_transpose_at(self, v)
 
 
 def build_model(cfg: RunConfig, input_shape, num_classes: int = 10) -> EquilibriumModel:

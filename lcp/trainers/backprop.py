@@ -54,12 +54,11 @@ class RecurrentBackpropTrainer(Trainer):
         loss = F.cross_entropy(logits, y)
         loss.backward()  # decoder grads and g = ∂L/∂v̄
         g = v_bar_leaf.grad
-        f = model.bind(h)
-        step = self.maybe_compiled(_adjoint_map)
         # J at v̄ = f(h, v*), the state on the graph, as the paper's code differentiates it
-        at = v_bar_leaf.detach()
+        transpose = model.bind(h).transpose_at(v_bar_leaf.detach())
+        step = self.maybe_compiled(_adjoint_map)
         with torch.no_grad():
-            (gamma,), adjoint = self.solver(lambda gamma: (step(f, at, g, gamma),), (g,),
+            (gamma,), adjoint = self.solver(lambda gamma: (step(transpose, g, gamma),), (g,),
                                             phase="adjoint")
         v_bar.backward(gamma)
         stats = self.output_stats(logits.detach(), y, loss=loss.detach())
@@ -68,6 +67,7 @@ class RecurrentBackpropTrainer(Trainer):
         return stats
 
 
-def _adjoint_map(f, at, g, gamma):
-    """One step of the adjoint equation γ = Jᵀγ + g, J = ∂f/∂v at `at` (docs/equations.md)."""
-    return f.transpose(at, gamma) + g
+def _adjoint_map(transpose, g, gamma):
+    """One step of the adjoint equation γ = Jᵀγ + g (docs/equations.md); `transpose` is
+    γ ↦ Jᵀγ at v̄ (`BoundImplicit.transpose_at`)."""
+    return transpose(gamma) + g
