@@ -50,8 +50,15 @@ def relative_error(old: State, new: State, metric: str = "l2") -> tuple[torch.Te
     return err, per_sample
 
 
-def _check_finite(value: float, phase: str, iteration: int) -> None:
+def _check_finite(value: float, phase: str, iteration: int,
+                  state: Sequence[torch.Tensor]) -> None:
+    """Raise DivergenceError when the state has stopped being finite. A stopping error that is
+    not finite while every element of the state is (a float32 norm overflows once elements pass
+    ~1e18) is not divergence: it counts as not converged and the iteration goes on, as the
+    paper's solver does (its error is then NaN, never below the threshold)."""
     if value != value or value in (float("inf"), float("-inf")):
+        if all(bool(torch.isfinite(t).all()) for t in state):
+            return
         where = f" in phase '{phase}'" if phase else ""
         raise DivergenceError(
             f"the dynamics diverged{where}: the state stopped being finite at iteration "
@@ -133,7 +140,7 @@ def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
             first = it - len(pending) + 1
             for j, value in enumerate(values):
                 trace.append(value)
-                _check_finite(value, phase, first + j)
+                _check_finite(value, phase, first + j, pending[j][0])
                 if value < threshold:
                     kept, _, kept_per_sample = pending[j]
                     return kept, SolverStats(first + j, value, True, max_iter, kept_per_sample,
@@ -150,7 +157,7 @@ def _vanilla_measured(measure, x: torch.Tensor, max_iter: int, threshold: float,
     for it in range(1, max_iter + 1):
         x, per_sample, value = measure(x)
         trace.append(value)
-        _check_finite(value, phase, it)
+        _check_finite(value, phase, it, (x,))
         if value < threshold:
             return (x,), SolverStats(it, value, True, max_iter, per_sample.clone(), trace)
     return (x,), SolverStats(max_iter, trace[-1] if trace else 0.0, False, max_iter,
@@ -215,7 +222,7 @@ def anderson(fn: StepFn, state: State, *, max_iter: int, threshold: float, metri
         err, per_sample = relative_error((F[:, slot],), (X[:, slot],), "l2")
         value = err.item()
         trace.append(value)
-        _check_finite(value, phase, k + 1)
+        _check_finite(value, phase, k + 1, (F[:, slot],))
         if value < threshold:
             converged = True
             break
@@ -282,7 +289,7 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
         flat.pack(fx_state, out=Fh[slot])
         torch.sub(Fh[slot], X[slot], out=G[slot])
         trace.append(value)
-        _check_finite(value, phase, it)
+        _check_finite(value, phase, it, fx_state)
         if value < threshold:
             return fx_state, SolverStats(it, value, True, max_iter, per_sample.clone(), trace)
         filled = min(filled + 1, m)
