@@ -5,8 +5,9 @@ Every solver takes a map `fn(*state) -> tuple(next_state)` over a tuple of batch
 a start state, and returns the solution with a `SolverStats` record (iterations, final residual,
 converged or not, the per-sample residual and the residual trace). Nothing is hidden in counters.
 
-A residual that stops being finite raises `DivergenceError` at once (with the phase and the
-iteration), instead of iterating NaN to `max_iter`.
+A state that stops being finite raises `DivergenceError` at once (with the phase and the
+iteration), instead of iterating NaN to `max_iter`; a stopping error that overflows while the
+state is finite only means "not converged" (see `_check_finite`).
 """
 
 from __future__ import annotations
