@@ -110,6 +110,14 @@ class MeasuredStep:
         return (self.measure(x)[0],)
 
 
+def _own_measure(fn, state: State, metric: str):
+    """`fn.measure` where the step measures the solver's error itself (a `MeasuredStep` on a
+    single-tensor state, with the l2 metric it computes), else None."""
+    if isinstance(fn, MeasuredStep) and len(state) == 1 and metric == "l2":
+        return fn.measure
+    return None
+
+
 def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
             metric: str = "l2", phase: str = "", check_every: int = 1
             ) -> tuple[State, SolverStats]:
@@ -123,9 +131,10 @@ def vanilla(fn: StepFn, state: State, *, max_iter: int, threshold: float,
     """
     state = tuple(state)
     k = max(1, int(check_every))
-    if isinstance(fn, MeasuredStep) and len(state) == 1 and metric == "l2":
+    measure = _own_measure(fn, state, metric)
+    if measure is not None:
         # the step measures its error as it writes the state (on the host): nothing to batch
-        return _vanilla_measured(fn.measure, state[0], max_iter, threshold, phase)
+        return _vanilla_measured(measure, state[0], max_iter, threshold, phase)
     trace: list[float] = []
     per_sample = None
     old_norm = _per_sample(state)  # each state is reduced once: new norm → next old norm
@@ -262,10 +271,8 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
 
     Each evaluation's output is copied at once, so `fn` may reuse its output buffers.
     """
-    # a step that measures its own l2 error as it writes the state (`MeasuredStep`): the error
-    # is read from that pass instead of being computed again over both states
-    measure = (fn.measure if isinstance(fn, MeasuredStep) and len(state) == 1 and metric == "l2"
-               else None)
+    # the error is read from the step's own pass where it measures it, not computed again
+    measure = _own_measure(fn, state, metric)
     flat = _Flat(state)
     x0 = flat.pack(state)
     length = x0.numel()
