@@ -292,11 +292,14 @@ def open_storage(spec: StorageSpec):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}}
     elif scheme == "sqlite":
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    from pipeline.tracking import first_open_lock
+    from pipeline.tracking import first_open_lock, is_created_meanwhile_error, with_retry
 
     try:
         with first_open_lock(url):  # one process at a time creates a SQLite storage's tables
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            # on a database server two tuners starting together can both create the tables
+            storage = with_retry(
+                lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs),
+                attempts=6, retry_on=is_created_meanwhile_error)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or first_line(exc)
         hint = ("pip install -e \".[postgres]\" (psycopg2-binary and psycopg: SQLAlchemy "

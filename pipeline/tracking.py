@@ -111,14 +111,30 @@ def is_locked_error(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text
 
 
+def is_created_meanwhile_error(exc: BaseException) -> bool:
+    """Another process created the same table or row at the same moment: a database creates a
+    schema (Optuna's, MLflow's) or an experiment's dataset row by looking first and inserting
+    after, so two first users can both insert (PostgreSQL: "duplicate key value violates unique
+    constraint", "relation … already exists"; SQLite: "UNIQUE constraint failed"). Doing it
+    again finds what the other created."""
+    text = str(exc).lower()
+    return any(words in text for words in ("duplicate key", "unique constraint", "already exists"))
+
+
+def is_locked_or_created_meanwhile(exc: BaseException) -> bool:
+    return is_locked_error(exc) or is_created_meanwhile_error(exc)
+
+
 def with_retry(fn: Callable[[], T], *, attempts: int = 12, base_delay: float = 0.05,
-               max_delay: float = 5.0, what: str = "tracking store call") -> T:
-    """Call `fn`, retrying with exponential back-off (and jitter) while SQLite is locked."""
+               max_delay: float = 5.0, retry_on: Callable[[BaseException], bool] = is_locked_error
+               ) -> T:
+    """Call `fn`, retrying with exponential back-off (and jitter) while `retry_on(error)` (by
+    default: while SQLite is locked)."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - MLflow wraps SQLAlchemy errors variously
-            if not is_locked_error(exc) or attempt == attempts - 1:
+            if not retry_on(exc) or attempt == attempts - 1:
                 raise
             delay = min(max_delay, base_delay * 2 ** attempt) * (0.5 + random.random())
             time.sleep(delay)
@@ -216,7 +232,8 @@ class Tracker:
 
             try:
                 with first_open_lock(self.uri):
-                    self._client = with_retry(open_store, what="opening the store")
+                    # on a database server two first users can both create the schema
+                    self._client = with_retry(open_store, retry_on=is_locked_or_created_meanwhile)
             except LcpError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -357,7 +374,9 @@ class Tracker:
                     source=json.dumps({"uri": d["source"]}),
                     profile=json.dumps({"num_rows": d["size"]})),
             tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["split"])]) for d in datasets]
-        self._call(lambda: self.client.log_inputs(run_id, datasets=inputs))
+        # the experiment's dataset row is shared by its runs: two may insert it at once
+        with_retry(lambda: self.client.log_inputs(run_id, datasets=inputs),
+                   retry_on=is_locked_or_created_meanwhile)
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None
                      ) -> None:
@@ -382,7 +401,9 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 def first_open_lock(db_url: str):
     """Hold `<database>.lock` while a SQLite database (an MLflow store, an Optuna storage) is
     first opened in this process, so that only one process at a time creates or upgrades its
-    schema. Nothing for other stores (a server or a database server migrates on its own)."""
+    schema. Nothing for other stores: an MLflow server migrates its database itself, and on a
+    database server a schema created by two processes at once fails for one of them, which
+    opens it again (`is_created_meanwhile_error`)."""
     path = sqlite_path(db_url)
     if path is None or (path.exists() and not os.access(path.parent, os.W_OK)):
         yield  # no file lock in a read-only folder (nothing there can be created either)

@@ -12,7 +12,8 @@ import pytest
 
 from lcp.errors import LcpError
 from pipeline import tracking
-from pipeline.tracking import Tracker, resolve_tracking_uri, sanitize_name, with_retry
+from pipeline.tracking import (Tracker, is_created_meanwhile_error, resolve_tracking_uri,
+                               sanitize_name, with_retry)
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
@@ -45,6 +46,45 @@ def test_with_retry_backs_off_only_on_locked_errors():
     assert with_retry(flaky, base_delay=0.001) == "ok" and len(calls) == 3
     with pytest.raises(ValueError):
         with_retry(lambda: (_ for _ in ()).throw(ValueError("other")), base_delay=0.001)
+
+
+def test_a_row_created_meanwhile_by_another_process_is_retried_where_asked():
+    duplicate = RuntimeError('(psycopg.errors.UniqueViolation) duplicate key value violates '
+                             'unique constraint "dataset_pk"')
+    assert is_created_meanwhile_error(duplicate)
+    assert is_created_meanwhile_error(RuntimeError("UNIQUE constraint failed: datasets.name"))
+    assert not is_created_meanwhile_error(RuntimeError("database is locked"))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 2:
+            raise duplicate
+        return "ok"
+
+    with pytest.raises(RuntimeError, match="duplicate key"):  # not retried by default
+        with_retry(flaky, base_delay=0.001)
+    calls.clear()
+    assert with_retry(flaky, base_delay=0.001, retry_on=is_created_meanwhile_error) == "ok"
+    assert len(calls) == 2
+
+
+def test_a_dataset_inserted_meanwhile_by_another_run_is_logged_once(tmp_path, monkeypatch):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = tracker.create_run(tracker.ensure_experiment("lcp-table-1"), "r")
+    real, calls = tracker.client.log_inputs, []
+
+    def log_inputs(*args, **kwargs):  # the first call loses the race for the dataset row
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError('duplicate key value violates unique constraint "dataset_pk"')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_inputs", log_inputs)
+    tracker.log_datasets(run_id, [{"name": "mnist", "split": "train", "size": 256,
+                                   "digest": "abc", "source": "data/mnist"}])
+    inputs = tracker.get_run(run_id).inputs.dataset_inputs
+    assert len(calls) == 2 and [i.dataset.digest for i in inputs] == ["abc"]
 
 
 def test_unusable_stores_are_clear_errors(tmp_path):

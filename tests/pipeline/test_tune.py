@@ -337,6 +337,39 @@ def test_errors_name_the_problem_and_the_fix(tmp_path, extra, message):
     assert not (tmp_path / "mlflow.db").exists()  # nothing was created
 
 
+def test_a_storage_whose_tables_another_tuner_created_meanwhile_is_opened_again(tmp_path,
+                                                                               monkeypatch):
+    import optuna
+
+    import pipeline.tracking
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    class OnceRaced(real):  # the other tuner created the tables first, once
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError('(psycopg.errors.UniqueViolation) duplicate key value '
+                                   'violates unique constraint "pg_type_typname_nsp_index"')
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", OnceRaced)
+    monkeypatch.setattr(pipeline.tracking.time, "sleep", lambda s: None)
+    storage = T.open_storage(T.StorageSpec("rdb", f"sqlite:///{tmp_path / 'optuna.db'}"))
+    assert len(calls) == 2 and storage.get_all_studies() == []
+    # the same error every time is not a race: one line after a few attempts
+    class AlwaysRaced(real):
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("duplicate key value violates unique constraint")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", AlwaysRaced)
+    calls.clear()
+    with pytest.raises(T.StorageError, match="cannot open the Optuna storage .*duplicate key"):
+        T.open_storage(T.StorageSpec("rdb", f"sqlite:///{tmp_path / 'other.db'}"))
+    assert len(calls) == 6
+
+
 def test_errors_unknown_id_no_space_no_trials(tmp_path):
     space = Space(tmp_path)
     base = ["--manifest", str(space.manifest), "--tracking-uri", space.uri]

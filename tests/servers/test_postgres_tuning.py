@@ -60,7 +60,8 @@ def test_two_tuners_share_one_study_in_postgres(postgres, tmp_path):
         counted = [t for t in study.trials if not t.user_attrs.get("lcp.surplus")
                    and not t.user_attrs.get("lcp.interrupted")]
         assert len(counted) == TRIALS, [(t.number, t.state, t.user_attrs) for t in study.trials]
-        assert all(t.state.name in ("COMPLETE", "PRUNED") for t in counted)
+        assert all(t.state.name in ("COMPLETE", "PRUNED") for t in counted), (
+            [(t.number, t.state.name, t.user_attrs) for t in study.trials], outputs)
         assert sum(started) == len(study.trials)  # nothing ran twice or behind our back
 
         from mlflow.tracking import MlflowClient
