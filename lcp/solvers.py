@@ -255,6 +255,8 @@ class _Flat:
         return flat if out is None else out.copy_(flat)
 
     def unpack(self, flat: torch.Tensor) -> State:
+        if len(self.shapes) == 1:
+            return (flat.view(self.shapes[0]),)
         return tuple(p.view(shape) for p, shape in zip(torch.split(flat, self.sizes),
                                                          self.shapes))
 
@@ -274,19 +276,20 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
     # the error is read from the step's own pass where it measures it, not computed again
     measure = _own_measure(fn, state, metric)
     flat = _Flat(state)
-    x0 = flat.pack(state)
-    length = x0.numel()
+    # the current iterate, its own copy (the caller's state may be a buffer `fn` writes into);
+    # past iterates are not kept: only their images and residuals are
+    x = flat.pack(state).clone()
+    length = x.numel()
     m = max(1, int(memory))
-    X = x0.new_empty(m, length)
-    Fh = x0.new_empty(m, length)
-    G = x0.new_empty(m, length)
+    Fh = x.new_empty(m, length)  # the last m images fn(xᵢ)
+    G = x.new_empty(m, length)  # and residuals fn(xᵢ) − xᵢ
     gram = np.zeros((m, m))  # the small least-squares problem is solved on the host
-    X[0].copy_(x0)
+    eye = [np.eye(k) for k in range(m + 1)]
     trace: list[float] = []
     per_sample = None
     filled, slot = 0, 0
     for it in range(1, max_iter + 1):
-        x_state = flat.unpack(X[slot])
+        x_state = flat.unpack(x)
         if measure is not None:
             fx, per_sample, value = measure(x_state[0])
             fx_state = (fx,)
@@ -295,7 +298,7 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
             err, per_sample = relative_error(x_state, fx_state, metric)
             value = err.item()
         flat.pack(fx_state, out=Fh[slot])
-        torch.sub(Fh[slot], X[slot], out=G[slot])
+        torch.sub(Fh[slot], x, out=G[slot])
         trace.append(value)
         _check_finite(value, phase, it, fx_state)
         if value < threshold:
@@ -306,7 +309,7 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
         gram[:filled, slot] = row
         # min ‖Σ aᵢ Gᵢ‖² subject to Σ aᵢ = 1:  a ∝ (GGᵀ + λ·max diag·I)⁻¹ 1
         A = gram[:filled, :filled] + regulariser * max(gram.diagonal()[:filled].max(),
-                                                       1e-300) * np.eye(filled)
+                                                       1e-300) * eye[filled]
         try:
             weights = np.linalg.solve(A, np.ones(filled))
             total = float(weights.sum())
@@ -315,12 +318,12 @@ def anderson_joint(fn: StepFn, state: State, *, max_iter: int, threshold: float,
         nxt = (slot + 1) % m
         if weights is None or not np.isfinite(total) or abs(total) < 1e-300:
             # a singular system: take the plain step and restart the history
-            X[0].copy_(Fh[slot])
+            x.copy_(Fh[slot])
             gram[:] = 0.0
             filled, nxt = 0, 0
         else:
-            a = torch.from_numpy(weights / total).to(dtype=x0.dtype, device=x0.device)
-            torch.mv(Fh[:filled].t(), a, out=X[nxt])
+            a = torch.from_numpy(weights / total).to(dtype=x.dtype, device=x.device)
+            torch.mv(Fh[:filled].t(), a, out=x)
         slot = nxt
     return fx_state, SolverStats(max_iter, trace[-1], False, max_iter, per_sample.clone(), trace)
 
