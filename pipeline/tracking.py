@@ -231,9 +231,13 @@ class Tracker:
                 return client
 
             try:
+                # a SQLite store's first open is serialised by the lock, so "already exists"
+                # there is a half-migrated store, said at once; on a database server two first
+                # users can both create the schema, and the loser opens it again
+                retry_on = (is_locked_error if sqlite_path(self.uri) is not None
+                            else is_locked_or_created_meanwhile)
                 with first_open_lock(self.uri):
-                    # on a database server two first users can both create the schema
-                    self._client = with_retry(open_store, retry_on=is_locked_or_created_meanwhile)
+                    self._client = with_retry(open_store, retry_on=retry_on)
             except LcpError:
                 raise
             except Exception as exc:  # noqa: BLE001
