@@ -87,6 +87,29 @@ def test_a_dataset_inserted_meanwhile_by_another_run_is_logged_once(tmp_path, mo
     assert len(calls) == 2 and [i.dataset.digest for i in inputs] == ["abc"]
 
 
+def test_already_exists_on_a_sqlite_store_is_said_at_once(tmp_path, monkeypatch):
+    """Its first open is serialised by the lock: no other process can have created the tables
+    meanwhile, so the error is the store's own (a half-migration) and is not retried."""
+    import mlflow.tracking
+
+    from pipeline.tracking import TrackingError
+
+    calls = []
+
+    class Client:
+        def __init__(self, tracking_uri):
+            pass
+
+        def search_experiments(self, max_results):
+            calls.append(1)
+            raise RuntimeError("(sqlite3.OperationalError) table experiments already exists")
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", Client)
+    with pytest.raises(TrackingError, match="could not create or upgrade its database schema"):
+        Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}").client  # noqa: B018
+    assert len(calls) == 1
+
+
 def test_unusable_stores_are_clear_errors(tmp_path):
     with pytest.raises(LcpError, match="does not exist"):
         Tracker(f"sqlite:///{tmp_path}/missing/x.db")
