@@ -419,7 +419,6 @@ class RayHandle:
     job: Any
     stopping: str | None = None  # "terminate" | "kill"
     returncode: int | None = None
-    lost: str | None = None  # why Ray lost the task (its worker or node died), once it ended
 
 
 class RayExecutor(Executor):
@@ -584,8 +583,7 @@ class RayExecutor(Executor):
             self._note(handle, f"the Ray task failed: {first_line(exc)}")
             return 1
         except rx.RayError as exc:  # worker or node lost, and Ray's own retries used up
-            handle.lost = handle.job.lost = (f"Ray lost the task ({type(exc).__name__}: "
-                                             f"{first_line(exc)})")
+            handle.job.lost = f"Ray lost the task ({type(exc).__name__}: {first_line(exc)})"
             self._note(handle, f"Ray lost the task ({type(exc).__name__}) after {self.retries} "
                                f"retr{'y' if self.retries == 1 else 'ies'}: {first_line(exc)}")
             # Ray already made 1 + retries attempts: the scheduler must not add its own.

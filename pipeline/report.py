@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from lcp.errors import LcpError
 from pipeline import tracking
@@ -40,8 +40,7 @@ class Collected:
 
 def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
-            any_config: bool = False, ids: Iterable[str] = (), quick: bool = False
-            ) -> Collected:
+            any_config: bool = False, quick: bool = False) -> Collected:
     """The FINISHED runs of `table` made with these settings (`quick`: also the runs that fell
     back to the MNIST sample), the newest per (row, seed)."""
     import pandas as pd
@@ -49,9 +48,6 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
     from pipeline.runs import expand, fallback_config, run_key
 
     rows = manifest.table(table)
-    ids = list(ids)
-    if ids:
-        rows = [r for r in rows if r.id in ids]
     number = rows[0].table
     expected: dict[tuple[str, int], set[str]] = {}
     for it in expand(rows, seeds, overrides):

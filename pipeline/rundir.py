@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,6 +40,23 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
         return json.loads((Path(run_dir) / PROGRESS_NAME).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def progress_text(run_dir: str | os.PathLike) -> str:
+    """'starting', or 'epoch E/N' and the last test accuracy the run's progress file holds."""
+    info = read_progress(run_dir)
+    if not info:
+        return "starting"
+    text = f"epoch {info.get('epoch', 0)}/{info.get('num_epochs', '?')}"
+    if "eval_test/accuracy" in info:
+        text += f" test acc {info['eval_test/accuracy']:.3f}"
+    return text
+
+
+def worker_command(run_dir: str | os.PathLike, run_id: str, uri: str, *extra: str) -> list[str]:
+    """The command line of the one child entry point, `pipeline.worker`, on a run's folder."""
+    return [sys.executable, "-m", "pipeline.worker", "--tracking-uri", uri, "--run-id", run_id,
+            "--run-dir", str(run_dir), *extra]
 
 
 class RunLock:

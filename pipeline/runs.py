@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lcp.config import NOT_HASHED, RunConfig
-from pipeline import tracking
+from pipeline import rundir, tracking
 from pipeline.executors import Executor, child_env, describe_returncode
 from pipeline.manifest import Experiment, Manifest, ManifestError
 from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, is_locked, read_progress,
@@ -63,11 +63,8 @@ def run_overrides(sets: Mapping[str, str], *, quick: bool = False,
     return out
 
 
-def select(manifest: Manifest, *, table: int | str | None = None,
-           ids: Iterable[str] = ()) -> list[Experiment]:
+def select(manifest: Manifest, *, ids: Iterable[str] = ()) -> list[Experiment]:
     ids = list(ids)
-    if table is not None:
-        return manifest.table(table)
     if not ids:
         raise ManifestError("name at least one experiment id (see `lcp list`), or use "
                             "`lcp run-table N`")
@@ -429,11 +426,8 @@ def write_run_folder(plan: RunPlan, uri: str) -> None:
 
 
 def worker_command(plan: RunPlan, uri: str, threads: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "pipeline.worker", "--tracking-uri", uri,
-           "--run-id", plan.run_id, "--run-dir", str(plan.run_dir)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    return cmd
+    return rundir.worker_command(plan.run_dir, plan.run_id, uri,
+                                 *(["--threads", str(threads)] if threads else []))
 
 
 # ====================================================================== scheduler hooks
@@ -533,13 +527,7 @@ class TrackingHooks(Hooks):
             print(f"warning: could not mark {job.key} KILLED: {exc}", file=sys.stderr)
 
     def progress(self, job: Job) -> str:
-        info = read_progress(job.payload.run_dir)
-        if not info:
-            return "starting"
-        text = f"epoch {info.get('epoch', 0)}/{info.get('num_epochs', '?')}"
-        if "eval_test/accuracy" in info:
-            text += f" test acc {info['eval_test/accuracy']:.3f}"
-        return text
+        return rundir.progress_text(job.payload.run_dir)
 
     def _upload_log(self, job: Job) -> None:
         if job.log_path.exists():

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from lcp.callbacks import Callback
 from lcp.config import ConfigError
 from lcp.errors import DivergenceError, first_line
 from pipeline.executors import child_env, describe_returncode
-from pipeline.rundir import DEFAULT_RUNS_DIR, read_progress, write_config
+from pipeline.rundir import DEFAULT_RUNS_DIR, progress_text, worker_command, write_config
 from pipeline.scheduler import FAILED, Hooks, Job, ProgressDisplay, Scheduler, stop_on_signals
 from pipeline.study import (A_DIVERGED, A_DURATION, A_EPOCHS, A_HEARTBEAT, A_HOST, A_PID,
                             A_REASON, A_RETRY_OF, A_RUN, A_SURPLUS, HEARTBEAT_S, OBJECTIVE,
@@ -56,7 +55,6 @@ class TrialJob:
 @dataclass
 class TuneSummary:
     study: str
-    storage: str
     counts: dict[str, int]
     started: int
     interrupted_recovered: int
@@ -172,9 +170,8 @@ class Tuner(Hooks):
         (folder / SPEC_NAME).write_text(json.dumps({
             "storage": self.spec.to_dict(), "study": self.study.study_name, "number": number,
             "pruner": self.pruner, "params": params, "heartbeat_s": HEARTBEAT_S}, indent=2))
-        command = [sys.executable, "-m", "pipeline.worker", "--tracking-uri", self.tracker.uri,
-                   "--run-id", run_id, "--run-dir", str(folder), "--trial",
-                   str(folder / SPEC_NAME)]
+        command = worker_command(folder, run_id, self.tracker.uri, "--trial",
+                                 str(folder / SPEC_NAME))
         payload = TrialJob(number, trial_id(self.study, self.storage, number), run_id, folder,
                            params, retry_of)
         return Job(key=f"{self.study.study_name}/trial-{number}", command=command,
@@ -192,8 +189,7 @@ class Tuner(Hooks):
         self.echo(f"trial {info.number} started{again}: {shown}  [{where}, log {job.log_path}]")
 
     def progress(self, job: Job) -> str:
-        done = read_progress(job.payload.folder)
-        return f"epoch {done['epoch']}/{done['num_epochs']}" if "epoch" in done else "starting"
+        return progress_text(job.payload.folder)
 
     def after_exit(self, job: Job, returncode: int) -> tuple[bool, str]:
         """Reconcile the trial and its run with how the process ended."""
@@ -292,8 +288,7 @@ class Tuner(Hooks):
                 artifacts.append(f"{sub}/{path.name}" if sub else path.name)
         _safe(lambda: self.tracker.terminate(self.parent_run_id,
                                              "KILLED" if stopped else "FINISHED"))
-        return TuneSummary(study=self.study.study_name, storage=self.spec.display(),
-                           counts=counts, started=self.started,
+        return TuneSummary(study=self.study.study_name, counts=counts, started=self.started,
                            interrupted_recovered=self.recovered, best=best,
                            parent_run_id=self.parent_run_id, artifacts=artifacts,
                            stopped=stopped, notes=notes)

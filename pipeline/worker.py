@@ -57,7 +57,6 @@ class MlflowLogger(Callback):
         self.wall_before = wall_before
         self.t0 = time.monotonic()
         self.state = None
-        self.start_epoch = 0
 
     def wall_time(self) -> float:
         return self.wall_before + (time.monotonic() - self.t0)
@@ -66,7 +65,6 @@ class MlflowLogger(Callback):
         from lcp.errors import LcpError
 
         self.state = state
-        self.start_epoch = state.epoch
         logged = self.tracker.last_step(self.run_id, "epoch")
         if logged > state.epoch:
             raise LcpError(
