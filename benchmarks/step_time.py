@@ -388,6 +388,22 @@ class Theirs:
         elif self.cfg.trainer == "lcp-lf":
             aux.Q.copy_(self.aux.Q)
 
+    @torch.no_grad()
+    def copy_from(self, ours: Ours) -> None:
+        """Our weights (after --pretrain) → their model; our feedback weights / Q → theirs."""
+        mine = ours.model.state_dict()
+        for key, theirs in self.model.state_dict().items():
+            ours_key, = convert_reference_state_dict(ours.model, {key: theirs})
+            theirs.copy_(mine[ours_key])
+        aux = ours.trainer.auxiliary
+        if self.cfg.trainer == "lcp-kp":
+            fb = self.aux.implicit_module.module_list
+            for i, ours_map in enumerate(aux.maps):
+                fb[i][1].weight.copy_(ours_map.weight)
+            self.aux.D_t.copy_(aux.D_t)
+        elif self.cfg.trainer == "lcp-lf":
+            self.aux.Q.copy_(aux.Q)
+
     def step(self, x, y):
         cfg = self.cfg
         self.calls.clear()
@@ -545,9 +561,12 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
     """Time one row, interleaved with the baseline of its model (and the paper's code)."""
     x, y, source = make_batch(cfg, args.data, args.batch_size, args.seed, device)
     ours = Ours(cfg, device, args.seed)
-    for k in range(args.pretrain):  # before the paper's model copies our weights
-        ours.step(*make_batch(cfg, args.data, args.batch_size, args.seed + 1 + k, device)[:2])
     theirs = Theirs(args.compare_to, cfg, device, ours) if args.compare_to else None
+    for k in range(args.pretrain):  # from the paper's initial weights, then back into its model
+        ours.step(*make_batch(cfg, args.data, args.batch_size, args.seed + 1 + k, device)[:2])
+    if theirs is not None and args.pretrain:
+        theirs.copy_from(ours)
+        theirs.restore = restorer(theirs.model, theirs.aux)
     ours.freeze_initial_state()
     is_base = cfg.trainer == BASELINE[cfg.model] and not suffix
     cases = [("ours", lambda: ours.step(x, y), ours.restore)]
