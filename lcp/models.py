@@ -36,6 +36,10 @@ class EquilibriumModel(nn.Module):
     def zero_state(self, h: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(h)
 
+    def implicit_at_zero(self, h: torch.Tensor) -> torch.Tensor:
+        """f(h, 0): the first step of the bp unroll."""
+        return self.implicit(h, self.zero_state(h))
+
     def implicit_vjp(self, h, v, e):
         """(f(h, v), (∂f/∂v)ᵀ e), without building a graph into the parameters' grads."""
         return autograd_vjp(lambda v: self.implicit(h.detach(), v), v, e)
@@ -162,10 +166,22 @@ class LinearReadoutModel(EquilibriumModel):
             yield spec, layer(piece).flatten(1)
 
     def implicit(self, h, v):
-        hidden = self.act(v)
+        return self._add_to_h(h, (y for _, y in self._block_outputs(self.act(v))))
+
+    def implicit_at_zero(self, h):
+        """f(h, 0) without the blocks' products: φ(0) = 0 (tanh, relu), so a block adds its bias
+        alone — the values and gradients of `implicit(h, 0)` bit for bit, one step's products
+        fewer in the bp unroll."""
+        if self.act(torch.zeros(())).item() != 0.0:  # an activation without φ(0) = 0
+            return super().implicit_at_zero(h)
+        return self._add_to_h(h, (_bias_output(spec, layer)
+                                  for spec, layer in zip(self.block_specs, self.blocks)))
+
+    def _add_to_h(self, h, outputs):
+        """h with each block's output (per sample, flat) added to its output columns."""
         pieces = []
         cursor = 0
-        for spec, y in self._block_outputs(hidden):
+        for spec, y in zip(self.block_specs, outputs):
             if spec.out_start > cursor:
                 pieces.append(h[:, cursor:spec.out_start])
             pieces.append(h[:, spec.out_start:spec.out_end] + y)
@@ -210,6 +226,16 @@ class LinearReadoutModel(EquilibriumModel):
 
     def decode_vjp(self, v, u):
         return self.decode(v), self.decode_transpose(v, u)
+
+
+def _bias_output(spec: Block, layer: nn.Module) -> torch.Tensor:
+    """What a block's layer outputs for a zero input: its bias (per channel, repeated over the
+    output positions of a convolution, in the flattened C×H×W order)."""
+    if layer.bias is None:
+        return layer.weight.new_zeros(())
+    if spec.conv is None:
+        return layer.bias
+    return layer.bias.repeat_interleave(math.prod(_conv_out_hw(spec, layer)))
 
 
 def _conv_out_hw(spec: Block, layer: nn.Conv2d) -> tuple[int, int]:

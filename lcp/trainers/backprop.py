@@ -21,8 +21,8 @@ class BackpropTrainer(Trainer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self.model
         h = model.encode(x)
-        v = model.zero_state(h)
-        for _ in range(model.num_bp_steps):
+        v = model.implicit_at_zero(h)
+        for _ in range(model.num_bp_steps - 1):
             v = model.implicit(h, v)
         return model.decode(v)
 

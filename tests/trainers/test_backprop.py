@@ -1,5 +1,6 @@
 """bp equals a hand-written MLP; rbp equals the implicit-function gradient (float64)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -111,3 +112,31 @@ def test_rbp_takes_the_adjoint_jacobian_at_v_bar_as_the_paper_code_does():
            "encoder.1.weight": gamma.T @ x.flatten(1), "encoder.1.bias": gamma.sum(0)}
     for name, value in ref.items():
         assert torch.allclose(got[name], value, rtol=1e-10, atol=1e-13), name
+
+
+@pytest.mark.parametrize("model", ["ff", "rnn", "conv-ff"])
+def test_bp_unroll_from_zero_takes_its_first_step_without_products_bit_for_bit(model):
+    """f(h, 0) is h plus each block's bias (φ(0) = 0), so the unroll's first step skips the
+    blocks' products: the logits and the update equal stepping f from the zero state, bit for
+    bit. An activation without φ(0) = 0 takes the full step."""
+    shape, data = ((3, 32, 32), "cifar10") if model == "conv-ff" else ((1, 28, 28), "mnist")
+    cfg = RunConfig(model=model, trainer="bp", data=data, rnn_hidden_units=16)
+    torch.manual_seed(0)
+    net = build_model(cfg, shape, 10)
+    x, y = torch.rand(4, *shape), torch.randint(0, 10, (4,))
+    trainer = build_trainer(cfg, net)
+    logits = trainer.forward(x)
+    F.cross_entropy(logits, y).backward()
+    got = grads(net)
+    net.zero_grad()
+    h = net.encode(x)
+    v = net.zero_state(h)
+    for _ in range(net.num_bp_steps):
+        v = net.implicit(h, v)
+    expected = net.decode(v)
+    F.cross_entropy(expected, y).backward()
+    assert torch.equal(logits, expected)
+    for name, grad in grads(net).items():
+        assert torch.equal(got[name], grad), name
+    net.act = torch.sigmoid  # φ(0) = 1/2
+    assert torch.equal(net.implicit_at_zero(h), net.implicit(h, net.zero_state(h)))
