@@ -58,7 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 import lcp  # noqa: E402
 from lcp.config import ConfigError, RunConfig  # noqa: E402
 from lcp.models import build_model  # noqa: E402
-from lcp.reference import convert_reference_state_dict, import_reference_state_dict  # noqa: E402
+from lcp.reference import convert_reference_state_dict  # noqa: E402
 from lcp.trainers import build_trainer  # noqa: E402
 from lcp.training import build_optimizer  # noqa: E402
 
@@ -375,34 +375,36 @@ class Theirs:
         self._copy_into(ours)
         self.restore = restorer(self.model, self.aux)
 
-    @torch.no_grad()
-    def _copy_into(self, ours: Ours) -> None:
-        """Their weights → our model; their feedback weights / Q → our trainer."""
-        import_reference_state_dict(ours.model, self.model.state_dict())
+    def _pairs(self, ours: Ours) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(their tensor, our tensor) for every weight and buffer of the model, and the trainer's
+        own: lcp-kp's feedback weights and D_t, lcp-lf's Q."""
+        mine, theirs = ours.model.state_dict(), self.model.state_dict()
+        keys = convert_reference_state_dict(ours.model, theirs)  # our key per their key, in order
+        if set(keys) != set(mine):
+            raise SystemExit(f"the paper's {self.cfg.model} model does not match ours: "
+                             f"{sorted(set(keys) ^ set(mine))}")
+        pairs = [(t, mine[key]) for key, t in zip(keys, theirs.values())]
         aux = ours.trainer.auxiliary
         if self.cfg.trainer == "lcp-kp":
             fb = self.aux.implicit_module.module_list
-            for i, ours_map in enumerate(aux.maps):
-                ours_map.weight.copy_(fb[i][1].weight)
-            aux.D_t.copy_(self.aux.D_t)
+            pairs += [(fb[i][1].weight, m.weight) for i, m in enumerate(aux.maps)]
+            pairs.append((self.aux.D_t, aux.D_t))
         elif self.cfg.trainer == "lcp-lf":
-            aux.Q.copy_(self.aux.Q)
+            pairs.append((self.aux.Q, aux.Q))
+        return pairs
+
+    @torch.no_grad()
+    def _copy_into(self, ours: Ours) -> None:
+        """Their weights → ours (the model, then the trainer's own)."""
+        for theirs, mine in self._pairs(ours):
+            mine.copy_(theirs)
 
     @torch.no_grad()
     def copy_from(self, ours: Ours) -> None:
-        """Our weights (after --pretrain) → their model; our feedback weights / Q → theirs."""
-        mine = ours.model.state_dict()
-        for key, theirs in self.model.state_dict().items():
-            ours_key, = convert_reference_state_dict(ours.model, {key: theirs})
-            theirs.copy_(mine[ours_key])
-        aux = ours.trainer.auxiliary
-        if self.cfg.trainer == "lcp-kp":
-            fb = self.aux.implicit_module.module_list
-            for i, ours_map in enumerate(aux.maps):
-                fb[i][1].weight.copy_(ours_map.weight)
-            self.aux.D_t.copy_(aux.D_t)
-        elif self.cfg.trainer == "lcp-lf":
-            self.aux.Q.copy_(aux.Q)
+        """Our weights (after --pretrain) → theirs, which become what `restore` puts back."""
+        for theirs, mine in self._pairs(ours):
+            theirs.copy_(mine)
+        self.restore = restorer(self.model, self.aux)
 
     def step(self, x, y):
         cfg = self.cfg
@@ -566,7 +568,6 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
         ours.step(*make_batch(cfg, args.data, args.batch_size, args.seed + 1 + k, device)[:2])
     if theirs is not None and args.pretrain:
         theirs.copy_from(ours)
-        theirs.restore = restorer(theirs.model, theirs.aux)
     ours.freeze_initial_state()
     is_base = cfg.trainer == BASELINE[cfg.model] and not suffix
     cases = [("ours", lambda: ours.step(x, y), ours.restore)]
