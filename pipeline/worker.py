@@ -310,9 +310,14 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     from lcp.training import save_model_file
     from pipeline.plots import plot_run_curves
 
+    from pipeline.health import run_health
+
     last = result.history[-1] if result.history else {}
     final = {k: v for k, v in result.final.items() if not (k in last and last[k] == v)}
     final["wall_time_s"] = logger.wall_time()
+    health = run_health(result.history)
+    final.update(health.metrics())
+    tags = {**health.tags(), **(tags or {})}
     # Once: an attempt stopped after logging them (before FINISHED) already has them.
     if not any(m.step == result.epochs_completed
                for m in tracker.metric_history(run_id, "wall_time_s")):

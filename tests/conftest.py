@@ -16,6 +16,14 @@ def _cpu_only_and_few_threads(monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_budget_cache(tmp_path_factory):
+    """The budget planner's measurements of test configs stay out of the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LCP_CACHE_DIR", str(tmp_path_factory.mktemp("lcp-cache")))
+        yield
+
+
 @pytest.fixture
 def mnist_dir(tmp_path):
     from synthetic import write_idx_dataset

@@ -150,6 +150,26 @@ def test_report_md_csv_and_pngs(table):
     assert abs(float(di["gap_to_baseline"]) - (float(di["test_acc_mean"])
                                                - float(rows[0]["test_acc_mean"]))) < 1e-3
     assert float(di["solver_iters"]) > 0 and float(di["hit_max_iter"]) >= 0
+    # a verdict and health for every row (two seeds of 256 digits: far from a clear verdict,
+    # but always one of the four words; the baseline has none)
+    assert rows[0]["verdict"] == "" and di["verdict"] in ("matches", "below", "above",
+                                                          "inconclusive")
+    assert all(r["health"] for r in rows) and di["margin"] == "1.0000"
+    assert "Verdict vs BP/RBP (±1 pp)" in md and "Health" in md
+    # per run: the thread count, the data, the best epoch and the health flags
+    per_run = list(csv.DictReader(open(out / "table-1-runs.csv")))
+    assert len(per_run) == 4
+    for r in per_run:
+        assert r["threads"] == "1" and r["data"] == "mnist" and r["health"] in ("ok", "collapsed")
+        assert 1 <= int(float(r["best_epoch"])) <= 2
+        assert float(r["best_test_acc"]) >= float(r["test_acc"]) - 1e-9
+    # and the same on each run in MLflow, where the UI can filter on them
+    for run in ws.runs():
+        assert run.data.tags["health"] in ("ok", "collapsed")
+        assert "health/best_test_accuracy" in run.data.metrics
+
+    result = invoke(["report", "1", *ws.common(), "--out", str(out), "--margin", "-1"])
+    assert result.exit_code == 2 and "--margin -1.0 is not valid" in result.output
 
     tracker = ws.tracker()
     exp_id = tracker.get_experiment_id("lcp-table-1")

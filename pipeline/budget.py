@@ -1,0 +1,282 @@
+"""How long runs will take on this machine, before they run (`lcp budget`, `run-table --dry-run`).
+
+Each distinct configuration is measured here and now through the one training loop
+(`lcp.training.fit`): a few optimizer steps after a warm-up, and a few evaluation batches. A
+run's first epoch is then `steps_per_epoch × step time` plus its evaluations; the whole run is its
+epochs times that, times a slowdown factor for rows whose controller needs more iterations as
+training proceeds (read from finished runs of the same row in the store, when there are some:
+mean iterations per solve over their epochs ÷ the first epoch's). The wall time of a table is the
+makespan of its runs, handed out in plan order to the slots as they free, as the scheduler does.
+
+What it does not know: a run's time beside other runs on a shared CPU (each slot is measured
+alone, with its thread count), and how a row slows down when the store has no run of it.
+
+Measurements are cached per machine (CPU model, thread count, torch version) and config hash in
+`$LCP_CACHE_DIR/budget.json` (default `~/.cache/lcp`); `--remeasure` measures again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from filelock import FileLock
+
+from lcp.callbacks import Callback
+
+WARMUP_STEPS = 2
+CACHE_ENV = "LCP_CACHE_DIR"
+# the iteration counts that the slowdown factor reads, summed per epoch
+ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean", "adjoint/iterations_mean",
+                  "noisy/iterations_mean", "ebd/iterations_mean")
+
+
+@dataclass
+class Measurement:
+    step_s: float  # one optimizer step (median over the measured steps)
+    eval_batch_s: float  # one evaluation batch (free equilibrium and logits)
+
+
+@dataclass
+class RunEstimate:
+    id: str
+    seed: int
+    config_hash: str
+    steps_per_epoch: int
+    eval_batches: int  # per evaluation of the test (and validation) set
+    final_eval_batches: int  # the final evaluation: train, test (and validation) sets
+    epochs: int
+    evals: int  # periodic evaluations (every eval_epochs)
+    step_s: float
+    eval_batch_s: float
+    slowdown: float  # later epochs ÷ the first, from the store (1.0: unknown or none)
+    slowdown_known: bool
+    cached: bool
+
+    @property
+    def first_epoch_s(self) -> float:
+        """The first epoch's training time plus one periodic evaluation (what `epoch_time`
+        and the evaluation after it take)."""
+        return self.steps_per_epoch * self.step_s + self.eval_batches * self.eval_batch_s
+
+    @property
+    def total_s(self) -> float:
+        return (self.epochs * self.steps_per_epoch * self.step_s * self.slowdown
+                + (self.evals * self.eval_batches + self.final_eval_batches) * self.eval_batch_s)
+
+
+# ====================================================================== measuring
+
+
+class _StepClock(Callback):
+    """The time of each optimizer step after the warm-up ones."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.last = None
+
+    def on_fit_start(self, state):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, state, stats):
+        now = time.perf_counter()
+        if state.global_step > WARMUP_STEPS:
+            self.times.append(now - self.last)
+        self.last = now
+
+
+def measure(cfg, loaders, *, steps: int = 6, eval_batches: int = 3) -> Measurement:
+    """Time `steps` optimizer steps (after WARMUP_STEPS) and `eval_batches` evaluation batches
+    of `cfg` with `loaders` (as `lcp.data.build_loaders` returns them), through `fit`."""
+    import statistics
+
+    from lcp.training import evaluate, fit, resolve_device
+
+    train_loader, eval_loaders, shape, classes = loaders
+    train_loader.limit_batches = WARMUP_STEPS + steps
+    clock = _StepClock()
+    short = cfg.replace(num_epochs=1, eval_epochs=0, align=False, limit_train_batches=-1,
+                        limit_eval_batches=-1)
+    test = eval_loaders["test"]
+    test.limit_batches = 1
+    holder = {}
+
+    class _Keep(Callback):
+        def on_fit_end(self, state, result):
+            holder["trainer"] = state.trainer
+
+    fit(short, [clock, _Keep()], loaders=(train_loader, {"test": test}, shape, classes))
+    test.limit_batches = eval_batches
+    start = time.perf_counter()
+    evaluate(holder["trainer"], test, resolve_device(short))
+    eval_s = (time.perf_counter() - start) / max(1, len(test))
+    return Measurement(statistics.median(clock.times), eval_s)
+
+
+# ====================================================================== the cache
+
+
+def machine_key(threads: int) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return f"{cpu} | {gpu} | {threads} thread(s) | torch {torch.__version__}"
+
+
+def cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lcp")
+    return Path(root) / "budget.json"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # absent or unreadable: measure again
+
+
+def _measure_key(cfg) -> str:
+    """What a step's time depends on: the config hash without the epoch count and seed."""
+    return cfg.replace(num_epochs=1, seed=0).config_hash()
+
+
+# ====================================================================== estimating
+
+
+def slowdown_from_store(tracker, experiment_name: str, row_id: str) -> float | None:
+    """Mean iterations per solve over the epochs ÷ the first epoch's, from the newest finished
+    run of `row_id` in the store with more than one epoch (None when there is none)."""
+    if tracker is None:
+        return None
+    exp_id = tracker.get_experiment_id(experiment_name)
+    if exp_id is None:
+        return None
+    runs = tracker.search_runs([exp_id], f"attributes.status = 'FINISHED' and "
+                               f"tags.id = '{row_id}'", order_by=["attributes.end_time DESC"])
+    for run in runs:
+        per_epoch: dict[int, float] = {}
+        for key in ITERATION_KEYS:
+            if key in run.data.metrics:
+                for m in tracker.metric_history(run.info.run_id, key):
+                    per_epoch[m.step] = per_epoch.get(m.step, 0.0) + m.value
+        if len(per_epoch) > 1 and per_epoch[min(per_epoch)] > 0:
+            values = [per_epoch[e] for e in sorted(per_epoch)]
+            return sum(values) / len(values) / values[0]
+    return None
+
+
+def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = False,
+             echo=None) -> list[RunEstimate]:
+    """One RunEstimate per item (pipeline.runs.Item), measuring each config not yet cached."""
+    import torch
+
+    from lcp.data import build_loaders
+
+    items = list(items)
+    torch.set_num_threads(max(1, threads))
+    machine = machine_key(threads)
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    with lock:
+        cache = _read_cache(path)
+    known = cache.get(machine, {})
+    slowdowns: dict[str, float | None] = {}
+    out = []
+    for item in items:
+        cfg = item.cfg
+        key = _measure_key(cfg)
+        loaders = build_loaders(cfg)
+        train, evals = loaders[0], loaders[1]
+        steps_per_epoch = len(train)
+        eval_batches = sum(len(evals[s]) for s in ("test", "val") if s in evals)
+        final_batches = sum(len(evals[s]) for s in ("train", "test", "val") if s in evals)
+        cached = key in known and not remeasure
+        if not cached:
+            if echo is not None:
+                echo(f"measuring {item.exp.id} (a few steps) ...")
+            m = measure(cfg, loaders)
+            known[key] = asdict(m)
+        m = Measurement(**known[key])
+        if item.exp.id not in slowdowns:
+            slowdowns[item.exp.id] = slowdown_from_store(tracker, item.experiment_name,
+                                                         item.exp.id)
+        slow = slowdowns[item.exp.id]
+        evals_count = cfg.num_epochs // cfg.eval_epochs if cfg.eval_epochs > 0 else 0
+        out.append(RunEstimate(item.exp.id, item.seed, item.config_hash, steps_per_epoch,
+                               eval_batches, final_batches, cfg.num_epochs, evals_count,
+                               m.step_s, m.eval_batch_s, slow or 1.0, slow is not None, cached))
+    with lock:
+        cache = _read_cache(path)
+        cache[machine] = {**cache.get(machine, {}), **known}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    return out
+
+
+def makespan(durations: list[float], slots: int) -> float:
+    """The wall time of running `durations` in order on `slots` slots, each job going to the
+    slot that frees first (as the scheduler hands them out)."""
+    free = [0.0] * max(1, slots)
+    for d in durations:
+        i = min(range(len(free)), key=free.__getitem__)
+        free[i] += d
+    return max(free) if durations else 0.0
+
+
+def _fmt(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_estimates(estimates: list[RunEstimate], slots: int, machine: str) -> list[str]:
+    """The lines `lcp budget` prints: per row (its seeds together), then the total."""
+    by_row: dict[str, list[RunEstimate]] = {}
+    for e in estimates:
+        by_row.setdefault(e.id, []).append(e)
+    total = sum(e.total_s for e in estimates)
+    lines = [f"budget on {machine}, {slots} slot(s):",
+             f"  {'row':<24} {'runs':>4} {'step':>9} {'1st epoch':>10} {'per run':>9} "
+             f"{'all seeds':>10} {'share':>6}  slowdown"]
+    for row, es in sorted(by_row.items(), key=lambda kv: -sum(e.total_s for e in kv[1])):
+        e = es[0]
+        row_total = sum(x.total_s for x in es)
+        slow = (f"x{e.slowdown:.2f} (from the store)" if e.slowdown_known
+                else "unknown (no finished run of this row in the store)"
+                if _is_controller_row(row) else "—")
+        lines.append(f"  {row:<24} {len(es):>4} {e.step_s * 1000:>7.1f}ms {_fmt(e.first_epoch_s):>10} "
+                     f"{_fmt(e.total_s):>9} {_fmt(row_total):>10} "
+                     f"{100 * row_total / total if total else 0:>5.0f}%  {slow}")
+    wall = makespan([e.total_s for e in estimates], slots)
+    lines.append(f"  total: {_fmt(total)} of run time; about {_fmt(wall)} of wall time on "
+                 f"{slots} slot(s) (each slot measured alone: slots sharing CPU cores are slower)")
+    if any(_is_controller_row(e.id) and not e.slowdown_known for e in estimates):
+        lines.append("  controller rows (lcp-*) can need more solver iterations per step as "
+                     "training proceeds, so their estimate is a lower bound; a finished run of "
+                     "the row in this store makes their slowdown known")
+    return lines
+
+
+def _is_controller_row(row_id: str) -> bool:
+    return "-lcp-" in row_id

@@ -1,0 +1,83 @@
+"""The budget planner (`lcp budget`, `run-table --dry-run`): it measures each row here through
+the training loop, caches the measurement per machine and config, reads a row's slowdown from
+finished runs in the store, and schedules the runs on the slots as the scheduler does."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_testing import Workspace, invoke  # noqa: E402
+
+from pipeline.budget import RunEstimate, makespan  # noqa: E402
+
+
+def test_makespan_hands_runs_to_the_slot_that_frees_first():
+    assert makespan([10, 10, 10, 10], 2) == 20
+    assert makespan([30, 10, 10, 10], 2) == 30
+    assert makespan([5, 5, 5], 1) == 15
+    assert makespan([], 3) == 0
+
+
+def test_a_run_estimate_is_its_epochs_and_evaluations():
+    e = RunEstimate("t1-ff-lcp-di", 0, "h", steps_per_epoch=100, eval_batches=10,
+                    final_eval_batches=30, epochs=4, evals=4, step_s=0.01, eval_batch_s=0.002,
+                    slowdown=2.0, slowdown_known=True, cached=False)
+    assert e.first_epoch_s == pytest.approx(100 * 0.01 + 10 * 0.002)
+    assert e.total_s == pytest.approx(4 * 100 * 0.01 * 2.0 + (4 * 10 + 30) * 0.002)
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return Workspace(tmp_path, num_epochs=3)
+
+
+def test_budget_measures_each_row_once_then_reads_the_cache(workspace):
+    ws = workspace
+    args = ["budget", "1", *ws.common(), "--data-dir", str(ws.data), "--workers", "2",
+            "--threads", "1"]
+    first = invoke(args)
+    assert first.exit_code == 0, first.output
+    assert first.output.count("measuring") == 2  # one config per row: seeds share it
+    for row in ("t1-ff-bp", "t1-ff-lcp-di"):
+        line = next(line for line in first.output.splitlines() if line.strip().startswith(row))
+        assert re.search(rf"{row}\s+2\s+[\d.]+ms", line), line
+    assert "2 slot(s)" in first.output and "of wall time" in first.output
+    assert "unknown (no finished run of this row in the store)" in first.output
+    again = invoke(args)
+    assert again.exit_code == 0 and "measuring" not in again.output
+    # the measured numbers are the same (read back), not measured again
+    strip = lambda text: [l for l in text.splitlines() if l.strip().startswith("t1-")]
+    assert strip(again.output) == strip(first.output)
+
+
+def test_the_slowdown_of_a_controller_row_comes_from_a_finished_run(workspace):
+    ws = workspace
+    done = invoke(["run", "t1-ff-lcp-di", *ws.run_args(), "--seeds", "0"])
+    assert done.exit_code == 0, done.output
+    out = invoke(["budget", "1", *ws.common(), "--data-dir", str(ws.data), "--seeds", "1"])
+    assert out.exit_code == 0, out.output
+    line = next(line for line in out.output.splitlines() if line.strip().startswith("t1-ff-lcp-di"))
+    assert re.search(r"x\d+\.\d\d \(from the store\)", line), line
+
+
+def test_dry_run_prints_the_budget_of_what_it_would_start(workspace):
+    ws = workspace
+    out = invoke(["run-table", "1", *ws.run_args(), "--dry-run", "--workers", "2"])
+    assert out.exit_code == 0, out.output
+    assert "budget on" in out.output and "of wall time on 2 slot(s)" in out.output
+    assert not ws.db.exists()  # a dry run creates no store
+
+
+def test_budget_refuses_bad_counts(workspace):
+    ws = workspace
+    out = invoke(["budget", "1", *ws.common(), "--workers", "0"])
+    assert out.exit_code == 2 and "--workers must be ≥ 1" in out.output

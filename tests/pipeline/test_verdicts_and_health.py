@@ -1,0 +1,114 @@
+"""`lcp report`'s verdict per row (equivalence within a margin by TOST, or a significant
+difference) on constructed seed values whose verdict is known, and a run's health (best epoch,
+collapse, the controller's slowdown, solves at max_iter) on constructed histories."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.health import COLLAPSE_PP, records_from_histories, run_health
+from pipeline.report import verdict
+
+BP = [97.80, 97.90, 98.00]
+
+
+# ---------------------------------------------------------------------- verdicts
+
+
+def test_close_seeds_with_little_spread_match():
+    word, p = verdict([97.85, 97.95, 98.05], BP, margin=1.0)
+    assert word == "matches" and p < 0.05
+
+
+def test_a_clear_drop_is_below_and_a_clear_gain_above():
+    word, p = verdict([95.0, 95.1, 94.9], BP, margin=1.0)
+    assert word == "below" and p < 0.05
+    word, p = verdict([99.9, 99.95, 99.85], [97.0, 97.1, 96.9], margin=1.0)
+    assert word == "above" and p < 0.05
+
+
+def test_a_small_difference_with_a_wide_spread_is_inconclusive():
+    # mean 97.9 as BP's, but seeds so spread that ±1 pp cannot be shown, nor any difference
+    word, p = verdict([95.0, 97.9, 100.8], BP, margin=1.0)
+    assert word == "inconclusive" and p >= 0.05
+
+
+def test_a_difference_inside_the_margin_matches_even_when_it_is_significant():
+    # 0.5 pp below with a tiny spread: different from BP, but within ±1 pp
+    word, _ = verdict([97.40, 97.41, 97.39], [97.90, 97.91, 97.89], margin=1.0)
+    assert word == "matches"
+    # the same numbers with a margin of 0.2 pp are below
+    word, _ = verdict([97.40, 97.41, 97.39], [97.90, 97.91, 97.89], margin=0.2)
+    assert word == "below"
+
+
+def test_one_seed_is_inconclusive():
+    assert verdict([97.9], BP)[0] == "inconclusive"
+    assert verdict([97.9, 97.95], [97.9])[0] == "inconclusive"
+    assert math.isnan(verdict([97.9], BP)[1])
+
+
+def test_against_the_paper_value_one_sample():
+    assert verdict([97.85, 97.95, 98.05], 97.9, margin=1.0)[0] == "matches"
+    assert verdict([90.0, 90.2, 90.1], 97.9, margin=1.0)[0] == "below"
+
+
+def test_identical_deterministic_seeds_are_judged_by_the_difference():
+    assert verdict([97.0, 97.0, 97.0], [97.5, 97.5, 97.5], margin=1.0) == ("matches", 0.0)
+    assert verdict([95.0, 95.0, 95.0], [97.5, 97.5, 97.5], margin=1.0) == ("below", 0.0)
+
+
+# ---------------------------------------------------------------------- health
+
+
+def _history(test_accs, iters=None, hits=None, steps=100):
+    out = []
+    for i, acc in enumerate(test_accs):
+        record = {"epoch": i + 1, "eval_test/accuracy": acc, "epoch_time": 10.0,
+                  "steps_per_s": steps / 10.0}
+        if iters is not None:
+            record["controlled/iterations_mean"] = iters[i]
+        if hits is not None:
+            record["controlled/hit_max_iter_count"] = hits[i]
+        out.append(record)
+    return out
+
+
+def test_a_run_that_peaks_and_falls_is_collapsed():
+    health = run_health(_history([0.80, 0.85, 0.84, 0.50, 0.45]))
+    assert health.best_epoch == 2 and health.best_acc == pytest.approx(85.0)
+    assert health.last_acc == pytest.approx(45.0)
+    assert health.collapsed and health.flags == ["collapsed"]
+    assert health.tags()["health"] == "collapsed"
+    assert health.metrics()["health/best_test_accuracy"] == pytest.approx(0.85)
+
+
+def test_a_run_that_ends_near_its_best_is_not_collapsed():
+    below = (COLLAPSE_PP - 1) / 100
+    health = run_health(_history([0.80, 0.90, 0.90 - below]))
+    assert not health.collapsed and health.tags()["health"] == "ok"
+
+
+def test_the_controller_slowdown_and_the_max_iter_share():
+    health = run_health(_history([0.8, 0.8, 0.8], iters=[100, 200, 300], hits=[0, 50, 100]))
+    assert health.iter_growth == pytest.approx(3.0)
+    assert health.max_iter_share == pytest.approx(150 / 300)
+    assert "max_iter" in health.flags
+
+
+def test_histories_from_the_store_regroup_by_epoch():
+    records = records_from_histories({"eval_test/accuracy": [(1, 0.9), (2, 0.5)],
+                                      "epoch_time": [(1, 1.0), (2, 1.0)],
+                                      "steps_per_s": [(1, 10.0), (2, 10.0)],
+                                      "controlled/hit_max_iter_count": [(1, 10), (2, 0)]})
+    assert [r["epoch"] for r in records] == [1, 2]
+    health = run_health(records)
+    assert health.collapsed and health.max_iter_share == pytest.approx(10 / 20)
+
+
+def test_a_run_never_evaluated_has_no_best():
+    health = run_health([{"epoch": 1, "train/loss": 1.0}])
+    assert health.best_epoch is None and math.isnan(health.best_acc) and not health.collapsed
+    assert "health/best_test_accuracy" not in health.metrics()
