@@ -470,7 +470,7 @@ def _print_budget(items, slots: int, threads: int, reader, remeasure: bool = Fal
 
 
 @click.command("budget", context_settings=CONTEXT)
-@click.argument("table")
+@click.argument("targets", nargs=-1, required=True, metavar="TABLE|ID...")
 @_manifest_option
 @_tracking_option
 @_selection_options
@@ -479,9 +479,10 @@ def _print_budget(items, slots: int, threads: int, reader, remeasure: bool = Fal
 @click.option("--threads", default=None, type=int, metavar="N",
               help="Torch threads per run (default: the CPU cores / --workers).")
 @click.option("--remeasure", is_flag=True, help="Measure again instead of using the cache.")
-def budget_command(table, manifest_path, tracking_uri, seeds, sets, quick, data_dir, workers,
+def budget_command(targets, manifest_path, tracking_uri, seeds, sets, quick, data_dir, workers,
                    threads, remeasure):
-    """How long table TABLE (every row and seed) takes on this machine, before it runs.
+    """How long a table (every row and seed) or the rows ID... take on this machine, before
+    they run.
 
     Measures a few steps and evaluation batches of each row here (cached per machine and
     config, so a second call is instant), then prints per row the step time, the first epoch,
@@ -494,7 +495,7 @@ def budget_command(table, manifest_path, tracking_uri, seeds, sets, quick, data_
     \b
     Examples:
       lcp budget 1
-      lcp budget 1 --set data=fashion-mnist --set num_epochs=10 --workers 2 --threads 1
+      lcp budget t1-ff-bp t1-ff-lcp-di --set data=fashion-mnist --set num_epochs=10 --workers 2
     """
     import os
 
@@ -508,7 +509,10 @@ def budget_command(table, manifest_path, tracking_uri, seeds, sets, quick, data_
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     manifest = _load(manifest_path)
     overrides = _overrides(sets, quick, data_dir)
-    items = R.expand(manifest.table(table), R.parse_seeds(seeds), overrides)
+    rows = [row for target in targets for row in (
+        manifest.table(target) if target.isdigit() else R.select(manifest, ids=[target]))]
+    unique = list({row.id: row for row in rows}.values())
+    items = R.expand(unique, R.parse_seeds(seeds), overrides)
     if quick:
         items = R.quick_data_fallback(items, download=True, echo=click.echo)
     R.ensure_data([R.RunPlan(item, R.NEW) for item in items], echo=click.echo)

