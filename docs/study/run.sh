@@ -7,7 +7,9 @@
 #
 # The store (MLflow, Optuna journal, run folders, the manifest with the exported row) stays
 # outside the repository; the reports are written into docs/study/.
-set -euo pipefail
+# No `set -e`: a run that fails (diverges) is recorded in the store and shown by the report;
+# the next steps still run.
+set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 STORE="$(mkdir -p "${LCP_STUDY_STORE:-study-store}" && cd "${LCP_STUDY_STORE:-study-store}" && pwd)"
 export LCP_CACHE_DIR="${LCP_CACHE_DIR:-$STORE/cache}"   # the budget planner's measurements
