@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -244,6 +245,10 @@ class RunConfig:
         ):
             raise ConfigError(f"setting 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N",
                               "device")
+        for name in ("limit_train_batches", "limit_eval_batches"):
+            if getattr(self, name) == 0:
+                raise ConfigError(f"setting '{name}' must be ≥ 1, or -1 for every batch (got 0: "
+                                  "an epoch without batches)", name)
         for name in ("eval_epochs", "align_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting '{name}' must be ≥ 0 (got {getattr(self, name)})",
@@ -279,7 +284,9 @@ def _coerce(value: Any, kind: str) -> Any:
     except ValueError:
         raise ValueError(f"expected {what}, got {value!r}") from None
     if kind == "float":
+        if not math.isfinite(number):  # nan/inf pass every comparison check below unnoticed
+            raise ValueError(f"expected a finite number, got {value!r}")
         return number
-    if not number.is_integer():
+    if not math.isfinite(number) or not number.is_integer():
         raise ValueError(f"expected an integer, got {value!r}")
     return int(number)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import io
 import math
 import os
 import pickle
@@ -167,13 +168,41 @@ def _load_idx_pair(name: str, images_path: Path, labels_path: Path) -> tuple[Ten
     return x, y
 
 
+# The only globals a CIFAR-10 batch refers to: numpy's array reconstruction (under its NumPy 1
+# and NumPy 2 module names), and _codecs.encode, which a protocol-2 pickle written by Python 3
+# uses for bytes. Everything else in a batch is builtin data (dict, list, bytes, int).
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles data only: a global outside _CIFAR_GLOBALS (os.system, builtins.eval, any
+    class) is refused before it is looked up, so a forged batch cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it asks for {module}.{name}, which a CIFAR-10 batch never contains")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # this NumPy's own _reconstruct
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
+        return getattr(np, name)
+
+
 def _unpickle(path: Path) -> dict:
     # CIFAR-10's batches are Python 2 pickles; encoding="bytes" reads their str keys as bytes.
     raw = _read_bytes(path)
     try:
-        return pickle.loads(raw, encoding="bytes")
+        return _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DataCorruptError(f"cannot read CIFAR-10 batch {path}: {exc}") from None
+        raise DataCorruptError(f"cannot read CIFAR-10 batch {path}: {exc}; download the "
+                               "official batches again (refusing to run anything from it)"
+                               ) from None
 
 
 def _entry(batch: dict, key: str, path: Path):

@@ -268,7 +268,8 @@ class LocalExecutor(Executor):
         slot = self.pool.acquire()
         if slot is None:
             raise RuntimeError("start() called without a free slot")
-        env = {**self.base_env, **job.env, **slot.env()}
+        # the worker asks to be stopped when this process dies (pipeline.worker.die_with_parent)
+        env = {**self.base_env, **job.env, **slot.env(), "LCP_PARENT_PID": str(os.getpid())}
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(job.log_path, "a", buffering=1)
         log.write(f"=== {job.key}: attempt {job.attempts} on {slot.label} at "
@@ -549,7 +550,7 @@ class RayExecutor(Executor):
         if use_task_python:  # the node's own Python runs `-m pipeline.worker`
             command = command[1:]
         env = {k: v for k, v in os.environ.items()
-               if k.startswith(FORWARDED_ENV_PREFIX) and k != "LCP_SLOT"}
+               if k.startswith(FORWARDED_ENV_PREFIX) and k not in ("LCP_SLOT", "LCP_PARENT_PID")}
         env.update(job.env)
         ref = self._remote.options(**self._task_options, name=job.key).remote(
             command, use_task_python=use_task_python, env=env, drop_env=self.drop_env,

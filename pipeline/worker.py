@@ -36,6 +36,8 @@ EXIT_DIVERGED = 3
 EXIT_BUSY = 75
 
 CALLBACKS_ENV = "LCP_WORKER_CALLBACKS"
+PARENT_ENV = "LCP_PARENT_PID"  # set by the local executor: see die_with_parent
+PR_SET_PDEATHSIG = 1
 
 
 class WorkerInterrupted(KeyboardInterrupt):
@@ -193,14 +195,39 @@ def main(argv=None) -> int:
         return EXIT_BUSY
 
     def on_signal(signum, frame):  # noqa: ARG001
+        # once: a second signal while the run is being marked KILLED would leave it RUNNING
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise WorkerInterrupted(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        die_with_parent()
         return _run(args, run_dir)
+    except WorkerInterrupted as exc:  # before _run could mark anything: nothing to mark
+        return 128 + exc.signum
     finally:
         lock.release()
+
+
+def die_with_parent() -> None:
+    """Linux: this worker gets SIGTERM — and ends as it does on SIGTERM: run KILLED, checkpoint
+    kept, resumable — when the scheduler that started it dies, kill -9 included
+    (PR_SET_PDEATHSIG). The local executor names its own pid in $LCP_PARENT_PID; a worker whose
+    parent is already gone stops at once. Without this a worker of a killed scheduler trains on,
+    re-parented to init, holding its CPU/GPU slot and its run's lock."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl: no signal would come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run(args, run_dir: Path) -> int:

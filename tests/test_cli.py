@@ -65,6 +65,16 @@ def test_bad_flag_value_is_one_clear_error(tmp_path):
     assert result.exit_code != 0 and "no_such_flag" in result.output
 
 
+@pytest.mark.parametrize("flag", ["--alpha=nan", "--alpha=inf", "--limit_train_batches=0"])
+def test_non_finite_or_empty_settings_exit_2_before_anything_runs(flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(lcp, ["train", "--model=ff", "--data=mnist-sample", flag])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 def test_diverging_dynamics_end_the_run_with_a_reason(mnist_dir, tmp_path):
     result = CliRunner().invoke(lcp, [
         "train", "--model=ff", "--trainer=lcp-di", "--alpha=10", "--solver_max_iter=800",

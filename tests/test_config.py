@@ -47,6 +47,13 @@ def test_text_values_are_coerced_like_the_papers_argparse():
     ({"model": "ff", "validation_split": 1.5}, "validation_split"),
     ({}, "'model' must be given"),
     ({"model": "ff", "controller_solver": "broyden"}, "euler, anderson"),
+    ({"model": "ff", "alpha": "nan"}, "'alpha': expected a finite number"),
+    ({"model": "ff", "alpha": float("inf")}, "'alpha': expected a finite number"),
+    ({"model": "ff", "meta_lr": "-inf"}, "'meta_lr': expected a finite number"),
+    ({"model": "ff", "k_i": float("nan")}, "'k_i': expected a finite number"),
+    ({"model": "ff", "solver_max_iter": "inf"}, "'solver_max_iter': expected an integer"),
+    ({"model": "ff", "limit_train_batches": 0}, "'limit_train_batches' must be ≥ 1, or -1"),
+    ({"model": "ff", "limit_eval_batches": "0"}, "'limit_eval_batches' must be ≥ 1, or -1"),
 ])
 def test_bad_settings_are_rejected_with_a_message_that_names_them(values, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

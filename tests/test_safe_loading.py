@@ -76,3 +76,48 @@ def test_a_checkpoint_with_a_numpy_rng_state_still_resumes(tmp_path, mnist_dir):
     np.random.seed(0)
     result = fit(_cfg(mnist_dir, num_epochs=2), checkpoint_path=checkpoint)
     assert result.epochs_completed == 2
+
+
+# ---------------------------------------------------------------------- CIFAR-10 batches
+
+
+def test_a_forged_cifar_batch_is_refused_before_its_code_runs(tmp_path):
+    """A data_batch_1 whose pickle calls os.system: one error naming the file and the global,
+    and the command never runs (the unpickler refuses the global before looking it up)."""
+    import pickle
+
+    from synthetic import write_cifar10_batches
+
+    from lcp.data import DataCorruptError, load_split
+
+    root = write_cifar10_batches(tmp_path / "cifar", n_per_batch=10)
+    marker = tmp_path / "ran"
+    path = root / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _RunsACommand(marker), b"labels": [0]}, protocol=2))
+    with pytest.raises(DataCorruptError) as err:
+        load_split("cifar10", root, train=True, download=False)
+    assert not marker.exists()
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "posix.system" in message or "os.system" in message
+
+
+def test_real_cifar_batches_still_load_under_either_numpy_module_name(tmp_path):
+    """The official batches were pickled by NumPy 1 (numpy.core.multiarray._reconstruct); a
+    batch pickled by this NumPy names its own module: both load."""
+    import pickle
+
+    from synthetic import write_cifar10_batches
+
+    from lcp.data import load_split
+
+    root = write_cifar10_batches(tmp_path / "cifar", n_per_batch=10)
+    folder = root / "cifar-10-batches-py"
+    for path in folder.glob("*_batch*"):
+        raw = path.read_bytes()
+        if b"numpy._core.multiarray" in raw:  # written by NumPy 2: as NumPy 1 names it
+            path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+        assert b"numpy.core.multiarray" in path.read_bytes()
+        assert pickle.loads(path.read_bytes(), encoding="bytes")[b"data"].shape == (10, 3072)
+    x, y = load_split("cifar10", root, train=True, download=False)
+    assert x.shape == (50, 3, 32, 32) and y.shape == (50,)

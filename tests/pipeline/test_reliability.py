@@ -422,3 +422,50 @@ def test_leases_through_an_mlflow_server_have_one_owner(tmp_path):
         first.release(other)
         assert second.claim(other) is None
         second.close()
+
+
+# ====================================================================== workers of a killed scheduler
+
+
+def test_workers_die_with_a_scheduler_killed_by_sigkill_and_the_next_call_resumes(tmp_path):
+    """kill -9 of `lcp run`: its worker gets SIGTERM from the kernel (parent-death signal),
+    marks its run KILLED and exits within seconds; the next call resumes the pair at once
+    instead of finding it BUSY."""
+    ws = Workspace(tmp_path, num_epochs=40, seeds=(0,))
+    returncode, out = signal_after_first_epoch(ws, ["run", "t1-ff-bp", *ws.run_args()],
+                                               signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, out
+    import json
+
+    progress = json.loads(next(ws.runs_dir.glob("**/progress.json")).read_text())
+    worker = int(progress["pid"])
+    deadline = time.monotonic() + 15
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the worker outlived its killed scheduler"
+    run, = ws.runs()
+    assert run.info.status == "KILLED", run.info.status
+    again = invoke(["run", "t1-ff-bp", *ws.run_args(), "--dry-run"])
+    assert "RESUME" in again.output and "BUSY" not in again.output, again.output
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_non_finite_settings_and_empty_epochs_are_refused_before_anything_is_written(
+        tmp_path, monkeypatch):
+    ws = Workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for setting in ("alpha=nan", "alpha=inf", "limit_train_batches=0"):
+        result = invoke(["run", "t1-ff-lcp-di", *ws.run_args(), "--set", setting])
+        assert result.exit_code == 2, result.output
+        assert "finite number" in result.output or "must be ≥ 1, or -1" in result.output
+    assert not ws.db.exists() and not ws.runs_dir.exists()
