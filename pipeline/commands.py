@@ -184,7 +184,8 @@ def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quic
     config hash; give the same --quick/--set/--seeds as the run to see that run's state.
 
     \b
-    States: done, running, interrupted@E (resumable from epoch E), failed@E, killed@E, - (none)
+    States: done, done(artifacts missing), running, interrupted@E (resumable from epoch E),
+    failed@E, killed@E, - (none)
     \b
     Examples:
       lcp list
@@ -229,7 +230,7 @@ def _state(plan) -> str:
     from pipeline import runs as R
 
     if plan.action == R.SKIP:
-        return "done"
+        return "done(artifacts missing)" if plan.artifacts_missing else "done"
     if plan.action == R.BUSY:
         return "running"
     if plan.action == R.RESUME:
@@ -458,6 +459,10 @@ def _print_plan(plans, uri, runner, retries, overrides, quick, dry_run):
     click.echo(f"{len(plans)} run(s): {counts[R.NEW]} new, {counts[R.RESUME]} to resume, "
                f"{counts[R.SKIP]} done (skip)"
                + (f", {counts[R.BUSY]} running elsewhere" if counts[R.BUSY] else ""))
+    lost = [p.name for p in plans if p.artifacts_missing]
+    if lost:
+        click.echo(f"WARNING: {len(lost)} FINISHED run(s) have lost their artifacts "
+                   f"({', '.join(lost)}); --force runs them again", err=True)
 
 
 def _print_budget(items, slots: int, threads: int, reader, remeasure: bool = False) -> None:

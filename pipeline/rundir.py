@@ -42,6 +42,25 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
         return {}
 
 
+def resume_point(run_dir: str | os.PathLike) -> tuple[int, float]:
+    """(epochs completed, wall time so far in s) of the run's checkpoint — what a resumed run
+    continues from. Both come from the checkpoint itself, never from the progress file (which a
+    kill can leave behind or anyone can edit): the wall time is the progress file's only when it
+    was written at the checkpoint's epoch, else the checkpoint's epoch times summed. (0, 0.0)
+    without a readable checkpoint."""
+    from lcp.training import load_checkpoint
+
+    try:
+        payload = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
+    except Exception:  # noqa: BLE001 - absent or unreadable: the worker says which when it loads
+        return 0, 0.0
+    epoch = int(payload.get("epoch", 0))
+    progress = read_progress(run_dir)
+    if progress.get("epoch") == epoch and isinstance(progress.get("wall_time_s"), (int, float)):
+        return epoch, float(progress["wall_time_s"])
+    return epoch, float(sum(r.get("epoch_time", 0.0) for r in payload.get("history", [])))
+
+
 def progress_text(run_dir: str | os.PathLike) -> str:
     """'starting', or 'epoch E/N' and the last test accuracy the run's progress file holds."""
     info = read_progress(run_dir)

@@ -20,7 +20,7 @@ from lcp.config import NOT_HASHED, RunConfig
 from pipeline import rundir, tracking
 from pipeline.executors import Executor, child_env, describe_returncode
 from pipeline.manifest import Experiment, Manifest, ManifestError
-from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, is_locked, read_progress,
+from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, is_locked, resume_point,
                              write_config)
 from pipeline.scheduler import (FAILED, KILLED, Hooks, Job, ProgressDisplay, Scheduler,
                                 SchedulerResult, stop_on_signals)
@@ -165,6 +165,10 @@ class RunPlan:
     result: dict[str, float] = field(default_factory=dict)
     attempts_before: int = 0  # attempts of this run in earlier scheduler calls
     owner: str | None = None  # BUSY: the scheduler that owns the pair
+    # NEW: unfinished runs of the pair it replaces (their checkpoint is gone); `prepare` ends
+    # any still RUNNING/SCHEDULED as KILLED and tags each `superseded_by` the new run
+    superseded: list = field(default_factory=list)
+    artifacts_missing: list[str] = field(default_factory=list)  # SKIP: of a FINISHED run
 
     @property
     def name(self) -> str:
@@ -260,9 +264,12 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
         finished = [r for r in candidates if r.info.status == "FINISHED"]
         if finished and not force:
             run = finished[0]
+            missing = missing_artifacts(tracker, run.info.run_id)
             plans.append(RunPlan(item, SKIP, run.info.run_id, previous_status="FINISHED",
-                                 note=f"done (FINISHED run {run.info.run_id[:8]})",
-                                 result=dict(run.data.metrics)))
+                                 note=f"done (FINISHED run {run.info.run_id[:8]})" + (
+                                     f" — WARNING: its artifacts are missing ({', '.join(missing)}"
+                                     "); --force runs it again" if missing else ""),
+                                 result=dict(run.data.metrics), artifacts_missing=missing))
             continue
         holder = (holders or {}).get(item.lease_key)
         if holder is not None:
@@ -294,7 +301,7 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
                                     f"no run folder {run_dir} here); --force starts a new run")
                 break
             if checkpoint.exists() or not logged:
-                epoch = int(read_progress(run_dir).get("epoch", 0)) if checkpoint.exists() else 0
+                epoch = resume_point(run_dir)[0] if checkpoint.exists() else 0
                 where = f"from epoch {epoch}" if checkpoint.exists() else "from the start"
                 plan = RunPlan(item, RESUME, run.info.run_id, run_dir, resume_epoch=epoch,
                                previous_status=run.info.status,
@@ -303,8 +310,25 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
                 break
             plan.note = (f"new run (run {run.info.run_id[:8]} is {run.info.status} but its "
                          f"checkpoint {checkpoint} is gone)")
+            plan.superseded.append(run)
         plans.append(plan)
     return plans
+
+
+# What the worker logs to every FINISHED table run (pipeline.worker._finish).
+RUN_ARTIFACTS = ("config.yaml", "model.pth", "metrics.csv", "learning_curve.png")
+
+
+def missing_artifacts(tracker: tracking.Tracker | None, run_id: str) -> list[str]:
+    """The artifacts of RUN_ARTIFACTS that a FINISHED run no longer has (deleted by hand, or an
+    artifact store that was lost); [] when they are all there or the store cannot say."""
+    if tracker is None:
+        return []
+    try:
+        present = {Path(p).name for p in tracker.artifact_paths(run_id)}
+    except Exception:  # noqa: BLE001 - an unreachable artifact store is not a missing file
+        return []
+    return [name for name in RUN_ARTIFACTS if name not in present]
 
 
 def _int(text) -> int:
@@ -381,6 +405,8 @@ def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Pat
                 plan.experiment_id, item.name, tags=run_tags(item, extra_tags),
                 params=item.cfg.to_dict(), status="SCHEDULED")
             plan.run_dir = run_dir_for(Path(runs_dir), item, plan.run_id)
+            for old in plan.superseded:
+                supersede(tracker, old, plan.run_id)
         else:
             tracker.set_status(plan.run_id, "SCHEDULED")
         tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
@@ -388,6 +414,16 @@ def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Pat
         write_run_folder(plan, tracker.uri)
         if plan.action == NEW:
             tracker.log_artifact(plan.run_id, plan.run_dir / CONFIG_NAME)
+
+
+def supersede(tracker: tracking.Tracker, run, new_run_id: str) -> None:
+    """`run` is replaced by `new_run_id` (it could not be resumed): tagged so, and KILLED if it
+    was left RUNNING or SCHEDULED, so that no run of the pair stays open forever."""
+    reason = f"superseded by run {new_run_id} (its checkpoint was gone)"
+    tracker.set_tags(run.info.run_id, {"superseded_by": new_run_id})
+    if tracker.get_run(run.info.run_id).info.status in ("RUNNING", "SCHEDULED"):
+        tracker.set_tags(run.info.run_id, {"killed_reason": reason})
+        tracker.terminate(run.info.run_id, "KILLED")
 
 
 def mark_not_started(plan: RunPlan, tracker: tracking.Tracker, reason: str) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lcp.callbacks import Callback
 from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, PROGRESS_NAME, RunLock,
-                             read_config, read_progress, write_json_atomic)
+                             read_config, resume_point, write_json_atomic)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -255,8 +255,7 @@ def _run(args, run_dir: Path) -> int:
 
             trial = TrialSession(args.trial, cfg.num_epochs)
         checkpoint = run_dir / CHECKPOINT_NAME
-        previous = read_progress(run_dir)
-        resumed_from = int(previous.get("epoch", 0)) if checkpoint.exists() else 0
+        resumed_from, wall_before = resume_point(run_dir) if checkpoint.exists() else (0, 0.0)
         run = tracker.get_run(run_id)
         if run.info.status == "FINISHED":  # never reopened: its results are final
             print(f"worker: run {run_id} is already FINISHED; nothing to do", flush=True)
@@ -273,9 +272,7 @@ def _run(args, run_dir: Path) -> int:
               + (f"resuming from epoch {resumed_from}" if checkpoint.exists() else "from epoch 0")
               + f", device {describe_device(cfg)}, {torch.get_num_threads()} threads"
               + f", compiled kernels {native.summary()}", flush=True)
-        logger = MlflowLogger(tracker, run_id, run_dir,
-                              float(previous.get("wall_time_s", 0.0)) if checkpoint.exists()
-                              else 0.0)
+        logger = MlflowLogger(tracker, run_id, run_dir, wall_before)
         from lcp.progress import ProgressBar
 
         # its log is a file: one plain line per epoch and at least every 2 minutes inside one

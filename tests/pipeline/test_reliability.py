@@ -469,3 +469,55 @@ def test_non_finite_settings_and_empty_epochs_are_refused_before_anything_is_wri
         assert result.exit_code == 2, result.output
         assert "finite number" in result.output or "must be ≥ 1, or -1" in result.output
     assert not ws.db.exists() and not ws.runs_dir.exists()
+
+
+def test_a_run_whose_folder_is_gone_is_superseded_not_left_running(tmp_path, monkeypatch):
+    """An interrupted run (RUNNING, epoch 1 logged) whose run folder was deleted cannot be
+    resumed: the next call starts a new run for the pair and ends the old one KILLED, tagged
+    superseded_by the new run — no run of the pair stays RUNNING."""
+    from pipeline import runs as R
+    from pipeline.manifest import load_manifest
+    from pipeline.tracking import Tracker
+
+    ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    items = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
+                     {"data_dir": str(ws.data)})
+    tracker = Tracker(ws.uri)
+    plans = R.plan_runs(items, tracker, ws.runs_dir)
+    R.prepare(plans, tracker, ws.runs_dir)
+    old = plans[0].run_id
+    tracker.set_status(old, "RUNNING")
+    tracker.log_metrics(old, {"epoch": 1}, step=1)
+    shutil.rmtree(plans[0].run_dir)
+
+    result = invoke(["run", "t1-ff-bp", *ws.run_args()])
+    assert result.exit_code == 0, result.output
+    runs = {r.info.run_id: r for r in ws.runs()}
+    assert len(runs) == 2
+    new = next(i for i in runs if i != old)
+    assert runs[new].info.status == "FINISHED"
+    assert runs[old].info.status == "KILLED"
+    assert runs[old].data.tags["superseded_by"] == new
+    assert "superseded by run" in runs[old].data.tags["killed_reason"]
+
+
+def test_a_finished_run_that_lost_its_artifacts_is_flagged_and_force_reruns_it(tmp_path,
+                                                                              monkeypatch):
+    from urllib.parse import urlparse
+
+    ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    assert invoke(["run", "t1-ff-bp", *ws.run_args()]).exit_code == 0
+    run, = ws.runs()
+    shutil.rmtree(urlparse(run.info.artifact_uri).path)
+    listing = invoke(["list", "1", *ws.common(), "--runs-dir", str(ws.runs_dir),
+                      "--data-dir", str(ws.data)])
+    assert "0:done(artifacts missing)" in listing.output, listing.output
+    plan = invoke(["run", "t1-ff-bp", *ws.run_args(), "--dry-run"])
+    assert "WARNING: 1 FINISHED run(s) have lost their artifacts (t1-ff-bp/seed=0)" \
+        in plan.output, plan.output
+    assert "model.pth" in plan.output
+    again = invoke(["run", "t1-ff-bp", *ws.run_args(), "--force"])
+    assert again.exit_code == 0, again.output
+    assert len(ws.runs(status="FINISHED")) == 2

@@ -145,6 +145,29 @@ def test_transient_failure_is_retried_and_resumes_from_its_checkpoint(tmp_path, 
     assert _steps(ws.tracker(), run.info.run_id, "train/loss") == [1, 2]
 
 
+def test_the_resume_point_comes_from_the_checkpoint_not_the_progress_file(tmp_path,
+                                                                          monkeypatch):
+    """A progress file forged (or left behind) at epoch 99 changes neither the plan, nor the
+    resumed_from_epoch tag, nor the carried wall time: the checkpoint (epoch 1) decides."""
+    import json
+
+    ws = Workspace(tmp_path, num_epochs=2, seeds=(0,))
+    monkeypatch.chdir(tmp_path)
+    set_fault(monkeypatch, "t1-ff-bp/seed=0:raise@1")
+    assert invoke(["run", "t1-ff-bp", *ws.run_args()]).exit_code == 1
+    progress = next(ws.runs_dir.glob("**/progress.json"))
+    forged = {**json.loads(progress.read_text()), "epoch": 99, "wall_time_s": 1e6}
+    progress.write_text(json.dumps(forged))
+    monkeypatch.delenv("LCP_TEST_FAULT")
+    result = invoke(["run", "t1-ff-bp", *ws.run_args()])
+    assert result.exit_code == 0, result.output
+    plan_line = next(line for line in result.output.splitlines() if "RESUME" in line)
+    assert plan_line.endswith("from epoch 1"), plan_line
+    run = ws.runs()[0]
+    assert run.data.tags["resumed_from_epoch"] == "1"
+    assert run.data.metrics["wall_time_s"] < 1e5
+
+
 def test_hard_crash_without_retries_is_failed_by_the_parent(tmp_path, monkeypatch):
     ws = Workspace(tmp_path, num_epochs=2, seeds=(0,))
     monkeypatch.chdir(tmp_path)
