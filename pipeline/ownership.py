@@ -119,8 +119,10 @@ class Ownership:
             return None
         return holder
 
-    def holders(self) -> dict[str, Holder]:
-        """Every live lease in the store, by key (one search)."""
+    def holders(self, retire_stale: bool = False) -> dict[str, Holder]:
+        """Every live lease in the store, by key (one search). `retire_stale`: also end the
+        leases of owners that are gone (a scheduler killed with SIGKILL, expired elsewhere),
+        so that none stays active in the store for ever; a scheduler does it when it starts."""
         from mlflow.entities import ViewType
 
         out = {}
@@ -131,6 +133,8 @@ class Ownership:
             holder = _holder(exp)
             if holder is not None and holder.token != self.token and not holder.gone():
                 out[exp.name[len(PREFIX):]] = holder
+            elif retire_stale and holder is not None and holder.token != self.token:
+                self._retire(exp.experiment_id, exp.name)
         return out
 
     # ------------------------------------------------------------------ claiming

@@ -348,7 +348,7 @@ def plan_owned(items: list[Item], tracker: tracking.Tracker, runs_dir: str | Pat
     """Plans for `items` with this process as the one owner of every pair it will run: the
     pairs to run are claimed (pipeline.ownership) and planned again under the claim, so that
     no other scheduler creates, resumes or finishes them meanwhile."""
-    holders = ownership.holders()
+    holders = ownership.holders(retire_stale=True)
     first = plan_runs(items, tracker, runs_dir, force=force, holders=holders)
     plans: dict[int, RunPlan] = {}
     claimed = []

@@ -166,6 +166,30 @@ def test_a_lease_is_released_taken_over_from_a_dead_owner_and_expires(tmp_path):
     assert not [n for n in names if n.startswith("lcp-lease/")], names
 
 
+def test_the_next_scheduler_ends_the_stale_leases_of_dead_ones(tmp_path):
+    """A scheduler killed with SIGKILL leaves its lease experiments active; the next one to
+    plan ends every stale lease, including those of pairs it does not run."""
+    from pipeline.ownership import Ownership
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    ghost = Ownership(tracker)
+    ghost.pid = int(dead)
+    assert ghost.claim("lcp-table-1/t1-ff-bp/seed=0/abc") is None
+    live = Ownership(tracker)
+    assert live.claim("lcp-table-1/t1-ff-bp/seed=1/abc") is None
+    active = lambda: sorted(e.name for e in tracker.client.search_experiments()
+                            if e.name.startswith("lcp-lease/"))
+    assert len(active()) == 2
+    assert Ownership(tracker).holders().keys() == {"lcp-table-1/t1-ff-bp/seed=1/abc"}
+    assert len(active()) == 2  # reading alone ends nothing
+    Ownership(tracker).holders(retire_stale=True)
+    assert active() == ["lcp-lease/lcp-table-1/t1-ff-bp/seed=1/abc"]  # the live one stays
+    live.close()
+
+
 def test_leases_are_not_listed_as_tables(tmp_path):
     from pipeline.ownership import Ownership
     from pipeline.tracking import Tracker
