@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on CPU with small synthetic data written in the real formats."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -36,3 +37,28 @@ def cifar_dir(tmp_path):
     from synthetic import write_cifar10_batches
 
     return write_cifar10_batches(tmp_path / "cifar", n_per_batch=16)
+
+
+# ---------------------------------------------------------------------- Ctrl-C stops the suite
+# An in-process `lcp train` turns Ctrl-C into click's "Aborted!" (exit 1): the test fails and
+# the suite would go on. The first Ctrl-C is remembered here and the session ends after the
+# test it interrupted. (While an in-process scheduler holds SIGINT, Ctrl-C stops that
+# scheduler cleanly first; the next one ends the session.)
+_INTERRUPTED = []
+
+
+def _on_sigint(signum, frame):
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
+def pytest_sessionstart(session):
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    yield
+    if _INTERRUPTED:
+        pytest.exit("interrupted by Ctrl-C", returncode=2)

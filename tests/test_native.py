@@ -221,9 +221,12 @@ def test_compiled_free_solve_equals_the_pytorch_solve(kernels, monkeypatch, mode
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.allclose(fast, ref, rtol=tol, atol=tol)
     # the definition adds the bias after the product (h + (t Wᵀ + b)), the pass before it
-    # (h_b + t Wᵀ): float32 rounding of a residual near 1e-5 then differs in its 4th digit
-    rel = 1e-9 if dtype == torch.float64 else 1e-3
-    assert fast_stats.residual == pytest.approx(ref_stats.residual, rel=rel)
+    # (h_b + t Wᵀ): each element of f(v) - v is rounded differently, by a few units in the last
+    # place of the state's elements, so the two residuals (l2 norms of f(v) - v) may differ by
+    # a few eps·‖v‖ — whatever the CPU, its BLAS or the order of its sums
+    bound = 8 * torch.finfo(dtype).eps * fast.norm(dim=-1).max().item()
+    assert abs(fast_stats.residual - ref_stats.residual) <= bound, (
+        fast_stats.residual, ref_stats.residual, bound)
     # it is the fixed point of f
     assert torch.allclose(net.implicit(h, fast), fast, atol=1e-4)
 
