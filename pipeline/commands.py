@@ -224,6 +224,12 @@ def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quic
                 click.echo(f"  {section}")
             states = "  ".join(f"{p.item.seed}:{_state(p)}" for p in by_row.get(exp.id, []))
             click.echo(f"    {exp.id:<{width}}  {exp.label:<12}  {states}")
+        count, flags = R.other_settings(reader, experiment_name(number),
+                                        {p.item.config_hash for p in plans})
+        if count:
+            click.echo(f"  + {count} FINISHED run(s) made with other settings (the newest with "
+                       f"{flags.strip() or 'no --quick/--set'}): see them with  "
+                       f"lcp list {number}{flags}  and  lcp report {number}{flags}")
 
 
 def _state(plan) -> str:

@@ -40,7 +40,8 @@ class Collected:
     curves: dict[str, dict[str, list[tuple[int, float]]]]  # run_id -> key -> [(step, value)]
     other_finished: int  # FINISHED runs of the table not used (other settings)
     experiment_id: str | None
-    ended: dict[str, list[str]] = field(default_factory=dict)  # row id -> how each seed's newest run ended
+    ended: dict[str, list[str]] = field(default_factory=dict)  # row id -> each seed's last end
+    expected_hashes: set[str] = field(default_factory=set)  # the config hashes selected
 
 
 def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
@@ -130,7 +131,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
                "solver_iters", "hit_max_iter", "cos_to_gradient", "collapsed", "iter_growth",
                "max_iter_share", "health"]
     return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id,
-                     ended)
+                     ended, {h for hashes in expected.values() for h in hashes})
 
 
 def _pct(value: float | None) -> float:
@@ -408,10 +409,17 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
                         any_config=any_config, quick=quick)
     number = collected.table
     if collected.runs.empty:
-        hint = ("" if not collected.other_finished else
-                f" ({collected.other_finished} FINISHED run(s) of table {number} have other "
-                "settings: pass the same --quick/--set/--seeds as the run, or --any-config)")
-        raise LcpError(f"no finished run of table {number} in {tracker.uri} matches{hint}; run "
+        if collected.other_finished:
+            from pipeline.runs import other_settings
+
+            count, flags = other_settings(tracker, tracking.experiment_name(number),
+                                          set(collected.expected_hashes))
+            made_with = flags.strip() or "no --quick/--set"
+            raise LcpError(
+                f"no finished run of table {number} in {tracker.uri} has these settings, but "
+                f"{count} FINISHED run(s) have other settings (the newest made with {made_with}): "
+                f"report them with  lcp report {number}{flags}  (or pass --any-config)")
+        raise LcpError(f"no finished run of table {number} in {tracker.uri}; run "
                        f"`lcp run-table {number}` first")
     if not (margin > 0 and math.isfinite(margin)):
         raise LcpError(f"--margin {margin} is not valid: give a positive number of percentage points, e.g. --margin 1")

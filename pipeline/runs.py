@@ -246,6 +246,28 @@ def run_key(run) -> tuple[str, int] | None:
         return None
 
 
+def selection_flags(run) -> str:
+    """The `--quick`/`--set` flags a table run was made with (from its tags), as a command
+    line tail: what `lcp list`/`lcp report` need to select it again."""
+    tags = run.data.tags
+    flags = " --quick" if tags.get("quick") == "true" else ""
+    return flags + "".join(f" --set {s}" for s in (tags.get("overrides") or "").split())
+
+
+def other_settings(tracker: tracking.Tracker | None, experiment_name: str,
+                   matching: set[str]) -> tuple[int, str | None]:
+    """(how many FINISHED table runs of the experiment have a config hash not in `matching`,
+    the selection flags of the newest of them)."""
+    if tracker is None:
+        return 0, None
+    exp_id = tracker.get_experiment_id(experiment_name)
+    runs = tracker.search_runs([exp_id], "attributes.status = 'FINISHED'",
+                               order_by=["attributes.end_time DESC"]) if exp_id else []
+    others = [r for r in runs if run_key(r) is not None
+              and r.data.tags.get("config_hash") not in matching]
+    return len(others), (selection_flags(others[0]) if others else None)
+
+
 def run_dir_for(runs_dir: Path, item: Item, run_id: str) -> Path:
     return Path(runs_dir).resolve() / item.experiment_name / item.exp.id / f"seed={item.seed}" / run_id
 

@@ -191,3 +191,26 @@ def test_a_non_editable_install_lists_the_tables_from_any_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"manifest {site / 'pipeline' / 'experiments.yaml'}" in out.stdout
     assert "Table 1 (experiment lcp-table-1): 10 rows, 30 runs" in out.stdout
+
+
+def test_list_and_report_after_the_tour_point_to_the_command_that_shows_it(tour):
+    """After `lcp run-table 1 --quick`, the README's next steps without --quick find no run of
+    those settings: both say which settings the store's runs have and print the command that
+    shows them, and that command works as printed."""
+    ws, _ = tour
+    store = [*ws.common()]
+    listing = invoke(["list", "1", *store, "--runs-dir", str(ws.runs_dir)])
+    assert listing.exit_code == 0, listing.output
+    hint = next(line for line in listing.output.splitlines() if "other settings" in line)
+    assert "(the newest with --quick)" in hint
+    assert "lcp list 1 --quick" in hint and "lcp report 1 --quick" in hint
+    report = invoke(["report", "1", *store, "--no-mlflow"])
+    assert report.exit_code == 2
+    printed = re.search(r"report them with  (lcp report 1 --quick)  ", report.output)
+    assert printed, report.output
+    args = printed.group(1).split()[1:]
+    again = invoke([*args, *store, "--no-mlflow", "--out", str(ws.root / "hinted")])
+    assert again.exit_code == 0, again.output
+    listed = invoke([*"lcp list 1 --quick".split()[1:], *store, "--runs-dir", str(ws.runs_dir),
+                     "--seeds", "0,1"])
+    assert re.search(r"t1-ff-bp\s+BP\s+0:done\s+1:done", listed.output), listed.output
