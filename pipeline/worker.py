@@ -130,13 +130,16 @@ def dataset_inputs(cfg, loaders) -> list[dict]:
     """The run's datasets for `Tracker.log_datasets`: name, split, size, digest, source."""
     import hashlib
 
+    from lcp.data import dataset_source
+
     train, evals, _, _ = loaders
     out = []
     for split, loader in [("train", train)] + [(k, v) for k, v in evals.items() if k != "train"]:
         digest = hashlib.sha256(loader.x.cpu().numpy().tobytes())
         digest.update(loader.y.cpu().numpy().tobytes())
         out.append({"name": cfg.data, "split": split, "size": loader.dataset_size,
-                    "digest": digest.hexdigest()[:16], "source": cfg.data_dir})
+                    "digest": digest.hexdigest()[:16],
+                    "source": dataset_source(cfg.data, cfg.data_dir)})
     return out
 
 

@@ -115,3 +115,13 @@ def test_every_cifar_paper_line_runs_with_lcp_train(line, cifar_dir, tmp_path):
     result = invoke(["train", *flags, "--num_epochs=1", "--limit_train_batches=1",
                      "--limit_eval_batches=1", f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}"])
     assert result.exit_code == 0, result.output
+
+
+def test_missing_data_creates_no_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("lcp.data.DEBIAN_FASHION_MNIST_DIR", tmp_path / "none")
+    monkeypatch.setattr("lcp.data._torchvision_download", lambda *a: "no network (test)")
+    result = CliRunner().invoke(lcp, ["train", "--model=ff", "--data=fashion-mnist",
+                                      f"--data_dir={tmp_path}/empty"])
+    assert result.exit_code == 2
+    assert not (tmp_path / "out").exists()

