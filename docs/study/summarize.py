@@ -54,7 +54,11 @@ def main(store: Path) -> None:
                           else "*(not run yet: see 'What is left')*\n")
     blocks["tuning"] = _tuning(store)
     blocks["budget"] = _budget(store, study)
+    full = HERE / "budget-table1-full-size.txt"
+    blocks["budget-full"] = ("```\n" + full.read_text() + "```\n" if full.exists()
+                             else "*(not measured yet)*\n")
     _fill(HERE.parent / "study.md", blocks)
+    _fill(ROOT / "README.md", {k: blocks[k] for k in ("table1-mnist-sample", "budget-full")})
 
 
 def _commit_line() -> str:
