@@ -49,7 +49,16 @@ class Slot:
             "OMP_NUM_THREADS": threads,
             "MKL_NUM_THREADS": threads,
             "LCP_SLOT": self.label,
+            **passive_openmp(),
         }
+
+
+def passive_openmp() -> dict[str, str]:
+    """OMP_WAIT_POLICY=PASSIVE for a worker unless the user chose a policy: OpenMP's threads
+    then sleep instead of spinning while they wait, so runs sharing CPU cores (a --workers 2
+    table on 2 cores, a tour beside a study) do not steal each other's time —
+    benchmarks/shared_cpu.py, docs/speed.md ("Sharing the CPU")."""
+    return {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class SlotPool:
@@ -358,7 +367,7 @@ def run_job_task(command: list[str], *, use_task_python: bool, env: dict[str, st
         task_env["CUDA_VISIBLE_DEVICES"] = ""
         where = f"ray:{node}:cpu"
     task_env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                      "LCP_SLOT": where})
+                      "LCP_SLOT": where, **passive_openmp()})
     argv = [sys.executable, *command] if use_task_python else list(command)
     argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
     if cwd is not None and not os.path.isdir(cwd):

@@ -1,11 +1,16 @@
 """Shared fixtures. Tests run on CPU with small synthetic data written in the real formats."""
 
+import os
 import signal
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch starts OpenMP: its threads sleep instead of spinning while they wait, so the
+# suite and the workers it starts share a small CPU well (benchmarks/shared_cpu.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import synthetic` from any test folder
 

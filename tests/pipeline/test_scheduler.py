@@ -86,6 +86,14 @@ def test_cpu_slots_split_the_threads():
         SlotPool.for_gpus(["0"], 0)
 
 
+def test_workers_wait_passively_unless_the_user_chose_a_policy(monkeypatch):
+    slot = SlotPool.for_cpu(workers=2, cpu_count=2).slots[0]
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert slot.env()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "OMP_WAIT_POLICY" not in slot.env()  # the user's own policy reaches the worker
+
+
 @pytest.mark.parametrize("runs_per_gpu", [1, 2])
 def test_concurrent_runs_never_share_a_slot(tmp_path, runs_per_gpu):
     gpus = ["0", "1"]

