@@ -142,7 +142,7 @@ def cache_path() -> Path:
     return Path(root) / "budget.json"
 
 
-def _read_cache(path: Path) -> dict:
+def read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
@@ -150,7 +150,7 @@ def _read_cache(path: Path) -> dict:
         return {}  # absent or unreadable: measure again
 
 
-def _measure_key(cfg) -> str:
+def measure_key(cfg) -> str:
     """What a step's time depends on: the config hash without the epoch count and seed."""
     return cfg.replace(num_epochs=1, seed=0).config_hash()
 
@@ -194,13 +194,13 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path) + ".lock")
     with lock:
-        cache = _read_cache(path)
+        cache = read_cache(path)
     known = cache.get(machine, {})
     slowdowns: dict[str, float | None] = {}
     out = []
     for item in items:
         cfg = item.cfg
-        key = _measure_key(cfg)
+        key = measure_key(cfg)
         loaders = build_loaders(cfg)
         train, evals = loaders[0], loaders[1]
         steps_per_epoch = len(train)
@@ -222,7 +222,7 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
                                eval_batches, final_batches, cfg.num_epochs, evals_count,
                                m.step_s, m.eval_batch_s, slow or 1.0, slow is not None, cached))
     with lock:
-        cache = _read_cache(path)
+        cache = read_cache(path)
         cache[machine] = {**cache.get(machine, {}), **known}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))

@@ -140,7 +140,7 @@ def _budget(store: Path, study) -> str:
     from pipeline import budget
     from pipeline.tracking import Tracker
 
-    cache = budget._read_cache(budget.cache_path())
+    cache = budget.read_cache(budget.cache_path())
     machine = budget.machine_key(1)
     known = cache.get(machine, {})
     if not known or study.empty:
@@ -154,7 +154,7 @@ def _budget(store: Path, study) -> str:
         run = tracker.get_run(r.run_id)
         cfg = RunConfig.from_dict({k: _param(v) for k, v in run.data.params.items()
                                    if k in RunConfig.field_names()})
-        key = budget._measure_key(cfg)
+        key = budget.measure_key(cfg)
         if key not in known:
             continue
         if cfg.data not in sizes:
