@@ -180,9 +180,14 @@ def slowdown_from_store(tracker, experiment_name: str, row_id: str) -> float | N
     return None
 
 
+LIGHT_STEPS = 2  # `light`: a rough measurement (a --quick tour costs little more than it)
+STEPS = 6
+
+
 def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = False,
-             echo=None) -> list[RunEstimate]:
-    """One RunEstimate per item (pipeline.runs.Item), measuring each config not yet cached."""
+             echo=None, light: bool = False) -> list[RunEstimate]:
+    """One RunEstimate per item (pipeline.runs.Item), measuring each config not yet cached
+    (`light`: fewer steps, and a light measurement in the cache is good enough)."""
     import torch
 
     from lcp.data import build_loaders
@@ -198,21 +203,28 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
     known = cache.get(machine, {})
     slowdowns: dict[str, float | None] = {}
     out = []
+    sizes: dict[tuple, tuple[int, int, int]] = {}  # the data's batches, once per data setup
+    steps = LIGHT_STEPS if light else STEPS
     for item in items:
         cfg = item.cfg
         key = measure_key(cfg)
-        loaders = build_loaders(cfg)
-        train, evals = loaders[0], loaders[1]
-        steps_per_epoch = len(train)
-        eval_batches = sum(len(evals[s]) for s in ("test", "val") if s in evals)
-        final_batches = sum(len(evals[s]) for s in ("train", "test", "val") if s in evals)
-        cached = key in known and not remeasure
+        setup = (cfg.data, cfg.data_dir, cfg.batch_size, cfg.validation_split,
+                 cfg.validation_seed, cfg.limit_train_batches, cfg.limit_eval_batches)
+        cached = (key in known and not remeasure
+                  and known[key].get("steps", STEPS) >= steps)
+        loaders = build_loaders(cfg) if (setup not in sizes or not cached) else None
+        if setup not in sizes:
+            train, evals = loaders[0], loaders[1]
+            sizes[setup] = (len(train),
+                            sum(len(evals[s]) for s in ("test", "val") if s in evals),
+                            sum(len(evals[s]) for s in ("train", "test", "val") if s in evals))
+        steps_per_epoch, eval_batches, final_batches = sizes[setup]
         if not cached:
             if echo is not None:
                 echo(f"measuring {item.exp.id} (a few steps) ...")
-            m = measure(cfg, loaders)
-            known[key] = asdict(m)
-        m = Measurement(**known[key])
+            m = measure(cfg, loaders, steps=steps, eval_batches=1 if light else 3)
+            known[key] = {**asdict(m), "steps": steps}
+        m = Measurement(known[key]["step_s"], known[key]["eval_batch_s"])
         if item.exp.id not in slowdowns:
             slowdowns[item.exp.id] = slowdown_from_store(tracker, item.experiment_name,
                                                          item.exp.id)
