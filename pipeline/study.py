@@ -5,7 +5,7 @@ MLflow parent run, and the export of its best parameters. Running the trials is 
     plan = prepare(manifest.get("t1-ff-lcp-di"), overrides={}, params=["k_i", "alpha"])
     spec = resolve_storage(None, tracking_uri)     # a journal file beside the MLflow store
     study = open_study(plan, open_storage(spec), "t1-ff-lcp-di", pruner="median")
-    export_row(manifest_path, plan.exp, study)     # row t1-ff-lcp-di-tuned
+    export_row(export_target(manifest), plan.exp, study)   # row t1-ff-lcp-di-tuned
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import sys
 import time
@@ -440,16 +441,25 @@ def open_study(plan: TunePlan | None, storage, name: str, *, pruner: str = "medi
 
 
 def counts_toward_total(trial) -> bool:
-    """COMPLETE, PRUNED, FAILED, RUNNING and WAITING trials count; interrupted (re-enqueued) and
-    surplus ones do not."""
+    """COMPLETE, PRUNED (diverged included), RUNNING and WAITING trials count toward --trials;
+    FAILED ones never do (a crash such as a missing dataset, an interrupted or a surplus trial):
+    once the cause is fixed, the same command runs them."""
     from optuna.trial import TrialState
 
-    if trial.state == TrialState.FAIL:
-        return not (trial.user_attrs.get(A_INTERRUPTED) or trial.user_attrs.get(A_SURPLUS))
-    return True
+    return trial.state != TrialState.FAIL
+
+
+def is_failure(trial) -> bool:
+    """A FAILED trial that really failed (not interrupted and enqueued again, not surplus)."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.FAIL and not (trial.user_attrs.get(A_INTERRUPTED)
+                                                   or trial.user_attrs.get(A_SURPLUS))
 
 
 def tally(trials) -> dict[str, int]:
+    """How many trials are in each state. `counted` (toward --trials) = `finished` (complete +
+    pruned) + running + waiting; `failed` (real failures) and `interrupted` are not counted."""
     from optuna.trial import TrialState
 
     out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0,
@@ -461,7 +471,7 @@ def tally(trials) -> dict[str, int]:
             out["pruned"] += 1
             out["diverged"] += bool(t.user_attrs.get(A_DIVERGED))
         elif t.state == TrialState.FAIL:
-            if counts_toward_total(t):
+            if is_failure(t):
                 out["failed"] += 1
             elif t.user_attrs.get(A_INTERRUPTED):
                 out["interrupted"] += 1
@@ -469,7 +479,7 @@ def tally(trials) -> dict[str, int]:
             out["running"] += 1
         elif t.state == TrialState.WAITING:
             out["waiting"] += 1
-    out["finished"] = out["complete"] + out["pruned"] + out["failed"]
+    out["finished"] = out["complete"] + out["pruned"]
     out["counted"] = out["finished"] + out["running"] + out["waiting"]
     return out
 
@@ -646,11 +656,29 @@ def mlflow_outcome(trial) -> tuple[str, dict[str, Any]]:
 # ====================================================================== export
 
 
+def export_target(manifest) -> Path:
+    """The file `--export` writes: the manifest that was read (`manifest.path`: the path given,
+    or the copy packaged in `pipeline/` when ./experiments.yaml is absent), links resolved.
+    TuneError (one line: copy it and pass --manifest FILE) when it cannot be written: a copy
+    installed inside site-packages, or no write permission on it or its folder."""
+    path = Path(os.path.realpath(manifest.path))
+    packaged = any(part in ("site-packages", "dist-packages") for part in path.parts)
+    if packaged:
+        raise TuneError(f"--export would write {path}, the copy of the manifest installed with "
+                        f"the package; copy it (cp {shlex.quote(str(path))} experiments.yaml) "
+                        "and pass --manifest experiments.yaml (to lcp run and lcp report too)")
+    if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        raise TuneError(f"--export cannot write {path} (not writable); copy it to a writable "
+                        "FILE and pass --manifest FILE")
+    return path
+
+
 def export_row(manifest_path: str | os.PathLike, plan_exp, study, *,
                suffix: str = EXPORT_SUFFIX, storage: StorageSpec | None = None,
                overrides: Mapping[str, Any] | None = None):
     """Append the best trial's parameters as row `<id>-<suffix>` (derived_from: <id>) to the
-    manifest; returns the new row (resolved)."""
+    manifest at `manifest_path` (`export_target(manifest)`: the file that was read); returns the
+    new row (resolved)."""
     from pipeline.manifest import write_row
 
     best = _best_or_error(study, plan_exp.id)

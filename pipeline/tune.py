@@ -31,12 +31,16 @@ from pipeline.study import (A_DIVERGED, A_DURATION, A_EPOCHS, A_HEARTBEAT, A_HOS
                             A_REASON, A_RETRY_OF, A_RUN, A_SURPLUS, HEARTBEAT_S, OBJECTIVE,
                             StorageSpec, TuneError, TunePlan, _fmt, _safe, _safe_name, best_trial,
                             counts_toward_total, describe_trial, distributions,
-                            ensure_parent_run, make_pruner, mark_interrupted, mlflow_outcome,
-                            open_storage, quiet_optuna, recover_stale, tally, trial_id,
-                            tune_experiment_name)
+                            ensure_parent_run, is_failure, make_pruner, mark_interrupted,
+                            mlflow_outcome, open_storage, quiet_optuna, recover_stale, tally,
+                            trial_id, tune_experiment_name)
 
 SPEC_NAME = "spec.json"
 LOG_NAME = "trial.log"
+# A call starts no new trial once this many of its trials FAILED and more of them failed than
+# completed or were pruned (failed trials do not count toward --trials: without this a study whose
+# every trial fails, e.g. on a missing dataset, would ask for trials forever).
+GIVE_UP_AFTER_FAILURES = 3
 
 
 @dataclass
@@ -63,6 +67,10 @@ class TuneSummary:
     artifacts: list[str]
     stopped: str | None
     notes: list[str] = field(default_factory=list)
+    failed: int = 0  # trials of this call that FAILED (not interrupted)
+    ended: int = 0  # trials of this call that ended COMPLETE or PRUNED
+    first_failure: str | None = None  # "trial N FAILED: <reason>", the first of this call
+    gave_up: bool = False  # this call stopped starting trials after GIVE_UP_AFTER_FAILURES
 
 
 class Tuner(Hooks):
@@ -87,6 +95,11 @@ class Tuner(Hooks):
         self._began = self._recovered_at = time.monotonic()
         self._timed_out = False
         self.scheduler: Scheduler | None = None
+        # this call's outcomes (to stop asking when every trial fails, and to say why)
+        self.failed = self.ended = 0
+        self.first_failure: str | None = None
+        self.gave_up = False
+        self._outcomes: set[int] = set()  # trial numbers whose outcome was counted
 
     # ------------------------------------------------------------------ the run
     def run(self) -> TuneSummary:
@@ -105,9 +118,10 @@ class Tuner(Hooks):
                       f"{self.trials}): nothing to run")
         else:
             todo = max(0, self.trials - counts["counted"]) + counts["waiting"]
+            failed = (f", {counts['failed']} failed (not counted)" if counts["failed"] else "")
             self.echo(f"running {todo} trial(s) to reach {self.trials} "
-                      f"({counts['finished']} finished, {counts['running']} running elsewhere, "
-                      f"{counts['waiting']} enqueued) on {self.executor.describe()}")
+                      f"({counts['finished']} finished{failed}, {counts['running']} running "
+                      f"elsewhere, {counts['waiting']} enqueued) on {self.executor.describe()}")
         self._began = self._recovered_at = time.monotonic()
         self.scheduler = Scheduler(self.executor, self, display=ProgressDisplay(quiet=True))
         with stop_on_signals(self.scheduler):
@@ -126,11 +140,13 @@ class Tuner(Hooks):
                           f"({counts['counted']} of {self.trials}); run again to go on")
             self._timed_out = True
             return None
+        if self._give_up():
+            return None
         if time.monotonic() - self._recovered_at > HEARTBEAT_S:
             self.recovered += recover_stale(self.study, self.storage, skip=self.running,
                                             tracker=self.tracker, echo=self.echo)
             self._recovered_at = time.monotonic()
-        while True:
+        while not self._give_up():
             counts = tally(self.study.get_trials(deepcopy=False))
             if not (counts["waiting"] or counts["counted"] < self.trials):
                 return None
@@ -151,6 +167,35 @@ class Tuner(Hooks):
                 trial.set_user_attr(A_REASON, f"invalid config: {exc}")
                 self.study.tell(trial, state=TrialState.FAIL)
                 self.echo(f"trial {trial.number} FAILED: invalid config: {exc}")
+                self._count(trial.number, False, f"invalid config: {exc}")
+        return None
+
+    def _give_up(self) -> bool:
+        """True (said once) when this call should start no new trial: GIVE_UP_AFTER_FAILURES of
+        its trials FAILED and fewer of them completed or were pruned."""
+        if self.gave_up:
+            return True
+        if self.failed < GIVE_UP_AFTER_FAILURES or self.failed <= self.ended:
+            return False
+        self.gave_up = True
+        ended = (f"only {self.ended} completed or pruned" if self.ended else
+                 "none completed or was pruned")
+        self.echo(f"{self.failed} trials of this call FAILED and {ended}: starting no new trial "
+                  f"(first: {self.first_failure}); failed trials do not count toward --trials")
+        return True
+
+    def _count(self, number: int, ended: bool, reason: str = "") -> None:
+        """Count trial `number`'s outcome for this call once: ended (COMPLETE or PRUNED) or
+        FAILED with `reason`."""
+        if number in self._outcomes:
+            return
+        self._outcomes.add(number)
+        if ended:
+            self.ended += 1
+            return
+        self.failed += 1
+        if self.first_failure is None:
+            self.first_failure = f"trial {number} FAILED: {reason or 'no reason recorded'}"
 
     def _job(self, trial) -> Job:
         number, params = trial.number, dict(trial.params)
@@ -201,6 +246,7 @@ class Tuner(Hooks):
         if trial.state == TrialState.RUNNING:
             if job.lost:  # Ray lost the task (its node or worker died): not the trial's fault
                 self._interrupt(job, trial, job.lost, "enqueued again")
+                self._outcomes.add(info.number)  # neither a failure nor an outcome
                 return False, job.lost
             self._fail(info, f"{describe_returncode(returncode)}{_log_tail(job.log_path)}")
             trial = self.storage.get_trial(info.tid)
@@ -209,7 +255,14 @@ class Tuner(Hooks):
             status, tags = mlflow_outcome(trial)
             self._close_run(info.run_id, status, tags)
         self.echo(describe_trial(trial, elapsed))
-        return trial.state != TrialState.FAIL, trial.user_attrs.get(A_REASON) or ""
+        reason = trial.user_attrs.get(A_REASON) or ""
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            self._count(info.number, True)
+        elif is_failure(trial):
+            self._count(info.number, False, reason)
+        else:  # interrupted meanwhile (e.g. by another machine's recovery): enqueued again
+            self._outcomes.add(info.number)
+        return trial.state != TrialState.FAIL, reason
 
     def on_cancel(self, job: Job, was_running: bool) -> None:
         from optuna.trial import TrialState
@@ -227,6 +280,8 @@ class Tuner(Hooks):
             self._close_run(info.run_id, "FAILED", {"failure_reason": job.reason,
                                                     "optuna.state": "FAIL"})
             self.echo(f"trial {info.number} FAILED: {job.reason}")
+        if job.status == FAILED:  # not counted yet when checking its result raised
+            self._count(info.number, False, job.reason)
         if job.log_path.exists():
             _safe(lambda: self.tracker.log_artifact(info.run_id, job.log_path, "logs"))
         try:
@@ -291,7 +346,8 @@ class Tuner(Hooks):
         return TuneSummary(study=self.study.study_name, counts=counts, started=self.started,
                            interrupted_recovered=self.recovered, best=best,
                            parent_run_id=self.parent_run_id, artifacts=artifacts,
-                           stopped=stopped, notes=notes)
+                           stopped=stopped, notes=notes, failed=self.failed, ended=self.ended,
+                           first_failure=self.first_failure, gave_up=self.gave_up)
 
 
 def _log_tail(path: Path) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -93,6 +95,34 @@ def _output(result) -> str:
     except ValueError:  # stderr not captured separately
         pass
     return text
+
+
+def hints(output: str) -> list[list[str]]:
+    """The commands of the `next: ...` lines `lcp tune` printed, each as its arguments without
+    the leading `lcp` (commands on one line are separated by `   then   `; `   (` starts a
+    comment)."""
+    out = []
+    for line in output.splitlines():
+        if line.startswith("next: "):
+            for command in line[len("next: "):].split("   (")[0].split("   then   "):
+                argv = shlex.split(command)
+                assert argv[0] == "lcp", line
+                out.append(argv[1:])
+    return out
+
+
+def packaged_manifest(monkeypatch, folder: Path) -> Path:
+    """A copy of experiments.yaml as the package's own (pipeline/experiments.yaml) in `folder`,
+    and a working folder without an experiments.yaml: `--manifest` left out reads the copy."""
+    import pipeline.manifest
+
+    folder.mkdir(parents=True)
+    shutil.copy(REPO / "experiments.yaml", folder / "experiments.yaml")
+    monkeypatch.setattr(pipeline.manifest, "__file__", str(folder / "manifest.py"))
+    elsewhere = folder / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    return folder / "experiments.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +238,71 @@ def test_resume_adds_exactly_the_missing_trials_then_export_runs(workspace):
     assert lines.read_text().splitlines()[0].startswith("--set ")
 
 
+def test_export_writes_the_manifest_it_read_and_refuses_an_installed_copy(workspace, tmp_path,
+                                                                          monkeypatch):
+    from pipeline.manifest import load_manifest
+
+    where = ["--storage", str(workspace.journal), "--tracking-uri", workspace.uri]
+    packaged = packaged_manifest(monkeypatch, tmp_path / "checkout" / "pipeline")
+    result = invoke(["tune", ID, "--export", "--export-suffix", "pkg", *where])
+    assert result.exit_code == 0, _output(result)
+    assert f"to {os.path.realpath(packaged)}:" in result.output
+    assert load_manifest(packaged).get(f"{ID}-pkg").derived_from == ID
+    assert not Path("experiments.yaml").exists()  # nothing written where nothing was read
+    assert "--manifest" not in result.output  # the hints read the same file again
+
+    installed = packaged_manifest(monkeypatch, tmp_path / "lib" / "site-packages" / "pipeline")
+    before = installed.read_text()
+    result = invoke(["tune", ID, "--trials", "1", "--export", "--study", "never", *where])
+    text = _output(result)
+    assert result.exit_code == 2, text
+    assert f"--export would write {os.path.realpath(installed)}" in text
+    assert "copy it" in text and "--manifest" in text and "Traceback" not in text
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+    assert installed.read_text() == before
+    import optuna
+
+    storage = T.open_storage(T.StorageSpec("journal", str(workspace.journal)))
+    assert "never" not in optuna.get_all_study_names(storage)  # refused before tuning
+
+
+def test_quick_is_its_own_study_with_a_tiny_budget_and_six_trials_by_default(workspace):
+    tiny = ["--set", "rnn_hidden_units=16", "--set", "solver_max_iter=100", "--set",
+            "limit_train_batches=3"]
+    result = invoke(workspace.args("--quick", "--trials", "1", tiny=False) + tiny)
+    assert result.exit_code == 0, _output(result)
+    assert f"study {ID}-quick " in result.output
+    study = workspace.study(f"{ID}-quick")
+    assert len(study.trials) == 1 and states(study)[0] in ("COMPLETE", "PRUNED")
+    config = study.user_attrs[T.S_CONFIG]
+    assert config["num_epochs"] == 1 and config["limit_eval_batches"] == 5
+    assert config["limit_train_batches"] == 3  # --set wins over --quick
+    assert config["data"] == "mnist"  # the synthetic MNIST is there: no fallback
+    assert workspace.study().user_attrs[T.S_CONFIG]["num_epochs"] == 2  # the real one is apart
+    next_lines = [line for line in result.output.splitlines() if line.startswith("next:")]
+    assert next_lines and " --quick " in next_lines[0]
+    # --trials defaults to 6 with --quick
+    result = invoke(workspace.args("--quick", "--timeout", "1e-9", tiny=False) + tiny)
+    assert result.exit_code == 0, _output(result)
+    assert "running 5 trial(s) to reach 6" in result.output
+
+
+def test_quick_without_mnist_tunes_on_mnist_sample(tmp_path, monkeypatch):
+    import lcp.data
+
+    monkeypatch.setattr(lcp.data, "_torchvision_download", lambda *a, **k: "no network here")
+    space = Space(tmp_path)
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    result = invoke(space.args("--quick", "--timeout", "1e-9", "--data-dir", str(empty),
+                               tiny=False))
+    text = _output(result)
+    assert "WARNING: MNIST is not in" in text and "data=mnist-sample" in text
+    assert space.study(f"{ID}-quick").user_attrs[T.S_CONFIG]["data"] == "mnist-sample"
+    # no trial started (--timeout): no complete trial, said in one line
+    assert result.exit_code == 2 and "error: no trial completed yet" in text
+
+
 def test_diverging_region_is_pruned_with_a_reason_and_the_study_finishes(tmp_path):
     space = Space(tmp_path)
     doc = yaml.safe_load(space.manifest.read_text())
@@ -219,7 +314,10 @@ def test_diverging_region_is_pruned_with_a_reason_and_the_study_finishes(tmp_pat
             row["search"] = {"alpha": {"type": "float", "low": 5, "high": 10}}
     space.manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     result = invoke(space.args("--trials", "3", "--workers", "2", study="unstable"))
-    assert result.exit_code == 0, result.output
+    # no trial completed: exit status 2, one line saying they were all pruned
+    assert result.exit_code == 2, result.output
+    assert re.search(r"error: no trial completed: the study's 3 trial\(s\) were all PRUNED "
+                     r"\(3 diverged\)", _output(result)), _output(result)
     assert "unstable region" in _output(result)  # warned before it started
     study = space.study("unstable")
     assert len(study.trials) == 3
@@ -266,6 +364,66 @@ def test_trial_left_running_by_a_killed_process_is_enqueued_again(tmp_path, monk
     retry = study.trials[1]
     assert retry.state.name in ("COMPLETE", "PRUNED")
     assert retry.user_attrs[T.A_RETRY_OF] == 0 and retry.params["alpha"] == alpha
+
+
+def test_failed_trials_do_not_count_and_every_printed_command_runs(tmp_path, monkeypatch):
+    """A new user's first study: every trial fails (a corrupt dataset), the call stops after 3
+    failures and exits 2 naming the first reason; the same command with the data fixed then runs
+    its trials (the failed ones did not use up --trials), and every command it prints (export,
+    lcp run, lcp report) runs as printed."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LCP_OPTUNA_STORAGE", raising=False)
+    space = Space(tmp_path)
+    monkeypatch.chdir(tmp_path)  # lcp run and lcp report write their folders here
+    doc = yaml.safe_load(space.manifest.read_text())
+    for row in doc["experiments"]:
+        if row["id"] == ID:
+            row["seeds"] = [0]  # `lcp run ID-tuned`: one run
+    space.manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (corrupt / name).write_bytes(b"not an IDX file")
+    command = space.args("--trials", "2", "--workers", "2", study="first")
+
+    failing = invoke(command + ["--data-dir", str(corrupt)])
+    text = _output(failing)
+    assert failing.exit_code == 2, text
+    assert text.count("starting no new trial") == 1, text
+    assert re.search(r"^error: no trial completed: trial \d+ FAILED: .*not an IDX file.*; fix it "
+                     r"and run the same command again \(failed trials are not counted\)$", text,
+                     re.M), text
+    study = space.study("first")
+    assert 3 <= len(study.trials) <= 4 and set(states(study)) == {"FAIL"}, states(study)
+    assert T.tally(study.trials)["counted"] == 0
+    assert hints(failing.output) == []
+
+    fixed = invoke(command)
+    assert fixed.exit_code == 0, _output(fixed)
+    assert "nothing to run" not in fixed.output
+    assert re.search(r"running 2 trial\(s\) to reach 2 \(0 finished, [34] failed \(not "
+                     r"counted\)", fixed.output), fixed.output
+    study = space.study("first")
+    assert sorted(states(study)).count("FAIL") == len(study.trials) - 2
+
+    todo = hints(fixed.output)
+    assert [argv[:3] for argv in todo] == [["tune", ID, "--export"]]
+    for option in ("--study", "--storage", "--manifest", "--tracking-uri", "--data-dir"):
+        assert option in todo[0]
+    assert todo[0].count("--set") == TINY.count("--set")
+    exported = invoke(todo[0])
+    assert exported.exit_code == 0, (todo[0], _output(exported))
+    todo = hints(exported.output)
+    assert [argv[:2] for argv in todo] == [["run", f"{ID}-tuned"], ["report", "1"]]
+    for argv in todo:
+        assert "--manifest" in argv and "--tracking-uri" in argv
+        assert argv.count("--set") == TINY.count("--set")
+        result = invoke(argv)
+        assert result.exit_code == 0, (argv, _output(result))
+        if argv[0] == "run":
+            assert f"{ID}-tuned/seed=0" in result.output
 
 
 def test_ctrl_c_stops_trials_and_enqueues_them_for_the_next_call(tmp_path):
@@ -489,9 +647,27 @@ def test_stale_running_trials_and_what_counts():
     assert "no heartbeat" in T.stale_reason(other)
     assert T.stale_reason(trial(**{T.A_HOST: "elsewhere", T.A_PID: 1,
                                    T.A_HEARTBEAT: now - 5})) is None
-    assert T.counts_toward_total(trial(TrialState.FAIL))
+    assert not T.counts_toward_total(trial(TrialState.FAIL))  # failed trials never count
     assert not T.counts_toward_total(trial(TrialState.FAIL, **{T.A_INTERRUPTED: "gone"}))
     assert T.counts_toward_total(trial(TrialState.WAITING))
+
+
+def test_tally_counts_complete_pruned_running_and_waiting_never_failed():
+    from optuna.trial import TrialState
+
+    def trial(state, **attrs):
+        return SimpleNamespace(state=state, user_attrs=attrs)
+
+    trials = [trial(TrialState.COMPLETE), trial(TrialState.PRUNED, **{T.A_DIVERGED: True}),
+              trial(TrialState.FAIL), trial(TrialState.FAIL, **{T.A_REASON: "out of memory"}),
+              trial(TrialState.FAIL, **{T.A_INTERRUPTED: "gone"}),
+              trial(TrialState.FAIL, **{T.A_SURPLUS: True}), trial(TrialState.RUNNING),
+              trial(TrialState.WAITING)]
+    assert [T.counts_toward_total(t) for t in trials] == [True, True, False, False, False, False,
+                                                         True, True]
+    counts = T.tally(trials)
+    assert counts["counted"] == 4 and counts["finished"] == 2
+    assert counts["failed"] == 2 and counts["interrupted"] == 1 and counts["diverged"] == 1
 
 
 def test_reporter_never_reports_nan_and_prunes_on_request():
