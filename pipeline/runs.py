@@ -389,7 +389,40 @@ def plan_owned(items: list[Item], tracker: tracking.Tracker, runs_dir: str | Pat
         plans[index] = plan
         if plan.action not in (NEW, RESUME):  # finished by its previous owner meanwhile
             ownership.release(plan.item.lease_key)
-    return [plans[i] for i in range(len(first))]
+    out = [plans[i] for i in range(len(first))]
+    close_orphans(tracker, {i.experiment_name for i in items}, holders,
+                  {p.run_id for p in out if p.run_id})
+    return out
+
+
+ORPHAN_REASON = "its scheduler is gone (ended by a later call); rerun the same command to resume"
+
+
+def close_orphans(tracker: tracking.Tracker, experiment_names: Iterable[str],
+                  holders: Mapping[str, Any], keep: set[str]) -> int:
+    """End KILLED the runs of these experiments left RUNNING or SCHEDULED by a scheduler that
+    is gone (killed, or stopped by a full store before it could mark them): no live lease
+    holds their pair, no worker holds their folder, and this call does not resume them. They
+    stay resumable. Returns how many were ended."""
+    ended = 0
+    for name in sorted(set(experiment_names)):
+        exp_id = tracker.get_experiment_id(name)
+        if exp_id is None:
+            continue
+        for run in tracker.search_runs([exp_id]):
+            key, tags = run_key(run), run.data.tags
+            if run.info.status not in ("RUNNING", "SCHEDULED") or key is None \
+                    or run.info.run_id in keep:
+                continue
+            if f"{name}/{key[0]}/seed={key[1]}/{tags.get('config_hash', '')}" in holders:
+                continue
+            folder = tags.get("run_dir")
+            if folder and Path(folder).exists() and is_locked(Path(folder)):
+                continue  # a worker is still on it
+            tracker.set_tags(run.info.run_id, {"killed_reason": ORPHAN_REASON})
+            tracker.terminate(run.info.run_id, "KILLED")
+            ended += 1
+    return ended
 
 
 # ====================================================================== creating runs

@@ -545,3 +545,28 @@ def test_a_finished_run_that_lost_its_artifacts_is_flagged_and_force_reruns_it(t
     again = invoke(["run", "t1-ff-bp", *ws.run_args(), "--force"])
     assert again.exit_code == 0, again.output
     assert len(ws.runs(status="FINISHED")) == 2
+
+
+def test_runs_left_open_by_a_gone_scheduler_are_ended_by_the_next_call(tmp_path, monkeypatch):
+    """A run left SCHEDULED by a scheduler that died (no lease, no worker) is ended KILLED, with
+    the reason, by the next call on the table even when that call does not run its pair; the
+    call after that (on its pair) resumes it."""
+    from pipeline import runs as R
+    from pipeline.manifest import load_manifest
+    from pipeline.tracking import Tracker
+
+    ws = Workspace(tmp_path, num_epochs=1, seeds=(0, 1))
+    monkeypatch.chdir(tmp_path)
+    items = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [1],
+                     {"data_dir": str(ws.data)})
+    tracker = Tracker(ws.uri)
+    plans = R.plan_runs(items, tracker, ws.runs_dir)
+    R.prepare(plans, tracker, ws.runs_dir)  # created, never started, nobody owns it
+    orphan = plans[0].run_id
+    assert invoke(["run", "t1-ff-bp", *ws.run_args(), "--seeds", "0"]).exit_code == 0
+    run = tracker.get_run(orphan)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["killed_reason"] == R.ORPHAN_REASON
+    again = invoke(["run", "t1-ff-bp", *ws.run_args(), "--seeds", "1"])
+    assert again.exit_code == 0 and f"resume KILLED run {orphan[:8]}" in again.output
+    assert tracker.get_run(orphan).info.status == "FINISHED"
