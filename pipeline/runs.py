@@ -390,7 +390,7 @@ def plan_owned(items: list[Item], tracker: tracking.Tracker, runs_dir: str | Pat
         if plan.action not in (NEW, RESUME):  # finished by its previous owner meanwhile
             ownership.release(plan.item.lease_key)
     out = [plans[i] for i in range(len(first))]
-    close_orphans(tracker, {i.experiment_name for i in items}, holders,
+    close_orphans(tracker, {i.experiment_name for i in items}, ownership,
                   {p.run_id for p in out if p.run_id})
     return out
 
@@ -398,8 +398,8 @@ def plan_owned(items: list[Item], tracker: tracking.Tracker, runs_dir: str | Pat
 ORPHAN_REASON = "its scheduler is gone (ended by a later call); rerun the same command to resume"
 
 
-def close_orphans(tracker: tracking.Tracker, experiment_names: Iterable[str],
-                  holders: Mapping[str, Any], keep: set[str]) -> int:
+def close_orphans(tracker: tracking.Tracker, experiment_names: Iterable[str], ownership,
+                  keep: set[str]) -> int:
     """End KILLED the runs of these experiments left RUNNING or SCHEDULED by a scheduler that
     is gone (killed, or stopped by a full store before it could mark them): no live lease
     holds their pair, no worker holds their folder, and this call does not resume them. They
@@ -414,7 +414,10 @@ def close_orphans(tracker: tracking.Tracker, experiment_names: Iterable[str],
             if run.info.status not in ("RUNNING", "SCHEDULED") or key is None \
                     or run.info.run_id in keep:
                 continue
-            if f"{name}/{key[0]}/seed={key[1]}/{tags.get('config_hash', '')}" in holders:
+            # asked now, after the run was read: a scheduler claims a pair before it creates
+            # the pair's run, so a run that exists shows its live owner here
+            lease = f"{name}/{key[0]}/seed={key[1]}/{tags.get('config_hash', '')}"
+            if ownership.holder(lease) is not None:
                 continue
             folder = tags.get("run_dir")
             if folder and Path(folder).exists() and is_locked(Path(folder)):
