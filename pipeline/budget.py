@@ -252,7 +252,7 @@ def makespan(durations: list[float], slots: int) -> float:
     return max(free) if durations else 0.0
 
 
-def _fmt(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     if seconds < 120:
@@ -276,19 +276,19 @@ def format_estimates(estimates: list[RunEstimate], slots: int, machine: str) -> 
         row_total = sum(x.total_s for x in es)
         slow = (f"x{e.slowdown:.2f} (from the store)" if e.slowdown_known
                 else "unknown (no finished run of this row in the store)"
-                if _is_controller_row(row) else "—")
-        lines.append(f"  {row:<24} {len(es):>4} {e.step_s * 1000:>7.1f}ms {_fmt(e.first_epoch_s):>10} "
-                     f"{_fmt(e.total_s):>9} {_fmt(row_total):>10} "
+                if is_controller_row(row) else "—")
+        lines.append(f"  {row:<24} {len(es):>4} {e.step_s * 1000:>7.1f}ms {format_duration(e.first_epoch_s):>10} "
+                     f"{format_duration(e.total_s):>9} {format_duration(row_total):>10} "
                      f"{100 * row_total / total if total else 0:>5.0f}%  {slow}")
     wall = makespan([e.total_s for e in estimates], slots)
-    lines.append(f"  total: {_fmt(total)} of run time; about {_fmt(wall)} of wall time on "
+    lines.append(f"  total: {format_duration(total)} of run time; about {format_duration(wall)} of wall time on "
                  f"{slots} slot(s) (each slot measured alone: slots sharing CPU cores are slower)")
-    if any(_is_controller_row(e.id) and not e.slowdown_known for e in estimates):
+    if any(is_controller_row(e.id) and not e.slowdown_known for e in estimates):
         lines.append("  controller rows (lcp-*) can need more solver iterations per step as "
                      "training proceeds, so their estimate is a lower bound; a finished run of "
                      "the row in this store makes their slowdown known")
     return lines
 
 
-def _is_controller_row(row_id: str) -> bool:
+def is_controller_row(row_id: str) -> bool:
     return "-lcp-" in row_id

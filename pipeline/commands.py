@@ -347,6 +347,8 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
                 click.echo("nothing to run: every pair is done (use --force to run them again)")
             _print_next(tables, quick, sets, seeds)
             return
+        _print_expected([p.item for p in plans if p.action in (R.NEW, R.RESUME)], runner,
+                        tracker, quick)
         extra_tags = {"quick": "true" if quick else None,
                       "overrides": " ".join(sets) if sets else None}
         results = []
@@ -478,6 +480,34 @@ def _print_budget(items, slots: int, threads: int, reader, remeasure: bool = Fal
                                 echo=lambda line: click.echo(line, err=True))
     for line in budget.format_estimates(estimates, slots, budget.machine_key(threads)):
         click.echo(line)
+
+
+BUDGET_ENV = "LCP_BUDGET"  # "off": no measured estimate before a table starts
+
+
+def _print_expected(items, runner, tracker, quick: bool) -> None:
+    """One line before the runs start: how long they will take here, measured by the budget
+    planner (a light measurement for a --quick tour, cached per machine and config). Never
+    stops the runs: a failed estimate is said and skipped."""
+    import os
+
+    from pipeline import budget
+    from pipeline.tracking import first_line
+
+    pool = getattr(runner, "pool", None)
+    if not items or pool is None or os.environ.get(BUDGET_ENV, "").lower() == "off":
+        return
+    try:
+        estimates = budget.estimate(items, threads=pool.slots[0].threads, tracker=tracker,
+                                    light=quick)
+    except Exception as exc:  # noqa: BLE001 - an estimate is never worth a failed table
+        click.echo(f"expected duration: unknown ({first_line(exc)})")
+        return
+    wall = budget.makespan([e.total_s for e in estimates], pool.size)
+    lower = any(budget.is_controller_row(e.id) and not e.slowdown_known for e in estimates)
+    click.echo(f"expected: about {budget.format_duration(wall)} on {pool.size} slot(s), "
+               f"measured here{' (at least: controller rows can slow down)' if lower else ''}; "
+               f"`lcp budget` shows each row")
 
 
 @click.command("budget", context_settings=CONTEXT)

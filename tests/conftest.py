@@ -24,9 +24,12 @@ def _cpu_only_and_few_threads(monkeypatch):
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_budget_cache(tmp_path_factory):
-    """The budget planner's measurements of test configs stay out of the user's cache."""
+    """The budget planner's measurements of test configs stay out of the user's cache, and the
+    tables the tests run print no measured estimate before they start (a few seconds each;
+    tests/pipeline/test_first_look.py and test_budget.py switch it back on)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LCP_CACHE_DIR", str(tmp_path_factory.mktemp("lcp-cache")))
+        mp.setenv("LCP_BUDGET", "off")
         yield
 
 

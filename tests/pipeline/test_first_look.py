@@ -27,6 +27,7 @@ def tour(tmp_path_factory):
         mp.setenv("CUDA_VISIBLE_DEVICES", "")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setattr("lcp.data._torchvision_download", lambda *a: "no network (test)")
+        mp.delenv("LCP_BUDGET", raising=False)  # the tour says how long it will take
         ws = Workspace(tmp_path_factory.mktemp("tour"))
         mp.chdir(ws.root)
         ws.data = ws.root / "no-data"
@@ -39,6 +40,8 @@ def test_the_quick_tour_falls_back_to_the_mnist_sample_loudly(tour):
     ws, result = tour
     assert result.exit_code == 0, result.output
     assert "4 finished, 0 failed" in result.output
+    assert re.search(r"^expected: about \d+ s on 2 slot\(s\), measured here", result.output,
+                     re.M), result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("WARNING: MNIST")]
     assert len(warnings) == 1 and "NOT the full dataset" in warnings[0]
     for run in ws.runs():
