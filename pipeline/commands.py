@@ -938,7 +938,7 @@ def _print_tune_summary(T, exp, summary, trials, hints) -> None:
         click.echo(f"{summary.interrupted_recovered} interrupted trial(s) were enqueued again")
     best = summary.best
     if best is not None:
-        shown = ", ".join(f"{k}={T._fmt(v)}" for k, v in best.params.items())
+        shown = ", ".join(f"{k}={T.format_value(v)}" for k, v in best.params.items())
         click.echo(f"best: trial {best.number}, validation accuracy {best.value:.4f} ({shown})")
     else:
         click.echo("best: no complete trial yet")

@@ -110,7 +110,7 @@ class Ownership:
     # ------------------------------------------------------------------ reading
     def holder(self, key: str) -> Holder | None:
         """The live holder of `key` (None when free, stale, or ours)."""
-        exp = self.tracker._call(lambda: self.tracker.client.get_experiment_by_name(
+        exp = self.tracker.call(lambda: self.tracker.client.get_experiment_by_name(
             lease_name(key)))
         if exp is None or exp.lifecycle_stage != "active":
             return None
@@ -126,7 +126,7 @@ class Ownership:
         from mlflow.entities import ViewType
 
         out = {}
-        experiments = self.tracker._call(lambda: self.tracker.client.search_experiments(
+        experiments = self.tracker.call(lambda: self.tracker.client.search_experiments(
             view_type=ViewType.ACTIVE_ONLY, filter_string=f"name LIKE '{PREFIX}%'",
             max_results=50000))
         for exp in experiments:
@@ -151,7 +151,7 @@ class Ownership:
         client = self.tracker.client
         for _ in range(5):
             try:
-                exp_id = self.tracker._call(lambda: client.create_experiment(name,
+                exp_id = self.tracker.call(lambda: client.create_experiment(name,
                                                                              tags=self._tags()))
             except Exception as exc:  # noqa: BLE001 - MlflowException: the name is taken
                 if not _already_exists(exc):
@@ -161,7 +161,7 @@ class Ownership:
                     self._held[key] = exp_id
                 self._start_renewing()
                 return None
-            exp = self.tracker._call(lambda: client.get_experiment_by_name(name))
+            exp = self.tracker.call(lambda: client.get_experiment_by_name(name))
             if exp is None:
                 continue  # released meanwhile: try again
             holder = _holder(exp)
@@ -174,9 +174,9 @@ class Ownership:
         """Rename a lease out of the way (by id) and delete it, freeing its name."""
         client = self.tracker.client
         try:
-            self.tracker._call(lambda: client.rename_experiment(
+            self.tracker.call(lambda: client.rename_experiment(
                 exp_id, f"{name}/released-{uuid.uuid4().hex[:12]}"))
-            self.tracker._call(lambda: client.delete_experiment(exp_id))
+            self.tracker.call(lambda: client.delete_experiment(exp_id))
         except Exception as exc:  # noqa: BLE001 - retired meanwhile by another process
             if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(exc, "error_code", "")) and \
                     "deleted" not in str(exc).lower():
@@ -223,14 +223,14 @@ class Ownership:
         client = self.tracker.client
         for key, exp_id in held.items():
             try:
-                self.tracker._call(lambda e=exp_id: client.set_experiment_tag(
+                self.tracker.call(lambda e=exp_id: client.set_experiment_tag(
                     e, EXPIRES, f"{time.time() + self.ttl_s:.3f}"))
             except Exception as exc:  # noqa: BLE001 - retired by a successor, or store away
                 failure = exc
             else:
                 failure = None
             try:
-                exp = self.tracker._call(lambda e=exp_id: client.get_experiment(e))
+                exp = self.tracker.call(lambda e=exp_id: client.get_experiment(e))
             except Exception as exc:  # noqa: BLE001 - the store is away: try again later
                 self.warn(f"could not renew the lease of {key}: {failure or exc}")
                 continue

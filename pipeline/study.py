@@ -525,9 +525,9 @@ def mark_interrupted(study, storage, trial, reason: str, tracker=None) -> bool:
     study.enqueue_trial(dict(trial.params), user_attrs={A_RETRY_OF: trial.number})
     run_id = trial.user_attrs.get(A_RUN)
     if tracker is not None and run_id:
-        _safe(lambda: tracker.set_tags(run_id, {"optuna.state": "FAIL", "lcp.interrupted": "true",
+        best_effort(lambda: tracker.set_tags(run_id, {"optuna.state": "FAIL", "lcp.interrupted": "true",
                                                 "killed_reason": reason}))
-        _safe(lambda: tracker.terminate(run_id, "KILLED"))
+        best_effort(lambda: tracker.terminate(run_id, "KILLED"))
     return True
 
 
@@ -605,11 +605,11 @@ def _elect_parent_run(tracker, exp_mlflow: str, key: str, mine: str) -> str:
         return mine
     winner = min(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)).info.run_id
     if winner != mine:
-        _safe(lambda: tracker._call(lambda: tracker.client.delete_run(mine)))
+        best_effort(lambda: tracker.call(lambda: tracker.client.delete_run(mine)))
     return winner
 
 
-def _safe(fn: Callable[[], Any]) -> Any:
+def best_effort(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - bookkeeping must not stop the study
@@ -617,11 +617,11 @@ def _safe(fn: Callable[[], Any]) -> Any:
         return None
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
 
 
@@ -683,7 +683,7 @@ def export_row(manifest_path: str | os.PathLike, plan_exp, study, *,
 
     best = _best_or_error(study, plan_exp.id)
     row = plan_exp.derived_row(suffix, dict(best.params))
-    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+    shown = ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
     where = f" in {storage.display()}" if storage is not None else ""
     tuning = " ".join(f"--set {k}={v}" for k, v in (overrides or {}).items() if k != "data_dir")
     comment = (f"Tuned by `lcp tune {plan_exp.id}`: study {study.study_name}{where}, best trial "

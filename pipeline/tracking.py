@@ -244,27 +244,28 @@ class Tracker:
                 raise open_error(self.uri, exc) from None
         return self._client
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` (a call on `self.client`) with the store's retries on transient errors."""
         return with_retry(fn)
 
     # ------------------------------------------------------------------ experiments
     def get_experiment_id(self, name: str) -> str | None:
-        exp = self._call(lambda: self.client.get_experiment_by_name(name))
+        exp = self.call(lambda: self.client.get_experiment_by_name(name))
         return exp.experiment_id if exp is not None else None
 
     def ensure_experiment(self, name: str) -> str:
         """The experiment's id, created if needed as a model-development experiment (MLflow's
         `mlflow.experimentKind` tag, so that the UI opens on its runs, not the GenAI overview)."""
-        existing = self._call(lambda: self.client.get_experiment_by_name(name))
+        existing = self.call(lambda: self.client.get_experiment_by_name(name))
         if existing is not None:
             if existing.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag existed
-                self._call(lambda: self.client.set_experiment_tag(
+                self.call(lambda: self.client.set_experiment_tag(
                     existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND))
             return existing.experiment_id
         root = artifact_root(self.uri)
         location = (root / sanitize_name(name).replace("/", "_")).as_uri() if root else None
         try:
-            return self._call(lambda: self.client.create_experiment(
+            return self.call(lambda: self.client.create_experiment(
                 name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
         except Exception as exc:  # noqa: BLE001 - created meanwhile by another process
             existing = self.get_experiment_id(name)
@@ -277,7 +278,7 @@ class Tracker:
         """(name, id) of the store's `lcp-…` experiments (tables, tuning studies), by name."""
         from pipeline.ownership import PREFIX  # the leases of pairs being run: not tables
 
-        found = self._call(lambda: self.client.search_experiments(filter_string="name LIKE 'lcp-%'"))
+        found = self.call(lambda: self.client.search_experiments(filter_string="name LIKE 'lcp-%'"))
         return sorted((e.name, e.experiment_id) for e in found if not e.name.startswith(PREFIX))
 
     # ------------------------------------------------------------------ runs
@@ -286,17 +287,17 @@ class Tracker:
         from mlflow.entities import Param
 
         tags = {k: str(v) for k, v in dict(tags).items() if v is not None}
-        run = self._call(lambda: self.client.create_run(experiment_id, run_name=name, tags=tags))
+        run = self.call(lambda: self.client.create_run(experiment_id, run_name=name, tags=tags))
         run_id = run.info.run_id
         param_list = [Param(sanitize_name(k), str(v)) for k, v in dict(params).items()]
         for chunk in _chunks(param_list, 100):
-            self._call(lambda c=chunk: self.client.log_batch(run_id, params=c))
+            self.call(lambda c=chunk: self.client.log_batch(run_id, params=c))
         if status != "RUNNING":
             self.set_status(run_id, status)
         return run_id
 
     def get_run(self, run_id: str):
-        return self._call(lambda: self.client.get_run(run_id))
+        return self.call(lambda: self.client.get_run(run_id))
 
     def search_runs(self, experiment_ids: Iterable[str], filter_string: str = "",
                     order_by: list[str] | None = None) -> list:
@@ -305,7 +306,7 @@ class Tracker:
             return []
         out, token = [], None
         while True:
-            page = self._call(lambda t=token: self.client.search_runs(
+            page = self.call(lambda t=token: self.client.search_runs(
                 ids, filter_string=filter_string, max_results=1000,
                 order_by=order_by or ["attributes.start_time DESC"], page_token=t))
             out.extend(page)
@@ -317,24 +318,24 @@ class Tracker:
         if status in TERMINAL_STATUSES:
             self.terminate(run_id, status)
         else:
-            self._call(lambda: self.client.update_run(run_id, status=status))
+            self.call(lambda: self.client.update_run(run_id, status=status))
 
     def terminate(self, run_id: str, status: str) -> None:
-        self._call(lambda: self.client.set_terminated(run_id, status=status))
+        self.call(lambda: self.client.set_terminated(run_id, status=status))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         tag_list = [RunTag(k, str(v)[:8000]) for k, v in tags.items() if v is not None]
         for chunk in _chunks(tag_list, 100):
-            self._call(lambda c=chunk: self.client.log_batch(run_id, tags=c))
+            self.call(lambda c=chunk: self.client.log_batch(run_id, tags=c))
 
     def delete_tags(self, run_id: str, keys: Iterable[str]) -> None:
         """Remove the run's tags among `keys` (those it does not have are ignored)."""
         present = self.get_run(run_id).data.tags
         for key in keys:
             if key in present:
-                self._call(lambda k=key: self.client.delete_tag(run_id, k))
+                self.call(lambda k=key: self.client.delete_tag(run_id, k))
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
                     timestamp_ms: int | None = None) -> None:
@@ -356,10 +357,10 @@ class Tracker:
                     continue
                 metrics.append(Metric(sanitize_name(key), number, ts, int(step)))
         for chunk in _chunks(metrics, 1000):
-            self._call(lambda c=chunk: self.client.log_batch(run_id, metrics=c))
+            self.call(lambda c=chunk: self.client.log_batch(run_id, metrics=c))
 
     def metric_history(self, run_id: str, key: str) -> list:
-        return self._call(lambda: self.client.get_metric_history(run_id, sanitize_name(key)))
+        return self.call(lambda: self.client.get_metric_history(run_id, sanitize_name(key)))
 
     def last_step(self, run_id: str, key: str = "epoch") -> int:
         history = self.metric_history(run_id, key)
@@ -384,11 +385,11 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None
                      ) -> None:
-        self._call(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+        self.call(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def artifact_paths(self, run_id: str, path: str | None = None) -> list[str]:
         out = []
-        for info in self._call(lambda: self.client.list_artifacts(run_id, path)):
+        for info in self.call(lambda: self.client.list_artifacts(run_id, path)):
             if info.is_dir:
                 out.extend(self.artifact_paths(run_id, info.path))
             else:

@@ -29,11 +29,11 @@ from pipeline.rundir import DEFAULT_RUNS_DIR, progress_text, worker_command, wri
 from pipeline.scheduler import FAILED, Hooks, Job, ProgressDisplay, Scheduler, stop_on_signals
 from pipeline.study import (A_DIVERGED, A_DURATION, A_EPOCHS, A_HEARTBEAT, A_HOST, A_PID,
                             A_REASON, A_RETRY_OF, A_RUN, A_SURPLUS, HEARTBEAT_S, OBJECTIVE,
-                            StorageSpec, TuneError, TunePlan, _fmt, _safe, _safe_name, best_trial,
-                            counts_toward_total, describe_trial, distributions,
+                            StorageSpec, TuneError, TunePlan, best_effort, best_trial,
+                            counts_toward_total, describe_trial, distributions, format_value,
                             ensure_parent_run, is_failure, make_pruner, mark_interrupted,
                             mlflow_outcome, open_storage, quiet_optuna, recover_stale, tally,
-                            trial_id, tune_experiment_name)
+                            safe_name, trial_id, tune_experiment_name)
 
 SPEC_NAME = "spec.json"
 LOG_NAME = "trial.log"
@@ -85,7 +85,7 @@ class Tuner(Hooks):
         self.trials, self.timeout, self.pruner = trials, timeout, pruner
         self.executor, self.tracker, self.echo = executor, tracker, echo
         self.folder = (Path(runs_dir) / tune_experiment_name(plan.exp.id)
-                       / _safe_name(study.study_name)).resolve()
+                       / safe_name(study.study_name)).resolve()
         self.running: dict[int, TrialJob] = {}
         self.parent_run_id: str | None = None
         self.best_number: int | None = None
@@ -228,7 +228,7 @@ class Tuner(Hooks):
         info: TrialJob = job.payload
         self.running[info.number] = info
         self.started += 1
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in info.params.items())
+        shown = ", ".join(f"{k}={format_value(v)}" for k, v in info.params.items())
         again = f" (again, interrupted trial {info.retry_of})" if info.retry_of is not None else ""
         where = job.slot.label if job.slot is not None else self.executor.name
         self.echo(f"trial {info.number} started{again}: {shown}  [{where}, log {job.log_path}]")
@@ -250,7 +250,7 @@ class Tuner(Hooks):
                 return False, job.lost
             self._fail(info, f"{describe_returncode(returncode)}{_log_tail(job.log_path)}")
             trial = self.storage.get_trial(info.tid)
-        run = _safe(lambda: self.tracker.get_run(info.run_id))
+        run = best_effort(lambda: self.tracker.get_run(info.run_id))
         if run is not None and run.info.status in ("RUNNING", "SCHEDULED"):
             status, tags = mlflow_outcome(trial)
             self._close_run(info.run_id, status, tags)
@@ -267,7 +267,7 @@ class Tuner(Hooks):
     def on_cancel(self, job: Job, was_running: bool) -> None:
         from optuna.trial import TrialState
 
-        trial = _safe(lambda: self.storage.get_trial(job.payload.tid))
+        trial = best_effort(lambda: self.storage.get_trial(job.payload.tid))
         if trial is not None and trial.state == TrialState.RUNNING:
             self._interrupt(job, trial, f"stopped by {self.scheduler.stop_reason}",
                             "enqueued again for the next call")
@@ -283,7 +283,7 @@ class Tuner(Hooks):
         if job.status == FAILED:  # not counted yet when checking its result raised
             self._count(info.number, False, job.reason)
         if job.log_path.exists():
-            _safe(lambda: self.tracker.log_artifact(info.run_id, job.log_path, "logs"))
+            best_effort(lambda: self.tracker.log_artifact(info.run_id, job.log_path, "logs"))
         try:
             self._update_best()
         except Exception as exc:  # noqa: BLE001 - e.g. the storage is unreachable for now
@@ -293,16 +293,16 @@ class Tuner(Hooks):
         """The trial FAILED with `reason` (unless its process told Optuna how it ended)."""
         from optuna.trial import TrialState
 
-        _safe(lambda: self.storage.set_trial_user_attr(info.tid, A_REASON, reason))
-        _safe(lambda: self.study.tell(info.number, state=TrialState.FAIL, skip_if_finished=True))
+        best_effort(lambda: self.storage.set_trial_user_attr(info.tid, A_REASON, reason))
+        best_effort(lambda: self.study.tell(info.number, state=TrialState.FAIL, skip_if_finished=True))
 
     def _interrupt(self, job: Job, trial, reason: str, then: str) -> None:
         mark_interrupted(self.study, self.storage, trial, reason, self.tracker)
         self.echo(f"trial {job.payload.number} interrupted ({reason}): {then}")
 
     def _close_run(self, run_id: str, status: str, tags: dict[str, Any]) -> None:
-        _safe(lambda: self.tracker.set_tags(run_id, dict(tags)))
-        _safe(lambda: self.tracker.terminate(run_id, status))
+        best_effort(lambda: self.tracker.set_tags(run_id, dict(tags)))
+        best_effort(lambda: self.tracker.terminate(run_id, status))
 
     def _update_best(self) -> None:
         best = best_trial(self.study)
@@ -311,11 +311,11 @@ class Tuner(Hooks):
         if self.best_number is not None and self.best_number >= 0:
             previous = self.study.trials[self.best_number].user_attrs.get(A_RUN)
             if previous:
-                _safe(lambda: self.tracker.set_tags(previous, {"lcp.best": "false"}))
+                best_effort(lambda: self.tracker.set_tags(previous, {"lcp.best": "false"}))
         run_id = best.user_attrs.get(A_RUN)
         if run_id:
-            _safe(lambda: self.tracker.set_tags(run_id, {"lcp.best": "true"}))
-        _safe(lambda: self.tracker.set_tags(self.parent_run_id, {
+            best_effort(lambda: self.tracker.set_tags(run_id, {"lcp.best": "true"}))
+        best_effort(lambda: self.tracker.set_tags(self.parent_run_id, {
             "lcp.best_trial": best.number, "lcp.best_run_id": run_id,
             "lcp.best_params": json.dumps(best.params)}))
         self.best_number = best.number
@@ -334,14 +334,14 @@ class Tuner(Hooks):
                    "trials/failed": counts["failed"], "trials/finished": counts["finished"]}
         if best is not None:
             metrics["best_value"] = best.value
-        _safe(lambda: self.tracker.log_metrics(self.parent_run_id, metrics,
+        best_effort(lambda: self.tracker.log_metrics(self.parent_run_id, metrics,
                                                step=counts["finished"]))
         for path in files:
             sub = "plots" if path.suffix == ".png" else None
-            if _safe(lambda p=path, s=sub: self.tracker.log_artifact(
+            if best_effort(lambda p=path, s=sub: self.tracker.log_artifact(
                     self.parent_run_id, p, s) or True):
                 artifacts.append(f"{sub}/{path.name}" if sub else path.name)
-        _safe(lambda: self.tracker.terminate(self.parent_run_id,
+        best_effort(lambda: self.tracker.terminate(self.parent_run_id,
                                              "KILLED" if stopped else "FINISHED"))
         return TuneSummary(study=self.study.study_name, counts=counts, started=self.started,
                            interrupted_recovered=self.recovered, best=best,

@@ -106,3 +106,33 @@ def test_lcp_never_imports_the_pipeline_or_its_tools():
                     for alias in (node.names if isinstance(node, ast.Import)
                                   else [ast.alias(node.module or "")])}
         assert not imported & {"mlflow", "optuna", "click"}, name
+
+
+def private_uses() -> list[str]:
+    """Where a module of lcp/, pipeline/ or cli.py reaches another's private names: a `from
+    project.module import _name`, or `x._name` on anything but `self`/`cls` (an object of
+    another class, a module alias) — except attributes of the standard library's and other
+    packages' modules, which are not ours to tidy (e.g. `os._exit`)."""
+    external = {"os", "sys", "torch", "np", "numpy", "signal", "ctypes", "importlib"}
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+                    *PACKAGES, "cli"):
+                found += [f"{name}:{node.lineno} imports {node.module}.{a.name}"
+                          for a in node.names if a.name.startswith("_")]
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                  and not node.attr.startswith("__")):
+                root = node.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                    continue
+                if isinstance(root, ast.Name) and root.id in external:
+                    continue
+                found.append(f"{name}:{node.lineno} uses {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    assert private_uses() == [], "\n".join(private_uses())
