@@ -390,8 +390,9 @@ def plan_owned(items: list[Item], tracker: tracking.Tracker, runs_dir: str | Pat
         if plan.action not in (NEW, RESUME):  # finished by its previous owner meanwhile
             ownership.release(plan.item.lease_key)
     out = [plans[i] for i in range(len(first))]
-    close_orphans(tracker, {i.experiment_name for i in items}, ownership,
-                  {p.run_id for p in out if p.run_id})
+    mine = {p.run_id for p in out if p.run_id} | {r.info.run_id for p in out
+                                                   for r in p.superseded}  # ended by prepare
+    close_orphans(tracker, {i.experiment_name for i in items}, ownership, mine)
     return out
 
 
