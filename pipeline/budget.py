@@ -158,16 +158,19 @@ def measure_key(cfg) -> str:
 # ====================================================================== estimating
 
 
-def slowdown_from_store(tracker, experiment_name: str, row_id: str) -> float | None:
+def slowdown_from_store(tracker, experiment_name: str, row_id: str,
+                        data: str) -> float | None:
     """Mean iterations per solve over the epochs ÷ the first epoch's, from the newest finished
-    run of `row_id` in the store with more than one epoch (None when there is none)."""
+    run of `row_id` on the same dataset in the store with more than one epoch (None when there
+    is none: how hard the controller works depends on the data)."""
     if tracker is None:
         return None
     exp_id = tracker.get_experiment_id(experiment_name)
     if exp_id is None:
         return None
     runs = tracker.search_runs([exp_id], f"attributes.status = 'FINISHED' and "
-                               f"tags.id = '{row_id}'", order_by=["attributes.end_time DESC"])
+                               f"tags.id = '{row_id}' and params.data = '{data}'",
+                               order_by=["attributes.end_time DESC"])
     for run in runs:
         per_epoch: dict[int, float] = {}
         for key in ITERATION_KEYS:
@@ -201,7 +204,7 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
     with lock:
         cache = read_cache(path)
     known = cache.get(machine, {})
-    slowdowns: dict[str, float | None] = {}
+    slowdowns: dict[tuple[str, str], float | None] = {}
     out = []
     sizes: dict[tuple, tuple[int, int, int]] = {}  # the data's batches, once per data setup
     steps = LIGHT_STEPS if light else STEPS
@@ -225,10 +228,10 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
             m = measure(cfg, loaders, steps=steps, eval_batches=1 if light else 3)
             known[key] = {**asdict(m), "steps": steps}
         m = Measurement(known[key]["step_s"], known[key]["eval_batch_s"])
-        if item.exp.id not in slowdowns:
-            slowdowns[item.exp.id] = slowdown_from_store(tracker, item.experiment_name,
-                                                         item.exp.id)
-        slow = slowdowns[item.exp.id]
+        if (item.exp.id, cfg.data) not in slowdowns:
+            slowdowns[(item.exp.id, cfg.data)] = slowdown_from_store(
+                tracker, item.experiment_name, item.exp.id, cfg.data)
+        slow = slowdowns[(item.exp.id, cfg.data)]
         evals_count = cfg.num_epochs // cfg.eval_epochs if cfg.eval_epochs > 0 else 0
         out.append(RunEstimate(item.exp.id, item.seed, item.config_hash, steps_per_epoch,
                                eval_batches, final_batches, cfg.num_epochs, evals_count,
