@@ -280,12 +280,14 @@ def format_estimates(estimates: list[RunEstimate], slots: int, machine: str) -> 
         slow = (f"x{e.slowdown:.2f} (from the store)" if e.slowdown_known
                 else "unknown (no finished run of this row in the store)"
                 if is_controller_row(row) else "—")
-        lines.append(f"  {row:<24} {len(es):>4} {e.step_s * 1000:>7.1f}ms {format_duration(e.first_epoch_s):>10} "
+        lines.append(f"  {row:<24} {len(es):>4} {e.step_s * 1000:>7.1f}ms "
+                     f"{format_duration(e.first_epoch_s):>10} "
                      f"{format_duration(e.total_s):>9} {format_duration(row_total):>10} "
                      f"{100 * row_total / total if total else 0:>5.0f}%  {slow}")
     wall = makespan([e.total_s for e in estimates], slots)
-    lines.append(f"  total: {format_duration(total)} of run time; about {format_duration(wall)} of wall time on "
-                 f"{slots} slot(s) (each slot measured alone: slots sharing CPU cores are slower)")
+    lines.append(f"  total: {format_duration(total)} of run time; about "
+                 f"{format_duration(wall)} of wall time on {slots} slot(s) (each slot measured "
+                 "alone: slots sharing CPU cores are slower)")
     if any(is_controller_row(e.id) and not e.slowdown_known for e in estimates):
         lines.append("  controller rows (lcp-*) can need more solver iterations per step as "
                      "training proceeds, so their estimate is a lower bound; a finished run of "

@@ -37,8 +37,13 @@ class Health:
             out.append("max_iter")
         return out
 
+    @property
+    def word(self) -> str:
+        """The `health` tag: `ok`, or the flags joined by commas."""
+        return ",".join(self.flags) or "ok"
+
     def tags(self) -> dict[str, str]:
-        return {"health": ",".join(self.flags) or "ok",
+        return {"health": self.word,
                 "health.best_epoch": "" if self.best_epoch is None else str(self.best_epoch)}
 
     def metrics(self) -> dict[str, float]:

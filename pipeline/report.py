@@ -85,8 +85,8 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
         if best is None or (run.info.end_time or 0) > (best.info.end_time or 0):
             chosen[key] = run
     ended: dict[str, list[str]] = {}
-    for (row_id, _), run in sorted(newest.items()):
-        status = run.info.status if (row_id, _) not in chosen else "FINISHED"
+    for (row_id, seed), run in sorted(newest.items()):
+        status = run.info.status if (row_id, seed) not in chosen else "FINISHED"
         reason = run.data.tags.get("failure_reason") or run.data.tags.get("killed_reason")
         ended.setdefault(row_id, []).append(
             status.lower() + (f" ({reason})" if status != "FINISHED" and reason else ""))
@@ -122,7 +122,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             "threads": _int_or_nan(run.data.tags.get("torch_threads")),
             "best_test_acc": health.best_acc, "best_epoch": health.best_epoch,
             "collapsed": health.collapsed, "iter_growth": health.iter_growth,
-            "max_iter_share": health.max_iter_share, "health": ",".join(health.flags) or "ok",
+            "max_iter_share": health.max_iter_share, "health": health.word,
         })
         curves[run_id] = {k: sorted((m.step, m.value) for m in histories[k])
                           for k in CURVE_KEYS if k in histories}
@@ -302,14 +302,11 @@ def _verdict_cell(word: str, p: float, is_baseline: bool = False) -> str:
 
 
 def _duration(seconds) -> str:
+    from pipeline.budget import format_duration
+
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
         return "—"
-    seconds = float(seconds)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    return format_duration(float(seconds))
 
 
 def display_rows(summary, pm: str = "±") -> tuple[list[str], list[list[str]]]:
@@ -406,6 +403,9 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
                 margin: float = DEFAULT_MARGIN_PP) -> Report:
     if fmt not in FORMATS:
         raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
+    if not (margin > 0 and math.isfinite(margin)):
+        raise LcpError(f"--margin {margin} is not valid: give a positive number of percentage "
+                       "points, e.g. --margin 1")
     collected = collect(tracker, manifest, table, seeds=seeds, overrides=overrides,
                         any_config=any_config, quick=quick)
     number = collected.table
@@ -422,8 +422,6 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
                 f"report them with  lcp report {number}{flags}  (or pass --any-config)")
         raise LcpError(f"no finished run of table {number} in {tracker.uri}; run "
                        f"`lcp run-table {number}` first")
-    if not (margin > 0 and math.isfinite(margin)):
-        raise LcpError(f"--margin {margin} is not valid: give a positive number of percentage points, e.g. --margin 1")
     summary = summarize(collected, manifest, margin)
     out = Path(out_dir) if out_dir else Path("reports") / f"table-{number}"
     out.mkdir(parents=True, exist_ok=True)

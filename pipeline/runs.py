@@ -96,8 +96,12 @@ class Item:
 
     @property
     def lease_key(self) -> str:
-        """What one scheduler at a time owns (pipeline.ownership): the pair and its config."""
-        return f"{self.experiment_name}/{self.exp.id}/seed={self.seed}/{self.config_hash}"
+        return lease_key(self.experiment_name, self.exp.id, self.seed, self.config_hash)
+
+
+def lease_key(experiment_name: str, row_id: str, seed: int, config_hash: str) -> str:
+    """What one scheduler at a time owns (pipeline.ownership): the pair and its config."""
+    return f"{experiment_name}/{row_id}/seed={seed}/{config_hash}"
 
 
 def expand(experiments: Iterable[Experiment], seeds: list[int] | None = None,
@@ -289,8 +293,9 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
             missing = missing_artifacts(tracker, run.info.run_id)
             plans.append(RunPlan(item, SKIP, run.info.run_id, previous_status="FINISHED",
                                  note=f"done (FINISHED run {run.info.run_id[:8]})" + (
-                                     f" — WARNING: its artifacts are missing ({', '.join(missing)}"
-                                     "); --force runs it again" if missing else ""),
+                                     " — WARNING: its artifacts are missing "
+                                     f"({', '.join(missing)}); --force runs it again"
+                                     if missing else ""),
                                  result=dict(run.data.metrics), artifacts_missing=missing))
             continue
         holder = (holders or {}).get(item.lease_key)
@@ -417,15 +422,13 @@ def close_orphans(tracker: tracking.Tracker, experiment_names: Iterable[str], ow
                 continue
             # asked now, after the run was read: a scheduler claims a pair before it creates
             # the pair's run, so a run that exists shows its live owner here
-            lease = f"{name}/{key[0]}/seed={key[1]}/{tags.get('config_hash', '')}"
-            if ownership.holder(lease) is not None:
+            if ownership.holder(lease_key(name, *key, tags.get("config_hash", ""))) is not None:
                 continue
             folder = tags.get("run_dir")
             if folder and Path(folder).exists() and is_locked(Path(folder)):
                 continue  # a worker is still on it
-            tracker.set_tags(run.info.run_id, {"killed_reason": ORPHAN_REASON})
-            tracker.terminate(run.info.run_id, "KILLED")
-            ended += 1
+            ended += end_if_open(tracker, run.info.run_id, "KILLED",
+                                 {"killed_reason": ORPHAN_REASON})
     return ended
 
 
@@ -480,9 +483,7 @@ def supersede(tracker: tracking.Tracker, run, new_run_id: str) -> None:
     was left RUNNING or SCHEDULED, so that no run of the pair stays open forever."""
     reason = f"superseded by run {new_run_id} (its checkpoint was gone)"
     tracker.set_tags(run.info.run_id, {"superseded_by": new_run_id})
-    if tracker.get_run(run.info.run_id).info.status in ("RUNNING", "SCHEDULED"):
-        tracker.set_tags(run.info.run_id, {"killed_reason": reason})
-        tracker.terminate(run.info.run_id, "KILLED")
+    end_if_open(tracker, run.info.run_id, "KILLED", {"killed_reason": reason})
 
 
 def mark_not_started(plan: RunPlan, tracker: tracking.Tracker, reason: str) -> None:
@@ -498,14 +499,22 @@ def cancel(plans: list[RunPlan], tracker: tracking.Tracker, reason: str) -> None
             _end_open_run(plan, tracker, "KILLED", {"killed_reason": reason})
 
 
+def end_if_open(tracker: tracking.Tracker, run_id: str, status: str, tags: dict) -> bool:
+    """End run `run_id` with `status` and `tags` if it is still RUNNING or SCHEDULED (a run
+    that ended meanwhile keeps its own end); whether it did."""
+    if tracker.get_run(run_id).info.status not in ("RUNNING", "SCHEDULED"):
+        return False
+    tracker.set_tags(run_id, tags)
+    tracker.terminate(run_id, status)
+    return True
+
+
 def _end_open_run(plan: RunPlan, tracker: tracking.Tracker, status: str, tags: dict) -> None:
     """End the plan's run with `status` and `tags` if it is still RUNNING or SCHEDULED."""
     if not plan.run_id:
         return
     try:
-        if tracker.get_run(plan.run_id).info.status in ("RUNNING", "SCHEDULED"):
-            tracker.set_tags(plan.run_id, tags)
-            tracker.terminate(plan.run_id, status)
+        end_if_open(tracker, plan.run_id, status, tags)
     except Exception as exc:  # noqa: BLE001 - the store itself may be what failed; go on
         # A full disk that keeps a run from starting is said once, by the caller.
         if status == "KILLED" or not tracking.is_disk_full(exc):

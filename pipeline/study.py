@@ -525,8 +525,9 @@ def mark_interrupted(study, storage, trial, reason: str, tracker=None) -> bool:
     study.enqueue_trial(dict(trial.params), user_attrs={A_RETRY_OF: trial.number})
     run_id = trial.user_attrs.get(A_RUN)
     if tracker is not None and run_id:
-        best_effort(lambda: tracker.set_tags(run_id, {"optuna.state": "FAIL", "lcp.interrupted": "true",
-                                                "killed_reason": reason}))
+        best_effort(lambda: tracker.set_tags(run_id, {"optuna.state": "FAIL",
+                                                      "lcp.interrupted": "true",
+                                                      "killed_reason": reason}))
         best_effort(lambda: tracker.terminate(run_id, "KILLED"))
     return True
 

@@ -294,7 +294,8 @@ class Tuner(Hooks):
         from optuna.trial import TrialState
 
         best_effort(lambda: self.storage.set_trial_user_attr(info.tid, A_REASON, reason))
-        best_effort(lambda: self.study.tell(info.number, state=TrialState.FAIL, skip_if_finished=True))
+        best_effort(lambda: self.study.tell(info.number, state=TrialState.FAIL,
+                                            skip_if_finished=True))
 
     def _interrupt(self, job: Job, trial, reason: str, then: str) -> None:
         mark_interrupted(self.study, self.storage, trial, reason, self.tracker)
@@ -335,14 +336,14 @@ class Tuner(Hooks):
         if best is not None:
             metrics["best_value"] = best.value
         best_effort(lambda: self.tracker.log_metrics(self.parent_run_id, metrics,
-                                               step=counts["finished"]))
+                                                     step=counts["finished"]))
         for path in files:
             sub = "plots" if path.suffix == ".png" else None
             if best_effort(lambda p=path, s=sub: self.tracker.log_artifact(
                     self.parent_run_id, p, s) or True):
                 artifacts.append(f"{sub}/{path.name}" if sub else path.name)
         best_effort(lambda: self.tracker.terminate(self.parent_run_id,
-                                             "KILLED" if stopped else "FINISHED"))
+                                                   "KILLED" if stopped else "FINISHED"))
         return TuneSummary(study=self.study.study_name, counts=counts, started=self.started,
                            interrupted_recovered=self.recovered, best=best,
                            parent_run_id=self.parent_run_id, artifacts=artifacts,

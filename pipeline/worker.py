@@ -335,9 +335,8 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     """The final evaluation and, for a table run, the artifacts; then the run's end `status`
     (a trial's: what its outcome means, with its `tags` and `metrics`)."""
     from lcp.training import save_model_file
-    from pipeline.plots import plot_run_curves
-
     from pipeline.health import run_health
+    from pipeline.plots import plot_run_curves
 
     last = result.history[-1] if result.history else {}
     final = {k: v for k, v in result.final.items() if not (k in last and last[k] == v)}

@@ -101,8 +101,9 @@ def _compact(summary) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return "—" if math.isnan(seconds) else (f"{seconds:.0f} s" if seconds < 120
-                                            else f"{seconds / 60:.1f} min")
+    from pipeline.budget import format_duration
+
+    return "—" if math.isnan(seconds) else format_duration(seconds)
 
 
 def _tuning(store: Path) -> str:

@@ -448,7 +448,7 @@ def test_leases_through_an_mlflow_server_have_one_owner(tmp_path):
         second.close()
 
 
-# ====================================================================== workers of a killed scheduler
+# ====================================================================== killed schedulers
 
 
 def test_workers_die_with_a_scheduler_killed_by_sigkill_and_the_next_call_resumes(tmp_path):
