@@ -29,7 +29,7 @@ PARTS = [
     ("fashion-ff", "fashion-mnist",
      {"data": "fashion-mnist", "num_epochs": "10", "eval_epochs": "1"}),
 ]
-STUDY_NAME = "fashion-ff-lcp-di"
+STUDY_NAME = "fashion-ff-lcp-di-5ep"
 COLUMNS = ["id", "seed", "data", "run_id", "config_hash", "epochs", "threads", "test_acc",
            "best_test_acc", "best_epoch", "wall_time_s", "health"]
 
