@@ -1,8 +1,13 @@
 """How long runs will take on this machine, before they run (`lcp budget`, `run-table --dry-run`).
 
 Each distinct configuration is measured here and now through the one training loop
-(`lcp.training.fit`): a few optimizer steps after a warm-up, and a few evaluation batches. A
-run's first epoch is then `steps_per_epoch × step time` plus its evaluations; the whole run is its
+(`lcp.training.fit`): the first optimizer steps of an epoch after a warm-up (up to RAMP_STEPS
+of them, or RAMP_SECONDS, at least STEPS), and a few evaluation batches. Steps are measured from
+the start of training on because a controller row's solves can need several times more
+iterations a few dozen steps in than at its first steps (the RNN's LCP-DI: ~50 ms per step at
+steps 3-8, ~450 ms from step 18 on, on 5,000 MNIST digits); the steps not measured are priced at
+the rate of the last third of the measured ones. A run's first epoch is then `steps_per_epoch ×
+step time` plus its evaluations; the whole run is its
 epochs times that, times a slowdown factor for rows whose controller needs more iterations as
 training proceeds (read from finished runs of the same row in the store, when there are some:
 mean iterations per solve over their epochs ÷ the first epoch's). The wall time of a table is the
@@ -31,6 +36,11 @@ from filelock import FileLock
 from lcp.callbacks import Callback
 
 WARMUP_STEPS = 2
+STEPS = 6  # the fewest steps measured after the warm-up
+RAMP_STEPS = 30  # the most: enough to see a controller's iterations grow over the first steps
+RAMP_SECONDS = 20.0  # ... unless the steps measured take this long
+LIGHT_STEPS = 2  # `light`: a rough measurement (a --quick tour costs little more than it)
+MEASURE_VERSION = 2  # cached measurements of an older method are measured again
 CACHE_ENV = "LCP_CACHE_DIR"
 # the iteration counts that the slowdown factor reads, summed per epoch
 ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean", "adjoint/iterations_mean",
@@ -39,7 +49,7 @@ ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean", "adjoint
 
 @dataclass
 class Measurement:
-    step_s: float  # one optimizer step (median over the measured steps)
+    step_s: float  # one optimizer step, averaged over the first epoch
     eval_batch_s: float  # one evaluation batch (free equilibrium and logits)
 
 
@@ -75,9 +85,11 @@ class RunEstimate:
 
 
 class _StepClock(Callback):
-    """The time of each optimizer step after the warm-up ones."""
+    """The time of each optimizer step after the warm-up ones; asks the loop to stop once at
+    least `fewest` are measured and they took `seconds` in all."""
 
-    def __init__(self):
+    def __init__(self, fewest: int, seconds: float):
+        self.fewest, self.seconds = fewest, seconds
         self.times: list[float] = []
         self.last = None
 
@@ -88,19 +100,32 @@ class _StepClock(Callback):
         now = time.perf_counter()
         if state.global_step > WARMUP_STEPS:
             self.times.append(now - self.last)
+            if len(self.times) >= self.fewest and sum(self.times) >= self.seconds:
+                state.request_stop("measured")
         self.last = now
 
 
-def measure(cfg, loaders, *, steps: int = 6, eval_batches: int = 3) -> Measurement:
-    """Time `steps` optimizer steps (after WARMUP_STEPS) and `eval_batches` evaluation batches
-    of `cfg` with `loaders` (as `lcp.data.build_loaders` returns them), through `fit`."""
-    import statistics
+def epoch_step_time(times: list[float], steps_per_epoch: int) -> float:
+    """The mean step time over an epoch of `steps_per_epoch` steps from the times of its first
+    measured steps (after the warm-up): those as measured, every other step at the median of
+    the last third of them (where a controller's iterations have stopped growing, if they do)."""
+    tail = sorted(times[-max(1, len(times) // 3):])
+    rate = tail[len(tail) // 2]
+    rest = max(0, steps_per_epoch - len(times))
+    return (sum(times) + rest * rate) / max(steps_per_epoch, len(times))
 
+
+def measure(cfg, loaders, *, steps: int = STEPS, max_steps: int = RAMP_STEPS,
+            max_seconds: float = RAMP_SECONDS, eval_batches: int = 3) -> Measurement:
+    """Time the first optimizer steps of `cfg`'s first epoch after WARMUP_STEPS (`steps` to
+    `max_steps` of them: the fewest once they took `max_seconds`) and `eval_batches` evaluation
+    batches, with `loaders` (as `lcp.data.build_loaders` returns them), through `fit`."""
     from lcp.training import evaluate, fit, resolve_device
 
     train_loader, eval_loaders, shape, classes = loaders
-    train_loader.limit_batches = WARMUP_STEPS + steps
-    clock = _StepClock()
+    steps_per_epoch = len(train_loader)
+    train_loader.limit_batches = WARMUP_STEPS + max(steps, max_steps)
+    clock = _StepClock(steps, max_seconds)
     short = cfg.replace(num_epochs=1, eval_epochs=0, align=False, limit_train_batches=-1,
                         limit_eval_batches=-1)
     test = eval_loaders["test"]
@@ -112,11 +137,14 @@ def measure(cfg, loaders, *, steps: int = 6, eval_batches: int = 3) -> Measureme
             holder["trainer"] = state.trainer
 
     fit(short, [clock, _Keep()], loaders=(train_loader, {"test": test}, shape, classes))
+    if not clock.times:
+        raise ValueError(f"cannot measure {cfg.data}: an epoch has {steps_per_epoch} step(s), "
+                         f"fewer than the {WARMUP_STEPS + 1} a measurement needs")
     test.limit_batches = eval_batches
     start = time.perf_counter()
     evaluate(holder["trainer"], test, resolve_device(short))
     eval_s = (time.perf_counter() - start) / max(1, len(test))
-    return Measurement(statistics.median(clock.times), eval_s)
+    return Measurement(epoch_step_time(clock.times, steps_per_epoch), eval_s)
 
 
 # ====================================================================== the cache
@@ -183,10 +211,6 @@ def slowdown_from_store(tracker, experiment_name: str, row_id: str,
     return None
 
 
-LIGHT_STEPS = 2  # `light`: a rough measurement (a --quick tour costs little more than it)
-STEPS = 6
-
-
 def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = False,
              echo=None, light: bool = False) -> list[RunEstimate]:
     """One RunEstimate per item (pipeline.runs.Item), measuring each config not yet cached
@@ -214,7 +238,8 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
         setup = (cfg.data, cfg.data_dir, cfg.batch_size, cfg.validation_split,
                  cfg.validation_seed, cfg.limit_train_batches, cfg.limit_eval_batches)
         cached = (key in known and not remeasure
-                  and known[key].get("steps", STEPS) >= steps)
+                  and known[key].get("version") == MEASURE_VERSION
+                  and known[key].get("steps", 0) >= steps)
         loaders = build_loaders(cfg) if (setup not in sizes or not cached) else None
         if setup not in sizes:
             train, evals = loaders[0], loaders[1]
@@ -224,9 +249,10 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
         steps_per_epoch, eval_batches, final_batches = sizes[setup]
         if not cached:
             if echo is not None:
-                echo(f"measuring {item.exp.id} (a few steps) ...")
-            m = measure(cfg, loaders, steps=steps, eval_batches=1 if light else 3)
-            known[key] = {**asdict(m), "steps": steps}
+                echo(f"measuring {item.exp.id} (its first steps) ...")
+            m = measure(cfg, loaders, steps=steps, max_steps=steps if light else RAMP_STEPS,
+                        eval_batches=1 if light else 3)
+            known[key] = {**asdict(m), "steps": steps, "version": MEASURE_VERSION}
         m = Measurement(known[key]["step_s"], known[key]["eval_batch_s"])
         if (item.exp.id, cfg.data) not in slowdowns:
             slowdowns[(item.exp.id, cfg.data)] = slowdown_from_store(

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_testing import Workspace, invoke  # noqa: E402
 
-from pipeline.budget import RunEstimate, makespan  # noqa: E402
+from pipeline.budget import RunEstimate, epoch_step_time, makespan  # noqa: E402
 
 
 def test_makespan_hands_runs_to_the_slot_that_frees_first():
@@ -29,6 +29,16 @@ def test_a_run_estimate_is_its_epochs_and_evaluations():
                     slowdown=2.0, slowdown_known=True, cached=False)
     assert e.first_epoch_s == pytest.approx(100 * 0.01 + 10 * 0.002)
     assert e.total_s == pytest.approx(4 * 100 * 0.01 * 2.0 + (4 * 10 + 30) * 0.002)
+
+
+def test_an_epoch_is_priced_at_the_rate_its_measured_steps_end_on():
+    # a controller row whose solves slow down 9x after its first steps (the RNN's LCP-DI):
+    # pricing the epoch at its first steps' median would be 9x too low
+    ramp = [0.05] * 6 + [0.45] * 24
+    assert epoch_step_time(ramp, 63) == pytest.approx((6 * 0.05 + 24 * 0.45 + 33 * 0.45) / 63)
+    assert epoch_step_time([0.01] * 6, 100) == pytest.approx(0.01)
+    # an epoch shorter than the measurement: the steps as measured
+    assert epoch_step_time([0.1, 0.2, 0.3], 3) == pytest.approx(0.2)
 
 
 @pytest.fixture
@@ -57,6 +67,23 @@ def test_budget_measures_each_row_once_then_reads_the_cache(workspace):
     # the measured numbers are the same (read back), not measured again
     strip = lambda text: [l for l in text.splitlines() if l.strip().startswith("t1-")]
     assert strip(again.output) == strip(first.output)
+
+
+def test_a_measurement_of_an_older_method_is_measured_again(workspace):
+    import json
+
+    ws = workspace
+    args = ["budget", "t1-ff-bp", *ws.common(), "--data-dir", str(ws.data), "--threads", "1"]
+    assert invoke(args).exit_code == 0
+    cache = ws.root / "cache" / "budget.json"
+    data = json.loads(cache.read_text())
+    for entries in data.values():
+        for entry in entries.values():
+            assert entry["version"] == 2 and entry["steps"] >= 6
+            del entry["version"]  # as the first method wrote it
+    cache.write_text(json.dumps(data))
+    again = invoke(args)
+    assert again.exit_code == 0 and "measuring t1-ff-bp" in again.output, again.output
 
 
 def test_the_slowdown_of_a_controller_row_comes_from_a_finished_run(workspace):
