@@ -13,8 +13,12 @@ training proceeds (read from finished runs of the same row in the store, when th
 mean iterations per solve over their epochs ÷ the first epoch's). The wall time of a table is the
 makespan of its runs, handed out in plan order to the slots as they free, as the scheduler does.
 
+Each run also pays its process start (a fresh Python importing torch, MLflow and lcp), measured
+once per machine: for short runs (--quick) it is most of their time.
+
 What it does not know: a run's time beside other runs on a shared CPU (each slot is measured
-alone, with its thread count), and how a row slows down when the store has no run of it.
+alone, with its thread count), how a row slows down when the store has no run of it, and the
+store's own time (opening it, logging each epoch).
 
 Measurements are cached per machine (CPU model, thread count, torch version) and config hash in
 `$LCP_CACHE_DIR/budget.json` (default `~/.cache/lcp`); `--remeasure` measures again.
@@ -26,6 +30,8 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +74,7 @@ class RunEstimate:
     slowdown: float  # later epochs ÷ the first, from the store (1.0: unknown or none)
     slowdown_known: bool
     cached: bool
+    startup_s: float = 0.0  # the run's process start (imports)
 
     @property
     def first_epoch_s(self) -> float:
@@ -77,7 +84,7 @@ class RunEstimate:
 
     @property
     def total_s(self) -> float:
-        return (self.epochs * self.steps_per_epoch * self.step_s * self.slowdown
+        return (self.startup_s + self.epochs * self.steps_per_epoch * self.step_s * self.slowdown
                 + (self.evals * self.eval_batches + self.final_eval_batches) * self.eval_batch_s)
 
 
@@ -145,6 +152,17 @@ def measure(cfg, loaders, *, steps: int = STEPS, max_steps: int = RAMP_STEPS,
     evaluate(holder["trainer"], test, resolve_device(short))
     eval_s = (time.perf_counter() - start) / max(1, len(test))
     return Measurement(epoch_step_time(clock.times, steps_per_epoch), eval_s)
+
+
+STARTUP_KEY = "process start"  # its entry in a machine's cache, beside the config hashes
+
+
+def measure_startup() -> float:
+    """The seconds a fresh Python takes to import what a run's worker imports."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, mlflow, lcp.training, pipeline.worker"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
 
 
 # ====================================================================== the cache
@@ -232,6 +250,9 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
     out = []
     sizes: dict[tuple, tuple[int, int, int]] = {}  # the data's batches, once per data setup
     steps = LIGHT_STEPS if light else STEPS
+    if items and (remeasure or known.get(STARTUP_KEY, {}).get("version") != MEASURE_VERSION):
+        known[STARTUP_KEY] = {"startup_s": measure_startup(), "version": MEASURE_VERSION}
+    startup_s = known[STARTUP_KEY]["startup_s"] if items else 0.0
     for item in items:
         cfg = item.cfg
         key = measure_key(cfg)
@@ -261,7 +282,8 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
         evals_count = cfg.num_epochs // cfg.eval_epochs if cfg.eval_epochs > 0 else 0
         out.append(RunEstimate(item.exp.id, item.seed, item.config_hash, steps_per_epoch,
                                eval_batches, final_batches, cfg.num_epochs, evals_count,
-                               m.step_s, m.eval_batch_s, slow or 1.0, slow is not None, cached))
+                               m.step_s, m.eval_batch_s, slow or 1.0, slow is not None, cached,
+                               startup_s))
     with lock:
         cache = read_cache(path)
         cache[machine] = {**cache.get(machine, {}), **known}
@@ -314,6 +336,9 @@ def format_estimates(estimates: list[RunEstimate], slots: int, machine: str) -> 
     lines.append(f"  total: {format_duration(total)} of run time; about "
                  f"{format_duration(wall)} of wall time on {slots} slot(s) (each slot measured "
                  "alone: slots sharing CPU cores are slower)")
+    if estimates and estimates[0].startup_s:
+        lines.append(f"  each run includes {format_duration(estimates[0].startup_s)} of process "
+                     "start (imports), measured here")
     if any(is_controller_row(e.id) and not e.slowdown_known for e in estimates):
         lines.append("  controller rows (lcp-*) can need more solver iterations per step as "
                      "training proceeds, so their estimate is a lower bound; a finished run of "

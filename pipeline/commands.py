@@ -60,9 +60,9 @@ _selection_options = _options(
 # Where runs execute: the same options, with the same meaning, for run-table, run, tune.
 executor_options = _options(
     click.option("--workers", default=None, type=int, metavar="N",
-                 help="Runs at a time (default: 1 on CPU; on GPUs one per GPU slot; with "
-                      "--executor ray as many as the cluster holds). On CPU the threads "
-                      "are split between them."),
+                 help="Runs at a time (default: 1 on CPU, with --quick one per core up to 4; "
+                      "on GPUs one per GPU slot; with --executor ray as many as the cluster "
+                      "holds). On CPU the threads are split between them."),
     click.option("--gpus", default="auto", show_default=True, metavar="0,1|auto|none",
                  help="GPUs to use (one slot each, pinned with CUDA_VISIBLE_DEVICES); "
                       "auto: every visible GPU; none: CPU only."),
@@ -115,9 +115,10 @@ def check_executor_options(*, executor: str, address, cpus_per_run, workers, thr
 
 
 def make_runner(*, executor: str, address, cpus_per_run, workers, gpus, runs_per_gpu, threads,
-                retries: int = 0):
+                retries: int = 0, short_runs: bool = False):
     """The executor of `executor_options` (a Ray instance is started or joined here), to use in
-    a `with` block: it closes the executor (a Ray instance this command started) at the end."""
+    a `with` block: it closes the executor (a Ray instance this command started) at the end.
+    `short_runs` (--quick): more CPU slots by default (executors.default_cpu_workers)."""
     from pipeline.executors import make_executor, parse_gpus
     from pipeline.tracking import MLFLOW_RUN_ENV
 
@@ -126,7 +127,7 @@ def make_runner(*, executor: str, address, cpus_per_run, workers, gpus, runs_per
     return contextlib.closing(make_executor(
         executor, gpus=parse_gpus(gpus), runs_per_gpu=runs_per_gpu, workers=workers,
         threads=threads, drop_env=MLFLOW_RUN_ENV, address=address, cpus_per_run=cpus_per_run,
-        retries=retries))
+        retries=retries, short_runs=short_runs))
 
 
 def check_cluster(runner, uri: str, storage_spec=None) -> None:
@@ -301,6 +302,7 @@ def _run(manifest, experiments, *, executor, address, cpus_per_run, **options):
     overrides = _overrides(options["sets"], options["quick"], options["data_dir"])
     items = R.expand(experiments, R.parse_seeds(options["seeds"]), overrides)
     with make_runner(executor=executor, address=address, cpus_per_run=cpus_per_run,
+                     short_runs=options["quick"],
                      **{k: options[k] for k in ("workers", "gpus", "runs_per_gpu", "threads",
                                                 "retries")}) as runner:
         _run_with(items, overrides, runner, **options)
@@ -822,11 +824,14 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, tim
 
         plan.base = R.quick_data_fallback([R.Item(exp, plan.base.seed, plan.base)],
                                           download=True, echo=click.echo)[0].cfg
-    for warning in plan.warnings + S.storage_warnings(storage_spec, where["workers"] or 1):
+    from pipeline.executors import default_cpu_workers
+
+    workers = where["workers"] or default_cpu_workers(quick)
+    for warning in plan.warnings + S.storage_warnings(storage_spec, workers):
         click.echo(f"warning: {warning}", err=True)
     storage_obj = S.open_storage(storage_spec)  # first: a wrong --storage creates nothing
     tracker = Tracker(uri)  # checks the MLflow store (clear error when unreachable)
-    with make_runner(**where) as runner:
+    with make_runner(**where, short_runs=quick) as runner:
         check_cluster(runner, uri, storage_spec)
         click.echo(f"executor {runner.describe()}")
         study = S.open_study(plan, storage_obj, name, pruner=pruner)

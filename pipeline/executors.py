@@ -631,12 +631,27 @@ class RayExecutor(Executor):
 # ====================================================================== making one
 
 
+SHORT_RUN_WORKERS = 4  # the most CPU slots a table of short runs (--quick) gets by default
+
+
+def default_cpu_workers(short_runs: bool, cpu_count: int | None = None) -> int:
+    """Runs at a time on CPU when --workers is not given: 1, which gets every core, since a
+    real run's steps use the threads; for short runs (--quick) one per core up to
+    SHORT_RUN_WORKERS, since most of a short run is its process start (imports, the store),
+    which threads do not speed up (docs/speed.md, "Sharing the CPU")."""
+    if not short_runs:
+        return 1
+    return max(1, min(SHORT_RUN_WORKERS, cpu_count or os.cpu_count() or 1))
+
+
 def make_executor(name: str, *, gpus: list[str] | None = None, runs_per_gpu: int = 1,
                   workers: int | None = None, threads: int | None = None,
                   drop_env: tuple[str, ...] = (), address: str | None = None,
-                  cpus_per_run: float | None = None, retries: int = 0) -> Executor:
+                  cpus_per_run: float | None = None, retries: int = 0,
+                  short_runs: bool = False) -> Executor:
     """`workers`: runs at a time (local on GPUs: at most GPUs × runs_per_gpu, default all of
-    those; local on CPU: default 1; Ray: default what the cluster holds)."""
+    those; local on CPU: default `default_cpu_workers(short_runs)`; Ray: default what the
+    cluster holds)."""
     if name not in ("local", "ray"):
         raise LcpError(f"--executor {name!r} is not available; valid executors are: local, ray")
     check_workers(workers)
@@ -650,7 +665,7 @@ def make_executor(name: str, *, gpus: list[str] | None = None, runs_per_gpu: int
         if workers is not None:
             pool = SlotPool(pool.slots[:workers])
     else:
-        pool = SlotPool.for_cpu(workers or 1, threads=threads)
+        pool = SlotPool.for_cpu(workers or default_cpu_workers(short_runs), threads=threads)
     return LocalExecutor(pool, drop_env=drop_env)
 
 

@@ -156,8 +156,8 @@ def _budget(store: Path, study) -> str:
         cfg = RunConfig.from_dict({k: _param(v) for k, v in run.data.params.items()
                                    if k in RunConfig.field_names()})
         key = budget.measure_key(cfg)
-        if key not in known:
-            continue
+        if known.get(key, {}).get("version") != budget.MEASURE_VERSION:
+            continue  # not measured yet, or by an older method of the planner
         if cfg.data not in sizes:
             sizes[cfg.data] = len(build_loaders(cfg)[0])
         steps = sizes[cfg.data]

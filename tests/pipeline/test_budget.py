@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_testing import Workspace, invoke  # noqa: E402
 
-from pipeline.budget import RunEstimate, epoch_step_time, makespan  # noqa: E402
+from pipeline.budget import STARTUP_KEY, RunEstimate, epoch_step_time, makespan  # noqa: E402
 
 
 def test_makespan_hands_runs_to_the_slot_that_frees_first():
@@ -26,9 +26,9 @@ def test_makespan_hands_runs_to_the_slot_that_frees_first():
 def test_a_run_estimate_is_its_epochs_and_evaluations():
     e = RunEstimate("t1-ff-lcp-di", 0, "h", steps_per_epoch=100, eval_batches=10,
                     final_eval_batches=30, epochs=4, evals=4, step_s=0.01, eval_batch_s=0.002,
-                    slowdown=2.0, slowdown_known=True, cached=False)
+                    slowdown=2.0, slowdown_known=True, cached=False, startup_s=3.0)
     assert e.first_epoch_s == pytest.approx(100 * 0.01 + 10 * 0.002)
-    assert e.total_s == pytest.approx(4 * 100 * 0.01 * 2.0 + (4 * 10 + 30) * 0.002)
+    assert e.total_s == pytest.approx(3.0 + 4 * 100 * 0.01 * 2.0 + (4 * 10 + 30) * 0.002)
 
 
 def test_an_epoch_is_priced_at_the_rate_its_measured_steps_end_on():
@@ -61,6 +61,7 @@ def test_budget_measures_each_row_once_then_reads_the_cache(workspace):
         line = next(line for line in first.output.splitlines() if line.strip().startswith(row))
         assert re.search(rf"{row}\s+2\s+[\d.]+ms", line), line
     assert "2 slot(s)" in first.output and "of wall time" in first.output
+    assert re.search(r"each run includes [\d.]+ s of process start", first.output), first.output
     assert "unknown (no finished run of this row in the store)" in first.output
     again = invoke(args)
     assert again.exit_code == 0 and "measuring" not in again.output
@@ -78,6 +79,7 @@ def test_a_measurement_of_an_older_method_is_measured_again(workspace):
     cache = ws.root / "cache" / "budget.json"
     data = json.loads(cache.read_text())
     for entries in data.values():
+        assert entries.pop(STARTUP_KEY)["startup_s"] > 0  # the process start, measured once
         for entry in entries.values():
             assert entry["version"] == 2 and entry["steps"] >= 6
             del entry["version"]  # as the first method wrote it
@@ -108,3 +110,18 @@ def test_budget_refuses_bad_counts(workspace):
     ws = workspace
     out = invoke(["budget", "1", *ws.common(), "--workers", "0"])
     assert out.exit_code == 2 and "--workers must be ≥ 1" in out.output
+
+
+@pytest.mark.parametrize("cores, quick, slots", [(2, True, "2 CPU worker(s) × 1 thread(s)"),
+                                                 (16, True, "4 CPU worker(s) × 4 thread(s)"),
+                                                 (2, False, "1 CPU worker(s) × 2 thread(s)")])
+def test_short_runs_get_a_slot_per_core_up_to_four(workspace, monkeypatch, cores, quick, slots):
+    # a --quick run is mostly its process start, which threads do not speed up
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LCP_BUDGET", "off")
+    out = invoke(["run-table", "1", *workspace.run_args(), "--dry-run",
+                  *(["--quick"] if quick else [])])
+    assert out.exit_code == 0, out.output
+    assert f"executor local: {slots}" in out.output, out.output
