@@ -357,10 +357,11 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
         todo = [p for p in plans if p.action in (R.NEW, R.RESUME)]
         while True:
             if todo:
-                _prepare(todo, tracker, runs_dir, extra_tags)
+                _prepare(todo, tracker, runs_dir)
                 results.append(R.execute(todo, tracker, runner, retries=retries,
                                          fail_fast=fail_fast, display=ProgressDisplay(),
-                                         threads=threads, ownership=ownership))
+                                         threads=threads, ownership=ownership,
+                                         runs_dir=runs_dir, extra_tags=extra_tags))
                 if results[-1].stopped:
                     break
             waiting = [p for p in plans if p.owner]
@@ -397,14 +398,15 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
         sys.exit(EXIT_RUN_FAILED)
 
 
-def _prepare(todo, tracker, runs_dir, extra_tags) -> None:
-    """Create (or reschedule) the runs; a failure before any worker starts marks them FAILED
-    with the reason (resumable by the next call) and is one line."""
+def _prepare(todo, tracker, runs_dir) -> None:
+    """Reschedule the resumed runs and check the runs folder (new runs are created as their
+    workers start); a failure before any worker starts marks the resumed runs FAILED with the
+    reason (resumable by the next call) and is one line."""
     from pipeline import runs as R
     from pipeline.tracking import disk_full_message, first_line, is_disk_full
 
     try:
-        R.prepare(todo, tracker, runs_dir, extra_tags=extra_tags)
+        R.prepare(todo, tracker, runs_dir)
     except KeyboardInterrupt:
         R.cancel(todo, tracker, "interrupted before any run started")
         click.echo("interrupted before any run started; the runs created so far are KILLED",

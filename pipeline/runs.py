@@ -3,8 +3,8 @@ semantics"), their MLflow runs, and the scheduler hooks that keep MLflow honest.
 
     items = expand(experiments, seeds=None, overrides={})                # (row, seed, cfg)
     plans = plan_runs(items, tracker, runs_dir)                          # new / resume / skip
-    prepare(plans, tracker, runs_dir)  # the parent creates experiments and runs, before workers
-    result = execute(plans, tracker, executor, retries=1)
+    prepare(plans, tracker, runs_dir)  # the parent: experiments, resumed runs rescheduled
+    result = execute(plans, tracker, executor, retries=1)  # a new run is created as it starts
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from lcp.config import NOT_HASHED, RunConfig
 from pipeline import rundir, tracking
 from pipeline.executors import Executor, child_env, describe_returncode
 from pipeline.manifest import Experiment, Manifest, ManifestError
-from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, is_locked, resume_point,
-                             write_config)
+from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, DEFAULT_RUNS_DIR, LOG_NAME, is_locked,
+                             resume_point, write_config)
 from pipeline.scheduler import (FAILED, KILLED, Hooks, Job, ProgressDisplay, Scheduler,
                                 SchedulerResult, stop_on_signals)
 from pipeline.worker import EXIT_BUSY
@@ -451,9 +451,11 @@ def ensure_data(plans: list[RunPlan], echo=print) -> None:
 
 
 
-def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Path,
-            *, extra_tags: Mapping[str, Any] | None = None) -> None:
-    """Create the experiments and the new runs (status SCHEDULED), before any worker starts."""
+def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Path) -> None:
+    """Before any worker starts: create the experiments, check that `runs_dir` can be written,
+    and reschedule the resumed runs (status SCHEDULED). A new run is created only when its
+    worker starts (`open_run`, from TrackingHooks.before_start), so that its MLflow start time,
+    and the Duration the UI shows, is the run's own and not its wait in the queue."""
     exp_ids: dict[str, str] = {}
     for plan in plans:
         if plan.action not in (NEW, RESUME):
@@ -462,20 +464,41 @@ def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Pat
         if item.experiment_name not in exp_ids:
             exp_ids[item.experiment_name] = tracker.ensure_experiment(item.experiment_name)
         plan.experiment_id = exp_ids[item.experiment_name]
-        if plan.action == NEW:
-            plan.run_id = tracker.create_run(
-                plan.experiment_id, item.name, tags=run_tags(item, extra_tags),
-                params=item.cfg.to_dict(), status="SCHEDULED")
-            plan.run_dir = run_dir_for(Path(runs_dir), item, plan.run_id)
-            for old in plan.superseded:
-                supersede(tracker, old, plan.run_id)
-        else:
+        if plan.action == RESUME:
             tracker.set_status(plan.run_id, "SCHEDULED")
-        tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
-                                       "log_path": str(plan.run_dir / LOG_NAME)})
-        write_run_folder(plan, tracker.uri)
-        if plan.action == NEW:
-            tracker.log_artifact(plan.run_id, plan.run_dir / CONFIG_NAME)
+            _place(plan, tracker)
+    if any(p.action == NEW for p in plans):
+        _check_writable(Path(runs_dir))
+
+
+def open_run(plan: RunPlan, tracker: tracking.Tracker, runs_dir: str | Path,
+             extra_tags: Mapping[str, Any] | None = None) -> None:
+    """Create the MLflow run of a NEW plan (status SCHEDULED until its worker marks it
+    RUNNING), its folder and config; end the unfinished runs of the pair it replaces."""
+    item = plan.item
+    plan.run_id = tracker.create_run(
+        plan.experiment_id, item.name, tags=run_tags(item, extra_tags),
+        params=item.cfg.to_dict(), status="SCHEDULED")
+    plan.run_dir = run_dir_for(Path(runs_dir), item, plan.run_id)
+    for old in plan.superseded:
+        supersede(tracker, old, plan.run_id)
+    _place(plan, tracker)
+    tracker.log_artifact(plan.run_id, plan.run_dir / CONFIG_NAME)
+
+
+def _place(plan: RunPlan, tracker: tracking.Tracker) -> None:
+    """The run's folder (config, run.json) and its tags that point there."""
+    tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
+                                   "log_path": str(plan.run_dir / LOG_NAME)})
+    write_run_folder(plan, tracker.uri)
+
+
+def _check_writable(folder: Path) -> None:
+    """OSError naming `folder` when run folders cannot be made in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".probe-{os.getpid()}"
+    probe.touch()
+    probe.unlink()
 
 
 def supersede(tracker: tracking.Tracker, run, new_run_id: str) -> None:
@@ -561,9 +584,12 @@ class TrackingHooks(Hooks):
     FAILED with the reason; stopped runs KILLED; each attempt's log uploaded as an artifact.
     A full disk stops the scheduler with one reason (`request_stop`, set by `execute`)."""
 
-    def __init__(self, tracker: tracking.Tracker, ownership=None):
+    def __init__(self, tracker: tracking.Tracker, ownership=None, *,
+                 runs_dir: str | Path = DEFAULT_RUNS_DIR, extra_tags=None,
+                 threads: int | None = None):
         self.tracker = tracker
         self.ownership = ownership  # pipeline.ownership.Ownership: released as runs end
+        self.runs_dir, self.extra_tags, self.threads = runs_dir, extra_tags, threads
         self.request_stop = lambda reason: None
         self.full: str | None = None
 
@@ -575,6 +601,10 @@ class TrackingHooks(Hooks):
     @_stops_on_a_full_disk(reraise=True)
     def before_start(self, job: Job) -> None:
         plan: RunPlan = job.payload
+        if plan.run_id is None:  # a new run: created now, as its worker starts
+            open_run(plan, self.tracker, self.runs_dir, self.extra_tags)
+            job.command = worker_command(plan, self.tracker.uri, self.threads)
+            job.log_path = plan.run_dir / LOG_NAME
         attempt = plan.attempts_before + job.attempts  # counted across scheduler calls
         if "--attempt" in job.command:
             i = job.command.index("--attempt")
@@ -617,6 +647,8 @@ class TrackingHooks(Hooks):
     @_stops_on_a_full_disk()
     def on_cancel(self, job: Job, was_running: bool) -> None:
         plan: RunPlan = job.payload
+        if plan.run_id is None:  # a new run that never started: nothing was recorded
+            return
         if was_running:
             self._upload_log(job)
         try:
@@ -647,18 +679,24 @@ class TrackingHooks(Hooks):
 
 
 def make_jobs(plans: list[RunPlan], uri: str, threads: int | None = None) -> list[Job]:
-    return [Job(key=plan.name, command=worker_command(plan, uri, threads),
-                log_path=plan.run_dir / LOG_NAME, env=child_env(plan.item.cfg.seed >= 0),
-                cwd=os.getcwd(), payload=plan)
+    """One job per new or resumed plan; a new plan's command and log are set when its run is
+    created (TrackingHooks.before_start)."""
+    return [Job(key=plan.name,
+                command=worker_command(plan, uri, threads) if plan.run_id else [],
+                log_path=plan.run_dir / LOG_NAME if plan.run_id else None,
+                env=child_env(plan.item.cfg.seed >= 0), cwd=os.getcwd(), payload=plan)
             for plan in plans if plan.action in (NEW, RESUME)]
 
 
 def execute(plans: list[RunPlan], tracker: tracking.Tracker, executor: Executor, *,
             retries: int = 0, fail_fast: bool = False, display: ProgressDisplay | None = None,
-            threads: int | None = None, ownership=None) -> SchedulerResult:
-    """Run the new and resumed plans; SIGINT/SIGTERM stop cleanly (running runs → KILLED)."""
+            threads: int | None = None, ownership=None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
+            extra_tags: Mapping[str, Any] | None = None) -> SchedulerResult:
+    """Run the new and resumed plans (after `prepare`): a new plan's run is created as its
+    worker starts; SIGINT/SIGTERM stop cleanly (running runs → KILLED)."""
     jobs = make_jobs(plans, tracker.uri, threads)
-    hooks = TrackingHooks(tracker, ownership)
+    hooks = TrackingHooks(tracker, ownership, runs_dir=runs_dir, extra_tags=extra_tags,
+                          threads=threads)
     scheduler = Scheduler(executor, hooks, retries=retries, fail_fast=fail_fast,
                           display=display)
     hooks.request_stop = scheduler.request_stop

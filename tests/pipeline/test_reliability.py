@@ -250,8 +250,8 @@ def test_a_worker_never_reopens_a_finished_run(tmp_path, monkeypatch):
 # ====================================================================== 3. failures before start
 
 
-def test_a_run_folder_that_cannot_be_written_leaves_a_failed_resumable_run(tmp_path,
-                                                                          monkeypatch):
+def test_a_run_folder_that_cannot_be_written_is_one_line_and_creates_no_run(tmp_path,
+                                                                            monkeypatch):
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
     monkeypatch.chdir(tmp_path)
     blocked = tmp_path / "not-a-folder"
@@ -262,14 +262,12 @@ def test_a_run_folder_that_cannot_be_written_leaves_a_failed_resumable_run(tmp_p
     assert "Traceback" not in result.output
     error, = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "cannot write" in error and str(blocked) in error and "--runs-dir" in error
-    run, = ws.runs()
-    assert run.info.status == "FAILED" and "cannot write" in run.data.tags["failure_reason"]
-    result = invoke([*args, "--runs-dir", str(ws.runs_dir)])  # a good folder: resumed
+    assert ws.runs() == []  # a new run is created only when its worker starts
+    result = invoke([*args, "--runs-dir", str(ws.runs_dir)])  # a good folder: runs
     assert result.exit_code == 0, result.output
-    assert "RESUME  t1-ff-bp/seed=0" in result.output
-    run2, = ws.runs()
-    assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
-    assert "failure_reason" not in run2.data.tags  # item 7: no stale reason on a FINISHED run
+    assert "NEW     t1-ff-bp/seed=0" in result.output
+    run, = ws.runs()
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
 
 
 def test_a_scheduled_run_whose_owner_is_gone_is_resumed(tmp_path, monkeypatch):
@@ -510,6 +508,8 @@ def test_a_run_whose_folder_is_gone_is_superseded_not_left_running(tmp_path, mon
     tracker = Tracker(ws.uri)
     plans = R.plan_runs(items, tracker, ws.runs_dir)
     R.prepare(plans, tracker, ws.runs_dir)
+    for plan in plans:  # created as a scheduler does before starting its worker
+        R.open_run(plan, tracker, ws.runs_dir)
     old = plans[0].run_id
     tracker.set_status(old, "RUNNING")
     tracker.log_metrics(old, {"epoch": 1}, step=1)
@@ -561,7 +561,9 @@ def test_runs_left_open_by_a_gone_scheduler_are_ended_by_the_next_call(tmp_path,
                      {"data_dir": str(ws.data)})
     tracker = Tracker(ws.uri)
     plans = R.plan_runs(items, tracker, ws.runs_dir)
-    R.prepare(plans, tracker, ws.runs_dir)  # created, never started, nobody owns it
+    R.prepare(plans, tracker, ws.runs_dir)
+    for plan in plans:  # created as a scheduler does, then never started; nobody owns it
+        R.open_run(plan, tracker, ws.runs_dir)
     orphan = plans[0].run_id
     assert invoke(["run", "t1-ff-bp", *ws.run_args(), "--seeds", "0"]).exit_code == 0
     run = tracker.get_run(orphan)
@@ -570,3 +572,18 @@ def test_runs_left_open_by_a_gone_scheduler_are_ended_by_the_next_call(tmp_path,
     again = invoke(["run", "t1-ff-bp", *ws.run_args(), "--seeds", "1"])
     assert again.exit_code == 0 and f"resume KILLED run {orphan[:8]}" in again.output
     assert tracker.get_run(orphan).info.status == "FINISHED"
+
+
+def test_a_queued_runs_mlflow_duration_is_its_own_time(tmp_path, monkeypatch):
+    """MLflow's Duration (end − start) of a run that waited in the queue counts its own time
+    only: the run is created when its worker starts, not when the table was planned."""
+    ws = Workspace(tmp_path, num_epochs=1, seeds=(0, 1))
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["run", "t1-ff-bp", *ws.run_args(), "--workers", "1", "--set", "meta_lr=0.01"])
+    assert result.exit_code == 0, result.output
+    first, second = sorted(ws.runs(), key=lambda r: r.info.start_time)
+    assert first.info.status == second.info.status == "FINISHED"
+    # one slot: the second run waited for the first, and started after it ended
+    assert second.info.start_time >= first.info.end_time
+    for run in (first, second):  # created late, still with every tag of a table run
+        assert run.data.tags["overrides"] == "meta_lr=0.01" and run.data.tags["run_dir"]

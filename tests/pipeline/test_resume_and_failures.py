@@ -5,6 +5,7 @@ finish; a transient failure is retried and resumes; SIGTERM to `lcp run` marks r
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,8 @@ def test_killed_worker_resumes_under_the_same_run_id(tmp_path, monkeypatch):
     tracker = Tracker(ws.uri)
     plans = R.plan_runs(items, tracker, ws.runs_dir)
     R.prepare(plans, tracker, ws.runs_dir)
+    for plan in plans:  # created as a scheduler does before starting its worker
+        R.open_run(plan, tracker, ws.runs_dir)
     plan = plans[0]
     checkpoint = plan.run_dir / "checkpoint.pt"
     # The first worker sleeps after every epoch so that it is surely mid-way when killed.
@@ -186,15 +189,16 @@ def test_sigterm_to_the_scheduler_marks_running_and_queued_runs_killed(tmp_path)
         ws, ["run-table", "1", *ws.run_args(), "--workers", "1"], signal.SIGTERM)
     assert returncode == 143, out
     assert "stopping (SIGTERM)" in out
+    # first in the table: started and KILLED; the other one queued: no run was created for it
+    # (a run is created when its worker starts), and the summary says it did not start
     statuses = {r.data.tags["id"]: r for r in ws.runs()}
-    assert {k: r.info.status for k, r in statuses.items()} == {
-        "t1-ff-bp": "KILLED", "t1-ff-lcp-di": "KILLED"}, out
-    running = statuses["t1-ff-bp"]  # first in the table: started, the other one queued
-    assert "SIGTERM" in running.data.tags["killed_reason"]
-    assert "not started" in statuses["t1-ff-lcp-di"].data.tags["killed_reason"]
-    # and the plan now resumes both under their run ids
+    assert {k: r.info.status for k, r in statuses.items()} == {"t1-ff-bp": "KILLED"}, out
+    assert "SIGTERM" in statuses["t1-ff-bp"].data.tags["killed_reason"]
+    assert re.search(r"t1-ff-lcp-di/seed=0\s+KILLED.*\n\s+reason: not started", out), out
+    # and the plan now resumes the started one under its run id, and starts the other
     result = invoke(["run-table", "1", *ws.run_args(), "--dry-run"])
-    assert result.output.count("RESUME ") == 2, result.output
+    assert re.search(r"RESUME\s+t1-ff-bp/seed=0", result.output), result.output
+    assert re.search(r"NEW\s+t1-ff-lcp-di/seed=0", result.output), result.output
 
 
 @pytest.mark.parametrize("args, message", [
