@@ -37,7 +37,8 @@ FOREIGN = ("import torch, time\n"
 
 def lcp_train(row: str, batches: int) -> list[str]:
     from pipeline.manifest import load_manifest
-    from pipeline.runs import command_line, expand
+    from pipeline.runs import command_line
+    from pipeline.selection import expand
 
     manifest = load_manifest(os.path.join(os.path.dirname(__file__), "..", "experiments.yaml"))
     item = expand([manifest.get(row)], [0], {"data": "mnist-sample", "num_epochs": "1",

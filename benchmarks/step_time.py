@@ -36,7 +36,6 @@ import copy
 import functools
 import gc
 import json
-import math
 import os
 import platform
 import resource

@@ -156,7 +156,7 @@ def _load(manifest_path: str):
 def _overrides(sets, quick: bool = False, data_dir: str | None = None):
     """--quick, then --set (which wins), then --data-dir (absolute)."""
     from pipeline.manifest import parse_overrides
-    from pipeline.runs import run_overrides
+    from pipeline.selection import run_overrides
 
     return run_overrides(parse_overrides(sets), quick=quick, data_dir=data_dir)
 
@@ -194,22 +194,23 @@ def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quic
       lcp list --tracking-uri http://127.0.0.1:5000
     """
     from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.ownership import Ownership
     from pipeline.tracking import experiment_name, resolve_tracking_uri
 
     manifest = _load(manifest_path)
     tables = [manifest.table(table)[0].table] if table is not None else manifest.tables()
     overrides = _overrides(sets, quick, data_dir)
-    seed_list = R.parse_seeds(seeds)
+    seed_list = sel.parse_seeds(seeds)
     uri = resolve_tracking_uri(tracking_uri)
     reader = _reader(uri)
     holders = Ownership(reader).holders() if reader is not None else None
     click.echo(f"manifest {manifest.path}; tracking {uri}" + ("" if reader else " (empty)"))
     for number in tables:
         rows = manifest.table(number)
-        items = R.expand(rows, seed_list, overrides)
+        items = sel.expand(rows, seed_list, overrides)
         if quick:
-            items = R.quick_data_fallback(items, download=False)
+            items = sel.quick_data_fallback(items, download=False)
         plans = R.plan_runs(items, reader, runs_dir, holders=holders)
         by_row: dict[str, list] = {}
         for plan in plans:
@@ -225,7 +226,7 @@ def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quic
                 click.echo(f"  {section}")
             states = "  ".join(f"{p.item.seed}:{_state(p)}" for p in by_row.get(exp.id, []))
             click.echo(f"    {exp.id:<{width}}  {exp.label:<12}  {states}")
-        count, flags = R.other_settings(reader, experiment_name(number),
+        count, flags = sel.other_settings(reader, experiment_name(number),
                                         {p.item.config_hash for p in plans})
         if count:
             click.echo(f"  + {count} FINISHED run(s) made with other settings (the newest with "
@@ -287,20 +288,20 @@ def run_command(ids, **options):
       lcp run t1-ff-bp t1-ff-lcp-di --workers 2 --retries 1
       lcp run t1-ff-lcp-di --set alpha=0.5 --set solver_max_iter=400 --dry-run
     """
-    from pipeline.runs import select
+    from pipeline.selection import select
 
     manifest = _load(options["manifest_path"])
     _run(manifest, select(manifest, ids=ids), **options)
 
 
 def _run(manifest, experiments, *, executor, address, cpus_per_run, **options):
-    from pipeline import runs as R
+    from pipeline import selection as sel
 
     if options["retries"] < 0:
         raise LcpError(f"--retries must be ≥ 0 (got {options['retries']})")
     # The runs first: bad --set/--seeds fail before an executor (a Ray instance) starts.
     overrides = _overrides(options["sets"], options["quick"], options["data_dir"])
-    items = R.expand(experiments, R.parse_seeds(options["seeds"]), overrides)
+    items = sel.expand(experiments, sel.parse_seeds(options["seeds"]), overrides)
     with make_runner(executor=executor, address=address, cpus_per_run=cpus_per_run,
                      short_runs=options["quick"],
                      **{k: options[k] for k in ("workers", "gpus", "runs_per_gpu", "threads",
@@ -312,6 +313,7 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
               quick, data_dir, dry_run, force, retries, fail_fast, workers, gpus, runs_per_gpu,
               threads, wait):
     from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.ownership import Ownership
     from pipeline.scheduler import ProgressDisplay, SchedulerResult
     from pipeline.tracking import Tracker, disk_full_message, is_disk_full, resolve_tracking_uri
@@ -321,7 +323,7 @@ def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir
 
     tables = sorted({i.exp.table for i in items})
     if quick:
-        items = R.quick_data_fallback(items, download=not dry_run, echo=click.echo)
+        items = sel.quick_data_fallback(items, download=not dry_run, echo=click.echo)
     if dry_run:
         reader = _reader(uri)
         holders = Ownership(reader).holders() if reader is not None else None
@@ -452,15 +454,16 @@ def _print_busy(plans) -> bool:
 
 def _print_plan(plans, uri, runner, retries, overrides, quick, dry_run):
     from pipeline import runs as R
+    from pipeline import selection as sel
 
     experiments = sorted({p.item.experiment_name for p in plans})
     click.echo(("Plan (dry run: nothing is created or run)" if dry_run else "Plan")
                + f" — tracking {uri}, experiment(s) {', '.join(experiments)}")
     click.echo(f"executor {runner.describe()}; retries {retries}")
     shown = {k: v for k, v in overrides.items()
-             if k != "data_dir" and not (quick and R.QUICK_OVERRIDES.get(k) == v)}
+             if k != "data_dir" and not (quick and sel.QUICK_OVERRIDES.get(k) == v)}
     if quick:
-        click.echo("quick tour: " + ", ".join(f"{k}={v}" for k, v in R.QUICK_OVERRIDES.items()))
+        click.echo("quick tour: " + ", ".join(f"{k}={v}" for k, v in sel.QUICK_OVERRIDES.items()))
     if shown:
         click.echo("overrides: " + " ".join(f"{k}={v}" for k, v in shown.items()))
     width = max(len(p.name) for p in plans)
@@ -545,6 +548,7 @@ def budget_command(targets, manifest_path, tracking_uri, seeds, sets, quick, dat
     import os
 
     from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.tracking import resolve_tracking_uri
 
     if workers < 1:
@@ -555,11 +559,11 @@ def budget_command(targets, manifest_path, tracking_uri, seeds, sets, quick, dat
     manifest = _load(manifest_path)
     overrides = _overrides(sets, quick, data_dir)
     rows = [row for target in targets for row in (
-        manifest.table(target) if target.isdigit() else R.select(manifest, ids=[target]))]
+        manifest.table(target) if target.isdigit() else sel.select(manifest, ids=[target]))]
     unique = list({row.id: row for row in rows}.values())
-    items = R.expand(unique, R.parse_seeds(seeds), overrides)
+    items = sel.expand(unique, sel.parse_seeds(seeds), overrides)
     if quick:
-        items = R.quick_data_fallback(items, download=True, echo=click.echo)
+        items = sel.quick_data_fallback(items, download=True, echo=click.echo)
     R.ensure_data([R.RunPlan(item, R.NEW) for item in items], echo=click.echo)
     _print_budget(items, workers, threads, _reader(resolve_tracking_uri(tracking_uri)),
                   remeasure)
@@ -610,7 +614,7 @@ def report_command(table, fmt, out_dir, any_config, no_mlflow, margin, manifest_
       lcp report 1 --quick --format csv
       lcp report 2 --format latex --out paper/
     """
-    from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.report import FORMATS, make_report
     from pipeline.tracking import Tracker, resolve_tracking_uri, store_exists
 
@@ -625,7 +629,7 @@ def report_command(table, fmt, out_dir, any_config, no_mlflow, margin, manifest_
                        "--tracking-uri")
     tracker = Tracker(uri, create=False)
     report = make_report(tracker, manifest, table, fmt=fmt, out_dir=out_dir,
-                         seeds=R.parse_seeds(seeds), overrides=overrides,
+                         seeds=sel.parse_seeds(seeds), overrides=overrides,
                          any_config=any_config, log_to_mlflow=not no_mlflow, quick=quick,
                          margin=margin)
     click.echo(report.text, nl=False)
@@ -822,9 +826,9 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, tim
 
     plan = S.prepare(exp, overrides, params.split(",") if params is not None else None, spaces)
     if quick:  # without MNIST, the quick study runs on mnist-sample (as run-table --quick)
-        from pipeline import runs as R
+        from pipeline import selection as sel
 
-        plan.base = R.quick_data_fallback([R.Item(exp, plan.base.seed, plan.base)],
+        plan.base = sel.quick_data_fallback([sel.Item(exp, plan.base.seed, plan.base)],
                                           download=True, echo=click.echo)[0].cfg
     from pipeline.executors import default_cpu_workers
 

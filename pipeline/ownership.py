@@ -20,7 +20,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-PREFIX = "lcp-lease/"
+from pipeline.rundir import pid_alive
+from pipeline.tracking import LEASE_PREFIX
+
 LEASE_TTL_S = 300.0  # a lease not renewed for this long is stale
 RENEW_EVERY_S = 30.0
 OWNER, HOST, PID, TOKEN, EXPIRES, SINCE = (f"lcp.lease.{k}" for k in (
@@ -49,21 +51,8 @@ class Holder:
         return self.host == socket.gethostname() and not pid_alive(self.pid)
 
 
-def pid_alive(pid) -> bool:
-    """Whether process `pid` of this machine is alive (someone else's process is)."""
-    try:
-        if int(pid) <= 0:
-            return False
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
 def lease_name(key: str) -> str:
-    return PREFIX + key
+    return LEASE_PREFIX + key
 
 
 def _holder(experiment) -> Holder | None:
@@ -127,12 +116,12 @@ class Ownership:
 
         out = {}
         experiments = self.tracker.call(lambda: self.tracker.client.search_experiments(
-            view_type=ViewType.ACTIVE_ONLY, filter_string=f"name LIKE '{PREFIX}%'",
+            view_type=ViewType.ACTIVE_ONLY, filter_string=f"name LIKE '{LEASE_PREFIX}%'",
             max_results=50000))
         for exp in experiments:
             holder = _holder(exp)
             if holder is not None and holder.token != self.token and not holder.gone():
-                out[exp.name[len(PREFIX):]] = holder
+                out[exp.name[len(LEASE_PREFIX):]] = holder
             elif retire_stale and holder is not None and holder.token != self.token:
                 self._retire(exp.experiment_id, exp.name)
         return out

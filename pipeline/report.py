@@ -51,7 +51,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
     back to the MNIST sample), the newest per (row, seed)."""
     import pandas as pd
 
-    from pipeline.runs import expand, fallback_config, run_key
+    from pipeline.selection import expand, fallback_config, run_key
 
     rows = manifest.table(table)
     number = rows[0].table
@@ -411,7 +411,7 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
     number = collected.table
     if collected.runs.empty:
         if collected.other_finished:
-            from pipeline.runs import other_settings
+            from pipeline.selection import other_settings
 
             count, flags = other_settings(tracker, tracking.experiment_name(number),
                                           set(collected.expected_hashes))

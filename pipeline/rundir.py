@@ -27,6 +27,20 @@ PROGRESS_NAME = "progress.json"
 LOCK_NAME = "lock"
 LOG_NAME = "worker.log"
 INFO_NAME = "run.json"
+EXIT_BUSY = 75  # a worker's exit code when another process holds its run folder's lock
+
+
+def pid_alive(pid) -> bool:
+    """Whether process `pid` of this machine is alive (someone else's process is)."""
+    try:
+        if int(pid) <= 0:
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

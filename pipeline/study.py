@@ -492,7 +492,7 @@ def trial_id(study, storage, number: int) -> int:
 def stale_reason(trial, now: float | None = None, host: str | None = None,
                  stale_after: float = STALE_AFTER_S) -> str | None:
     """Why a RUNNING trial is abandoned (its process is gone or silent), None if it is alive."""
-    from pipeline.ownership import pid_alive
+    from pipeline.rundir import pid_alive
 
     now = time.time() if now is None else now
     host = host or socket.gethostname()

@@ -25,6 +25,8 @@ from lcp.errors import LcpError, first_line  # noqa: F401 - also tracking.first_
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR_NAME = "mlartifacts"
+# the experiments that hold the leases of pairs being run (pipeline.ownership): not tables
+LEASE_PREFIX = "lcp-lease/"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Environment variables a worker must not inherit (they would redirect its logging).
 MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
@@ -276,10 +278,9 @@ class Tracker:
 
     def table_experiments(self) -> list[tuple[str, str]]:
         """(name, id) of the store's `lcp-…` experiments (tables, tuning studies), by name."""
-        from pipeline.ownership import PREFIX  # the leases of pairs being run: not tables
-
         found = self.call(lambda: self.client.search_experiments(filter_string="name LIKE 'lcp-%'"))
-        return sorted((e.name, e.experiment_id) for e in found if not e.name.startswith(PREFIX))
+        return sorted((e.name, e.experiment_id) for e in found
+                      if not e.name.startswith(LEASE_PREFIX))
 
     # ------------------------------------------------------------------ runs
     def create_run(self, experiment_id: str, name: str, *, tags: Mapping[str, Any] = (),

@@ -27,13 +27,12 @@ import traceback
 from pathlib import Path
 
 from lcp.callbacks import Callback
-from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, PROGRESS_NAME, RunLock,
-                             read_config, resume_point, write_json_atomic)
+from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, EXIT_BUSY, LOCK_NAME, PROGRESS_NAME,
+                             RunLock, read_config, resume_point, write_json_atomic)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_DIVERGED = 3
-EXIT_BUSY = 75
 
 CALLBACKS_ENV = "LCP_WORKER_CALLBACKS"
 PARENT_ENV = "LCP_PARENT_PID"  # set by the local executor: see die_with_parent
@@ -254,7 +253,7 @@ def _run(args, run_dir: Path) -> int:
 
         cfg = RunConfig.from_dict(read_config(run_dir))
         if args.trial:
-            from pipeline.tune import TrialSession
+            from pipeline.trial import TrialSession
 
             trial = TrialSession(args.trial, cfg.num_epochs)
         checkpoint = run_dir / CHECKPOINT_NAME

@@ -136,3 +136,58 @@ def private_uses() -> list[str]:
 
 def test_no_module_reaches_into_another_modules_private_names():
     assert private_uses() == [], "\n".join(private_uses())
+
+
+def longest_chain(graph: dict[str, set[str]], top: tuple[str, ...] = ("cli", "pipeline")
+                  ) -> list[str]:
+    """The longest import chain that starts at a module of `top` and goes through them, down to
+    the first module outside them it reaches (the library, lcp/, counts as one step)."""
+    memo: dict[str, list[str]] = {}
+
+    def down(node: str) -> list[str]:
+        if node not in memo:
+            best = [node]
+            if node.startswith(top):
+                for nxt in graph[node]:
+                    chain = [node] + down(nxt)
+                    best = chain if len(chain) > len(best) else best
+            memo[node] = best
+        return memo[node]
+
+    return max((down(n) for n in graph if n.startswith(top)), key=len)
+
+
+def test_the_pipeline_is_layered_and_its_longest_import_chain_is_short():
+    graph = import_graph()
+    # a shared name lives in the lowest module that needs it, so these edges are not needed
+    for source, target in [("pipeline.report", "pipeline.runs"),
+                           ("pipeline.runs", "pipeline.worker"),
+                           ("pipeline.worker", "pipeline.tune"),
+                           ("pipeline.tracking", "pipeline.ownership"),
+                           ("pipeline.study", "pipeline.ownership")]:
+        assert target not in graph[source], f"{source} imports {target}"
+    assert longest_chain({"a": {"b"}, "b": {"c", "x"}, "c": set(), "x": {"y"}, "y": set()},
+                         top=("a", "b", "c")) in (["a", "b", "x"], ["a", "b", "c"])
+    chain = longest_chain(graph)
+    assert len(chain) <= 7, " -> ".join(chain)
+
+
+# The pipeline's layers, top to bottom (README, "Reading the pipeline"): a module imports only
+# modules of its own layer or below.
+LAYERS = [
+    ["cli", "pipeline.commands"],
+    ["pipeline.runs", "pipeline.tune", "pipeline.report", "pipeline.budget"],
+    ["pipeline.scheduler", "pipeline.executors", "pipeline.ownership", "pipeline.worker",
+     "pipeline.trial"],
+    ["pipeline.selection", "pipeline.study", "pipeline.health", "pipeline.plots"],
+    ["pipeline.manifest", "pipeline.schema", "pipeline.tracking", "pipeline.rundir"],
+]
+
+
+def test_every_pipeline_module_imports_only_its_layer_or_below():
+    graph = import_graph()
+    layer = {module: i for i, modules in enumerate(LAYERS) for module in modules}
+    listed = {m for m in graph if m.startswith("pipeline.") or m == "cli"}
+    assert listed == set(layer), f"not in LAYERS: {sorted(listed - set(layer))}"
+    upward = [f"{m} -> {t}" for m in layer for t in graph[m] if t in layer and layer[t] < layer[m]]
+    assert not upward, upward

@@ -105,7 +105,7 @@ def test_the_report_shows_ci_p_values_paper_values_alignment_and_the_sample(tour
 
     from pipeline.manifest import load_manifest
     from pipeline.report import make_report
-    from pipeline.runs import run_overrides
+    from pipeline.selection import run_overrides
 
     ws, _ = tour
     result = invoke(["report", "1", *ws.common(), "--quick", "--seeds", "0,1", "--no-mlflow",

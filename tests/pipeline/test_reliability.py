@@ -204,13 +204,13 @@ def test_leases_are_not_listed_as_tables(tmp_path):
 def test_two_schedulers_on_the_same_pairs_run_each_once(tmp_path, monkeypatch):
     """The second `lcp run` finds both pairs owned by the first (alive: this process) and skips
     them with one line naming the owner; nothing is created, nothing is FAILED."""
-    from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.manifest import load_manifest
     from pipeline.ownership import Ownership
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
     monkeypatch.chdir(tmp_path)
-    items = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp", "t1-ff-lcp-di"]),
+    items = sel.expand(sel.select(load_manifest(ws.manifest), ids=["t1-ff-bp", "t1-ff-lcp-di"]),
                      [0], {"data_dir": str(ws.data)})
     first = Ownership(ws.tracker(), owner="lcp run on box (pid 1)")
     assert [first.claim(i.lease_key) for i in items] == [None, None]
@@ -228,6 +228,7 @@ def test_two_schedulers_on_the_same_pairs_run_each_once(tmp_path, monkeypatch):
 
 def test_a_worker_never_reopens_a_finished_run(tmp_path, monkeypatch):
     from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.manifest import load_manifest
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
@@ -236,7 +237,7 @@ def test_a_worker_never_reopens_a_finished_run(tmp_path, monkeypatch):
     run, = ws.runs()
     tracker = ws.tracker()
     before = {k: len(tracker.metric_history(run.info.run_id, k)) for k in run.data.metrics}
-    items = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
+    items = sel.expand(sel.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
                      {"data_dir": str(ws.data)})
     plan = R.RunPlan(items[0], R.RESUME, run.info.run_id, Path(run.data.tags["run_dir"]))
     proc = subprocess.run(R.worker_command(plan, ws.uri), capture_output=True, text=True,
@@ -279,9 +280,10 @@ def test_a_scheduled_run_whose_owner_is_gone_is_resumed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tracker = Tracker(ws.uri)
     from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.manifest import load_manifest
 
-    item, = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
+    item, = sel.expand(sel.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
                      {"data_dir": str(ws.data)})
     ghost = tracker.create_run(tracker.ensure_experiment("lcp-table-1"), item.name,
                                tags={**R.run_tags(item), "run_dir": str(tmp_path / "elsewhere")},
@@ -498,12 +500,13 @@ def test_a_run_whose_folder_is_gone_is_superseded_not_left_running(tmp_path, mon
     resumed: the next call starts a new run for the pair and ends the old one KILLED, tagged
     superseded_by the new run — no run of the pair stays RUNNING."""
     from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.manifest import load_manifest
     from pipeline.tracking import Tracker
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
     monkeypatch.chdir(tmp_path)
-    items = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
+    items = sel.expand(sel.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
                      {"data_dir": str(ws.data)})
     tracker = Tracker(ws.uri)
     plans = R.plan_runs(items, tracker, ws.runs_dir)
@@ -552,12 +555,13 @@ def test_runs_left_open_by_a_gone_scheduler_are_ended_by_the_next_call(tmp_path,
     the reason, by the next call on the table even when that call does not run its pair; the
     call after that (on its pair) resumes it."""
     from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.manifest import load_manifest
     from pipeline.tracking import Tracker
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0, 1))
     monkeypatch.chdir(tmp_path)
-    items = R.expand(R.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [1],
+    items = sel.expand(sel.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [1],
                      {"data_dir": str(ws.data)})
     tracker = Tracker(ws.uri)
     plans = R.plan_runs(items, tracker, ws.runs_dir)

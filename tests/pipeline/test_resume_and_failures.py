@@ -38,13 +38,14 @@ def _steps(tracker, run_id, key):
 
 def test_killed_worker_resumes_under_the_same_run_id(tmp_path, monkeypatch):
     from pipeline import runs as R
+    from pipeline import selection as sel
     from pipeline.manifest import load_manifest
     from pipeline.tracking import Tracker
 
     ws = Workspace(tmp_path, num_epochs=5, seeds=(0,))
     monkeypatch.chdir(tmp_path)
     manifest = load_manifest(ws.manifest)
-    items = R.expand(R.select(manifest, ids=["t1-ff-lcp-di"]), [0],
+    items = sel.expand(sel.select(manifest, ids=["t1-ff-lcp-di"]), [0],
                      {"data_dir": str(ws.data)})
     tracker = Tracker(ws.uri)
     plans = R.plan_runs(items, tracker, ws.runs_dir)

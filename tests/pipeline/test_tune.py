@@ -25,7 +25,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline import study as T
-from pipeline.tune import TrialReporter
+from pipeline.trial import TrialReporter
 
 REPO = Path(__file__).resolve().parents[2]
 LCP_BIN = str(Path(sys.executable).parent / "lcp")
