@@ -150,11 +150,21 @@ def _budget(store: Path, study) -> str:
     from lcp.config import RunConfig
     from lcp.data import build_loaders
 
+    # A run this store does not hold (a part made from an earlier store, whose report files
+    # are committed): its config from the manifest and its part's overrides (checked by its
+    # config hash), its measured first epoch from the budget.csv made from that store.
+    earlier = ({r.run_id: r.measured_s for r in pd.read_csv(HERE / "budget.csv").itertuples()}
+               if (HERE / "budget.csv").exists() else {})
     rows, sizes = [], {}
     for r in study.itertuples():
-        run = tracker.get_run(r.run_id)
-        cfg = RunConfig.from_dict({k: _param(v) for k, v in run.data.params.items()
-                                   if k in RunConfig.field_names()})
+        cfg, first = _stored_config(tracker, r.run_id), None
+        if cfg is not None:
+            first = [m.value for m in tracker.metric_history(r.run_id, "epoch_time")
+                     if m.step == 1]
+        elif r.run_id in earlier:
+            cfg, first = _manifest_config(r), [earlier[r.run_id]]
+        if cfg is None:
+            continue
         key = budget.measure_key(cfg)
         if known.get(key, {}).get("version") != budget.MEASURE_VERSION:
             continue  # not measured yet, or by an older method of the planner
@@ -162,7 +172,6 @@ def _budget(store: Path, study) -> str:
             sizes[cfg.data] = len(build_loaders(cfg)[0])
         steps = sizes[cfg.data]
         est = steps * known[key]["step_s"]
-        first = [m.value for m in tracker.metric_history(r.run_id, "epoch_time") if m.step == 1]
         if first:
             rows.append({"id": r.id, "seed": r.seed, "data": r.data,
                          "estimate_s": est, "measured_s": first[0],
@@ -183,6 +192,32 @@ def _budget(store: Path, study) -> str:
         lines.append(f"| {r.id} ({r.n} seeds) | {r.data} | {r.est:.1f} s | {r.m:.1f} s (mean) | "
                      f"{r.lo:.2f}–{r.hi:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _stored_config(tracker, run_id: str):
+    """The run's config from its MLflow params, or None when the store does not hold it."""
+    from mlflow.exceptions import MlflowException
+
+    from lcp.config import RunConfig
+
+    try:
+        run = tracker.get_run(run_id)
+    except MlflowException:
+        return None
+    return RunConfig.from_dict({k: _param(v) for k, v in run.data.params.items()
+                                if k in RunConfig.field_names()})
+
+
+def _manifest_config(row):
+    """A study run's config rebuilt from experiments.yaml and its part's overrides; None when
+    its config hash differs (the manifest changed since)."""
+    from pipeline.manifest import load_manifest
+    from pipeline.selection import expand
+
+    overrides = next(o for _, data, o in PARTS if data == row.data)
+    manifest = load_manifest(str(ROOT / "experiments.yaml"))
+    item = expand([manifest.get(row.id)], [int(row.seed)], dict(overrides))[0]
+    return item.cfg if item.config_hash == row.config_hash else None
 
 
 def _param(value: str):
