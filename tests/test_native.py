@@ -405,7 +405,7 @@ def test_the_bindings_reject_inconsistent_sizes_and_columns(kernels):
     with pytest.raises(ValueError, match="argument 'dst' must not be the memory of 'src'"):
         args = valid_arguments("step")
         step(**(args | {"dst": args["src"]}))
-    with pytest.raises(ValueError, match="argument 'threads' must be at least 1"):
+    with pytest.raises(ValueError, match="argument 'threads' must be from 1 to 65536"):
         step(**(valid_arguments("step") | {"threads": 0}))
     with pytest.raises(TypeError):  # a pointer (an int) where a tensor goes
         step(**(valid_arguments("step") | {"h_b": 12345}))

@@ -117,7 +117,7 @@ class Checker {
     void threads(int64_t threads) const
     {
         TORCH_CHECK_VALUE(threads >= 1 && threads <= 1 << 16, pass_,
-                          ": argument 'threads' must be at least 1, got ", threads);
+                          ": argument 'threads' must be from 1 to 65536, got ", threads);
     }
 
     /* an output the pass writes while it reads `input`: not the same memory */
