@@ -8,14 +8,20 @@
   and with `LCP_NATIVE=0` (the public setting that switches it off): the same iterations and
   results;
 - no compiler, a failing compiler, a failed check on load, LCP_NATIVE=0: no kernels, one warning
-  line with the reason, and training still runs.
+  line with the reason, and training still runs;
+- each pass's binding rejects a tensor of the wrong dtype, device, shape or layout with an error
+  that names the argument;
+- the check on load: a pass made wrong (here, by a wrapper that changes its output) is the one
+  pass turned off, named by one warning line and by `status()`; the other passes stay in use.
 
 No test here is timed: speed is measured by benchmarks/step_time.py.
 """
 
 import contextlib
 import os
+import shutil
 import stat
+import warnings
 from unittest import mock
 
 import pytest
@@ -170,12 +176,14 @@ def test_a_failing_compiler_is_reported_and_falls_back(fresh_native, tmp_path):
 
 
 def test_a_library_that_fails_its_check_on_load_is_not_used(fresh_native, kernels, tmp_path):
-    assert native._self_check(kernels) == ""  # the real library agrees with the definition
+    assert native.self_check(kernels) == {}  # the real library agrees with the definitions
     fresh_native.setenv("LCP_CACHE_DIR", str(tmp_path / "again"))  # load afresh
-    fresh_native.setattr(native, "_self_check", lambda lib: "its controlled step differs")
+    every_pass_differs = {name: "its controlled step differs" for name in native.PASSES}
+    fresh_native.setattr(native, "self_check", lambda lib: every_pass_differs)
     with pytest.warns(RuntimeWarning, match="its controlled step differs"):
         assert native.library() is None
-    assert native.summary() == "off: its controlled step differs"
+    assert native.summary().startswith("off: ")
+    assert "its controlled step differs" in native.summary()
 
 
 def test_lcp_native_0_switches_the_kernels_off(fresh_native):
@@ -290,3 +298,213 @@ def test_compiled_noisy_phase_moves_q_as_the_pytorch_one(kernels, model):
     assert not torch.allclose(q_fast, model_and_batch(cfg)[1].Q)  # Q moved
     assert torch.allclose(q_fast, q_ref, rtol=1e-10, atol=1e-12)
     assert torch.equal(after_fast, after_ref)
+
+
+# ------------------------------------------------------------------ the bindings' checks
+B, N, C, R = 3, 6, 4, 2  # batch, state size, classes, the readout's first column
+
+
+def valid_arguments(name: str, dtype=torch.float64) -> dict:
+    """Arguments that the binding of pass `name` accepts, by keyword (zeros: only the checks
+    matter here), their tensors in the binding's order."""
+    def z(*shape):
+        return torch.zeros(*shape, dtype=dtype)
+
+    s = 2 * N + 2 * C
+    if name == "step":
+        return {"src": z(B, s), "dst": z(B, s), "t": z(B, N), "onehot": z(B, C),
+                "h_b": z(B, N), "p_v": z(B, N), "p_e": z(B, N), "w_d": z(C, N - R), "r_d": R,
+                "b_d": z(C), "m_u": z(C, N), "r_u": 0, "k_i": 1.0, "k_p": 0.0, "keep_ui": 0.9,
+                "target_rate": 0.1, "soft_rate": -0.1, "plain_u": True, "dt_v": 1.0,
+                "dt_e": 1.0, "linear_e": False, "per_sample": z(B), "v_copy": z(B, N),
+                "threads": 1}
+    if name == "free_step":
+        return {"src": z(B, N), "dst": z(B, N), "h_b": z(B, N), "p_v": z(B, N),
+                "per_sample": z(B), "threads": 1}
+    if name == "noisy_step":
+        return {"v": z(B, N), "v_next": z(B, N), "v_hat": z(B, C), "v_hat_next": z(B, C),
+                "u_i": z(B, C), "eps": z(B, N), "xi": z(B, N), "t": z(B, N), "p_v": z(B, N),
+                "h_b": z(B, N), "q_t": z(C, N), "w_d": z(C, N - R), "r_d": R, "b_d": z(C),
+                "onehot": z(B, C), "u_ref": z(B, C), "fb": z(B, N), "du": z(B, C), "k_i": 1.0,
+                "k_p": 0.0, "sigma": 0.1, "eps_keep": 0.9, "rate_v": 1.0, "rate_slow_v": 0.1,
+                "keep_ui": 0.9, "target_rate": 0.1, "soft_rate": -0.1, "threads": 1}
+    if name == "ebd_residuals":
+        return {"x": z(B, N + C), "t": z(B, N), "p_v": z(B, N), "h_b": z(B, N),
+                "w_d": z(C, N - R), "r_d0": R, "b_d": z(C), "r_f": z(B, N), "r_d": z(B, C),
+                "threads": 1}
+    assert name == "ebd_descend"
+    return {"x": z(B, N + C), "t": z(B, N), "r_f": z(B, N), "r_d": z(B, C), "p_e": z(B, N),
+            "w_d": z(C, N - R), "r_d0": R, "onehot": z(B, C), "inv_alpha_b": 1.0,
+            "exp_avg": z(B, N + C), "exp_avg_sq": z(B, N + C), "adam": True, "lr": 0.01,
+            "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "bias_correction1": 0.1,
+            "bias_correction2": 0.001, "threads": 1}
+
+
+def tensor_arguments(name: str) -> list[str]:
+    return [k for k, v in valid_arguments(name).items() if isinstance(v, torch.Tensor)]
+
+
+CASES = [(name, arg) for name in native.PASSES for arg in tensor_arguments(name)]
+
+
+def faulty(name: str, arg: str, fault: str):
+    """The tensor `arg` of pass `name` made wrong by `fault`."""
+    good = valid_arguments(name)[arg]
+    first = arg == tensor_arguments(name)[0]
+    if fault == "dtype":  # the first tensor sets the dtype: there, one that is no float type
+        return good.to(torch.int32 if first else torch.float32)
+    if fault == "device":
+        return good.to("meta")
+    if fault == "dims":
+        return good.unsqueeze(0)
+    if fault == "size":  # one row (or element) too many
+        return torch.zeros(good.shape[0] + 1, *good.shape[1:], dtype=good.dtype)
+    assert fault == "layout"  # the right shape, not contiguous
+    if good.dim() == 1:
+        return torch.zeros(2 * good.shape[0], dtype=good.dtype)[::2]
+    return torch.zeros(good.shape[1], good.shape[0], dtype=good.dtype).t()
+
+
+EXPECTED = {"dtype": (TypeError, "must be a float"), "device": (TypeError, "must be a CPU tensor"),
+            "dims": (ValueError, "must have 2 dimensions|must have 1 dimension"),
+            "size": (ValueError, "must have"), "layout": (ValueError, "must be contiguous")}
+
+
+@pytest.mark.parametrize("name", native.PASSES)
+def test_each_binding_runs_on_valid_tensors_of_either_dtype(kernels, name):
+    for dtype in (torch.float64, torch.float32):
+        kernels.get(name)(**valid_arguments(name, dtype))
+    if name in ("step", "ebd_descend"):  # p_e (and v_copy) may be left out
+        optional = {"p_e": None} | ({"v_copy": None} if name == "step" else {})
+        kernels.get(name)(**(valid_arguments(name) | optional))
+
+
+# every fault for every tensor argument, but a wrong size of a pass's first tensor: its rows are
+# B, and a wrong B is reported at the tensor checked next
+FAULTS = [(name, arg, fault) for name, arg in CASES for fault in EXPECTED
+          if not (fault == "size" and arg == tensor_arguments(name)[0])]
+
+
+@pytest.mark.parametrize("name,arg,fault", FAULTS)
+def test_each_binding_rejects_a_wrong_tensor_naming_it(kernels, name, arg, fault):
+    """Every tensor argument of every pass: a wrong dtype, a tensor off the CPU, a wrong number
+    of dimensions, a wrong size and a non-contiguous tensor are refused before the pass runs,
+    with the pass and the argument named."""
+    error, expectation = EXPECTED[fault]
+    arguments = valid_arguments(name) | {arg: faulty(name, arg, fault)}
+    with pytest.raises(error, match=f"^{name}: argument '{arg}' ({expectation})"):
+        kernels.get(name)(**arguments)
+
+
+def test_the_bindings_reject_inconsistent_sizes_and_columns(kernels):
+    step = kernels.get("step")
+    with pytest.raises(ValueError, match="argument 'src' must have 2N \\+ 2C = 20 columns"):
+        step(**(valid_arguments("step") | {"src": torch.zeros(B, 21, dtype=torch.float64)}))
+    with pytest.raises(ValueError, match="argument 'r_d' must be a column of the state"):
+        step(**(valid_arguments("step") | {"r_d": N + 1}))
+    with pytest.raises(ValueError, match="argument 'dst' must not be the memory of 'src'"):
+        args = valid_arguments("step")
+        step(**(args | {"dst": args["src"]}))
+    with pytest.raises(ValueError, match="argument 'threads' must be from 1 to 65536"):
+        step(**(valid_arguments("step") | {"threads": 0}))
+    with pytest.raises(TypeError):  # a pointer (an int) where a tensor goes
+        step(**(valid_arguments("step") | {"h_b": 12345}))
+
+
+def test_plan_for_knows_the_passes(kernels):
+    from lcp.native import check
+
+    assert set(check.CHECKS) == set(native.PASSES)
+    net = build_model(RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=8), (1, 4, 4), 10)
+    h = net.encode(torch.rand(2, 1, 4, 4))
+    assert native.plan_for(net, h, *native.PASSES) is not None
+    with pytest.raises(ValueError, match="no compiled pass 'steps'"):
+        native.plan_for(net, h, "steps")
+
+
+# ------------------------------------------------------------------------ the check on load
+# where each pass writes what the check compares (the index of that tensor among its arguments)
+OUTPUT = {"step": 1, "free_step": 1, "noisy_step": 1, "ebd_residuals": 7, "ebd_descend": 0}
+
+
+@pytest.fixture
+def reloaded(monkeypatch, tmp_path, kernels):
+    """Loads the kernels afresh (their own cache folder, with a copy of the built library: no
+    build) when `native.library()` is next called."""
+    folder = tmp_path / "copy" / "native"
+    folder.mkdir(parents=True)
+    shutil.copyfile(kernels.path, folder / kernels.path.name)
+    monkeypatch.setenv("LCP_CACHE_DIR", str(folder.parent))
+    return monkeypatch
+
+
+@pytest.mark.parametrize("name", native.PASSES)
+def test_a_pass_that_differs_from_its_definition_is_turned_off_alone(reloaded, name):
+    real_get = native.Kernels.get
+
+    def get(self, pass_name):
+        fn = real_get(self, pass_name)
+        if pass_name != name:
+            return fn
+
+        def wrong(*args):  # the real pass, then its output moved a little
+            result = fn(*args)
+            args[OUTPUT[name]].add_(1e-3)
+            return result
+
+        return wrong
+
+    reloaded.setattr(native.Kernels, "get", get)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lib = native.library()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert lib is not None and list(lib.off) == [name]
+    assert len(messages) == 1 and f"the compiled pass {name} is not in use" in messages[0]
+    assert "differs from its definition" in messages[0]
+    assert name in native.status() and "failed their check" in native.status()
+    assert native.summary().startswith(f"on but {name} (")
+    net = build_model(RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=8), (1, 4, 4), 10)
+    h = net.encode(torch.rand(2, 1, 4, 4))
+    assert native.plan_for(net, h, name) is None  # its callers run the PyTorch definition
+    for other in native.PASSES:
+        if other != name:
+            assert native.plan_for(net, h, other) is not None
+
+
+@pytest.mark.parametrize("name", native.PASSES)
+def test_a_pass_that_raises_in_its_check_is_turned_off_alone(reloaded, name):
+    def broken(kernels):
+        raise RuntimeError("broken on purpose")
+
+    from lcp.native import check
+
+    reloaded.setitem(check.CHECKS, name, broken)
+    with pytest.warns(RuntimeWarning, match=f"compiled pass {name} is not in use .*broken"):
+        lib = native.library()
+    assert list(lib.off) == [name]
+
+
+def test_with_a_pass_off_its_phase_runs_the_definition(reloaded):
+    """lcp-lf with its noisy pass off: the controlled phase compiled, the noisy phase by the
+    PyTorch definition, and Q moves as with the backend switched off."""
+    from lcp.native import check
+
+    reloaded.setitem(check.CHECKS, "noisy_step", lambda lib: "made to differ")
+    with pytest.warns(RuntimeWarning, match="noisy_step"):
+        assert native.library().off == {"noisy_step": "made to differ"}
+    cfg = RunConfig(model="ff", trainer="lcp-lf", rnn_hidden_units=32, alpha=0.1,
+                    solver_max_iter=50)
+
+    def q_after_one_step(compiled):
+        with native_on(compiled):
+            _, tr, x, y, _ = model_and_batch(cfg)
+            with mock.patch.object(native.NoisySteps, "__init__",
+                                   side_effect=AssertionError("the pass that is off was used")):
+                tr.compute_update(x, y)
+                torch.manual_seed(7)
+                tr.post_update()
+            return tr.Q.clone()
+
+    assert torch.allclose(q_after_one_step(True), q_after_one_step(False), rtol=1e-9,
+                          atol=1e-11)

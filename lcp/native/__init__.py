@@ -8,17 +8,26 @@ that do everything else, including the solver's stopping error. `plan_for()` dec
 call, whether it runs: `LCP_NATIVE=0` (a public setting: environment variable) switches it off;
 the source is built on first use by `torch.utils.cpp_extension` (`$CXX` else `c++`) into a
 cache folder (`$LCP_CACHE_DIR`, else `~/.cache/lcp`; a temporary folder if that is not
-writable), keyed by the source, the compiler, the flags, PyTorch's version and the CPU; when it
-loads, one controlled step is compared with the PyTorch definition. If it cannot be built or
-loaded, or the check fails, one warning line says so and the PyTorch definition runs (slower on
-CPU, the same results to rounding); `status()` says which and why.
+writable), keyed by the sources, the compiler, the flags, PyTorch's version and the CPU.
+
+Each pass is bound (`bindings.cpp`) as one typed function of tensors (`Kernels.get(name)`, the
+names in `PASSES`), dispatched on the tensors' dtype, that checks every tensor's dtype, device,
+contiguity and shape before it runs and raises TypeError or ValueError naming the argument;
+Python never handles a pointer. When the kernels load, `self_check` compares every pass, in
+float64 and float32, with its PyTorch definition (`lcp.native.check`). A pass that differs (or
+raises) is turned off alone: one warning line names it and the callers that need it run the
+PyTorch definition of their phase (lcp-ebd's descent needs both of its passes); the other
+passes stay in use. If the source cannot be built or loaded, or no pass agrees with its
+definition, one warning line says so and the PyTorch definition runs everywhere (slower on CPU,
+the same results to rounding). `status()` says which is in use and why.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shutil
@@ -31,7 +40,12 @@ import torch
 
 from lcp.solvers import MeasuredStep
 
-SOURCE = Path(__file__).with_name("dynamics.cpp")
+_HERE = Path(__file__).parent
+# the passes (dynamics.cpp), their declarations and their typed bindings: all in the cache key
+SOURCES = (_HERE / "dynamics.cpp", _HERE / "bindings.cpp")
+HEADERS = (_HERE / "dynamics.h",)
+# the module name bindings.cpp gives itself (PYBIND11_MODULE), whatever file it was copied to
+MODULE_NAME = "lcp_dynamics"
 _FLAG_SETS = (
     # -fopenmp: the rows are split over PyTorch's threads (torch.get_num_threads()); the
     # library then shares the OpenMP runtime PyTorch has loaded
@@ -41,35 +55,36 @@ _FLAG_SETS = (
     ["-O2"],
 )
 
-_L, _P, _D, _I = ctypes.c_long, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-# every typed pass of dynamics.cpp, as (name, argument types, result type); each exists for
-# float32 (`lcp_<name>_f32`) and float64 (`lcp_<name>_f64`)
-_SIGNATURES = (
-    ("step", [_L] * 4 + [_P] * 8 + [_L, _P, _P, _L] + [_D] * 5 + [_I, _D, _D, _I, _P, _P, _I],
-     _D),
-    ("free_step", [_L, _L] + [_P] * 5 + [_I], _D),
-    ("noisy_step", [_L] * 3 + [_P] * 12 + [_L] + [_P] * 5 + [_D] * 9 + [_I], None),
-    ("ebd_residuals", [_L] * 3 + [_P] * 5 + [_L] + [_P] * 3 + [_I], None),
-    ("ebd_descend", [_L] * 3 + [_P] * 6 + [_L, _P, _D, _P, _P, _I] + [_D] * 6 + [_I], None),
-)
+# every pass the bindings export (each for float32 and float64 tensors), in the order the load
+# check runs them
+PASSES = ("step", "free_step", "noisy_step", "ebd_residuals", "ebd_descend")
 
 
 class Kernels:
-    """The loaded shared library, its functions typed for ctypes: `get(name, dtype)`."""
+    """The loaded extension: `get(name)` is the typed binding of the pass `name` (see `PASSES`);
+    `off` maps each pass the load check turned off to why (`uses(*names)`: none of them is)."""
 
     def __init__(self, path: Path):
         self.path = path
-        lib = ctypes.CDLL(str(path))
-        self._functions = {}
-        for name, argtypes, restype in _SIGNATURES:
-            for suffix, dtype_name in (("f32", "float32"), ("f64", "float64")):
-                fn = getattr(lib, f"lcp_{name}_{suffix}")
-                fn.argtypes, fn.restype = argtypes, restype
-                self._functions[name, dtype_name] = fn
+        loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(MODULE_NAME,
+                                                                                 loader))
+        loader.exec_module(module)
+        self.module = module
+        self.functions = {name: getattr(module, name) for name in PASSES}
+        self.off: dict[str, str] = {}
 
-    def get(self, name: str, dtype):
-        """The pass `name` (see `_SIGNATURES`) for tensors of `dtype` (torch.float32/64)."""
-        return self._functions[name, str(dtype).rpartition(".")[2]]
+    def get(self, name: str):
+        """The binding of the pass `name`: a function of tensors (all float32 or all float64,
+        on the CPU, contiguous) and typed scalars."""
+        return self.functions[name]
+
+    def uses(self, *names: str) -> bool:
+        """Whether every pass in `names` is in use (none was turned off by the load check)."""
+        unknown = [name for name in names if name not in self.functions]
+        if unknown:
+            raise ValueError(f"no compiled pass {unknown[0]!r}; the passes: {', '.join(PASSES)}")
+        return not any(name in self.off for name in names)
 
 
 def threads_for(rows: int, width: int) -> int:
@@ -105,9 +120,9 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """The built library for this source, compiler and CPU: from the cache, else built there by
-    `torch.utils.cpp_extension` (which serialises concurrent builds of one folder)."""
-    source = SOURCE.read_bytes()
+    """The built extension for these sources, compiler and CPU: from the cache, else built there
+    by `torch.utils.cpp_extension` (which serialises concurrent builds of one folder)."""
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(source + " ".join([compiler, *flags, platform.machine(),
@@ -120,10 +135,12 @@ def _build(compiler: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         from torch.utils import cpp_extension  # imported only to build: it logs a CUDA line
 
-        # one extension name per build folder: cpp_extension skips a name it has built before
+        # one extension name per build folder: cpp_extension skips a name it has built before.
+        # Built as a plain library (is_python_module=False): `Kernels` imports the cached copy
+        # as the module MODULE_NAME that bindings.cpp defines
         name = "lcp_dynamics_" + hashlib.sha256(str(folder).encode()).hexdigest()[:16]
         try:
-            cpp_extension.load(name=name, sources=[str(SOURCE)],
+            cpp_extension.load(name=name, sources=[str(path) for path in SOURCES],
                                extra_cflags=flags,
                                extra_ldflags=[f for f in flags if "openmp" in f],
                                build_directory=str(folder), is_python_module=False,
@@ -144,19 +161,40 @@ def _switched_off() -> bool:
     return os.environ.get("LCP_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def self_check(kernels: Kernels) -> dict[str, str]:
+    """Every pass of `kernels` against its PyTorch definition, in float64 and float32, on small
+    random models (`lcp.native.check`): {pass: what differs} for each pass that does not agree
+    (or raises), empty when all agree. The loader runs it when the kernels load."""
+    # the definitions live in lcp.trainers, which import this package: imported here, when the
+    # kernels load (tests/test_import_graph.py names this one edge)
+    from lcp.native import check
+
+    return check.compare_all(kernels)
+
+
 @functools.lru_cache(maxsize=None)
 def _load(compiler: str, cache_dir: str) -> tuple[Kernels | None, str]:
-    """(kernels, '') or (None, why): built, loaded and checked once per compiler and cache."""
+    """(kernels, '') or (None, why): built, loaded and checked once per compiler and cache. A
+    pass that fails its check is turned off alone (`Kernels.off`, one warning line each); the
+    kernels are not used at all when every pass fails."""
     if shutil.which(compiler) is None:
         why = f"no C++ compiler ({compiler!r} not found; set CXX)"
     else:
         try:
             lib = Kernels(_build(compiler))
-            why = _self_check(lib)
-            if not why:
-                return lib, ""
-        except (RuntimeError, OSError, AttributeError) as exc:
+        except (RuntimeError, OSError, ImportError, AttributeError) as exc:
             why = str(exc)
+        else:
+            failed = self_check(lib)
+            if len(failed) < len(PASSES):
+                lib.off = dict(failed)
+                for name, reason in failed.items():
+                    warnings.warn(f"lcp: the compiled pass {name} is not in use ({reason}); its "
+                                  "PyTorch definition runs instead (slower on CPU)",
+                                  RuntimeWarning, stacklevel=3)
+                return lib, ""
+            why = "no pass agrees with its PyTorch definition: " + "; ".join(
+                f"{name}: {reason}" for name, reason in failed.items())
     warnings.warn(f"lcp: the compiled CPU kernels are not in use ({why}); the PyTorch "
                   "definition of the dynamics runs instead (slower on CPU)", RuntimeWarning,
                   stacklevel=3)
@@ -175,27 +213,33 @@ def _loaded() -> tuple[Kernels | None, str]:
 
 
 def library() -> Kernels | None:
-    """The compiled kernels, building them on first use; None where they cannot be had or
-    `LCP_NATIVE=0` is set."""
+    """The compiled kernels, building and checking them on first use; None where they cannot be
+    had, no pass passed its check or `LCP_NATIVE=0` is set. Some passes may be off
+    (`Kernels.off`): `plan_for` asks for the ones a caller needs."""
     return _loaded()[0]
 
 
+def _passes_off(lib: Kernels) -> str:
+    return "; ".join(f"{name} ({why})" for name, why in lib.off.items())
+
+
 def status() -> str:
-    """One line: whether the compiled kernels are in use, and why not."""
+    """One line: whether the compiled kernels are in use, which passes are off, and why."""
     lib, why = _loaded()
-    if lib is not None:
-        return f"compiled kernels in use ({lib.path})"
-    return f"compiled kernels not in use: {why}; the PyTorch definition runs"
+    if lib is None:
+        return f"compiled kernels not in use: {why}; the PyTorch definition runs"
+    if lib.off:
+        return (f"compiled kernels in use ({lib.path}) but for the passes that failed their "
+                f"check, whose PyTorch definitions run: {_passes_off(lib)}")
+    return f"compiled kernels in use ({lib.path})"
 
 
 def summary() -> str:
-    """'on', or 'off: <why>' (for run tags and log lines)."""
+    """'on', 'on but <pass> (<why>); ...' or 'off: <why>' (for run tags and log lines)."""
     lib, why = _loaded()
-    return "on" if lib is not None else f"off: {why}"
-
-
-def _ptr(x):
-    return None if x is None else x.data_ptr()
+    if lib is None:
+        return f"off: {why}"
+    return f"on but {_passes_off(lib)}" if lib.off else "on"
 
 
 # --------------------------------------------------------------------------- per-batch plan
@@ -268,12 +312,14 @@ def run_products(products) -> None:
             out.addmm_(a, b)
 
 
-def plan_for(model, h: torch.Tensor) -> Plan | None:
-    """The `Plan` of h where the backend applies and is in use, else None."""
+def plan_for(model, h: torch.Tensor, *passes: str) -> Plan | None:
+    """The `Plan` of h where the backend applies and is in use with every pass in `passes` (of
+    `PASSES`: those the caller's phase runs), else None: the caller then runs the PyTorch
+    definition."""
     if not Plan.applies(model, h):
         return None
     lib = library()
-    return None if lib is None else Plan(model, h, lib)
+    return None if lib is None or not lib.uses(*passes) else Plan(model, h, lib)
 
 
 # --------------------------------------------------------------------------- the free phase
@@ -282,12 +328,14 @@ class FreeStep(MeasuredStep):
     stopping error measured by the pass (`lcp.solvers.MeasuredStep`); its states live in two
     buffers it alternates between."""
 
+    passes = ("free_step",)
+
     def __init__(self, plan: Plan):
         self.plan = plan
         start = plan.h_b.new_zeros(plan.batch, plan.size)
         self.buffers = [start, torch.empty_like(start)]
         self.per_sample = start.new_zeros(plan.batch)
-        self.fn = plan.lib.get("free_step", start.dtype)
+        self.fn = plan.lib.get("free_step")
 
     def start(self) -> torch.Tensor:
         return self.buffers[0].zero_()
@@ -302,9 +350,7 @@ class FreeStep(MeasuredStep):
             src, dst = self.buffers[0].copy_(v), self.buffers[1]
         torch.tanh(src, out=plan.t)
         run_products(plan.forward)
-        error = self.fn(plan.batch, plan.size, src.data_ptr(), dst.data_ptr(),
-                        plan.h_b.data_ptr(), plan.p_v.data_ptr(), self.per_sample.data_ptr(),
-                        plan.threads)
+        error = self.fn(src, dst, plan.h_b, plan.p_v, self.per_sample, plan.threads)
         return dst, self.per_sample, error
 
 
@@ -320,6 +366,8 @@ class ControlledStep(MeasuredStep):
     ('transpose', [M_b], M_u) — e' = φ'(v) ⊙ (Σ e_out M_b + u M_u), lcp-di and lcp-kp — or
     ('linear', Qᵀ) — e' = u Qᵀ, lcp-lf.
     """
+
+    passes = ("step",)
 
     def __init__(self, trainer, plan: Plan, onehot: torch.Tensor, ring: int = 2):
         self.plan = plan
@@ -346,16 +394,15 @@ class ControlledStep(MeasuredStep):
             self._back = [plan.back(b[:, self.rows[3]], matrices[0]) for b in self.buffers]
             m_u, r_u, p_e = matrices[1].contiguous(), plan.r0, plan.p_e
         self._keep = m_u
-        self._fn = plan.lib.get("step", plan.h_b.dtype)
-        self._shape = (bsz, n, c, 2 * n + 2 * c)
+        self._fn = plan.lib.get("step")
         plain_u = trainer.k_p == 0 and trainer.k_i == 1
-        self._args = (_ptr(plan.t), _ptr(self.onehot), _ptr(plan.h_b), _ptr(plan.p_v),
-                      _ptr(p_e), _ptr(plan.W_D), int(plan.r0), _ptr(plan.b_D), _ptr(m_u),
-                      int(r_u), float(trainer.k_i), float(trainer.k_p),
+        # the pass's arguments after (src, dst), in the binding's order (bindings.cpp, `step`)
+        self._args = (plan.t, self.onehot, plan.h_b, plan.p_v, p_e, plan.W_D, int(plan.r0),
+                      plan.b_D, m_u, int(r_u), float(trainer.k_i), float(trainer.k_p),
                       float(1.0 - trainer.dt_u * trainer.alpha), float(trainer.dt_u / bsz),
-                      float(-trainer.dt_u / bsz), int(plain_u), float(trainer.dt_v),
-                      float(trainer.dt_e), int(linear), _ptr(self.per_sample),
-                      _ptr(self._v_copy), plan.threads)
+                      float(-trainer.dt_u / bsz), bool(plain_u), float(trainer.dt_v),
+                      float(trainer.dt_e), bool(linear), self.per_sample, self._v_copy,
+                      plan.threads)
 
     def start(self) -> torch.Tensor:
         """The zero state (the first buffer)."""
@@ -376,7 +423,7 @@ class ControlledStep(MeasuredStep):
         self._copy_of = j
         run_products(plan.forward)
         run_products(self._back[i])
-        error = self._fn(*self._shape, src.data_ptr(), self.buffers[j].data_ptr(), *self._args)
+        error = self._fn(src, self.buffers[j], *self._args)
         return self.buffers[j], self.per_sample, error
 
     def unpack(self, x: torch.Tensor):
@@ -389,7 +436,10 @@ class NoisySteps:
     """`LinearFeedbackTrainer.noisy_step` for lcp-lf's noisy phase: per step the noise draw,
     tanh and the blocks' products by PyTorch, the rest in one pass, which writes v_fb and
     u − u_ref into blocks of `chunk` steps so that A −= Σ v_fbᵀ (u − u_ref) is one product per
-    block. The same map and the same draws (ξ drawn scaled: normal_(0, s) as s·randn)."""
+    block. The same map and the same draws (ξ drawn scaled: normal_(0, s) as s·randn).
+    `rates`: `LinearFeedbackTrainer.noisy_rates()`."""
+
+    passes = ("noisy_step",)
 
     def __init__(self, plan: Plan, state, Q: torch.Tensor, onehot, u_ref, rates, chunk: int):
         v, v_hat, u_i, eps = state
@@ -402,22 +452,21 @@ class NoisySteps:
         self.fb = v.new_empty(chunk * bsz, n)
         self.du = v.new_empty(chunk * bsz, c)
         self.A_sum = torch.zeros_like(Q)
-        self._keep = (Q.t().contiguous(), onehot.contiguous(), u_ref.contiguous())
-        q_t, onehot_c, u_ref_c = self._keep
+        q_t, onehot_c, u_ref_c = Q.t().contiguous(), onehot.contiguous(), u_ref.contiguous()
         self.noise_scale = rates["noise_scale"]
-        self._fn = plan.lib.get("noisy_step", v.dtype)
-        fixed = (_ptr(self.u_i), _ptr(self.eps), _ptr(self.xi), _ptr(plan.t), _ptr(plan.p_v),
-                 _ptr(plan.h_b), _ptr(q_t), _ptr(plan.W_D), plan.r0, _ptr(plan.b_D),
-                 _ptr(onehot_c), _ptr(u_ref_c))
-        rates = tuple(float(rates[k]) for k in (
-            "k_i", "k_p", "sigma", "eps_keep", "rate_v", "rate_slow_v", "keep_ui",
-            "target_rate", "soft_rate")) + (plan.threads,)
-        # the pass's arguments by the step's parity (v and v̂ alternate between two buffers) and
-        # its place in the block of `chunk` steps
+        self._fn = plan.lib.get("noisy_step")
+        fixed = (self.u_i, self.eps, self.xi, plan.t, plan.p_v, plan.h_b, q_t, plan.W_D,
+                 int(plan.r0), plan.b_D, onehot_c, u_ref_c)
+        # u_i's update: (dt'_u/B) onehot + (1 − dt'_u α) u_i − (dt'_u/B) softmax
+        scalars = tuple(float(rates[k]) for k in (
+            "k_i", "k_p", "sigma", "eps_keep", "rate_v", "rate_slow_v", "keep_ui")) + (
+            float(rates["rate_u"] / bsz), float(-rates["rate_u"] / bsz), plan.threads)
+        # the pass's arguments (bindings.cpp, `noisy_step`) by the step's parity (v and v̂
+        # alternate between two buffers) and its place in the block of `chunk` steps
         pairs = [(self.v, self.v_next, self.v_hat, self.vh_next),
                  (self.v_next, self.v, self.vh_next, self.v_hat)]
-        self._args = [[(bsz, n, c, *map(_ptr, pair), *fixed, _ptr(self.fb[k * bsz:]),
-                        _ptr(self.du[k * bsz:]), *rates) for k in range(chunk)]
+        self._args = [[(*pair, *fixed, self.fb[k * bsz:(k + 1) * bsz],
+                        self.du[k * bsz:(k + 1) * bsz], *scalars) for k in range(chunk)]
                       for pair in pairs]
 
     def step(self) -> None:
@@ -432,6 +481,10 @@ class NoisySteps:
         if self.n % self.chunk == 0:
             self.A_sum.addmm_(self.fb.t(), self.du, alpha=-1.0)
 
+    def state(self) -> tuple:
+        """(v, v̂, uᵢ, ε) after the steps so far (the buffers themselves)."""
+        return self.v, self.v_hat, self.u_i, self.eps
+
     def finish(self) -> torch.Tensor:
         """Σ over steps and samples of −v_fbᵀ (u − u_ref)."""
         rows = (self.n % self.chunk) * self.plan.batch
@@ -441,46 +494,52 @@ class NoisySteps:
 
 
 # ---------------------------------------------------------------------- lcp-ebd's descent
+class EnergyDescent:
+    """`EnergyBasedTrainer.energy_minimum`'s loop on x = [v | v̂] in place: per step tanh and
+    the blocks' forward products by PyTorch and the residuals pass (`residuals`: r_f, r_d, as
+    `EnergyBasedTrainer.residuals`), then the blocks' transposed products of r_f by PyTorch and
+    the descent pass (`descend`: ∂E/∂x as `energy_gradient`, and the Adam step — torch.optim.Adam's
+    arithmetic: betas 0.9, 0.999, eps 1e-8 — or the gradient-descent step)."""
+
+    passes = ("ebd_residuals", "ebd_descend")
+
+    def __init__(self, plan: Plan, x: torch.Tensor, onehot, inv_alpha_b: float, adam: bool,
+                 lr: float):
+        bsz, n = plan.batch, plan.size
+        c = x.shape[1] - n
+        self.plan, self.x = plan, x
+        self.v = x[:, :n]
+        self._residuals = plan.lib.get("ebd_residuals")
+        self._descend = plan.lib.get("ebd_descend")
+        self.r_f = x.new_empty(bsz, n)
+        self.r_d = x.new_empty(bsz, c)
+        self._back = plan.back(self.r_f, plan.weights)  # Jᵀ r_f before φ'(v)
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(x), torch.zeros_like(x)
+        # the passes' arguments (bindings.cpp, `ebd_residuals` and `ebd_descend`)
+        self._res_args = (x, plan.t, plan.p_v, plan.h_b, plan.W_D, int(plan.r0), plan.b_D,
+                          self.r_f, self.r_d, plan.threads)
+        self._head = (x, plan.t, self.r_f, self.r_d, plan.p_e, plan.W_D, int(plan.r0),
+                      onehot.contiguous(), float(inv_alpha_b), self.exp_avg, self.exp_avg_sq,
+                      bool(adam), float(lr), 0.9, 0.999, 1e-8)
+
+    def residuals(self) -> None:
+        """t = tanh(v), the forward products, then r_f and r_d (`self.r_f`, `self.r_d`)."""
+        torch.tanh(self.v, out=self.plan.t)
+        run_products(self.plan.forward)
+        self._residuals(*self._res_args)
+
+    def descend(self, step: int) -> None:
+        """Step `step` (from 1) of the descent from `t`, `r_f` and `r_d`."""
+        run_products(self._back)
+        self._descend(*self._head, 1.0 - 0.9 ** step, 1.0 - 0.999 ** step, self.plan.threads)
+
+    def run(self, steps: int) -> None:
+        for step in range(1, steps + 1):
+            self.residuals()
+            self.descend(step)
+
+
 def energy_descent(plan: Plan, x: torch.Tensor, onehot, inv_alpha_b: float, steps: int,
                    adam: bool, lr: float) -> None:
-    """`EnergyBasedTrainer.energy_minimum`'s loop on x = [v | v̂] in place: per step tanh and
-    the blocks' products by PyTorch; the residuals, ∂E/∂x (`energy_gradient`) and the Adam
-    (torch.optim.Adam's arithmetic: betas 0.9, 0.999, eps 1e-8) or gradient-descent step in
-    two passes."""
-    bsz, n = plan.batch, plan.size
-    c = x.shape[1] - n
-    residuals = plan.lib.get("ebd_residuals", x.dtype)
-    descend = plan.lib.get("ebd_descend", x.dtype)
-    r_f = x.new_empty(bsz, n)
-    r_d = x.new_empty(bsz, c)
-    back = plan.back(r_f, plan.weights)  # Jᵀ r_f before φ'(v)
-    onehot_c = onehot.contiguous()
-    exp_avg, exp_avg_sq = torch.zeros_like(x), torch.zeros_like(x)
-    res_args = (bsz, n, c, x.data_ptr(), plan.t.data_ptr(), plan.p_v.data_ptr(),
-                plan.h_b.data_ptr(), plan.W_D.data_ptr(), plan.r0, plan.b_D.data_ptr(),
-                r_f.data_ptr(), r_d.data_ptr(), plan.threads)
-    head = (bsz, n, c, x.data_ptr(), plan.t.data_ptr(), r_f.data_ptr(), r_d.data_ptr(),
-            plan.p_e.data_ptr(), plan.W_D.data_ptr(), plan.r0, onehot_c.data_ptr(),
-            inv_alpha_b, exp_avg.data_ptr(), exp_avg_sq.data_ptr(), int(adam), float(lr),
-            0.9, 0.999, 1e-8)
-    v = x[:, :n]
-    for step in range(1, steps + 1):
-        torch.tanh(v, out=plan.t)
-        run_products(plan.forward)
-        residuals(*res_args)
-        run_products(back)
-        descend(*head, 1.0 - 0.9 ** step, 1.0 - 0.999 ** step, plan.threads)
-
-
-# ---------------------------------------------------------------------- the check on load
-# The check run when the kernels load: one controlled step against the PyTorch definition,
-# `lcp.trainers.lcp_di.check_compiled_step`, which sets itself here when imported (the trainers
-# import this module, never the other way round; importing lcp imports the trainers first).
-reference_check = None
-
-
-def _self_check(lib: Kernels) -> str:
-    """'' when the kernels agree with the PyTorch definition, else what differs."""
-    if reference_check is None:
-        return "no check against the PyTorch definition is set (import lcp.trainers)"
-    return reference_check(lib)
+    """`steps` steps of `EnergyDescent` on x in place."""
+    EnergyDescent(plan, x, onehot, inv_alpha_b, adam, lr).run(steps)

@@ -1,8 +1,10 @@
 /*
  * The accelerated CPU backend of the no-grad dynamics of the linear-block tanh models (ff, rnn):
  * each pass computes the element-wise part of one step of an equation of docs/equations.md
- * whose one definition is PyTorch code in lcp/ (named at each pass); when it loads, a controlled
- * step is checked against that definition (lcp/trainers/lcp_di.py, check_compiled_step).
+ * whose one definition is PyTorch code in lcp/ (named at each pass). The passes take raw
+ * pointers and sizes; Python never calls them directly: bindings.cpp binds each one as a typed
+ * function of tensors that checks every tensor's dtype, device, contiguity and shape first.
+ * When the backend loads, every pass is checked against its definition (lcp/native/check.py).
  *
  * A step of the controlled dynamics is tanh and two large matrix products (the blocks'
  * t W^T and their transposed products e_out M; done by the caller with PyTorch's kernels)
@@ -27,7 +29,9 @@
 #include <stdint.h>
 #include <string.h>
 
-/* C linkage: the Python side finds the passes by name (ctypes); built as C++ by
+#include "dynamics.h"
+
+/* C linkage, declared in dynamics.h (bindings.cpp calls them); built as C++ by
  * torch.utils.cpp_extension, with variable-length arrays (a GNU extension) for the row buffers */
 #ifdef __cplusplus
 extern "C" {

@@ -95,7 +95,7 @@ class Trainer:
         """v* = f(h, v*) from v = 0 by the run's solver (docs/equations.md, "Free
         equilibrium"); the compiled backend's `FreeStep` where it applies."""
         h = h.detach()
-        plan = native.plan_for(self.model, h)
+        plan = native.plan_for(self.model, h, *native.FreeStep.passes)
         if plan is not None:
             kernel = native.FreeStep(plan)
             (v,), stats = self.solver(kernel, (kernel.start(),), phase="free")

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lcp import native
-from lcp.config import CONTROLLER_SOLVERS, RunConfig
-from lcp.models import build_model
+from lcp.config import CONTROLLER_SOLVERS
 from lcp.solvers import Solver
 from lcp.trainers.base import Trainer, loss_gradient
 
@@ -73,7 +72,7 @@ class LeastControlTrainer(Trainer):
         h = h.detach()
         onehot = F.one_hot(y, num_classes).to(h.dtype)
         solver = self.controller()
-        plan = native.plan_for(self.model, h)
+        plan = native.plan_for(self.model, h, *native.ControlledStep.passes)
         if plan is not None:
             kernel = native.ControlledStep(self, plan, onehot, ring=solver.keeps() + 1)
             (x,), stats = solver(kernel, (kernel.start(),), phase="controlled")
@@ -107,29 +106,3 @@ class LeastControlTrainer(Trainer):
 
 class DynamicInversionTrainer(LeastControlTrainer):
     name = "lcp-di"
-
-
-def check_compiled_step(lib) -> str:
-    """One controlled step of a small random rnn (lcp-di, float64) by the compiled pass
-    (`lcp.native.ControlledStep`, with the loaded kernels `lib`) against `controlled_step`:
-    '' when they agree, else what differs. `lcp.native` runs it when its kernels load."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        cfg = RunConfig(model="rnn", trainer="lcp-di", rnn_hidden_units=8, alpha=0.5, k_p=0.3,
-                        dt=0.5)
-        model = build_model(cfg, (1, 4, 4), 10).double()
-        trainer = DynamicInversionTrainer(cfg, model)
-        h = model.encode(torch.rand(3, 1, 4, 4, dtype=torch.float64))
-        onehot = F.one_hot(torch.tensor([0, 3, 9]), 10).double()
-        state = (torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64),
-                 torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
-        expected = torch.cat(trainer.controlled_step(h, onehot)(*state), dim=1)
-        kernel = native.ControlledStep(trainer, native.Plan(model, h, lib), onehot)
-        got = kernel.measure(torch.cat(state, dim=1))[0]
-    if not torch.allclose(got, expected, rtol=1e-10, atol=1e-12):
-        worst = (got - expected).abs().max().item()
-        return f"its controlled step differs from the PyTorch definition by {worst:.3g}"
-    return ""
-
-
-native.reference_check = check_compiled_step

@@ -18,11 +18,15 @@ from lcp.trainers.base import Trainer, loss_gradient
 class EnergyBasedTrainer(Trainer):
     name = "lcp-ebd"
 
+    @staticmethod
+    def residuals(f, v, v_hat):
+        """(r_f, r_D) = (v − f(h, v), v̂ − D(v)), the residuals the energy squares."""
+        return v - f(v), v_hat - f.decode(v)
+
     def energy_gradient(self, f, onehot, v, v_hat):
-        """(∂E/∂v, ∂E/∂v̂) = (r_f − (∂f/∂v)ᵀr_f − (∂D/∂v)ᵀr_D, r_D + ∇L(v̂)/α), with
-        r_f = v − f(h, v) and r_D = v̂ − D(v)."""
-        r_f = v - f(v)
-        r_d = v_hat - f.decode(v)
+        """(∂E/∂v, ∂E/∂v̂) = (r_f − (∂f/∂v)ᵀr_f − (∂D/∂v)ᵀr_D, r_D + ∇L(v̂)/α), with the
+        `residuals` r_f = v − f(h, v) and r_D = v̂ − D(v)."""
+        r_f, r_d = self.residuals(f, v, v_hat)
         grad_v = r_f - f.transpose(v, r_f) - f.decode_transpose(v, r_d)
         return grad_v, r_d + (1.0 / self.cfg.alpha) * loss_gradient(v_hat, onehot)
 
@@ -39,7 +43,7 @@ class EnergyBasedTrainer(Trainer):
             else:
                 v0 = model.zero_state(h)
                 v_hat0 = h.new_zeros(h.shape[0], onehot.shape[1])
-            plan = native.plan_for(model, h)
+            plan = native.plan_for(model, h, *native.EnergyDescent.passes)
             if plan is not None:
                 x = torch.cat([v0, v_hat0], dim=1)
                 native.energy_descent(plan, x, onehot, 1.0 / (cfg.alpha * h.shape[0]),

@@ -100,10 +100,8 @@ class LinearFeedbackTrainer(LeastControlTrainer):
                  torch.randn_like(last["v_tilde"]))
         rates = self.noisy_rates()
         steps = cfg.solver_max_iter
-        plan = native.plan_for(model, h)
+        plan = native.plan_for(model, h, *native.NoisySteps.passes)
         if plan is not None:
-            rates.update(target_rate=rates["rate_u"] / h.shape[0],
-                         soft_rate=-rates["rate_u"] / h.shape[0])
             kernel = native.NoisySteps(plan, state, Q, onehot, u_ref, rates,
                                        max(1, min(self.A_CHUNK, steps)))
             for _ in range(steps):
