@@ -176,9 +176,9 @@ def test_the_pipeline_is_layered_and_its_longest_import_chain_is_short():
 # modules of its own layer or below.
 LAYERS = [
     ["cli", "pipeline.commands"],
-    ["pipeline.runs", "pipeline.tune", "pipeline.report", "pipeline.budget"],
-    ["pipeline.scheduler", "pipeline.executors", "pipeline.ownership", "pipeline.worker",
-     "pipeline.trial"],
+    ["pipeline.table", "pipeline.tune", "pipeline.report", "pipeline.budget", "pipeline.ui"],
+    ["pipeline.runs", "pipeline.scheduler", "pipeline.executors", "pipeline.ownership",
+     "pipeline.worker", "pipeline.trial"],
     ["pipeline.selection", "pipeline.study", "pipeline.health", "pipeline.plots"],
     ["pipeline.manifest", "pipeline.schema", "pipeline.tracking", "pipeline.rundir"],
 ]
