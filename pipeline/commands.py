@@ -1,25 +1,21 @@
-"""The pipeline's commands on the `lcp` group: list, run-table, run, report, ui, tune.
+"""The pipeline's commands on the `lcp` group: list, run-table, run, report, ui, tune, budget.
 
-`cli.py` calls `register(lcp)`. Every problem with the user's input (unknown id or table, a bad
---set, an unreachable tracking store, bad --gpus) is raised as an LcpError, which the group prints
-as one line, without traceback, with exit status 2.
+`cli.py` calls `register(lcp)`. Each command makes one call below (pipeline.table, report, tune,
+ui), which prints through `echo=click.echo` as it goes. Every problem with the user's input
+(unknown id or table, a bad --set, an unreachable tracking store, bad --gpus) is raised as an
+LcpError, which the group prints as one line, without traceback, with exit status 2.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
+import dataclasses
 import sys
-import time
 
 import click
 
-from lcp.errors import LcpError
 from pipeline.rundir import DEFAULT_RUNS_DIR
 
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
-EXIT_RUN_FAILED = 1
 
 
 # ====================================================================== shared options
@@ -100,73 +96,21 @@ _run_options = _options(
 )
 
 
-def check_executor_options(*, executor: str, address, cpus_per_run, workers, threads,
-                           **_) -> None:
-    from pipeline.executors import check_workers
-
-    check_workers(workers)
-    if threads is not None and threads < 1:
-        raise LcpError(f"--threads must be ≥ 1 (got {threads})")
-    if executor != "ray":
-        for flag, value in (("--address", address), ("--cpus-per-run", cpus_per_run)):
-            if value is not None:
-                raise LcpError(f"{flag} is an option of --executor ray (the executor is "
-                               f"{executor!r}); add --executor ray or leave {flag} out")
+def _build(cls, options: dict, **given):
+    """A request for the layer below (RunRequest, TuneRequest, Selection) from the command's
+    options of the same names and `given`; so are its fields that are such dataclasses."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in options:
+            values[f.name] = options[f.name]
+        elif dataclasses.is_dataclass(f.default_factory):
+            values[f.name] = _build(f.default_factory, options)
+    return cls(**{**values, **given})
 
 
-def make_runner(*, executor: str, address, cpus_per_run, workers, gpus, runs_per_gpu, threads,
-                retries: int = 0, short_runs: bool = False):
-    """The executor of `executor_options` (a Ray instance is started or joined here), to use in
-    a `with` block: it closes the executor (a Ray instance this command started) at the end.
-    `short_runs` (--quick): more CPU slots by default (executors.default_cpu_workers)."""
-    from pipeline.executors import make_executor, parse_gpus
-    from pipeline.tracking import MLFLOW_RUN_ENV
-
-    check_executor_options(executor=executor, address=address, cpus_per_run=cpus_per_run,
-                           workers=workers, threads=threads)
-    return contextlib.closing(make_executor(
-        executor, gpus=parse_gpus(gpus), runs_per_gpu=runs_per_gpu, workers=workers,
-        threads=threads, drop_env=MLFLOW_RUN_ENV, address=address, cpus_per_run=cpus_per_run,
-        retries=retries, short_runs=short_runs))
-
-
-def check_cluster(runner, uri: str, storage_spec=None) -> None:
-    """Runs on several machines need a tracking store (and a study storage) every node reaches."""
-    from pipeline.study import TuneError
-    from pipeline.tracking import is_server_uri
-
-    if runner.nodes() <= 1:
-        return
-    if storage_spec is not None and storage_spec.kind == "journal":
-        raise TuneError("the Ray cluster has several machines: a journal file is for one "
-                        "machine's local disk; give --storage postgresql://USER:PW@HOST/DB "
-                        "(or $LCP_OPTUNA_STORAGE), which every node reaches")
-    if not is_server_uri(uri):
-        click.echo(f"warning: the runs execute on several machines but the tracking store {uri} "
-                   "is not a server: give --tracking-uri http://HOST:5000 (an MLflow server, "
-                   "e.g. docker/compose.yaml) so that every node reaches it", err=True)
-
-
-def _load(manifest_path: str):
-    from pipeline.manifest import load_manifest
-
-    return load_manifest(manifest_path)
-
-
-def _overrides(sets, quick: bool = False, data_dir: str | None = None):
-    """--quick, then --set (which wins), then --data-dir (absolute)."""
-    from pipeline.manifest import parse_overrides
-    from pipeline.selection import run_overrides
-
-    return run_overrides(parse_overrides(sets), quick=quick, data_dir=data_dir)
-
-
-def _reader(uri: str):
-    """A Tracker for reading, or None when the embedded store does not exist yet."""
-    from pipeline.tracking import Tracker, check_reachable, store_exists
-
-    check_reachable(uri, create=False)
-    return Tracker(uri, check=False) if store_exists(uri) else None
+def _exit(status: int) -> None:
+    if status:
+        sys.exit(status)
 
 
 # ====================================================================== lcp list
@@ -178,7 +122,7 @@ def _reader(uri: str):
 @_tracking_option
 @_runs_dir_option
 @_selection_options
-def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quick, data_dir):
+def list_command(table, **options):
     """The tables, their rows and seeds, and which runs are done.
 
     A (row, seed) is done when the table's MLflow experiment holds a FINISHED run with the same
@@ -193,58 +137,11 @@ def list_command(table, manifest_path, tracking_uri, runs_dir, seeds, sets, quic
       lcp list 1 --quick
       lcp list --tracking-uri http://127.0.0.1:5000
     """
-    from pipeline import runs as R
-    from pipeline import selection as sel
-    from pipeline.ownership import Ownership
-    from pipeline.tracking import experiment_name, resolve_tracking_uri
+    from pipeline.selection import Selection
+    from pipeline.table import list_tables
 
-    manifest = _load(manifest_path)
-    tables = [manifest.table(table)[0].table] if table is not None else manifest.tables()
-    overrides = _overrides(sets, quick, data_dir)
-    seed_list = sel.parse_seeds(seeds)
-    uri = resolve_tracking_uri(tracking_uri)
-    reader = _reader(uri)
-    holders = Ownership(reader).holders() if reader is not None else None
-    click.echo(f"manifest {manifest.path}; tracking {uri}" + ("" if reader else " (empty)"))
-    for number in tables:
-        rows = manifest.table(number)
-        items = sel.expand(rows, seed_list, overrides)
-        if quick:
-            items = sel.quick_data_fallback(items, download=False)
-        plans = R.plan_runs(items, reader, runs_dir, holders=holders)
-        by_row: dict[str, list] = {}
-        for plan in plans:
-            by_row.setdefault(plan.item.exp.id, []).append(plan)
-        done = sum(1 for p in plans if p.action == R.SKIP)
-        click.echo(f"\nTable {number} (experiment {experiment_name(number)}): {len(rows)} rows, "
-                   f"{len(plans)} runs, {done} done")
-        section = None
-        width = max(len(r.id) for r in rows)
-        for exp in rows:
-            if exp.section != section:
-                section = exp.section
-                click.echo(f"  {section}")
-            states = "  ".join(f"{p.item.seed}:{_state(p)}" for p in by_row.get(exp.id, []))
-            click.echo(f"    {exp.id:<{width}}  {exp.label:<12}  {states}")
-        count, flags = sel.other_settings(reader, experiment_name(number),
-                                        {p.item.config_hash for p in plans})
-        if count:
-            click.echo(f"  + {count} FINISHED run(s) made with other settings (the newest with "
-                       f"{flags.strip() or 'no --quick/--set'}): see them with  "
-                       f"lcp list {number}{flags}  and  lcp report {number}{flags}")
-
-
-def _state(plan) -> str:
-    from pipeline import runs as R
-
-    if plan.action == R.SKIP:
-        return "done(artifacts missing)" if plan.artifacts_missing else "done"
-    if plan.action == R.BUSY:
-        return "running"
-    if plan.action == R.RESUME:
-        word = {"FAILED": "failed", "KILLED": "killed"}.get(plan.previous_status, "interrupted")
-        return f"{word}@{plan.resume_epoch}"
-    return "-"
+    list_tables(options["manifest_path"], table, _build(Selection, options),
+                options["tracking_uri"], options["runs_dir"], click.echo)
 
 
 # ====================================================================== lcp run-table / run
@@ -270,8 +167,9 @@ def run_table_command(table, **options):
       lcp run-table 1 --set num_epochs=5 --dry-run
     Then: lcp report 1   (same --quick/--set/--seeds)   and   lcp ui
     """
-    manifest = _load(options["manifest_path"])
-    _run(manifest, manifest.table(table), **options)
+    from pipeline.manifest import load_manifest
+
+    _run(load_manifest(options["manifest_path"]).table(table), options)
 
 
 @click.command("run", context_settings=CONTEXT)
@@ -288,233 +186,16 @@ def run_command(ids, **options):
       lcp run t1-ff-bp t1-ff-lcp-di --workers 2 --retries 1
       lcp run t1-ff-lcp-di --set alpha=0.5 --set solver_max_iter=400 --dry-run
     """
+    from pipeline.manifest import load_manifest
     from pipeline.selection import select
 
-    manifest = _load(options["manifest_path"])
-    _run(manifest, select(manifest, ids=ids), **options)
+    _run(select(load_manifest(options["manifest_path"]), ids=ids), options)
 
 
-def _run(manifest, experiments, *, executor, address, cpus_per_run, **options):
-    from pipeline import selection as sel
+def _run(rows, options: dict) -> None:
+    from pipeline.table import RunRequest, run_rows
 
-    if options["retries"] < 0:
-        raise LcpError(f"--retries must be ≥ 0 (got {options['retries']})")
-    # The runs first: bad --set/--seeds fail before an executor (a Ray instance) starts.
-    overrides = _overrides(options["sets"], options["quick"], options["data_dir"])
-    items = sel.expand(experiments, sel.parse_seeds(options["seeds"]), overrides)
-    with make_runner(executor=executor, address=address, cpus_per_run=cpus_per_run,
-                     short_runs=options["quick"],
-                     **{k: options[k] for k in ("workers", "gpus", "runs_per_gpu", "threads",
-                                                "retries")}) as runner:
-        _run_with(items, overrides, runner, **options)
-
-
-def _run_with(items, overrides, runner, *, manifest_path, tracking_uri, runs_dir, seeds, sets,
-              quick, data_dir, dry_run, force, retries, fail_fast, workers, gpus, runs_per_gpu,
-              threads, wait):
-    from pipeline import runs as R
-    from pipeline import selection as sel
-    from pipeline.ownership import Ownership
-    from pipeline.scheduler import ProgressDisplay, SchedulerResult
-    from pipeline.tracking import Tracker, disk_full_message, is_disk_full, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    check_cluster(runner, uri)
-
-    tables = sorted({i.exp.table for i in items})
-    if quick:
-        items = sel.quick_data_fallback(items, download=not dry_run, echo=click.echo)
-    if dry_run:
-        reader = _reader(uri)
-        holders = Ownership(reader).holders() if reader is not None else None
-        plans = R.plan_runs(items, reader, runs_dir, force=force, holders=holders)
-        _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=True)
-        todo = [p.item for p in plans if p.action in (R.NEW, R.RESUME)]
-        pool = getattr(runner, "pool", None)
-        if todo and pool is not None:  # the local executor: its slots are known here
-            _print_budget(todo, pool.size, pool.slots[0].threads, reader)
-        return
-    # Data first (read-only plan): a missing dataset is one error and creates nothing.
-    R.ensure_data(R.plan_runs(items, _reader(uri), runs_dir, force=force), echo=click.echo)
-    tracker = Tracker(uri)  # checks the store; creates the embedded one
-    with Ownership(tracker) as ownership:  # the pairs this command runs are its own
-        try:
-            plans = R.plan_owned(items, tracker, runs_dir, ownership, force=force)
-        except Exception as exc:  # noqa: BLE001 - a full disk is one line; others as they are
-            if not is_disk_full(exc):
-                raise
-            raise LcpError(disk_full_message(exc, uri)) from None
-        _print_plan(plans, uri, runner, retries, overrides, quick, dry_run=False)
-        if not any(p.action in (R.NEW, R.RESUME) for p in plans) and not (
-                wait and any(p.owner for p in plans)):
-            if not _print_busy(plans):
-                click.echo("nothing to run: every pair is done (use --force to run them again)")
-            _print_next(tables, quick, sets, seeds)
-            return
-        _print_expected([p.item for p in plans if p.action in (R.NEW, R.RESUME)], runner,
-                        tracker, quick)
-        extra_tags = {"quick": "true" if quick else None,
-                      "overrides": " ".join(sets) if sets else None}
-        results = []
-        todo = [p for p in plans if p.action in (R.NEW, R.RESUME)]
-        while True:
-            if todo:
-                _prepare(todo, tracker, runs_dir)
-                results.append(R.execute(todo, tracker, runner, retries=retries,
-                                         fail_fast=fail_fast, display=ProgressDisplay(),
-                                         threads=threads, ownership=ownership,
-                                         runs_dir=runs_dir, extra_tags=extra_tags))
-                if results[-1].stopped:
-                    break
-            waiting = [p for p in plans if p.owner]
-            if not (wait and waiting):
-                break
-            freed = _wait_for_owners(waiting, ownership)
-            if freed is None:  # Ctrl-C while waiting
-                results.append(SchedulerResult([], "SIGINT"))
-                break
-            replanned = R.plan_owned([p.item for p in freed], tracker, runs_dir, ownership,
-                                     force=force)
-            for old, plan in zip(freed, replanned):
-                plans[plans.index(old)] = plan
-            todo = [p for p in replanned if p.action in (R.NEW, R.RESUME)]
-    result = SchedulerResult([j for r in results for j in r.jobs],
-                             next((r.stopped for r in results if r.stopped), None))
-    click.echo("\nSummary:")
-    for line in R.summary_lines(plans, result):
-        click.echo(line)
-    counts = (f"{len(result.finished)} finished, {len(result.failed)} failed, "
-              f"{len(result.killed)} killed, {sum(1 for p in plans if p.action == R.SKIP)} "
-              "skipped (done)")
-    click.echo(counts)
-    _print_busy(plans)
-    if result.stopped:
-        click.echo(f"stopped: {result.stopped}. Rerun the same command to resume.", err=True)
-    if result.failed:
-        click.echo("failed runs: see the log paths above (also the run's logs/worker.log "
-                   "artifact in MLflow)", err=True)
-    _print_next(tables, quick, sets, seeds)
-    if result.stopped in ("SIGINT", "SIGTERM"):
-        sys.exit(130 if result.stopped == "SIGINT" else 143)
-    if not result.ok:
-        sys.exit(EXIT_RUN_FAILED)
-
-
-def _prepare(todo, tracker, runs_dir) -> None:
-    """Reschedule the resumed runs and check the runs folder (new runs are created as their
-    workers start); a failure before any worker starts marks the resumed runs FAILED with the
-    reason (resumable by the next call) and is one line."""
-    from pipeline import runs as R
-    from pipeline.tracking import disk_full_message, first_line, is_disk_full
-
-    try:
-        R.prepare(todo, tracker, runs_dir)
-    except KeyboardInterrupt:
-        R.cancel(todo, tracker, "interrupted before any run started")
-        click.echo("interrupted before any run started; the runs created so far are KILLED",
-                   err=True)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - one line, the runs left resumable
-        if is_disk_full(exc):
-            reason = disk_full_message(exc, tracker.uri)
-        elif isinstance(exc, OSError) and exc.filename:
-            reason = (f"cannot write {exc.filename}: {exc.strerror}; give --runs-dir on a "
-                      "writable disk")
-        else:
-            reason = f"could not prepare the runs: {first_line(exc)}"
-        for plan in todo:
-            R.mark_not_started(plan, tracker, reason)
-        raise LcpError(f"{reason} (no run started; rerun to resume them)") from None
-
-
-def _wait_for_owners(waiting, ownership, poll_s: float = 5.0):
-    """Block until at least one of the pairs other schedulers own is free; those (None on
-    Ctrl-C)."""
-    owners = sorted({p.owner for p in waiting})
-    click.echo(f"waiting for {len(waiting)} pair(s) owned by {'; '.join(owners)} "
-               "(--wait; Ctrl-C to stop)")
-    try:
-        while True:
-            freed = [p for p in waiting if ownership.holder(p.item.lease_key) is None]
-            if freed:
-                return freed
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        return None
-
-
-def _print_busy(plans) -> bool:
-    busy = [p for p in plans if p.owner]
-    if busy:
-        owners = sorted({p.owner for p in busy})
-        click.echo(f"{len(busy)} pair(s) skipped: owned by {'; '.join(owners)}; rerun when it "
-                   "is done, or add --wait to wait for it", err=True)
-    return bool(busy)
-
-
-def _print_plan(plans, uri, runner, retries, overrides, quick, dry_run):
-    from pipeline import runs as R
-    from pipeline import selection as sel
-
-    experiments = sorted({p.item.experiment_name for p in plans})
-    click.echo(("Plan (dry run: nothing is created or run)" if dry_run else "Plan")
-               + f" — tracking {uri}, experiment(s) {', '.join(experiments)}")
-    click.echo(f"executor {runner.describe()}; retries {retries}")
-    shown = {k: v for k, v in overrides.items()
-             if k != "data_dir" and not (quick and sel.QUICK_OVERRIDES.get(k) == v)}
-    if quick:
-        click.echo("quick tour: " + ", ".join(f"{k}={v}" for k, v in sel.QUICK_OVERRIDES.items()))
-    if shown:
-        click.echo("overrides: " + " ".join(f"{k}={v}" for k, v in shown.items()))
-    width = max(len(p.name) for p in plans)
-    for plan in plans:
-        click.echo(f"  {plan.action.upper():<7} {plan.name:<{width}}  "
-                   f"hash {plan.item.config_hash}  {plan.note}")
-    counts = {a: sum(1 for p in plans if p.action == a) for a in (R.NEW, R.RESUME, R.SKIP, R.BUSY)}
-    click.echo(f"{len(plans)} run(s): {counts[R.NEW]} new, {counts[R.RESUME]} to resume, "
-               f"{counts[R.SKIP]} done (skip)"
-               + (f", {counts[R.BUSY]} running elsewhere" if counts[R.BUSY] else ""))
-    lost = [p.name for p in plans if p.artifacts_missing]
-    if lost:
-        click.echo(f"WARNING: {len(lost)} FINISHED run(s) have lost their artifacts "
-                   f"({', '.join(lost)}); --force runs them again", err=True)
-
-
-def _print_budget(items, slots: int, threads: int, reader, remeasure: bool = False) -> None:
-    from pipeline import budget
-
-    estimates = budget.estimate(items, threads=threads, tracker=reader, remeasure=remeasure,
-                                echo=lambda line: click.echo(line, err=True))
-    for line in budget.format_estimates(estimates, slots, budget.machine_key(threads)):
-        click.echo(line)
-
-
-BUDGET_ENV = "LCP_BUDGET"  # "off": no measured estimate before a table starts
-
-
-def _print_expected(items, runner, tracker, quick: bool) -> None:
-    """One line before the runs start: how long they will take here, measured by the budget
-    planner (a light measurement for a --quick tour, cached per machine and config). Never
-    stops the runs: a failed estimate is said and skipped."""
-    import os
-
-    from pipeline import budget
-    from pipeline.tracking import first_line
-
-    pool = getattr(runner, "pool", None)
-    if not items or pool is None or os.environ.get(BUDGET_ENV, "").lower() == "off":
-        return
-    try:
-        estimates = budget.estimate(items, threads=pool.slots[0].threads, tracker=tracker,
-                                    light=quick)
-    except Exception as exc:  # noqa: BLE001 - an estimate is never worth a failed table
-        click.echo(f"expected duration: unknown ({first_line(exc)})")
-        return
-    wall = budget.makespan([e.total_s for e in estimates], pool.size)
-    lower = any(budget.is_controller_row(e.id) and not e.slowdown_known for e in estimates)
-    click.echo(f"expected: about {budget.format_duration(wall)} on {pool.size} slot(s), "
-               f"measured here{' (at least: controller rows can slow down)' if lower else ''}; "
-               f"`lcp budget` shows each row")
+    _exit(run_rows(rows, _build(RunRequest, options), echo=click.echo))
 
 
 @click.command("budget", context_settings=CONTEXT)
@@ -527,8 +208,7 @@ def _print_expected(items, runner, tracker, quick: bool) -> None:
 @click.option("--threads", default=None, type=int, metavar="N",
               help="Torch threads per run (default: the CPU cores / --workers).")
 @click.option("--remeasure", is_flag=True, help="Measure again instead of using the cache.")
-def budget_command(targets, manifest_path, tracking_uri, seeds, sets, quick, data_dir, workers,
-                   threads, remeasure):
+def budget_command(targets, workers, threads, remeasure, **options):
     """How long a table (every row and seed) or the rows ID... take on this machine, before
     they run.
 
@@ -545,35 +225,11 @@ def budget_command(targets, manifest_path, tracking_uri, seeds, sets, quick, dat
       lcp budget 1
       lcp budget t1-ff-bp t1-ff-lcp-di --set data=fashion-mnist --set num_epochs=10 --workers 2
     """
-    import os
+    from pipeline.selection import Selection
+    from pipeline.table import price_rows
 
-    from pipeline import runs as R
-    from pipeline import selection as sel
-    from pipeline.tracking import resolve_tracking_uri
-
-    if workers < 1:
-        raise LcpError(f"--workers must be ≥ 1 (got {workers})")
-    if threads is not None and threads < 1:
-        raise LcpError(f"--threads must be ≥ 1 (got {threads})")
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    manifest = _load(manifest_path)
-    overrides = _overrides(sets, quick, data_dir)
-    rows = [row for target in targets for row in (
-        manifest.table(target) if target.isdigit() else sel.select(manifest, ids=[target]))]
-    unique = list({row.id: row for row in rows}.values())
-    items = sel.expand(unique, sel.parse_seeds(seeds), overrides)
-    if quick:
-        items = sel.quick_data_fallback(items, download=True, echo=click.echo)
-    R.ensure_data([R.RunPlan(item, R.NEW) for item in items], echo=click.echo)
-    _print_budget(items, workers, threads, _reader(resolve_tracking_uri(tracking_uri)),
-                  remeasure)
-
-
-def _print_next(tables, quick, sets, seeds):
-    flags = (" --quick" if quick else "") + "".join(f" --set {s}" for s in sets) + (
-        f" --seeds {seeds}" if seeds else "")
-    for number in tables:
-        click.echo(f"next: lcp report {number}{flags}   |   lcp ui")
+    price_rows(options["manifest_path"], targets, _build(Selection, options),
+               options["tracking_uri"], workers, threads, remeasure, click.echo)
 
 
 # ====================================================================== lcp report
@@ -594,8 +250,7 @@ def _print_next(tables, quick, sets, seeds):
 @_manifest_option
 @_tracking_option
 @_selection_options
-def report_command(table, fmt, out_dir, any_config, no_mlflow, margin, manifest_path,
-                   tracking_uri, seeds, sets, quick, data_dir):
+def report_command(table, fmt, out_dir, any_config, no_mlflow, margin, **options):
     """Table TABLE from MLflow: per row seeds, test accuracy mean ± std and its 95% CI, the
     paper's value (when experiments.yaml gives `paper:`), train accuracy, gap to the section's
     BP/RBP baseline with Welch's t-test p-value, a verdict against the baseline and the paper's
@@ -614,24 +269,12 @@ def report_command(table, fmt, out_dir, any_config, no_mlflow, margin, manifest_
       lcp report 1 --quick --format csv
       lcp report 2 --format latex --out paper/
     """
-    from pipeline import selection as sel
-    from pipeline.report import FORMATS, make_report
-    from pipeline.tracking import Tracker, resolve_tracking_uri, store_exists
+    from pipeline.report import ReportOptions, report_table
+    from pipeline.selection import Selection
 
-    if fmt not in FORMATS:
-        raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
-    manifest = _load(manifest_path)
-    manifest.table(table)
-    overrides = _overrides(sets, quick, data_dir)
-    uri = resolve_tracking_uri(tracking_uri)
-    if not store_exists(uri):
-        raise LcpError(f"no tracking store at {uri}: run `lcp run-table {table}` first, or pass "
-                       "--tracking-uri")
-    tracker = Tracker(uri, create=False)
-    report = make_report(tracker, manifest, table, fmt=fmt, out_dir=out_dir,
-                         seeds=sel.parse_seeds(seeds), overrides=overrides,
-                         any_config=any_config, log_to_mlflow=not no_mlflow, quick=quick,
-                         margin=margin)
+    report = report_table(options["manifest_path"], table, _build(Selection, options),
+                          options["tracking_uri"], any_config=any_config,
+                          options=ReportOptions(fmt, out_dir, not no_mlflow, margin))
     click.echo(report.text, nl=False)
     click.echo("", err=True)
     for kind in ("bars", "curves", "alignment", "md", "csv", "latex"):
@@ -660,54 +303,9 @@ def ui_command(tracking_uri, host, port):
       lcp ui --port 5001
       ssh -L 5000:127.0.0.1:5000 gpu-box  then  lcp ui   on gpu-box
     """
-    from pipeline.executors import signal_process_group
+    from pipeline.ui import serve
 
-    import subprocess
-
-    from pipeline.tracking import (Tracker, artifact_root, is_server_uri, resolve_tracking_uri,
-                                   ui_link)
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if is_server_uri(uri):
-        click.echo(f"{uri} is an MLflow server already: open it in a browser")
-        return
-    tracker = Tracker(uri)
-    tracker.client  # noqa: B018 - checks the store; creates or upgrades its schema (file lock)
-    if not 1 <= port <= 65535:
-        raise LcpError(f"--port must be in 1..65535 (got {port})")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", host, "--port", str(port)]
-    root = artifact_root(uri)
-    if root is not None:
-        cmd += ["--artifacts-destination", str(root)]
-    click.echo(f"MLflow UI on {uri}: {ui_link(host, port, 'experiments')}  (Ctrl-C to stop)")
-    for name, experiment_id in tracker.table_experiments():
-        click.echo(f"  {name}: {ui_link(host, port, 'experiments/' + experiment_id)}")
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID",)}
-    # Its own process group, so that stopping `lcp ui` (Ctrl-C, SIGTERM) also stops the
-    # server's helper processes instead of leaving them behind.
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)
-    stopping = []
-
-    def stop(signum, frame):  # noqa: ARG001
-        stopping.append(signum)
-        signal_process_group(server, signal.SIGTERM)
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            try:
-                code = server.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if stopping and len(stopping) > 1:
-                    signal_process_group(server, signal.SIGKILL)
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        signal_process_group(server, signal.SIGTERM)  # helpers still alive after the server ended
-    if not stopping and code != 0:
-        sys.exit(code)
+    _exit(serve(tracking_uri, host, port, click.echo))
 
 
 # ====================================================================== lcp tune
@@ -757,9 +355,7 @@ def ui_command(tracking_uri, host, port):
 @click.option("--export-to", default=None, metavar="FILE",
               help="Also write the best parameters as `--set key=value` lines to FILE.")
 @executor_options
-def tune_command(experiment_id, trials, params, spaces, storage, study_name, timeout, sets,
-                 quick, pruner, manifest_path, tracking_uri, data_dir, runs_dir, export,
-                 export_suffix, export_to, **where):
+def tune_command(**options):
     """Tune row ID's hyper-parameters (k_i, k_p, alpha, or its `search:` block) with Optuna.
 
     Each trial trains the row's config (first seed) in its own process and is scored by its
@@ -782,200 +378,12 @@ def tune_command(experiment_id, trials, params, spaces, storage, study_name, tim
       lcp tune t1-ff-lcp-di --export                     # row t1-ff-lcp-di-tuned
       lcp run t1-ff-lcp-di-tuned && lcp report 1
     """
-    from click.core import ParameterSource
+    from pipeline.tune import TuneRequest, tune
 
-    from pipeline import study as S
-    from pipeline.manifest import DEFAULT_PATH
-    from pipeline.tracking import Tracker, resolve_tracking_uri
-    from pipeline.tune import Tuner
-
-    if trials is None and quick and not (export or export_to):
-        trials = QUICK_TUNE_TRIALS
-    if trials is None and not (export or export_to):
-        raise S.TuneError("give --trials N (the study's total number of trials) to tune, or "
-                          "--export to write the best parameters of an existing study")
-    if trials is not None and trials < 1:
-        raise S.TuneError(f"--trials must be ≥ 1 (got {trials})")
-    if timeout is not None and not timeout > 0:
-        raise S.TuneError(f"--timeout must be > 0 seconds (got {timeout})")
-    check_executor_options(**where)
-    manifest = _load(manifest_path)
-    exp = manifest.get(experiment_id)
-    # --export writes the manifest that was read; refused before anything changes
-    target = S.export_target(manifest) if export else None
-    overrides = _overrides(sets, quick=quick, data_dir=data_dir)
-    uri = resolve_tracking_uri(tracking_uri)
-    storage_spec = S.resolve_storage(storage, uri)
-    name = study_name or (f"{exp.id}-{QUICK_STUDY_SUFFIX}" if quick else exp.id)
-    context = click.get_current_context()
-    hints = _TuneHints(
-        exp.id, study=study_name,
-        storage=(storage if context.get_parameter_source("storage") == ParameterSource.COMMANDLINE
-                 else None),
-        manifest=str(manifest.path) if manifest_path != DEFAULT_PATH else None,
-        tracking_uri=tracking_uri, quick=quick, sets=sets, data_dir=data_dir,
-        runs_dir=runs_dir if runs_dir != DEFAULT_RUNS_DIR else None,
-        export_suffix=export_suffix)
-
-    if trials is None:  # export only: the study as it is
-        study = S.open_study(None, S.open_storage(storage_spec), name, create=False,
-                             exp_id=exp.id)
-        _export_study(S, target, exp, study, storage_spec, overrides, export,
-                      export_suffix, export_to, hints)
-        return
-
-    plan = S.prepare(exp, overrides, params.split(",") if params is not None else None, spaces)
-    if quick:  # without MNIST, the quick study runs on mnist-sample (as run-table --quick)
-        from pipeline import selection as sel
-
-        plan.base = sel.quick_data_fallback([sel.Item(exp, plan.base.seed, plan.base)],
-                                          download=True, echo=click.echo)[0].cfg
-    from pipeline.executors import default_cpu_workers
-
-    workers = where["workers"] or default_cpu_workers(quick)
-    for warning in plan.warnings + S.storage_warnings(storage_spec, workers):
-        click.echo(f"warning: {warning}", err=True)
-    storage_obj = S.open_storage(storage_spec)  # first: a wrong --storage creates nothing
-    tracker = Tracker(uri)  # checks the MLflow store (clear error when unreachable)
-    with make_runner(**where, short_runs=quick) as runner:
-        check_cluster(runner, uri, storage_spec)
-        click.echo(f"executor {runner.describe()}")
-        study = S.open_study(plan, storage_obj, name, pruner=pruner)
-        click.echo(f"study {name} — {storage_spec.display()}; tracking {uri}")
-        click.echo(f"tuning {exp.id} ({exp.label}): {S.describe_space(plan.space)}")
-        click.echo(f"objective: {S.OBJECTIVE} on {plan.base.validation_split:g} of the training "
-                   f"set (validation_seed {plan.base.validation_seed}), seed {plan.base.seed}, "
-                   f"{plan.base.num_epochs} epoch(s), pruner {pruner}")
-        summary = Tuner(plan, study, storage_obj, storage_spec, trials=trials, executor=runner,
-                        tracker=tracker, timeout=timeout, pruner=pruner, runs_dir=runs_dir,
-                        echo=click.echo).run()
-    _print_tune_summary(S, exp, summary, trials, hints)
-    if summary.stopped:
-        click.echo(f"stopped: {summary.stopped}. Run the same command again to resume.",
-                   err=True)
-        sys.exit(130 if summary.stopped == "SIGINT" else 143)
-    if summary.best is None:
-        raise S.TuneError(_no_complete_trial(summary))
-    if export or export_to:
-        _export_study(S, target, exp, study, storage_spec, overrides, export,
-                      export_suffix, export_to, hints)
-
-
-QUICK_TUNE_TRIALS = 6  # --trials with --quick
-QUICK_STUDY_SUFFIX = "quick"  # --quick's study: ID-quick (settings are part of its identity)
-# Settings that only tuning uses: not given to `lcp run ID-tuned` (it trains on the whole
-# training set and evaluates the test set).
-_TUNING_ONLY = ("validation_split", "validation_seed")
-
-
-class _TuneHints:
-    """The commands `lcp tune` prints as next steps, with the options this call was given (the
-    study, an explicit --storage, the manifest, the tracking store, the data and settings), so
-    that each runs as printed."""
-
-    def __init__(self, exp_id: str, *, study, storage, manifest, tracking_uri, quick, sets,
-                 data_dir, runs_dir, export_suffix):
-        self.exp_id, self.export_suffix = exp_id, export_suffix
-        self.study, self.storage, self.manifest = study, storage, manifest
-        self.tracking_uri, self.quick, self.sets = tracking_uri, quick, list(sets)
-        self.data_dir, self.runs_dir = data_dir, runs_dir
-
-    @staticmethod
-    def _opt(flag: str, value) -> list[str]:
-        return [flag, str(value)] if value is not None else []
-
-    def _where(self) -> list[str]:
-        return self._opt("--manifest", self.manifest) + self._opt("--tracking-uri",
-                                                                  self.tracking_uri)
-
-    def _settings(self, *, tuning: bool) -> list[str]:
-        out = ["--quick"] if self.quick else []
-        for text in self.sets:
-            key = text.split("=", 1)[0].strip().replace("-", "_")
-            if tuning or key not in _TUNING_ONLY:
-                out += ["--set", text]
-        return out
-
-    def _data(self) -> list[str]:
-        return self._opt("--data-dir", self.data_dir) + self._opt("--runs-dir", self.runs_dir)
-
-    def export(self) -> str:
-        suffix = (["--export-suffix", self.export_suffix]
-                  if self.export_suffix != "tuned" else [])
-        return _command("tune", self.exp_id, "--export", *suffix,
-                        *self._opt("--study", self.study), *self._opt("--storage", self.storage),
-                        *self._where(), *self._settings(tuning=True), *self._data())
-
-    def run(self, row_id: str) -> str:
-        return _command("run", row_id, *self._where(), *self._settings(tuning=False),
-                        *self._data())
-
-    def report(self, table) -> str:
-        return _command("report", str(table), *self._where(), *self._settings(tuning=False))
-
-
-def _command(*parts: str) -> str:
-    import shlex
-
-    return " ".join(["lcp", *(shlex.quote(p) for p in parts)])
-
-
-def _no_complete_trial(summary) -> str:
-    """Why a tuning call ends with status 2: the study has no COMPLETE trial."""
-    c = summary.counts
-    if summary.first_failure:
-        return (f"no trial completed: {summary.first_failure}; fix it and run the same command "
-                "again (failed trials are not counted)")
-    if c["pruned"] and not (c["running"] or c["waiting"]):
-        why = (f"{c['diverged']} diverged" if c["diverged"] == c["pruned"] else
-               f"{c['diverged']} diverged, {c['pruned'] - c['diverged']} by the pruner")
-        return (f"no trial completed: the study's {c['pruned']} trial(s) were all PRUNED "
-                f"({why}); narrow the search space away from the diverging region (--space "
-                "PARAM=LOW:HIGH, in a new --study NAME), or add trials with a larger --trials")
-    return (f"no trial completed yet ({c['running']} running elsewhere, {c['waiting']} "
-            "enqueued, none started by this call): run the same command again (with a larger "
-            "--timeout)")
-
-
-def _print_tune_summary(T, exp, summary, trials, hints) -> None:
-    c = summary.counts
-    click.echo(f"\nstudy {summary.study}: {c['counted']} of --trials {trials} — {c['complete']} "
-               f"complete, {c['pruned']} pruned ({c['diverged']} diverged), {c['failed']} failed"
-               + (" (not counted)" if c["failed"] else "")
-               + (f", {c['running']} still running elsewhere" if c["running"] else "")
-               + (f", {c['waiting']} enqueued" if c["waiting"] else "")
-               + f"; {summary.started} started by this call")
-    if summary.interrupted_recovered:
-        click.echo(f"{summary.interrupted_recovered} interrupted trial(s) were enqueued again")
-    best = summary.best
-    if best is not None:
-        shown = ", ".join(f"{k}={T.format_value(v)}" for k, v in best.params.items())
-        click.echo(f"best: trial {best.number}, validation accuracy {best.value:.4f} ({shown})")
-    else:
-        click.echo("best: no complete trial yet")
-    if summary.parent_run_id:
-        click.echo(f"MLflow: experiment {T.tune_experiment_name(exp.id)}, study run "
-                   f"{summary.parent_run_id}" + (f"; artifacts {', '.join(summary.artifacts)}"
-                                                 if summary.artifacts else ""))
-    for note in summary.notes:
-        click.echo(f"note: {note}")
-    if best is not None:
-        click.echo(f"next: {hints.export()}   (row {exp.id}-{hints.export_suffix}; it prints "
-                   "the lcp run and lcp report to follow)")
-
-
-def _export_study(T, target, exp, study, storage_spec, overrides, export, suffix,
-                  export_to, hints) -> None:
-    if export:
-        row = T.export_row(target, exp, study, suffix=suffix, storage=storage_spec,
-                           overrides=overrides)
-        shown = ", ".join(f"{k}={row.args[k]!r}" for k in study.best_trial.params)
-        click.echo(f"exported row {row.id} ({row.label}, derived_from {exp.id}) to "
-                   f"{target}: {shown}")
-        click.echo(f"next: {hints.run(row.id)}   then   {hints.report(row.table)}")
-    if export_to:
-        path = T.export_overrides(export_to, study, exp.id)
-        click.echo(f"wrote the best parameters as --set lines to {path}")
+    given = click.get_current_context().get_parameter_source("storage")
+    _exit(tune(_build(TuneRequest, options,
+                      storage_given=given == click.core.ParameterSource.COMMANDLINE),
+               echo=click.echo))
 
 
 # ====================================================================== registration

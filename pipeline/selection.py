@@ -1,6 +1,6 @@
 """Which runs a command means: one Item per (table row, seed, resolved config), from the
 manifest's rows, `--seeds`, `--set`, `--quick` and `--data-dir`; and the tags that name the pair
-an MLflow run belongs to. Shared by the scheduler's planning (pipeline.runs) and the reports
+an MLflow run belongs to. Shared by the planning of the runs (pipeline.table) and the reports
 (pipeline.report), which must select the same runs.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 from lcp.config import RunConfig
 from pipeline import tracking
-from pipeline.manifest import Experiment, Manifest, ManifestError
+from pipeline.manifest import Experiment, Manifest, ManifestError, parse_overrides
 
 QUICK_OVERRIDES = {"num_epochs": "1", "limit_train_batches": "20", "limit_eval_batches": "5",
                    "eval_epochs": "1"}
@@ -44,6 +44,39 @@ def run_overrides(sets: Mapping[str, str], *, quick: bool = False,
     if "data_dir" in out:
         out["data_dir"] = os.path.abspath(os.path.expanduser(str(out["data_dir"])))
     return out
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which runs of the chosen rows a command means: its --seeds, --set, --quick and
+    --data-dir, as given (list, run-table, run, report and budget read them alike, so that each
+    selects the runs the others made)."""
+
+    seeds: str | None = None
+    sets: tuple[str, ...] = ()
+    quick: bool = False
+    data_dir: str | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return run_overrides(parse_overrides(self.sets), quick=self.quick,
+                             data_dir=self.data_dir)
+
+    def seed_list(self) -> list[int] | None:
+        return parse_seeds(self.seeds)
+
+    def items(self, rows: Iterable[Experiment]) -> list[Item]:
+        """One Item per (row, seed)."""
+        overrides = self.overrides()  # a bad --set is said before a bad --seeds
+        return expand(rows, self.seed_list(), overrides)
+
+    def fallback(self, items: list[Item], *, download: bool, echo=None) -> list[Item]:
+        """With --quick, `quick_data_fallback`; else the items as they are."""
+        return quick_data_fallback(items, download=download, echo=echo) if self.quick else items
+
+    def flags(self) -> str:
+        """--quick, --set and --seeds as a command line's tail: what selects these runs again."""
+        return ((" --quick" if self.quick else "") + "".join(f" --set {s}" for s in self.sets)
+                + (f" --seeds {self.seeds}" if self.seeds else ""))
 
 
 def select(manifest: Manifest, *, ids: Iterable[str] = ()) -> list[Experiment]:

@@ -105,6 +105,21 @@ def store_exists(uri: str) -> bool:
     return path is None or path.exists()
 
 
+def reader(uri: str) -> Tracker | None:
+    """A Tracker for reading, or None when the embedded store does not exist yet (reading
+    creates nothing)."""
+    check_reachable(uri, create=False)
+    return Tracker(uri, check=False) if store_exists(uri) else None
+
+
+def warn_unless_shared(nodes: int, uri: str, echo) -> None:
+    """Runs on several machines (`nodes`) need a tracking store every node reaches."""
+    if nodes > 1 and not is_server_uri(uri):
+        echo(f"warning: the runs execute on several machines but the tracking store {uri} "
+             "is not a server: give --tracking-uri http://HOST:5000 (an MLflow server, "
+             "e.g. docker/compose.yaml) so that every node reaches it", err=True)
+
+
 # ====================================================================== retries
 
 

@@ -1,7 +1,8 @@
 """`lcp tune`: an Optuna study's trials as jobs of the pipeline's one scheduler (docs/tuning.md).
 
-    summary = Tuner(plan, study, storage, spec, trials=50, executor=executor,
-                    tracker=tracker).run()
+    status = tune(TuneRequest("t1-ff-lcp-di", trials=50), echo=click.echo)  # the command
+    summary = Tuner(plan, study, storage, spec, request=TuneRequest(ID, trials=50),
+                    executor=executor, tracker=tracker).run()
 
 The `Tuner` is the scheduler's job source and hooks: Optuna is asked for the next trial only when
 a slot is free, the trial's nested MLflow run is created before its process starts, and trial and
@@ -12,22 +13,30 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from lcp.config import ConfigError
 from lcp.errors import first_line
-from pipeline.executors import child_env, describe_returncode
+from pipeline import tracking
+from pipeline.executors import (ExecutorOptions, child_env, default_cpu_workers,
+                                describe_returncode, make_executor)
+from pipeline.manifest import DEFAULT_PATH, load_manifest
 from pipeline.rundir import DEFAULT_RUNS_DIR, progress_text, worker_command, write_config
 from pipeline.scheduler import FAILED, Hooks, Job, ProgressDisplay, Scheduler, stop_on_signals
+from pipeline.selection import Item, Selection
 from pipeline.study import (A_HEARTBEAT, A_HOST, A_PID, A_REASON, A_RETRY_OF, A_RUN, A_SURPLUS,
-                            HEARTBEAT_S, StorageSpec, TunePlan, best_effort, best_trial,
-                            counts_toward_total, describe_trial, distributions, ensure_parent_run,
-                            format_value, is_failure, mark_interrupted, mlflow_outcome,
-                            recover_stale, safe_name, tally, trial_id, tune_experiment_name)
+                            EXPORT_SUFFIX, HEARTBEAT_S, OBJECTIVE, StorageSpec, TuneError,
+                            TunePlan, best_effort, best_trial, counts_toward_total,
+                            describe_space, describe_trial, distributions, ensure_parent_run,
+                            export_overrides, export_row, export_target, format_value,
+                            is_failure, mark_interrupted, mlflow_outcome, open_storage,
+                            open_study, prepare, recover_stale, resolve_storage, safe_name,
+                            storage_warnings, tally, trial_id, tune_experiment_name)
 
 SPEC_NAME = "spec.json"
 LOG_NAME = "trial.log"
@@ -72,13 +81,12 @@ class Tuner(Hooks):
     `timeout` seconds passed)."""
 
     def __init__(self, plan: TunePlan, study, storage, storage_spec: StorageSpec, *,
-                 trials: int, executor, tracker, timeout: float | None = None,
-                 pruner: str = "median", runs_dir: str | Path = DEFAULT_RUNS_DIR,
-                 echo: Callable[[str], None] = print):
+                 request: TuneRequest, executor, tracker, echo: Callable[[str], None] = print):
+        """`request`: its trials (the study's total), timeout, pruner and runs folder."""
         self.plan, self.study, self.storage, self.spec = plan, study, storage, storage_spec
-        self.trials, self.timeout, self.pruner = trials, timeout, pruner
+        self.trials, self.timeout, self.pruner = request.trials, request.timeout, request.pruner
         self.executor, self.tracker, self.echo = executor, tracker, echo
-        self.folder = (Path(runs_dir) / tune_experiment_name(plan.exp.id)
+        self.folder = (Path(request.runs_dir) / tune_experiment_name(plan.exp.id)
                        / safe_name(study.study_name)).resolve()
         self.running: dict[int, TrialJob] = {}
         self.parent_run_id: str | None = None
@@ -352,3 +360,215 @@ def _log_tail(path: Path) -> str:
     except OSError:
         return ""
     return f": {lines[-1][:300]}" if lines else ""
+
+
+# ====================================================================== lcp tune
+
+QUICK_TUNE_TRIALS = 6  # --trials with --quick
+QUICK_STUDY_SUFFIX = "quick"  # --quick's study: ID-quick (settings are part of its identity)
+# Settings that only tuning uses: not given to `lcp run ID-tuned` (it trains on the whole
+# training set and evaluates the test set).
+TUNING_ONLY = ("validation_split", "validation_seed")
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What `lcp tune ID` is asked: its options, as given."""
+
+    experiment_id: str
+    trials: int | None = None  # the study's total (None: --export alone, or --quick's default)
+    params: str | None = None  # k_i,k_p,alpha
+    spaces: tuple[str, ...] = ()  # --space PARAM=LOW:HIGH[:log]
+    storage: str | None = None
+    storage_given: bool = False  # --storage on the command line (not $LCP_OPTUNA_STORAGE)
+    study_name: str | None = None
+    timeout: float | None = None
+    selection: Selection = field(default_factory=Selection)  # --set, --quick, --data-dir
+    pruner: str = "median"
+    manifest_path: str = DEFAULT_PATH
+    tracking_uri: str | None = None
+    runs_dir: str = DEFAULT_RUNS_DIR
+    export: bool = False
+    export_suffix: str = EXPORT_SUFFIX
+    export_to: str | None = None
+    executor_options: ExecutorOptions = field(default_factory=ExecutorOptions)
+
+
+def tune(request: TuneRequest, *, echo) -> int:
+    """`lcp tune`: run the trials the study misses on the executor, then print its summary and
+    next steps through `echo` (click.echo's signature); with --export and no --trials, export
+    the study as it is. Returns the command's exit status; TuneError for what the user must
+    fix."""
+    quick, exporting = request.selection.quick, request.export or request.export_to
+    if request.trials is None and quick and not exporting:
+        request = replace(request, trials=QUICK_TUNE_TRIALS)
+    trials = request.trials
+    if trials is None and not exporting:
+        raise TuneError("give --trials N (the study's total number of trials) to tune, or "
+                        "--export to write the best parameters of an existing study")
+    if trials is not None and trials < 1:
+        raise TuneError(f"--trials must be ≥ 1 (got {trials})")
+    if request.timeout is not None and not request.timeout > 0:
+        raise TuneError(f"--timeout must be > 0 seconds (got {request.timeout})")
+    request.executor_options.check()
+    manifest = load_manifest(request.manifest_path)
+    exp = manifest.get(request.experiment_id)
+    # --export writes the manifest that was read; refused before anything changes
+    target = export_target(manifest) if request.export else None
+    overrides = request.selection.overrides()
+    uri = tracking.resolve_tracking_uri(request.tracking_uri)
+    spec = resolve_storage(request.storage, uri)
+    name = request.study_name or (f"{exp.id}-{QUICK_STUDY_SUFFIX}" if quick else exp.id)
+    hints = TuneHints(request, manifest)
+    if trials is None:  # export only: the study as it is
+        study = open_study(None, open_storage(spec), name, create=False, exp_id=exp.id)
+        export_study(exp, study, target, spec, overrides, hints, echo)
+        return 0
+
+    plan = prepare(exp, overrides, request.params.split(",") if request.params is not None
+                   else None, request.spaces)
+    # without MNIST, the quick study runs on mnist-sample (as run-table --quick)
+    plan.base = request.selection.fallback([Item(exp, plan.base.seed, plan.base)],
+                                           download=True, echo=echo)[0].cfg
+    workers = request.executor_options.workers or default_cpu_workers(quick)
+    for warning in plan.warnings + storage_warnings(spec, workers):
+        echo(f"warning: {warning}", err=True)
+    storage = open_storage(spec)  # first: a wrong --storage creates nothing
+    tracker = tracking.Tracker(uri)  # checks the MLflow store (clear error when unreachable)
+    with make_executor(request.executor_options, short_runs=quick,
+                       drop_env=tracking.MLFLOW_RUN_ENV) as runner:
+        nodes = runner.nodes()
+        if nodes > 1 and spec.kind == "journal":
+            raise TuneError("the Ray cluster has several machines: a journal file is for one "
+                            "machine's local disk; give --storage postgresql://USER:PW@HOST/DB "
+                            "(or $LCP_OPTUNA_STORAGE), which every node reaches")
+        tracking.warn_unless_shared(nodes, uri, echo)
+        echo(f"executor {runner.describe()}")
+        study = open_study(plan, storage, name, pruner=request.pruner)
+        echo(f"study {name} — {spec.display()}; tracking {uri}")
+        echo(f"tuning {exp.id} ({exp.label}): {describe_space(plan.space)}")
+        echo(f"objective: {OBJECTIVE} on {plan.base.validation_split:g} of the training set "
+             f"(validation_seed {plan.base.validation_seed}), seed {plan.base.seed}, "
+             f"{plan.base.num_epochs} epoch(s), pruner {request.pruner}")
+        summary = Tuner(plan, study, storage, spec, request=request, executor=runner,
+                        tracker=tracker, echo=echo).run()
+    print_summary(summary, trials, hints, echo)
+    if summary.stopped:
+        echo(f"stopped: {summary.stopped}. Run the same command again to resume.", err=True)
+        return 130 if summary.stopped == "SIGINT" else 143
+    if summary.best is None:
+        raise TuneError(no_complete_trial(summary))
+    if exporting:
+        export_study(exp, study, target, spec, overrides, hints, echo)
+    return 0
+
+
+class TuneHints:
+    """The commands `lcp tune` prints as next steps, with the options this call was given (the
+    study, an explicit --storage, the manifest, the tracking store, the data and settings), so
+    that each runs as printed."""
+
+    def __init__(self, request: TuneRequest, manifest):
+        self.request = request
+        self.manifest = str(manifest.path) if request.manifest_path != DEFAULT_PATH else None
+
+    def _where(self) -> list[str]:
+        return _opt("--manifest", self.manifest) + _opt("--tracking-uri",
+                                                        self.request.tracking_uri)
+
+    def _settings(self, *, tuning: bool) -> list[str]:
+        selection = self.request.selection
+        out = ["--quick"] if selection.quick else []
+        for text in selection.sets:
+            key = text.split("=", 1)[0].strip().replace("-", "_")
+            if tuning or key not in TUNING_ONLY:
+                out += ["--set", text]
+        return out
+
+    def _data(self) -> list[str]:
+        runs_dir = self.request.runs_dir
+        return _opt("--data-dir", self.request.selection.data_dir) + _opt(
+            "--runs-dir", runs_dir if runs_dir != DEFAULT_RUNS_DIR else None)
+
+    def export(self) -> str:
+        r = self.request
+        suffix = ["--export-suffix", r.export_suffix] if r.export_suffix != EXPORT_SUFFIX else []
+        return _command("tune", r.experiment_id, "--export", *suffix,
+                        *_opt("--study", r.study_name),
+                        *_opt("--storage", r.storage if r.storage_given else None),
+                        *self._where(), *self._settings(tuning=True), *self._data())
+
+    def run(self, row_id: str) -> str:
+        return _command("run", row_id, *self._where(), *self._settings(tuning=False),
+                        *self._data())
+
+    def report(self, table) -> str:
+        return _command("report", str(table), *self._where(), *self._settings(tuning=False))
+
+
+def _opt(flag: str, value) -> list[str]:
+    return [flag, str(value)] if value is not None else []
+
+
+def _command(*parts: str) -> str:
+    return " ".join(["lcp", *(shlex.quote(p) for p in parts)])
+
+
+def no_complete_trial(summary: TuneSummary) -> str:
+    """Why a tuning call ends with status 2: the study has no COMPLETE trial."""
+    c = summary.counts
+    if summary.first_failure:
+        return (f"no trial completed: {summary.first_failure}; fix it and run the same command "
+                "again (failed trials are not counted)")
+    if c["pruned"] and not (c["running"] or c["waiting"]):
+        why = (f"{c['diverged']} diverged" if c["diverged"] == c["pruned"] else
+               f"{c['diverged']} diverged, {c['pruned'] - c['diverged']} by the pruner")
+        return (f"no trial completed: the study's {c['pruned']} trial(s) were all PRUNED "
+                f"({why}); narrow the search space away from the diverging region (--space "
+                "PARAM=LOW:HIGH, in a new --study NAME), or add trials with a larger --trials")
+    return (f"no trial completed yet ({c['running']} running elsewhere, {c['waiting']} "
+            "enqueued, none started by this call): run the same command again (with a larger "
+            "--timeout)")
+
+
+def print_summary(summary: TuneSummary, trials: int, hints: TuneHints, echo) -> None:
+    c, exp_id = summary.counts, hints.request.experiment_id
+    echo(f"\nstudy {summary.study}: {c['counted']} of --trials {trials} — {c['complete']} "
+         f"complete, {c['pruned']} pruned ({c['diverged']} diverged), {c['failed']} failed"
+         + (" (not counted)" if c["failed"] else "")
+         + (f", {c['running']} still running elsewhere" if c["running"] else "")
+         + (f", {c['waiting']} enqueued" if c["waiting"] else "")
+         + f"; {summary.started} started by this call")
+    if summary.interrupted_recovered:
+        echo(f"{summary.interrupted_recovered} interrupted trial(s) were enqueued again")
+    best = summary.best
+    if best is not None:
+        shown = ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
+        echo(f"best: trial {best.number}, validation accuracy {best.value:.4f} ({shown})")
+    else:
+        echo("best: no complete trial yet")
+    if summary.parent_run_id:
+        echo(f"MLflow: experiment {tune_experiment_name(exp_id)}, study run "
+             f"{summary.parent_run_id}" + (f"; artifacts {', '.join(summary.artifacts)}"
+                                           if summary.artifacts else ""))
+    for note in summary.notes:
+        echo(f"note: {note}")
+    if best is not None:
+        echo(f"next: {hints.export()}   (row {exp_id}-{hints.request.export_suffix}; it prints "
+             "the lcp run and lcp report to follow)")
+
+
+def export_study(exp, study, target: Path | None, spec: StorageSpec, overrides: dict[str, Any],
+                 hints: TuneHints, echo) -> None:
+    """--export: the best parameters as row ID-SUFFIX of the manifest that was read (`target`);
+    --export-to: as `--set` lines in a file."""
+    request = hints.request
+    if request.export:
+        row = export_row(target, exp, study, suffix=request.export_suffix, storage=spec,
+                         overrides=overrides)
+        shown = ", ".join(f"{k}={row.args[k]!r}" for k in study.best_trial.params)
+        echo(f"exported row {row.id} ({row.label}, derived_from {exp.id}) to {target}: {shown}")
+        echo(f"next: {hints.run(row.id)}   then   {hints.report(row.table)}")
+    if request.export_to:
+        path = export_overrides(request.export_to, study, exp.id)
+        echo(f"wrote the best parameters as --set lines to {path}")

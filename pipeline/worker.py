@@ -294,7 +294,7 @@ def _run(args, run_dir: Path) -> int:
             if monitor is not None:
                 stop_system_metrics(monitor)
         _finish(tracker, run_id, run_dir, cfg, result, logger,
-                *(() if trial is None else trial.finish(result)))
+                None if trial is None else trial.finish(result))
         print(f"worker: run {run_id} finished: " + ", ".join(
             f"{k}={v:.4f}" for k, v in result.final.items()), flush=True)
         return EXIT_OK
@@ -329,14 +329,14 @@ def _mark(tracker, run_id: str, status: str, tags: dict) -> None:
 
 
 def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogger,
-            status: str = "FINISHED", tags: dict | None = None,
-            metrics: dict | None = None) -> None:
-    """The final evaluation and, for a table run, the artifacts; then the run's end `status`
-    (a trial's: what its outcome means, with its `tags` and `metrics`)."""
+            trial_outcome: tuple[str, dict, dict] | None = None) -> None:
+    """The final evaluation and, for a table run, the artifacts; then the run's end: FINISHED,
+    or a trial's (status, tags, metrics) that say what its outcome means (Trial.finish)."""
     from lcp.training import save_model_file
     from pipeline.health import run_health
     from pipeline.plots import plot_run_curves
 
+    status, tags, metrics = trial_outcome or ("FINISHED", None, None)
     last = result.history[-1] if result.history else {}
     final = {k: v for k, v in result.final.items() if not (k in last and last[k] == v)}
     final["wall_time_s"] = logger.wall_time()

@@ -104,7 +104,7 @@ def test_the_report_shows_ci_p_values_paper_values_alignment_and_the_sample(tour
     from scipy import stats
 
     from pipeline.manifest import load_manifest
-    from pipeline.report import make_report
+    from pipeline.report import ReportOptions, make_report
     from pipeline.selection import run_overrides
 
     ws, _ = tour
@@ -122,10 +122,10 @@ def test_the_report_shows_ci_p_values_paper_values_alignment_and_the_sample(tour
     doc["experiments"][0]["paper"] = 97.5
     with_paper = tmp_path / "paper.yaml"
     with_paper.write_text(yaml.safe_dump(doc, sort_keys=False))
-    report = make_report(ws.tracker(), load_manifest(with_paper), 1, out_dir=tmp_path / "p",
-                         seeds=[0, 1], overrides=run_overrides({}, quick=True,
-                                                               data_dir=str(ws.data)),
-                         log_to_mlflow=False, quick=True)
+    report = make_report(ws.tracker(), load_manifest(with_paper), 1, seeds=[0, 1],
+                         overrides=run_overrides({}, quick=True, data_dir=str(ws.data)),
+                         quick=True, options=ReportOptions(out_dir=tmp_path / "p",
+                                                           log_to_mlflow=False))
     assert "Paper (%)" in report.text.splitlines()[0] and "| 97.50" in report.text
     runs = report.summary.set_index("id")
     accs = {row: [100 * r.data.metrics["eval_test/accuracy"] for r in ws.runs()

@@ -85,11 +85,11 @@ def _wait_for(predicate, timeout: float, what: str):
 
 def test_missing_ray_is_one_clear_error(monkeypatch):
     from lcp.errors import LcpError
-    from pipeline.executors import make_executor
+    from pipeline.executors import ExecutorOptions, make_executor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(LcpError, match=r'pip install -e "\.\[ray\]"'):
-        make_executor("ray", gpus=None, cpus_per_run=1)
+        make_executor(ExecutorOptions("ray", cpus_per_run=1))
 
 
 def test_options_of_the_other_executor_are_refused(tmp_path, monkeypatch):
@@ -115,15 +115,15 @@ def test_options_of_the_other_executor_are_refused(tmp_path, monkeypatch):
 
 def test_capacity_and_infeasible_runs(ray_instance):
     from lcp.errors import LcpError
-    from pipeline.executors import RayExecutor
+    from pipeline.executors import ExecutorOptions, RayExecutor
 
-    executor = RayExecutor(gpus=None, cpus_per_run=1)
+    executor = RayExecutor(ExecutorOptions("ray", cpus_per_run=1))
     assert executor.gpus_per_run == 0  # no GPU in the cluster: CPU runs
     assert executor.free_slots() == 2 and executor.nodes() == 1
     assert "each run asks for 1 CPU" in executor.describe()
-    assert RayExecutor(gpus=[], cpus_per_run=2).free_slots() == 1
+    assert RayExecutor(ExecutorOptions("ray", gpus="none", cpus_per_run=2)).free_slots() == 1
     with pytest.raises(LcpError, match="no node of the Ray cluster can hold one run"):
-        RayExecutor(gpus=None, cpus_per_run=3)
+        RayExecutor(ExecutorOptions("ray", cpus_per_run=3))
     executor.close()
     assert ray_instance.is_initialized()  # not started by the executor: left running
 
@@ -133,10 +133,10 @@ import json, sys, time
 from pathlib import Path
 import ray
 ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)  # declared GPUs
-from pipeline.executors import RayExecutor
+from pipeline.executors import ExecutorOptions, RayExecutor
 from pipeline.scheduler import Job
 out = Path(sys.argv[1])
-executor = RayExecutor(gpus=None, runs_per_gpu=2, cpus_per_run=1)
+executor = RayExecutor(ExecutorOptions("ray", runs_per_gpu=2, cpus_per_run=1))
 code = ("import os, time; print('cuda', os.environ['CUDA_VISIBLE_DEVICES'], "
         "os.environ['LCP_SLOT'], flush=True); time.sleep(5)")
 jobs = [Job(key=f"j{i}", command=[sys.executable, "-c", code], log_path=out / f"j{i}.log")
@@ -182,11 +182,11 @@ def test_runs_ask_for_a_gpu_share_when_the_cluster_has_gpus(ray_instance, tmp_pa
 
 
 def test_task_runs_the_command_with_its_environment(ray_instance, tmp_path, monkeypatch):
-    from pipeline.executors import RayExecutor
+    from pipeline.executors import ExecutorOptions, RayExecutor
 
     monkeypatch.setenv("LCP_SOMETHING", "forwarded")
     monkeypatch.setenv("MLFLOW_RUN_ID", "must-not-reach-the-worker")
-    executor = RayExecutor(gpus=None, cpus_per_run=1, drop_env=("MLFLOW_RUN_ID",))
+    executor = RayExecutor(ExecutorOptions("ray", cpus_per_run=1), drop_env=("MLFLOW_RUN_ID",))
     code = ("import os, sys; print('env', os.environ.get('LCP_SOMETHING'), "
             "os.environ.get('MLFLOW_RUN_ID'), repr(os.environ['CUDA_VISIBLE_DEVICES']), "
             "os.environ['OMP_NUM_THREADS'], os.environ['LCP_SLOT'], os.getcwd()); sys.exit(7)")
@@ -204,9 +204,9 @@ def test_task_runs_the_command_with_its_environment(ray_instance, tmp_path, monk
 
 
 def test_terminate_sends_sigterm_and_kill_stops_it_now(ray_instance, tmp_path):
-    from pipeline.executors import RayExecutor
+    from pipeline.executors import ExecutorOptions, RayExecutor
 
-    executor = RayExecutor(gpus=None, cpus_per_run=1, grace_s=30)
+    executor = RayExecutor(ExecutorOptions("ray", cpus_per_run=1), grace_s=30)
     polite = _job(tmp_path, "polite", (
         "import signal, sys, time\n"
         "def bye(s, f):\n    print('got SIGTERM', flush=True); sys.exit(143)\n"

@@ -501,6 +501,7 @@ def test_a_run_whose_folder_is_gone_is_superseded_not_left_running(tmp_path, mon
     superseded_by the new run — no run of the pair stays RUNNING."""
     from pipeline import runs as R
     from pipeline import selection as sel
+    from pipeline import table as T
     from pipeline.manifest import load_manifest
     from pipeline.tracking import Tracker
 
@@ -509,7 +510,7 @@ def test_a_run_whose_folder_is_gone_is_superseded_not_left_running(tmp_path, mon
     items = sel.expand(sel.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
                      {"data_dir": str(ws.data)})
     tracker = Tracker(ws.uri)
-    plans = R.plan_runs(items, tracker, ws.runs_dir)
+    plans = T.plan_runs(items, tracker, ws.runs_dir)
     R.prepare(plans, tracker, ws.runs_dir)
     for plan in plans:  # created as a scheduler does before starting its worker
         R.open_run(plan, tracker, ws.runs_dir)
@@ -556,6 +557,7 @@ def test_runs_left_open_by_a_gone_scheduler_are_ended_by_the_next_call(tmp_path,
     call after that (on its pair) resumes it."""
     from pipeline import runs as R
     from pipeline import selection as sel
+    from pipeline import table as T
     from pipeline.manifest import load_manifest
     from pipeline.tracking import Tracker
 
@@ -564,7 +566,7 @@ def test_runs_left_open_by_a_gone_scheduler_are_ended_by_the_next_call(tmp_path,
     items = sel.expand(sel.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [1],
                      {"data_dir": str(ws.data)})
     tracker = Tracker(ws.uri)
-    plans = R.plan_runs(items, tracker, ws.runs_dir)
+    plans = T.plan_runs(items, tracker, ws.runs_dir)
     R.prepare(plans, tracker, ws.runs_dir)
     for plan in plans:  # created as a scheduler does, then never started; nobody owns it
         R.open_run(plan, tracker, ws.runs_dir)
@@ -572,7 +574,7 @@ def test_runs_left_open_by_a_gone_scheduler_are_ended_by_the_next_call(tmp_path,
     assert invoke(["run", "t1-ff-bp", *ws.run_args(), "--seeds", "0"]).exit_code == 0
     run = tracker.get_run(orphan)
     assert run.info.status == "KILLED"
-    assert run.data.tags["killed_reason"] == R.ORPHAN_REASON
+    assert run.data.tags["killed_reason"] == T.ORPHAN_REASON
     again = invoke(["run", "t1-ff-bp", *ws.run_args(), "--seeds", "1"])
     assert again.exit_code == 0 and f"resume KILLED run {orphan[:8]}" in again.output
     assert tracker.get_run(orphan).info.status == "FINISHED"

@@ -39,6 +39,7 @@ def _steps(tracker, run_id, key):
 def test_killed_worker_resumes_under_the_same_run_id(tmp_path, monkeypatch):
     from pipeline import runs as R
     from pipeline import selection as sel
+    from pipeline import table as T
     from pipeline.manifest import load_manifest
     from pipeline.tracking import Tracker
 
@@ -48,7 +49,7 @@ def test_killed_worker_resumes_under_the_same_run_id(tmp_path, monkeypatch):
     items = sel.expand(sel.select(manifest, ids=["t1-ff-lcp-di"]), [0],
                      {"data_dir": str(ws.data)})
     tracker = Tracker(ws.uri)
-    plans = R.plan_runs(items, tracker, ws.runs_dir)
+    plans = T.plan_runs(items, tracker, ws.runs_dir)
     R.prepare(plans, tracker, ws.runs_dir)
     for plan in plans:  # created as a scheduler does before starting its worker
         R.open_run(plan, tracker, ws.runs_dir)

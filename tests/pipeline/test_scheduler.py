@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lcp.errors import LcpError
-from pipeline.executors import (LocalExecutor, SlotPool, choose_gpus, make_executor,
-                                parse_gpus)
+from pipeline.executors import (ExecutorOptions, LocalExecutor, SlotPool, choose_gpus,
+                                make_executor, parse_gpus)
 from pipeline.scheduler import FAILED, FINISHED, KILLED, Hooks, Job, Scheduler, stop_on_signals
 
 # A job that records where it ran and when: slot env, start and end times.
@@ -190,8 +190,8 @@ def test_stop_request_from_a_signal_terminates_running_jobs(tmp_path):
 def test_unknown_executor_names_the_valid_ones():
     with pytest.raises(LcpError, match="--executor 'slurm' is not available; valid executors "
                                        "are: local, ray"):
-        make_executor("slurm")
-    executor = make_executor("local", gpus=[], workers=2, threads=1)
+        make_executor(ExecutorOptions("slurm"))
+    executor = make_executor(ExecutorOptions(gpus="none", workers=2, threads=1))
     assert executor.describe() == "local: 2 CPU worker(s) × 1 thread(s)"
 
 
@@ -215,7 +215,7 @@ def test_progress_display_lines(tmp_path):
 
 def test_a_job_source_is_asked_only_when_a_slot_is_free(tmp_path):
     """`lcp tune`'s way: the next job (an Optuna trial) is made only when it can start now."""
-    executor = make_executor("local", gpus=[], workers=2, threads=1)
+    executor = make_executor(ExecutorOptions(gpus="none", workers=2, threads=1))
     waiting = _jobs(tmp_path, 5, seconds=0.3)
     free_when_asked = []
 
