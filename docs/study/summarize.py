@@ -30,6 +30,8 @@ PARTS = [
      {"data": "fashion-mnist", "num_epochs": "10", "eval_epochs": "1"}),
 ]
 STUDY_NAME = "fashion-ff-lcp-di-5ep"
+# the dataset named in a part's section labels, where it is not the manifest's MNIST
+SECTION_DATA = {"fashion-mnist": "Fashion-MNIST"}
 COLUMNS = ["id", "seed", "data", "run_id", "config_hash", "epochs", "threads", "test_acc",
            "best_test_acc", "best_epoch", "wall_time_s", "health"]
 
@@ -49,9 +51,9 @@ def main(store: Path) -> None:
     study = pd.concat(frames)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS)
     study.to_csv(HERE / "study.csv", index=False, float_format="%.4f")
     blocks = {"commit": _commit_line(), "runs": _runs_line(study)}
-    for folder, _, _ in PARTS:
-        blocks[folder] = (_compact(summaries[folder]) if folder in summaries
-                          else "*(not run yet: see 'What is left')*\n")
+    for folder, data, _ in PARTS:
+        blocks[folder] = (_compact(summaries[folder], SECTION_DATA.get(data))
+                          if folder in summaries else "*(not run yet: see 'What is left')*\n")
     blocks["tuning"] = _tuning(store)
     blocks["budget"] = _budget(store, study)
     full = HERE / "budget-table1-full-size.txt"
@@ -81,8 +83,9 @@ def _num(value, digits=2) -> str:
         else f"{value:.{digits}f}"
 
 
-def _compact(summary) -> str:
-    """The report's summary in the columns a reader needs first."""
+def _compact(summary, dataset: str | None = None) -> str:
+    """The report's summary in the columns a reader needs first; `dataset` replaces "MNIST" in
+    the manifest's section names (its rows are Table 1's MNIST rows run on another dataset)."""
     margin = summary["margin"].iloc[0] if "margin" in summary and len(summary) else 1.0
     lines = [f"| Section | Method | n | Test acc. (%) | Verdict vs BP/RBP (±{margin:g} pp) | "
              "Best acc. (%) | Health | Cos. to grad. | Wall time / run |",
@@ -94,7 +97,8 @@ def _compact(summary) -> str:
                                        else f" ± {_num(r.test_acc_std)}")
         verdict = "(baseline)" if r.is_baseline else (
             f"{r.verdict}" + ("" if math.isnan(r.verdict_p) else f" (p {r.verdict_p:.3f})"))
-        lines.append(f"| {r.section} | {r.label} | {r.n} | {acc} | {verdict} | "
+        section = r.section.replace("MNIST", dataset) if dataset else r.section
+        lines.append(f"| {section} | {r.label} | {r.n} | {acc} | {verdict} | "
                      f"{_num(r.best_acc_mean)} | {r.health} | {_num(r.cos_to_gradient, 3)} | "
                      f"{_duration(r.wall_time_s)} |")
     return "\n".join(lines) + "\n"
@@ -153,7 +157,8 @@ def _budget(store: Path, study) -> str:
     # A run this store does not hold (a part made from an earlier store, whose report files
     # are committed): its config from the manifest and its part's overrides (checked by its
     # config hash), its measured first epoch from the budget.csv made from that store.
-    earlier = ({r.run_id: r.measured_s for r in pd.read_csv(HERE / "budget.csv").itertuples()}
+    earlier = ({(r.id, int(r.seed), r.data): r.measured_s
+                for r in pd.read_csv(HERE / "budget.csv").itertuples()}
                if (HERE / "budget.csv").exists() else {})
     rows, sizes = [], {}
     for r in study.itertuples():
@@ -161,8 +166,8 @@ def _budget(store: Path, study) -> str:
         if cfg is not None:
             first = [m.value for m in tracker.metric_history(r.run_id, "epoch_time")
                      if m.step == 1]
-        elif r.run_id in earlier:
-            cfg, first = _manifest_config(r), [earlier[r.run_id]]
+        elif (r.id, int(r.seed), r.data) in earlier:
+            cfg, first = _manifest_config(r), [earlier[(r.id, int(r.seed), r.data)]]
         if cfg is None:
             continue
         key = budget.measure_key(cfg)
