@@ -716,6 +716,8 @@ def _best_or_error(study, exp_id: str):
     if best is None:
         counts = tally(study.get_trials(deepcopy=False))
         raise TuneError(f"study {study.study_name!r} has no complete trial yet ({counts['pruned']}"
-                        f" pruned, {counts['failed']} failed): run `lcp tune {exp_id} --trials N` "
-                        "first, or widen the search space if every trial diverges")
+                        f" pruned, {counts['failed']} failed): run the same `lcp tune {exp_id}` "
+                        "command with --trials N in place of --export first (the same --study, "
+                        "--storage and --set), or widen the search space if every trial "
+                        "diverges")
     return best
