@@ -12,6 +12,7 @@ Nothing here trains or measures: a configuration the planner has not cached is l
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -216,13 +217,19 @@ def _stored_config(tracker, run_id: str):
 def _manifest_config(row):
     """A study run's config rebuilt from experiments.yaml and its part's overrides; None when
     its config hash differs (the manifest changed since)."""
-    from pipeline.manifest import load_manifest
     from pipeline.selection import expand
 
     overrides = next(o for _, data, o in PARTS if data == row.data)
-    manifest = load_manifest(str(ROOT / "experiments.yaml"))
-    item = expand([manifest.get(row.id)], [int(row.seed)], dict(overrides))[0]
+    item = expand([_manifest().get(row.id)], [int(row.seed)], dict(overrides))[0]
     return item.cfg if item.config_hash == row.config_hash else None
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest():
+    """The repository's experiments.yaml, read once."""
+    from pipeline.manifest import load_manifest
+
+    return load_manifest(str(ROOT / "experiments.yaml"))
 
 
 def _param(value: str):
