@@ -20,6 +20,7 @@ from pipeline import tracking
 from pipeline.health import COLLAPSE_PP, records_from_histories, run_health
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.plots import ALIGN_KEY, alignment_curves, bar_chart, learning_curves
+from pipeline.run_status import end_run
 
 FORMATS = ("md", "csv", "latex")
 CURVE_KEYS = ("eval_test/accuracy", "train/accuracy", ALIGN_KEY)
@@ -496,5 +497,5 @@ def log_report(tracker: tracking.Tracker, experiment_id: str, table: int, summar
         tracker.log_metrics(run_id, metrics, step=int(time.time()))
     for path in files.values():
         tracker.log_artifact(run_id, path, "report")
-    tracker.terminate(run_id, "FINISHED")
+    end_run(tracker, run_id, "FINISHED")
     return run_id

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from lcp.config import NOT_HASHED, RunConfig
 from pipeline import rundir, tracking
 from pipeline.executors import Executor, child_env, describe_returncode
+from pipeline.run_status import OPEN_STATUSES, end_if_open
 from pipeline.rundir import CONFIG_NAME, DEFAULT_RUNS_DIR, EXIT_BUSY, LOG_NAME, write_config
 from pipeline.scheduler import (FAILED, KILLED, Hooks, Job, ProgressDisplay, Scheduler,
                                 SchedulerResult, stop_on_signals)
@@ -173,16 +174,6 @@ def cancel(plans: list[RunPlan], tracker: tracking.Tracker, reason: str) -> None
             _end_open_run(plan, tracker, "KILLED", {"killed_reason": reason})
 
 
-def end_if_open(tracker: tracking.Tracker, run_id: str, status: str, tags: dict) -> bool:
-    """End run `run_id` with `status` and `tags` if it is still RUNNING or SCHEDULED (a run
-    that ended meanwhile keeps its own end); whether it did."""
-    if tracker.get_run(run_id).info.status not in ("RUNNING", "SCHEDULED"):
-        return False
-    tracker.set_tags(run_id, tags)
-    tracker.terminate(run_id, status)
-    return True
-
-
 def _end_open_run(plan: RunPlan, tracker: tracking.Tracker, status: str, tags: dict) -> None:
     """End the plan's run with `status` and `tags` if it is still RUNNING or SCHEDULED."""
     if not plan.run_id:
@@ -285,11 +276,10 @@ class TrackingHooks(Hooks):
             return True, ""
         if returncode == EXIT_BUSY:
             return False, "another process is running this run (its lock is held)"
-        if status in ("RUNNING", "SCHEDULED") or returncode == 0:
+        if status in OPEN_STATUSES or returncode == 0:  # it died, or exited without ending it
             reason = (describe_returncode(returncode) if returncode != 0
                       else "worker exited without finishing the run")
-            self.tracker.set_tags(plan.run_id, {"failure_reason": reason})
-            self.tracker.terminate(plan.run_id, "FAILED")
+            end_if_open(self.tracker, plan.run_id, "FAILED", {"failure_reason": reason})
             return False, reason
         if status == "KILLED":
             return False, run.data.tags.get("killed_reason", "killed")
@@ -305,9 +295,9 @@ class TrackingHooks(Hooks):
         try:
             # The scheduler's reason (e.g. "stopped (SIGINT)"), also over the worker's own (it
             # only saw the SIGTERM the scheduler sent it).
-            self.tracker.set_tags(plan.run_id, {"killed_reason": job.reason})
-            if self.tracker.get_run(plan.run_id).info.status != "KILLED":
-                self.tracker.terminate(plan.run_id, "KILLED")
+            if not end_if_open(self.tracker, plan.run_id, "KILLED",
+                               {"killed_reason": job.reason}):
+                self.tracker.set_tags(plan.run_id, {"killed_reason": job.reason})
         except Exception as exc:  # noqa: BLE001 - keep stopping the others
             if tracking.is_disk_full(exc):
                 raise

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 from lcp.config import NOT_HASHED, RunConfig
 from lcp.errors import LcpError, first_line
 from pipeline import schema
+from pipeline.run_status import end_if_open
 
 OBJECTIVE = "eval_val/accuracy"
 DEFAULT_VALIDATION_SPLIT = 0.1
@@ -525,10 +526,8 @@ def mark_interrupted(study, storage, trial, reason: str, tracker=None) -> bool:
     study.enqueue_trial(dict(trial.params), user_attrs={A_RETRY_OF: trial.number})
     run_id = trial.user_attrs.get(A_RUN)
     if tracker is not None and run_id:
-        best_effort(lambda: tracker.set_tags(run_id, {"optuna.state": "FAIL",
-                                                      "lcp.interrupted": "true",
-                                                      "killed_reason": reason}))
-        best_effort(lambda: tracker.terminate(run_id, "KILLED"))
+        best_effort(lambda: end_if_open(tracker, run_id, "KILLED", {
+            "optuna.state": "FAIL", "lcp.interrupted": "true", "killed_reason": reason}))
     return True
 
 

@@ -21,7 +21,8 @@ from pipeline.executors import ExecutorOptions, make_executor
 from pipeline.manifest import load_manifest
 from pipeline.ownership import Ownership
 from pipeline.rundir import CHECKPOINT_NAME, DEFAULT_RUNS_DIR, is_locked, resume_point
-from pipeline.runs import (BUSY, NEW, RESUME, SKIP, RunPlan, TrackingHooks, cancel, end_if_open,
+from pipeline.run_status import end_if_open
+from pipeline.runs import (BUSY, NEW, RESUME, SKIP, RunPlan, TrackingHooks, cancel,
                            execute, mark_not_started, prepare, run_dir_for, summary_lines)
 from pipeline.scheduler import ProgressDisplay, SchedulerResult
 from pipeline.selection import (QUICK_OVERRIDES, Item, Selection, expand, lease_key,

@@ -331,12 +331,14 @@ class Tracker:
                 return out
 
     def set_status(self, run_id: str, status: str) -> None:
+        """An open status (RUNNING, SCHEDULED); a run's end is `pipeline.run_status`'."""
         if status in TERMINAL_STATUSES:
-            self.terminate(run_id, status)
-        else:
-            self.call(lambda: self.client.update_run(run_id, status=status))
+            raise ValueError(f"set_status({status!r}): a run's end is written by "
+                             "pipeline.run_status (end_run or end_if_open)")
+        self.call(lambda: self.client.update_run(run_id, status=status))
 
-    def terminate(self, run_id: str, status: str) -> None:
+    def set_terminated(self, run_id: str, status: str) -> None:
+        """Called by `pipeline.run_status` only."""
         self.call(lambda: self.client.set_terminated(run_id, status=status))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:

@@ -26,6 +26,7 @@ from pipeline import tracking
 from pipeline.executors import (ExecutorOptions, child_env, default_cpu_workers,
                                 describe_returncode, make_executor)
 from pipeline.manifest import DEFAULT_PATH, load_manifest
+from pipeline.run_status import end_if_open, end_run
 from pipeline.rundir import DEFAULT_RUNS_DIR, progress_text, worker_command, write_config
 from pipeline.scheduler import FAILED, Hooks, Job, ProgressDisplay, Scheduler, stop_on_signals
 from pipeline.selection import Item, Selection
@@ -304,8 +305,8 @@ class Tuner(Hooks):
         self.echo(f"trial {job.payload.number} interrupted ({reason}): {then}")
 
     def _close_run(self, run_id: str, status: str, tags: dict[str, Any]) -> None:
-        best_effort(lambda: self.tracker.set_tags(run_id, dict(tags)))
-        best_effort(lambda: self.tracker.terminate(run_id, status))
+        """A trial's run its process left open (it died, or never started)."""
+        best_effort(lambda: end_if_open(self.tracker, run_id, status, tags))
 
     def _update_best(self) -> None:
         best = best_trial(self.study)
@@ -344,8 +345,8 @@ class Tuner(Hooks):
             if best_effort(lambda p=path, s=sub: self.tracker.log_artifact(
                     self.parent_run_id, p, s) or True):
                 artifacts.append(f"{sub}/{path.name}" if sub else path.name)
-        best_effort(lambda: self.tracker.terminate(self.parent_run_id,
-                                                   "KILLED" if stopped else "FINISHED"))
+        best_effort(lambda: end_run(self.tracker, self.parent_run_id,
+                                    "KILLED" if stopped else "FINISHED"))
         return TuneSummary(study=self.study.study_name, counts=counts, started=self.started,
                            interrupted_recovered=self.recovered, best=best,
                            parent_run_id=self.parent_run_id, artifacts=artifacts,

@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 
 from lcp.callbacks import Callback
+from pipeline.run_status import end_run
 from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, EXIT_BUSY, LOCK_NAME, PROGRESS_NAME,
                              RunLock, read_config, resume_point, write_json_atomic)
 
@@ -322,8 +323,7 @@ def _run(args, run_dir: Path) -> int:
 
 def _mark(tracker, run_id: str, status: str, tags: dict) -> None:
     try:
-        tracker.set_tags(run_id, tags)
-        tracker.terminate(run_id, status)
+        end_run(tracker, run_id, status, tags)
     except Exception as exc:  # noqa: BLE001 - the scheduler marks it from outside then
         print(f"worker: could not mark run {run_id} {status}: {exc}", file=sys.stderr, flush=True)
 
@@ -355,10 +355,8 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
         tags = {"stopped_reason": result.stopped_reason, **(tags or {})}
     if tags:
         tracker.set_tags(run_id, tags)
-    if status == "FINISHED":
-        tracker.delete_tags(run_id, ("failure_reason", "killed_reason"))  # of earlier attempts
     if metrics is not None:  # a trial: its log is its artifact
-        tracker.terminate(run_id, status)
+        end_run(tracker, run_id, status, clear_reasons=status == "FINISHED")
         return
     artifacts = run_dir / "artifacts"
     artifacts.mkdir(exist_ok=True)
@@ -369,7 +367,7 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     tracker.log_artifact(run_id, run_dir / CONFIG_NAME)
     for name in ("model.pth", "metrics.csv", "learning_curve.png"):
         tracker.log_artifact(run_id, artifacts / name)
-    tracker.terminate(run_id, status)
+    end_run(tracker, run_id, status, clear_reasons=status == "FINISHED")
 
 
 if __name__ == "__main__":

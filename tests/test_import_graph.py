@@ -219,7 +219,8 @@ LAYERS = [
     ["pipeline.runs", "pipeline.scheduler", "pipeline.executors", "pipeline.ownership",
      "pipeline.worker", "pipeline.trial"],
     ["pipeline.selection", "pipeline.study", "pipeline.health", "pipeline.plots"],
-    ["pipeline.manifest", "pipeline.schema", "pipeline.tracking", "pipeline.rundir"],
+    ["pipeline.manifest", "pipeline.schema", "pipeline.tracking", "pipeline.rundir",
+     "pipeline.run_status"],
 ]
 
 
@@ -230,3 +231,38 @@ def test_every_pipeline_module_imports_only_its_layer_or_below():
     assert listed == set(layer), f"not in LAYERS: {sorted(listed - set(layer))}"
     upward = [f"{m} -> {t}" for m in layer for t in graph[m] if t in layer and layer[t] < layer[m]]
     assert not upward, upward
+
+
+def terminal_status_writers(sources: dict[str, str]) -> list[str]:
+    """Where code in `sources` (name → code) ends an MLflow run itself: a call of
+    `set_terminated` (MLflow's, or the Tracker's that wraps it) or a `set_status`/`create_run`
+    given a terminal status."""
+    found = []
+    for name, code in sources.items():
+        for node in ast.walk(ast.parse(code, name)):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            values = [*node.args, *(k.value for k in node.keywords)]
+            terminal = any(isinstance(v, ast.Constant) and v.value in ("FINISHED", "FAILED",
+                                                                       "KILLED") for v in values)
+            if node.func.attr == "set_terminated" or (
+                    node.func.attr in ("set_status", "create_run", "update_run") and terminal):
+                found.append(f"{name}:{node.lineno} {ast.unparse(node.func)}")
+    return found
+
+
+def test_one_module_writes_a_runs_terminal_status():
+    planted = {"m.py": 'tracker.set_terminated(r, "FAILED")\ntracker.set_status(r, "KILLED")\n'
+                       'tracker.set_status(r, "RUNNING")\nexecutor.terminate(handle)\n'}
+    assert terminal_status_writers(planted) == ["m.py:1 tracker.set_terminated",
+                                                "m.py:2 tracker.set_status"]
+    sources = {str(p.relative_to(ROOT)): p.read_text() for p in
+               [ROOT / "cli.py", *sorted((ROOT / "pipeline").glob("*.py")),
+                *sorted((ROOT / "benchmarks").glob("*.py"))]}
+    # pipeline.run_status ends runs; pipeline.tracking holds the MLflow call it makes
+    allowed = {"pipeline/run_status.py", "pipeline/tracking.py"}
+    found = [w for w in terminal_status_writers(sources) if w.split(":")[0] not in allowed]
+    assert found == [], "\n".join(found)
+    # ... and the Tracker's one wrapper of it is the only call there
+    in_tracking = terminal_status_writers({"t": (ROOT / "pipeline/tracking.py").read_text()})
+    assert [w.split(" ")[1] for w in in_tracking] == ["self.client.set_terminated"], in_tracking

@@ -152,3 +152,30 @@ def test_several_writers_lose_nothing(tmp_path):
             history = tracker.metric_history(run_ids[i], f"w{i}/m{k}")
             assert sorted(m.step for m in history) == list(range(1, 21))
             assert sorted(m.value for m in history) == [s * 10 + k for s in range(1, 21)]
+
+
+def test_a_runs_end_is_written_once_and_never_overwritten(tmp_path):
+    """pipeline.run_status: the side that schedules a run ends it only while it is open, so a
+    worker's own end (here FAILED, with its reason) survives a late stop; Tracker.set_status
+    refuses a terminal status (that is run_status's to write)."""
+    from pipeline.run_status import end_if_open, end_run
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracker.ensure_experiment("lcp-table-1")
+    run_id = tracker.create_run(experiment, "r", status="SCHEDULED")
+    end_run(tracker, run_id, "FAILED", {"failure_reason": "diverged"})
+    assert not end_if_open(tracker, run_id, "KILLED", {"killed_reason": "stopped (SIGINT)"})
+    run = tracker.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "diverged"
+    assert "killed_reason" not in run.data.tags
+
+    other = tracker.create_run(experiment, "s")
+    assert end_if_open(tracker, other, "KILLED", {"killed_reason": "stopped (SIGINT)"})
+    assert tracker.get_run(other).info.status == "KILLED"
+    # a later attempt that finishes drops the reasons the earlier one left
+    tracker.set_status(other, "RUNNING")
+    end_run(tracker, other, "FINISHED", clear_reasons=True)
+    run = tracker.get_run(other)
+    assert run.info.status == "FINISHED" and "killed_reason" not in run.data.tags
+    with pytest.raises(ValueError, match="pipeline.run_status"):
+        tracker.set_status(other, "KILLED")

@@ -39,6 +39,7 @@ def test_lcp_ui_opens_a_table_on_its_runs_in_headless_chromium(tmp_path):
         if os.environ.get("LCP_TEST_REQUIRE_EXTRAS") == "1":  # CI (.ci/run installs it)
             pytest.fail(why)
         pytest.skip(why)
+    from pipeline.run_status import end_run
     from pipeline.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -46,7 +47,7 @@ def test_lcp_ui_opens_a_table_on_its_runs_in_headless_chromium(tmp_path):
     run_id = tracker.create_run(tracker.ensure_experiment("lcp-table-1"), RUN_NAME,
                                 tags={"lcp.kind": "run", "id": "t1-ff-lcp-di"})
     tracker.log_metrics(run_id, {"eval_test/accuracy": 0.9, "align/cos_to_gradient": 0.99}, 1)
-    tracker.terminate(run_id, "FINISHED")
+    end_run(tracker, run_id, "FINISHED")
 
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
