@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_testing import Workspace, invoke  # noqa: E402
 
-from pipeline.budget import STARTUP_KEY, RunEstimate, epoch_step_time, makespan  # noqa: E402
+from pipeline.budget import (MEASURE_VERSION, STARTUP_KEY, RunEstimate, epoch_step_time,  # noqa: E402
+                             makespan)
 
 
 def test_makespan_hands_runs_to_the_slot_that_frees_first():
@@ -81,7 +82,7 @@ def test_a_measurement_of_an_older_method_is_measured_again(workspace):
     for entries in data.values():
         assert entries.pop(STARTUP_KEY)["startup_s"] > 0  # the process start, measured once
         for entry in entries.values():
-            assert entry["version"] == 2 and entry["steps"] >= 6
+            assert entry["version"] == MEASURE_VERSION and entry["steps"] >= 6
             del entry["version"]  # as the first method wrote it
     cache.write_text(json.dumps(data))
     again = invoke(args)
