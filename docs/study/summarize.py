@@ -12,7 +12,6 @@ Nothing here trains or measures: a configuration the planner has not cached is l
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -28,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 PARTS = [
     ("table1-mnist-sample", "mnist-sample", {"data": "mnist-sample", "eval_epochs": "1"}),
     ("fashion-ff", "fashion-mnist",
+     {"data": "fashion-mnist", "num_epochs": "10", "eval_epochs": "1"}),
+    # section 3's best trial on the test set, beside BP rerun in the tuning's store
+    ("fashion-ff-tuned", "fashion-mnist",
      {"data": "fashion-mnist", "num_epochs": "10", "eval_epochs": "1"}),
 ]
 STUDY_NAME = "fashion-ff-lcp-di-5ep"
@@ -50,13 +52,18 @@ def main(store: Path) -> None:
             frames.append(runs)
             summaries[folder] = pd.read_csv(HERE / folder / "table-1.csv")
     study = pd.concat(frames)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS)
+    # a (row, seed, dataset) run in two parts (BP, the baseline of sections 2 and 3): its first
+    # line stays in study.csv; the rerun is compared with it
+    again = study.duplicated(["id", "seed", "data"], keep="first")
+    reruns, study = study[again], study[~again]
     study.to_csv(HERE / "study.csv", index=False, float_format="%.4f")
-    blocks = {"commit": _commit_line(), "runs": _runs_line(study)}
+    blocks = {"commit": _commit_line(), "runs": _runs_line(study) + _reruns_line(study, reruns)}
     for folder, data, _ in PARTS:
         blocks[folder] = (_compact(summaries[folder], SECTION_DATA.get(data))
                           if folder in summaries else "*(not run yet: see 'What is left')*\n")
     blocks["tuning"] = _tuning(store)
     blocks["budget"] = _budget(store, study)
+    blocks["planner-check"] = _planner_check(store)
     full = HERE / "budget-table1-full-size.txt"
     blocks["budget-full"] = ("```\n" + full.read_text() + "```\n" if full.exists()
                              else "*(not measured yet)*\n")
@@ -79,6 +86,21 @@ def _runs_line(study) -> str:
             f"data: {', '.join(sorted(set(study['data'])))}.\n")
 
 
+def _reruns_line(study, reruns) -> str:
+    """How the runs made again in a later part's store compare with their first line."""
+    if reruns.empty:
+        return ""
+    first = study.set_index(["id", "seed", "data"])
+    diffs = [abs(r.test_acc - first.loc[(r.id, r.seed, r.data), "test_acc"])
+             for r in reruns.itertuples()]
+    same = sum(d == 0 for d in diffs)
+    rows = ", ".join(sorted(set(reruns["id"])))
+    return (f"\nRun again in a later part's store ({rows}, {len(reruns)} runs): {same} of "
+            f"{len(reruns)} give the same test accuracy to 4 decimals as their first run"
+            + ("" if same == len(reruns) else f" (largest difference {max(diffs):.4f} pp)")
+            + ".\n")
+
+
 def _num(value, digits=2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.{digits}f}"
@@ -97,7 +119,8 @@ def _compact(summary, dataset: str | None = None) -> str:
         acc = _num(r.test_acc_mean) + ("" if math.isnan(r.test_acc_std)
                                        else f" ± {_num(r.test_acc_std)}")
         verdict = "(baseline)" if r.is_baseline else (
-            f"{r.verdict}" + ("" if math.isnan(r.verdict_p) else f" (p {r.verdict_p:.3f})"))
+            f"{r.verdict}" + ("" if math.isnan(r.verdict_p) else " (p < 0.001)"
+                              if r.verdict_p < 0.001 else f" (p {r.verdict_p:.3f})"))
         section = r.section.replace("MNIST", dataset) if dataset else r.section
         lines.append(f"| {section} | {r.label} | {r.n} | {acc} | {verdict} | "
                      f"{_num(r.best_acc_mean)} | {r.health} | {_num(r.cos_to_gradient, 3)} | "
@@ -112,7 +135,11 @@ def _duration(seconds: float) -> str:
 
 
 def _tuning(store: Path) -> str:
+    """The study's counts and best trial, from the store's Optuna journal or, for a store made
+    without it, the copy run.sh committed beside the study's plots."""
     journal = store / "optuna-journal.log"
+    if not journal.exists():
+        journal = HERE / "tuning" / "optuna-journal.log"
     if not journal.exists():
         return "*(not run yet: see 'What is left')*\n"
     import optuna
@@ -135,68 +162,141 @@ def _tuning(store: Path) -> str:
     params = ", ".join(f"{k} = {v:.4g}" for k, v in best.params.items())
     lines.append(f"Best: trial {best.number}, validation accuracy {100 * best.value:.2f} % "
                  f"({params}).")
-    return " ".join(lines) + "\n"
+    complete = [t.value for t in study.trials if t.state.name == "COMPLETE"]
+    lines.append(f"The {len(complete)} complete trials span "
+                 f"{100 * (max(complete) - min(complete)):.2f} pp "
+                 f"({100 * min(complete):.2f}–{100 * max(complete):.2f} %).")
+    return " ".join(lines) + "\n\n" + _trials_table(study)
+
+
+def _trials_table(study) -> str:
+    """One line per trial: its parameters, how it ended, its validation accuracy per epoch."""
+    names = list(study.trials[0].params) if study.trials else []
+    epochs = max((max(t.intermediate_values, default=0) for t in study.trials), default=0)
+    lines = ["| Trial | " + " | ".join(names) + " | State | "
+             + " | ".join(f"Val. acc. ep. {e} (%)" for e in range(1, epochs + 1)) + " | Time |",
+             "|---" * (len(names) + epochs + 3) + "|"]
+    for t in sorted(study.trials, key=lambda t: t.number):
+        took = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else float("nan")
+        accs = [_num(100 * t.intermediate_values[e]) if e in t.intermediate_values else ""
+                for e in range(1, epochs + 1)]
+        lines.append(f"| {t.number} | " + " | ".join(f"{t.params[n]:.3g}" for n in names)
+                     + f" | {t.state.name.lower()} | " + " | ".join(accs)
+                     + f" | {_duration(took)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _budget(store: Path, study) -> str:
-    """The planner's first-epoch training time (steps × measured step) beside each run's
+    """The planner's first-epoch training time (steps × measured step) beside each study run's
     measured `epoch_time` of epoch 1, from the cache run.sh's `lcp budget` calls filled."""
     import pandas as pd
 
-    from pipeline import budget
-    from pipeline.tracking import Tracker
-
-    cache = budget.read_cache(budget.cache_path())
-    machine = budget.machine_key(1)
-    known = cache.get(machine, {})
-    if not known or study.empty:
-        return "*(no cached measurement yet)*\n"
-    tracker = Tracker(f"sqlite:///{store / 'mlflow.db'}", create=False)
-    from lcp.config import RunConfig
-    from lcp.data import build_loaders
-
+    planner = _Planner(store)
+    if study.empty:
+        return "*(no run yet)*\n"
     # A run this store does not hold (a part made from an earlier store, whose report files
-    # are committed): its config from the manifest and its part's overrides (checked by its
-    # config hash), its measured first epoch from the budget.csv made from that store.
-    earlier = ({(r.id, int(r.seed), r.data): r.measured_s
-                for r in pd.read_csv(HERE / "budget.csv").itertuples()}
+    # are committed): its line of the budget.csv made then, as it is (the estimate and the
+    # measured first epoch from the machine that made that store; a planner's estimate is only
+    # comparable with runs on its own machine).
+    earlier = ({(r["id"], int(r["seed"]), r["data"]): r
+                for r in pd.read_csv(HERE / "budget.csv").to_dict("records")}
                if (HERE / "budget.csv").exists() else {})
-    rows, sizes = [], {}
+    rows = []
     for r in study.itertuples():
-        cfg, first = _stored_config(tracker, r.run_id), None
-        if cfg is not None:
-            first = [m.value for m in tracker.metric_history(r.run_id, "epoch_time")
-                     if m.step == 1]
-        elif (r.id, int(r.seed), r.data) in earlier:
-            cfg, first = _manifest_config(r), [earlier[(r.id, int(r.seed), r.data)]]
-        if cfg is None:
-            continue
-        key = budget.measure_key(cfg)
-        if known.get(key, {}).get("version") != budget.MEASURE_VERSION:
-            continue  # not measured yet, or by an older method of the planner
-        if cfg.data not in sizes:
-            sizes[cfg.data] = len(build_loaders(cfg)[0])
-        steps = sizes[cfg.data]
-        est = steps * known[key]["step_s"]
-        if first:
-            rows.append({"id": r.id, "seed": r.seed, "data": r.data,
-                         "estimate_s": est, "measured_s": first[0],
-                         "ratio": first[0] / est, "wall_time_s": r.wall_time_s})
+        row = planner.first_epoch(r.run_id, r.id, r.seed, r.data, r.wall_time_s)
+        if row is None and (r.id, int(r.seed), r.data) in earlier:
+            row = {"machine": "earlier session (not recorded)",
+                   **earlier[(r.id, int(r.seed), r.data)]}
+        if row is not None:
+            rows.append(row)
     if not rows:
         return "*(no cached measurement matches a run yet)*\n"
-    table = pd.DataFrame(rows)
-    table.to_csv(HERE / "budget.csv", index=False, float_format="%.3f")
-    within = (abs(table["ratio"] - 1) <= 0.35)
-    lines = [f"{int(within.sum())} of {len(table)} runs' first epochs within ±35 % of the "
-             f"planner's estimate (measured ÷ estimate: median {table['ratio'].median():.2f}, "
-             f"range {table['ratio'].min():.2f}–{table['ratio'].max():.2f}).", "",
-             "| Run | Data | Estimate, epoch 1 | Measured, epoch 1 | Measured ÷ estimate |",
-             "|---|---|---|---|---|"]
-    for r in table.groupby(["id", "data"], sort=False).agg(
+    return _check_table(pd.DataFrame(rows), HERE / "budget.csv")
+
+
+def _planner_check(store: Path) -> str:
+    """The planner beside the one-epoch runs of run.sh's planner-check step (the study's
+    configurations, one epoch each, on a quiet machine); the committed CSV where this store
+    has none."""
+    import pandas as pd
+
+    planner, out = _Planner(store), HERE / "planner-check.csv"
+    rows = []
+    if planner.tracker is not None:
+        exp = planner.tracker.get_experiment_id("lcp-table-1")
+        for run in planner.tracker.search_runs([exp] if exp else [],
+                                               "attributes.status = 'FINISHED' and "
+                                               "params.num_epochs = '1'"):
+            tags, params = run.data.tags, run.data.params
+            row = planner.first_epoch(run.info.run_id, tags.get("id"), int(params["seed"]),
+                                      params["data"], run.data.metrics.get("wall_time_s"))
+            if row is not None:
+                rows.append(row)
+    if rows:
+        return _check_table(pd.DataFrame(rows).sort_values(["data", "id", "seed"]), out)
+    if out.exists():
+        return _check_table(pd.read_csv(out), None)
+    return "*(not run yet: `bash docs/study/run.sh planner-check`)*\n"
+
+
+class _Planner:
+    """The planner's cached measurements on this machine, and the store's runs."""
+
+    def __init__(self, store: Path):
+        from pipeline import budget
+        from pipeline.tracking import Tracker
+
+        self.machine = budget.machine_key(1)
+        self.known = budget.read_cache(budget.cache_path()).get(self.machine, {})
+        db = store / "mlflow.db"
+        self.tracker = (Tracker(f"sqlite:///{db}", create=False)
+                        if self.known and db.exists() else None)
+        self.sizes: dict[str, int] = {}
+
+    def first_epoch(self, run_id: str, row_id: str, seed: int, data: str, wall_time_s):
+        """The run's first epoch as measured and as the planner estimates it; None when the
+        store does not hold the run or the planner has not measured its configuration."""
+        from lcp.data import build_loaders
+        from pipeline import budget
+
+        cfg = _stored_config(self.tracker, run_id) if self.tracker is not None else None
+        if cfg is None:
+            return None
+        entry = self.known.get(budget.measure_key(cfg), {})
+        if entry.get("version") != budget.MEASURE_VERSION:
+            return None  # not measured yet, or by an older method of the planner
+        first = [m.value for m in self.tracker.metric_history(run_id, "epoch_time")
+                 if m.step == 1]
+        if not first:
+            return None
+        if cfg.data not in self.sizes:
+            self.sizes[cfg.data] = len(build_loaders(cfg)[0])
+        est = self.sizes[cfg.data] * entry["step_s"]
+        return {"machine": self.machine.split(" | ")[0], "id": row_id, "seed": seed,
+                "data": data, "estimate_s": est, "measured_s": first[0],
+                "ratio": first[0] / est, "wall_time_s": wall_time_s}
+
+
+def _check_table(table, csv_path: Path | None) -> str:
+    """Per machine, how many first epochs are within ±35 % of the estimate; per row, the
+    estimate beside the measured mean and the ratios' range."""
+    if csv_path is not None:
+        table.to_csv(csv_path, index=False, float_format="%.3f")
+    lines = []
+    for where, part in table.groupby("machine", sort=False):
+        ok = (abs(part["ratio"] - 1) <= 0.35)
+        lines.append(f"- {where}: {int(ok.sum())} of {len(part)} runs' first epochs within "
+                     f"±35 % of the planner's estimate (measured ÷ estimate: median "
+                     f"{part['ratio'].median():.2f}, range {part['ratio'].min():.2f}–"
+                     f"{part['ratio'].max():.2f}).")
+    lines += ["", "| Machine | Run | Data | Estimate, epoch 1 | Measured, epoch 1 | "
+              "Measured ÷ estimate |", "|---|---|---|---|---|---|"]
+    for r in table.groupby(["machine", "id", "data"], sort=False).agg(
             est=("estimate_s", "mean"), lo=("ratio", "min"), hi=("ratio", "max"),
             m=("measured_s", "mean"), n=("seed", "count")).reset_index().itertuples():
-        lines.append(f"| {r.id} ({r.n} seeds) | {r.data} | {r.est:.1f} s | {r.m:.1f} s (mean) | "
-                     f"{r.lo:.2f}–{r.hi:.2f} |")
+        lines.append(f"| {r.machine} | {r.id} ({r.n} seeds) | {r.data} | {r.est:.1f} s | "
+                     f"{r.m:.1f} s (mean) | {r.lo:.2f}–{r.hi:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,24 +312,6 @@ def _stored_config(tracker, run_id: str):
         return None
     return RunConfig.from_dict({k: _param(v) for k, v in run.data.params.items()
                                 if k in RunConfig.field_names()})
-
-
-def _manifest_config(row):
-    """A study run's config rebuilt from experiments.yaml and its part's overrides; None when
-    its config hash differs (the manifest changed since)."""
-    from pipeline.selection import expand
-
-    overrides = next(o for _, data, o in PARTS if data == row.data)
-    item = expand([_manifest().get(row.id)], [int(row.seed)], dict(overrides))[0]
-    return item.cfg if item.config_hash == row.config_hash else None
-
-
-@functools.lru_cache(maxsize=1)
-def _manifest():
-    """The repository's experiments.yaml, read once."""
-    from pipeline.manifest import load_manifest
-
-    return load_manifest(str(ROOT / "experiments.yaml"))
 
 
 def _param(value: str):
