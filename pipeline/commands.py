@@ -44,8 +44,7 @@ _selection_options = _options(
     click.option("--seeds", default=None, metavar="0,1,...",
                  help="Seeds for every row (default: each row's seeds in the manifest)."),
     click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                 help="Override a run setting for all runs (repeatable), e.g. "
-                      "--set num_epochs=5."),
+                 help="Override a run setting for all runs (repeatable): --set num_epochs=5."),
     click.option("--quick", is_flag=True,
                  help="A few-minute tour: num_epochs=1, limit_train_batches=20, "
                       "limit_eval_batches=5, evaluation at the end (--set wins)."),
@@ -342,6 +341,9 @@ def ui_command(tracking_uri, host, port):
 @click.option("--pruner", default="median", show_default=True,
               type=click.Choice(["median", "hyperband", "none"]),
               help="Stops weak trials early from their per-epoch validation accuracy.")
+@click.option("--baseline", is_flag=True,
+              help="Also run the row's own values of the tuned parameters as a trial (once "
+                   "per study, counted in --trials, never pruned): what tuning improves on.")
 @_manifest_option
 @_tracking_option
 @click.option("--data-dir", default=None, metavar="DIR",
@@ -370,7 +372,7 @@ def tune_command(**options):
     Examples:
       lcp tune t1-ff-lcp-di --quick --workers 2          # a first study in minutes: 6 trials
       lcp tune t1-ff-lcp-di --quick --export             # its best as row t1-ff-lcp-di-tuned
-      lcp tune t1-ff-lcp-di --trials 50 --workers 2
+      lcp tune t1-ff-lcp-di --trials 50 --workers 2 --baseline   # + the row's own setting
       lcp tune t1-ff-lcp-di --trials 100                 # resumes: 50 more
       lcp tune t1-ff-lcp-di --trials 20 --params alpha --set num_epochs=5 --study quick
       lcp tune t1-ff-lcp-di --trials 200 --storage postgresql://me:pw@db-host/optuna

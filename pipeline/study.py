@@ -45,7 +45,7 @@ EXPORT_SUFFIX = "tuned"
 A_HOST, A_PID, A_HEARTBEAT = "lcp.host", "lcp.pid", "lcp.heartbeat"
 A_RUN, A_REASON, A_DURATION = "lcp.mlflow_run_id", "lcp.end_reason", "lcp.duration_s"
 A_DIVERGED, A_INTERRUPTED, A_SURPLUS = "lcp.diverged", "lcp.interrupted", "lcp.surplus"
-A_RETRY_OF, A_EPOCHS = "lcp.retry_of", "lcp.epochs"
+A_RETRY_OF, A_EPOCHS, A_BASELINE = "lcp.retry_of", "lcp.epochs", "lcp.baseline"
 # Study user attributes
 S_ID, S_CONFIG, S_SPACE = "lcp.id", "lcp.base_config", "lcp.search_space"
 S_PARENT_RUN, S_TRACKING = "lcp.mlflow_parent_run_id", "lcp.tracking_uri"
@@ -127,6 +127,22 @@ def distributions(space: Mapping[str, Mapping[str, Any]]) -> dict:
             out[name] = FloatDistribution(float(entry["low"]), float(entry["high"]),
                                           log=bool(entry.get("log")))
     return out
+
+
+def baseline_values(plan: TunePlan) -> dict[str, Any]:
+    """The row's own values of the tuned parameters: the setting a study sets out to improve,
+    run as one of its trials with --baseline. TuneError when one lies outside the search space
+    (the study could never sample it)."""
+    values = {name: getattr(plan.base, name) for name in plan.space}
+    for name, dist in distributions(plan.space).items():
+        value = values[name]
+        inside = (value in dist.choices if hasattr(dist, "choices")
+                  else dist.low <= value <= dist.high)
+        if not inside:
+            raise TuneError(f"--baseline: {plan.exp.id}'s {name} = {value} is outside the "
+                            f"search space ({describe_space({name: plan.space[name]})}); widen "
+                            f"it with --space {name}=LOW:HIGH or leave --baseline out")
+    return values
 
 
 def describe_space(space: Mapping[str, Mapping[str, Any]]) -> str:
@@ -523,7 +539,9 @@ def mark_interrupted(study, storage, trial, reason: str, tracker=None) -> bool:
         storage.set_trial_state_values(tid, TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False
-    study.enqueue_trial(dict(trial.params), user_attrs={A_RETRY_OF: trial.number})
+    study.enqueue_trial(dict(trial.params), user_attrs={
+        A_RETRY_OF: trial.number, **({A_BASELINE: True} if trial.user_attrs.get(A_BASELINE)
+                                     else {})})
     run_id = trial.user_attrs.get(A_RUN)
     if tracker is not None and run_id:
         best_effort(lambda: end_if_open(tracker, run_id, "KILLED", {

@@ -30,14 +30,14 @@ from pipeline.run_status import end_if_open, end_run
 from pipeline.rundir import DEFAULT_RUNS_DIR, progress_text, worker_command, write_config
 from pipeline.scheduler import FAILED, Hooks, Job, ProgressDisplay, Scheduler, stop_on_signals
 from pipeline.selection import Item, Selection
-from pipeline.study import (A_HEARTBEAT, A_HOST, A_PID, A_REASON, A_RETRY_OF, A_RUN, A_SURPLUS,
-                            EXPORT_SUFFIX, HEARTBEAT_S, OBJECTIVE, StorageSpec, TuneError,
-                            TunePlan, best_effort, best_trial, counts_toward_total,
-                            describe_space, describe_trial, distributions, ensure_parent_run,
-                            export_overrides, export_row, export_target, format_value,
-                            is_failure, mark_interrupted, mlflow_outcome, open_storage,
-                            open_study, prepare, recover_stale, resolve_storage, safe_name,
-                            storage_warnings, tally, trial_id, tune_experiment_name)
+from pipeline.study import (A_BASELINE, A_HEARTBEAT, A_HOST, A_PID, A_REASON, A_RETRY_OF, A_RUN,
+                            A_SURPLUS, EXPORT_SUFFIX, HEARTBEAT_S, OBJECTIVE, StorageSpec,
+                            TuneError, TunePlan, baseline_values, best_effort, best_trial,
+                            counts_toward_total, describe_space, describe_trial, distributions,
+                            ensure_parent_run, export_overrides, export_row, export_target,
+                            format_value, is_failure, mark_interrupted, mlflow_outcome,
+                            open_storage, open_study, prepare, recover_stale, resolve_storage,
+                            safe_name, storage_warnings, tally, trial_id, tune_experiment_name)
 
 SPEC_NAME = "spec.json"
 LOG_NAME = "trial.log"
@@ -217,7 +217,9 @@ class Tuner(Hooks):
                                              "study": self.study.study_name, "trial": number})
         (folder / SPEC_NAME).write_text(json.dumps({
             "storage": self.spec.to_dict(), "study": self.study.study_name, "number": number,
-            "pruner": self.pruner, "params": params, "heartbeat_s": HEARTBEAT_S}, indent=2))
+            # the baseline is the reference the study is read against: never pruned
+            "pruner": "none" if trial.user_attrs.get(A_BASELINE) else self.pruner,
+            "params": params, "heartbeat_s": HEARTBEAT_S}, indent=2))
         command = worker_command(folder, run_id, self.tracker.uri, "--trial",
                                  str(folder / SPEC_NAME))
         payload = TrialJob(number, trial_id(self.study, self.storage, number), run_id, folder,
@@ -392,6 +394,7 @@ class TuneRequest:
     export: bool = False
     export_suffix: str = EXPORT_SUFFIX
     export_to: str | None = None
+    baseline: bool = False  # enqueue the row's own setting as a trial (once per study)
     executor_options: ExecutorOptions = field(default_factory=ExecutorOptions)
 
 
@@ -431,6 +434,7 @@ def tune(request: TuneRequest, *, echo) -> int:
     # without MNIST, the quick study runs on mnist-sample (as run-table --quick)
     plan.base = request.selection.fallback([Item(exp, plan.base.seed, plan.base)],
                                            download=True, echo=echo)[0].cfg
+    baseline = baseline_values(plan) if request.baseline else None
     workers = request.executor_options.workers or default_cpu_workers(quick)
     for warning in plan.warnings + storage_warnings(spec, workers):
         echo(f"warning: {warning}", err=True)
@@ -447,6 +451,10 @@ def tune(request: TuneRequest, *, echo) -> int:
         echo(f"executor {runner.describe()}")
         study = open_study(plan, storage, name, pruner=request.pruner)
         echo(f"study {name} — {spec.display()}; tracking {uri}")
+        if baseline is not None:  # once per study: Optuna skips it when a trial has its values
+            study.enqueue_trial(baseline, user_attrs={A_BASELINE: True}, skip_if_exists=True)
+            echo("baseline: the row's own setting (" + ", ".join(
+                f"{k}={format_value(v)}" for k, v in baseline.items()) + ") is a trial")
         echo(f"tuning {exp.id} ({exp.label}): {describe_space(plan.space)}")
         echo(f"objective: {OBJECTIVE} on {plan.base.validation_split:g} of the training set "
              f"(validation_seed {plan.base.validation_seed}), seed {plan.base.seed}, "

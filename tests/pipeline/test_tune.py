@@ -266,6 +266,31 @@ def test_export_writes_the_manifest_it_read_and_refuses_an_installed_copy(worksp
     assert "never" not in optuna.get_all_study_names(storage)  # refused before tuning
 
 
+def test_baseline_runs_the_rows_own_setting_once_per_study(workspace):
+    space = workspace
+    first = invoke(space.args("--trials", "2", "--workers", "1", "--baseline", study="baseline"))
+    assert first.exit_code == 0, first.output
+    assert "baseline: the row's own setting (k_i=1, k_p=0, alpha=0.1) is a trial" in first.output
+    again = invoke(space.args("--trials", "3", "--workers", "1", "--baseline",
+                              study="baseline"))
+    assert again.exit_code == 0, again.output
+    trials = space.study("baseline").trials
+    assert len(trials) == 3 and all(s in ("COMPLETE", "PRUNED") for s in states(
+        space.study("baseline")))
+    marked = [t for t in trials if t.user_attrs.get(T.A_BASELINE)]
+    assert [t.number for t in marked] == [0]  # enqueued first, and not again on the resume
+    assert marked[0].params == {"k_i": 1.0, "k_p": 0.0, "alpha": 0.1}
+    # the baseline is never pruned (its process runs without a pruner); the others are
+    import json
+
+    from pipeline.tune import SPEC_NAME
+
+    folder = space.root / "lcp-runs" / f"lcp-tune-{ID}" / "baseline"
+    pruners = [json.loads((folder / f"trial-{n:04d}" / SPEC_NAME).read_text())["pruner"]
+               for n in range(3)]
+    assert pruners == ["none", "median", "median"]
+
+
 def test_quick_is_its_own_study_with_a_tiny_budget_and_six_trials_by_default(workspace):
     tiny = ["--set", "rnn_hidden_units=16", "--set", "solver_max_iter=100", "--set",
             "limit_train_batches=3"]
@@ -484,6 +509,8 @@ def test_ctrl_c_stops_trials_and_enqueues_them_for_the_next_call(tmp_path):
     (["--storage", "http://127.0.0.1:5000"], "not an Optuna storage"),
     (["--set", "alpha=0.5"], "alpha is both tuned and fixed by --set"),
     (["--set", "validation_split=0"], "tuning needs a validation split"),
+    (["--baseline", "--space", "alpha=0.2:1.5"],  # the row's alpha is 0.1
+     "t1-ff-lcp-di's alpha = 0.1 is outside the search space"),
 ])
 def test_errors_name_the_problem_and_the_fix(tmp_path, extra, message):
     space = Space(tmp_path)
