@@ -181,7 +181,8 @@ def _trials_table(study) -> str:
             if t.datetime_complete and t.datetime_start else float("nan")
         accs = [_num(100 * t.intermediate_values[e]) if e in t.intermediate_values else ""
                 for e in range(1, epochs + 1)]
-        lines.append(f"| {t.number} | " + " | ".join(f"{t.params[n]:.3g}" for n in names)
+        mark = " (the row's own setting, `--baseline`)" if t.user_attrs.get("lcp.baseline") else ""
+        lines.append(f"| {t.number}{mark} | " + " | ".join(f"{t.params[n]:.3g}" for n in names)
                      + f" | {t.state.name.lower()} | " + " | ".join(accs)
                      + f" | {_duration(took)} |")
     return "\n".join(lines) + "\n"
