@@ -10,11 +10,14 @@ One timed run is `lcp train` on one Table 1 row (default t1-ff-lcp-di) on mlxten
   train` runs of the same row ("lcp company") or plain PyTorch matrix products ("foreign
   company"),
 
-each with `OMP_WAIT_POLICY` unset (OpenMP's default: threads spin while they wait) and PASSIVE,
-and with `OMP_NUM_THREADS` = the cores or 1. Each case is repeated `--repeats` times, in turns;
-the median is printed with the ratio to the same setting alone and to the default alone.
+each with `OMP_WAIT_POLICY` unset (OpenMP's default: threads spin while they wait), PASSIVE (no
+spin), a short spin (`GOMP_SPINCOUNT=10000`: GNU OpenMP's, PyTorch's on Linux), and with
+`OMP_NUM_THREADS` = the cores or 1 (`--settings` picks some). Each case is repeated `--repeats`
+times, in turns; the median is printed with the ratio to the same setting alone and to the
+default alone.
 
     python benchmarks/shared_cpu.py [--row t1-ff-lcp-di] [--batches 40] [--company 2] [--repeats 3]
+                                    [--settings passive,short spin] [--no-foreign]
 
 Run it on a quiet machine: any other load changes every number.
 """
@@ -72,6 +75,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--company", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--settings", default="",
+                        help="comma-separated settings to time (default: all), e.g. "
+                             "'passive,short spin'; the default is always timed")
+    parser.add_argument("--no-foreign", dest="foreign", action="store_false",
+                        help="leave out the foreign-company case")
     args = parser.parse_args(argv)
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
     sys.path.insert(0, root)
@@ -79,14 +87,24 @@ def main(argv=None) -> int:
 
     cores = os.cpu_count() or 1
     command = lcp_train(args.row, args.batches)
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS",
+                                                          "GOMP_SPINCOUNT")}
     base["PYTHONPATH"] = os.pathsep.join(p for p in (root, base.get("PYTHONPATH")) if p)
     base["CUDA_VISIBLE_DEVICES"] = ""
     settings = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+                # GNU OpenMP (PyTorch's on Linux): spin this many rounds, then sleep
+                "short spin": {"GOMP_SPINCOUNT": "10000"},
                 "1 thread": {"OMP_NUM_THREADS": "1"},
-                "passive, 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}}
-    cases = [("alone", 0, None)] + [
-        ("lcp company", args.company, "lcp"), ("foreign company", args.company, "foreign")]
+                "passive 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}}
+    if args.settings:
+        chosen = args.settings.split(",")
+        unknown = sorted(set(chosen) - set(settings))
+        if unknown:
+            parser.error(f"unknown setting(s) {unknown}; choose from {list(settings)}")
+        settings = {name: settings[name] for name in chosen if name != "default"}
+        settings = {"default": {}, **settings}  # the ratios are to the default alone
+    cases = [("alone", 0, None), ("lcp company", args.company, "lcp")] + (
+        [("foreign company", args.company, "foreign")] if args.foreign else [])
     results: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as cwd:
         for _ in range(args.repeats):

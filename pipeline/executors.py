@@ -49,16 +49,22 @@ class Slot:
             "OMP_NUM_THREADS": threads,
             "MKL_NUM_THREADS": threads,
             "LCP_SLOT": self.label,
-            **passive_openmp(),
+            **openmp_waiting(),
         }
 
 
-def passive_openmp() -> dict[str, str]:
-    """OMP_WAIT_POLICY=PASSIVE for a worker unless the user chose a policy: OpenMP's threads
-    then sleep instead of spinning while they wait, so runs sharing CPU cores (a --workers 2
-    table on 2 cores, a tour beside a study) do not steal each other's time —
-    benchmarks/shared_cpu.py, docs/speed.md ("Sharing the CPU")."""
-    return {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
+# GNU OpenMP (PyTorch's on Linux) spins this many rounds waiting for work, then sleeps
+SHORT_SPIN = {"GOMP_SPINCOUNT": "10000"}
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def openmp_waiting() -> dict[str, str]:
+    """How a worker's OpenMP threads wait, unless the user chose (OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT): a short spin, then sleep. Measured on 2 cores (benchmarks/shared_cpu.py,
+    docs/speed.md, "Sharing the CPU"): as fast alone as OpenMP's long default spin, and beside
+    two other runs 2.9x its time alone instead of 5.4x; PASSIVE (no spin) is 2.1x there but
+    1.33x slower alone."""
+    return {} if any(v in os.environ for v in OPENMP_WAIT_VARIABLES) else dict(SHORT_SPIN)
 
 
 class SlotPool:
@@ -383,7 +389,7 @@ def run_job_task(command: list[str], *, use_task_python: bool, env: dict[str, st
         task_env["CUDA_VISIBLE_DEVICES"] = ""
         where = f"ray:{node}:cpu"
     task_env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                      "LCP_SLOT": where, **passive_openmp()})
+                      "LCP_SLOT": where, **openmp_waiting()})
     argv = [sys.executable, *command] if use_task_python else list(command)
     argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
     if cwd is not None and not os.path.isdir(cwd):

@@ -86,12 +86,16 @@ def test_cpu_slots_split_the_threads():
         SlotPool.for_gpus(["0"], 0)
 
 
-def test_workers_wait_passively_unless_the_user_chose_a_policy(monkeypatch):
+def test_workers_spin_briefly_unless_the_user_chose_how_openmp_waits(monkeypatch):
     slot = SlotPool.for_cpu(workers=2, cpu_count=2).slots[0]
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert slot.env()["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert "OMP_WAIT_POLICY" not in slot.env()  # the user's own policy reaches the worker
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert slot.env()["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in slot.env()
+    for variable, value in (("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "0")):
+        monkeypatch.setenv(variable, value)  # the user's own choice reaches the worker
+        env = slot.env()
+        assert "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env
+        monkeypatch.delenv(variable)
 
 
 @pytest.mark.parametrize("runs_per_gpu", [1, 2])
