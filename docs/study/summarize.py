@@ -34,6 +34,7 @@ PARTS = [
 ]
 STUDY_NAME = "fashion-ff-lcp-di-5ep"
 PAPER_STUDY_NAME = "fashion-ff-lcp-di-5ep-paper"  # the paper's setting alone, never pruned
+STUDY_10_NAME = "fashion-ff-lcp-di-10ep"  # run.sh tune10: the same search over 10 epochs
 # the dataset named in a part's section labels, where it is not the manifest's MNIST
 SECTION_DATA = {"fashion-mnist": "Fashion-MNIST"}
 COLUMNS = ["id", "seed", "data", "run_id", "config_hash", "epochs", "threads", "test_acc",
@@ -63,6 +64,7 @@ def main(store: Path) -> None:
         blocks[folder] = (_compact(summaries[folder], SECTION_DATA.get(data))
                           if folder in summaries else "*(not run yet: see 'What is left')*\n")
     blocks["tuning"] = _tuning(store)
+    blocks["tuning-10ep"] = _tuning_10(store)
     blocks["budget"] = _budget(store, study)
     blocks["planner-check"] = _planner_check(store)
     full = HERE / "budget-table1-full-size.txt"
@@ -136,31 +138,67 @@ def _duration(seconds: float) -> str:
     return "—" if math.isnan(seconds) else format_duration(seconds)
 
 
-def _tuning(store: Path) -> str:
-    """The study's counts and best trial, from the store's Optuna journal or, for a store made
-    without it, the copy run.sh committed beside the study's plots."""
+def _storage(store: Path):
+    """The Optuna storage: the store's journal or, for a store made without it, the copy run.sh
+    committed beside the study's plots; None when neither exists."""
     journal = store / "optuna-journal.log"
     if not journal.exists():
         journal = HERE / "tuning" / "optuna-journal.log"
     if not journal.exists():
-        return "*(not run yet: see 'What is left')*\n"
+        return None
     import optuna
 
-    from pipeline.study import open_storage, resolve_storage, tally
+    from pipeline.study import open_storage, resolve_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(resolve_storage(str(journal), f"sqlite:///{store / 'mlflow.db'}"))
+    return open_storage(resolve_storage(str(journal), f"sqlite:///{store / 'mlflow.db'}"))
+
+
+def _load(storage, name: str):
+    import optuna
+
     try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        return optuna.load_study(study_name=name, storage=storage) if storage else None
     except KeyError:
+        return None
+
+
+def _tuning(store: Path) -> str:
+    """The 5-epoch study: its counts, best trial and trials; the paper's setting beside it."""
+    storage = _storage(store)
+    study = _load(storage, STUDY_NAME)
+    if study is None:
         return "*(not run yet: see 'What is left')*\n"
+    text = _study_text(study)
+    paper = _load(storage, PAPER_STUDY_NAME)  # the paper's setting over all epochs, not pruned
+    if paper is None:
+        return text
+    return (text + f"\nThe row's own setting scored by the same objective over all its epochs "
+            f"(study `{PAPER_STUDY_NAME}`, one trial, not pruned):\n\n" + _trials_table(paper))
+
+
+def _tuning_10(store: Path) -> str:
+    """The 10-epoch study of run.sh's tune10 step."""
+    study = _load(_storage(store), STUDY_10_NAME)
+    if study is None:
+        return "*(not run yet: `bash docs/study/run.sh tune10`)*\n"
+    return _study_text(study)
+
+
+def _study_text(study) -> str:
+    from pipeline.study import tally
+
+    name = study.study_name
     counts = tally(study.get_trials(deepcopy=False))
-    lines = [f"Study `{STUDY_NAME}`: {counts['complete']} complete, {counts['pruned']} pruned "
-             f"({counts['diverged']} diverged), {counts['failed']} failed trials."]
+    lines = [f"Study `{name}`: {counts['complete']} complete, {counts['pruned']} pruned "
+             f"({counts['diverged']} diverged), {counts['failed']} failed"
+             + (f", {counts['running']} running" if counts["running"] else "")
+             + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")
+             + " trials."]
     try:
         best = study.best_trial
     except ValueError:
-        return lines[0] + " No complete trial.\n"
+        return lines[0] + " No complete trial.\n\n" + _trials_table(study)
     params = ", ".join(f"{k} = {v:.4g}" for k, v in best.params.items())
     lines.append(f"Best: trial {best.number}, validation accuracy {100 * best.value:.2f} % "
                  f"({params}).")
@@ -168,13 +206,7 @@ def _tuning(store: Path) -> str:
     lines.append(f"The {len(complete)} complete trials span "
                  f"{100 * (max(complete) - min(complete)):.2f} pp "
                  f"({100 * min(complete):.2f}–{100 * max(complete):.2f} %).")
-    text = " ".join(lines) + "\n\n" + _trials_table(study)
-    try:  # the paper's setting over all epochs of the objective, in a study of its own
-        paper = optuna.load_study(study_name=PAPER_STUDY_NAME, storage=storage)
-    except KeyError:
-        return text
-    return (text + f"\nThe row's own setting scored by the same objective over all its epochs "
-            f"(study `{PAPER_STUDY_NAME}`, one trial, not pruned):\n\n" + _trials_table(paper))
+    return " ".join(lines) + "\n\n" + _trials_table(study)
 
 
 def _trials_table(study) -> str:
