@@ -63,10 +63,12 @@ def main(store: Path) -> None:
     for folder, data, _ in PARTS:
         blocks[folder] = (_compact(summaries[folder], SECTION_DATA.get(data))
                           if folder in summaries else "*(not run yet: see 'What is left')*\n")
-    blocks["tuning"] = _tuning(store)
-    blocks["tuning-10ep"] = _tuning_10(store)
-    blocks["budget"] = _budget(store, study)
-    blocks["planner-check"] = _planner_check(store)
+    storage = _storage(store)  # one Optuna storage and one planner for every block
+    blocks["tuning"] = _tuning(storage)
+    blocks["tuning-10ep"] = _tuning_10(storage)
+    planner = _Planner(store)
+    blocks["budget"] = _budget(planner, study)
+    blocks["planner-check"] = _planner_check(planner)
     full = HERE / "budget-table1-full-size.txt"
     blocks["budget-full"] = ("```\n" + full.read_text() + "```\n" if full.exists()
                              else "*(not measured yet)*\n")
@@ -163,9 +165,8 @@ def _load(storage, name: str):
         return None
 
 
-def _tuning(store: Path) -> str:
+def _tuning(storage) -> str:
     """The 5-epoch study: its counts, best trial and trials; the paper's setting beside it."""
-    storage = _storage(store)
     study = _load(storage, STUDY_NAME)
     if study is None:
         return "*(not run yet: see 'What is left')*\n"
@@ -177,9 +178,9 @@ def _tuning(store: Path) -> str:
             f"(study `{PAPER_STUDY_NAME}`, one trial, not pruned):\n\n" + _trials_table(paper))
 
 
-def _tuning_10(store: Path) -> str:
+def _tuning_10(storage) -> str:
     """The 10-epoch study of run.sh's tune10 step."""
-    study = _load(_storage(store), STUDY_10_NAME)
+    study = _load(storage, STUDY_10_NAME)
     if study is None:
         return "*(not run yet: `bash docs/study/run.sh tune10`)*\n"
     return _study_text(study)
@@ -228,12 +229,11 @@ def _trials_table(study) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _budget(store: Path, study) -> str:
+def _budget(planner: "_Planner", study) -> str:
     """The planner's first-epoch training time (steps × measured step) beside each study run's
     measured `epoch_time` of epoch 1, from the cache run.sh's `lcp budget` calls filled."""
     import pandas as pd
 
-    planner = _Planner(store)
     if study.empty:
         return "*(no run yet)*\n"
     # A run this store does not hold (a part made from an earlier store, whose report files
@@ -256,13 +256,13 @@ def _budget(store: Path, study) -> str:
     return _check_table(pd.DataFrame(rows), HERE / "budget.csv")
 
 
-def _planner_check(store: Path) -> str:
+def _planner_check(planner: "_Planner") -> str:
     """The planner beside the one-epoch runs of run.sh's planner-check step (the study's
     configurations, one epoch each, on a quiet machine); the committed CSV where this store
     has none."""
     import pandas as pd
 
-    planner, out = _Planner(store), HERE / "planner-check.csv"
+    out = HERE / "planner-check.csv"
     rows = []
     if planner.tracker is not None:
         exp = planner.tracker.get_experiment_id("lcp-table-1")
