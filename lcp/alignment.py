@@ -21,13 +21,11 @@ trajectory is bit-identical with the probe on or off. bp and rbp runs have no pr
 
 from __future__ import annotations
 
-import contextlib
-import random
 import time
 
-import numpy as np
 import torch
 
+from lcp.preserve import preserved
 from lcp.trainers import build_trainer
 
 # the exact-gradient trainer of each model (the baseline of its section)
@@ -55,7 +53,7 @@ class AlignmentProbe:
 
     def measure(self, prefix: str = "align/") -> dict[str, float]:
         start = time.perf_counter()
-        with _preserved(self.model, self.trainer, self.all_params):
+        with preserved(self.model, self.trainer, self.all_params):
             update, stats = self._update(self.trainer)
             gradient, _ = self._update(self.reference)
         dot = torch.dot(update, gradient).item()
@@ -78,28 +76,3 @@ class AlignmentProbe:
         flat = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                 for p in self.params]
         return torch.cat(flat).double(), stats
-
-
-@contextlib.contextmanager
-def _preserved(model, trainer, params):
-    grads = [p.grad for p in params]
-    attributes = dict(vars(trainer))
-    states = [(m, {k: v.clone() for k, v in m.state_dict().items()}) for m in
-              (model, trainer)]
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None,
-           np.random.get_state(), random.getstate())
-    try:
-        yield
-    finally:
-        for module, state in states:
-            module.load_state_dict(state)
-        vars(trainer).clear()
-        vars(trainer).update(attributes)
-        for p, g in zip(params, grads):
-            p.grad = g
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
-        np.random.set_state(rng[2])
-        random.setstate(rng[3])

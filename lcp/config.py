@@ -54,9 +54,11 @@ _FALSE = {"no", "false", "f", "n", "0"}
 
 # What makes a manifest row that row: never overridden, searched or tuned.
 IDENTITY_FIELDS = ("seed", "model", "trainer")
-# Where data lives, the device, the output folder and the alignment measurements (they leave the
-# trajectory bit-identical): not what a run computes (not in the config hash).
-NOT_HASHED = ("data_dir", "device", "out_dir", "save_model", "align", "align_every")
+# Where data lives, the device, the output folder, the alignment measurements and the watching
+# evaluations (both leave the trajectory bit-identical): not what a run computes (not in the
+# config hash).
+NOT_HASHED = ("data_dir", "device", "out_dir", "save_model", "align", "align_every",
+              "watch_epochs")
 
 
 class ConfigError(LcpError, ValueError):
@@ -146,6 +148,12 @@ class RunConfig:
     controller_solver: str = "euler"  # lcp-di/kp/lf: 'anderson' reaches the same fixed point faster
     align: bool = True  # LCP trainers: cosine of the update to the exact gradient (lcp.alignment)
     align_every: int = 0  # also every K optimizer steps (0: at epoch ends only)
+    # Every K epochs, evaluate the test (and validation) set only to watch the run (learning
+    # curves, health): the RNGs and buffers are put back afterwards, so the run trains
+    # bit-identically to an unwatched one. The paper's eval_epochs keeps the paper's meaning,
+    # perturbation included (making a loader's iterator draws from the global generator, so
+    # every later shuffle moves). 0: off; an epoch that eval_epochs evaluates is not evaluated twice.
+    watch_epochs: int = 0
 
     def __post_init__(self) -> None:
         self._coerce_types()
@@ -182,6 +190,16 @@ class RunConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def evaluation_after(self, epoch: int) -> str | None:
+        """Which evaluation of the test set follows epoch `epoch` (counted from 1): 'paper'
+        (every eval_epochs, as the paper's script), 'watch' (every watch_epochs, leaving the run
+        unchanged) or None."""
+        if self.eval_epochs > 0 and epoch % self.eval_epochs == 0:
+            return "paper"
+        if self.watch_epochs > 0 and epoch % self.watch_epochs == 0:
+            return "watch"
+        return None
 
     # ------------------------------------------------------------------ validation
     def _coerce_types(self) -> None:
@@ -249,7 +267,7 @@ class RunConfig:
             if getattr(self, name) == 0:
                 raise ConfigError(f"setting '{name}' must be ≥ 1, or -1 for every batch (got 0: "
                                   "an epoch without batches)", name)
-        for name in ("eval_epochs", "align_every"):
+        for name in ("eval_epochs", "align_every", "watch_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting '{name}' must be ≥ 0 (got {getattr(self, name)})",
                                   name)

@@ -1,8 +1,10 @@
 """The training loop, readable top to bottom: `fit(cfg, callbacks)` (docs/equations.md,
 "Training loop").
 
-Every `eval_epochs` epochs the test (and validation) set is evaluated; at the end the train and
-test sets, as the paper's script prints them (`eval_train/*`, `eval_test/*`). LCP runs measure
+Every `eval_epochs` epochs the test (and validation) set is evaluated, as in the paper's script
+(which moves every later shuffle: see `RunConfig.watch_epochs`); every `watch_epochs` epochs it
+is evaluated without touching the run (`lcp.preserve`); at the end the train and test sets, as the
+paper's script prints them (`eval_train/*`, `eval_test/*`). LCP runs measure
 their update's alignment with the exact gradient at the end of each epoch (and every
 `align_every` steps) without touching the trajectory (`lcp.alignment`).
 
@@ -32,6 +34,7 @@ from lcp.config import RunConfig
 from lcp.data import build_loaders
 from lcp.errors import DivergenceError, LcpError
 from lcp.models import build_model
+from lcp.preserve import preserved
 from lcp.trainers import build_trainer
 
 
@@ -258,8 +261,12 @@ def fit(cfg: RunConfig, callbacks=(), *, checkpoint_path: str | os.PathLike | No
             if probe is not None:
                 record.update(probe.measure())
             epoch = state.epoch + 1
-            if cfg.eval_epochs > 0 and epoch % cfg.eval_epochs == 0:
+            evaluation = cfg.evaluation_after(epoch)
+            if evaluation == "paper":  # the paper's: it moves every later shuffle
                 record.update(evaluate_splits(trainer, eval_loaders, ("test", "val"), device))
+            elif evaluation == "watch":
+                with preserved(model, trainer):
+                    record.update(evaluate_splits(trainer, eval_loaders, ("test", "val"), device))
             record["epoch"] = epoch
             state.epoch = epoch
             state.history.append(record)

@@ -70,7 +70,7 @@ class RunEstimate:
     eval_batches: int  # per evaluation of the test (and validation) set
     final_eval_batches: int  # the final evaluation: train, test (and validation) sets
     epochs: int
-    evals: int  # periodic evaluations (every eval_epochs)
+    evals: int  # evaluations after an epoch (every eval_epochs or watch_epochs)
     step_s: float
     eval_batch_s: float
     slowdown: float  # later epochs ÷ the first, from the store (1.0: unknown or none)
@@ -281,7 +281,8 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
             slowdowns[(item.exp.id, cfg.data)] = slowdown_from_store(
                 tracker, item.experiment_name, item.exp.id, cfg.data)
         slow = slowdowns[(item.exp.id, cfg.data)]
-        evals_count = cfg.num_epochs // cfg.eval_epochs if cfg.eval_epochs > 0 else 0
+        evals_count = sum(cfg.evaluation_after(e) is not None
+                          for e in range(1, cfg.num_epochs + 1))
         out.append(RunEstimate(item.exp.id, item.seed, item.config_hash, steps_per_epoch,
                                eval_batches, final_batches, cfg.num_epochs, evals_count,
                                m.step_s, m.eval_batch_s, slow or 1.0, slow is not None, cached,

@@ -14,8 +14,11 @@ from lcp.config import RunConfig
 from pipeline import tracking
 from pipeline.manifest import Experiment, Manifest, ManifestError, parse_overrides
 
-QUICK_OVERRIDES = {"num_epochs": "1", "limit_train_batches": "20", "limit_eval_batches": "5",
-                   "eval_epochs": "1"}
+# The pipeline watches every run: the test set after every epoch (curves, the report's health
+# columns), evaluated so that the run trains bit-identically to an unwatched one
+# (RunConfig.watch_epochs); `--set watch_epochs=0` turns it off.
+WATCH_OVERRIDES = {"watch_epochs": "1"}
+QUICK_OVERRIDES = {"num_epochs": "1", "limit_train_batches": "20", "limit_eval_batches": "5"}
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -34,8 +37,8 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 def run_overrides(sets: Mapping[str, str], *, quick: bool = False,
                   data_dir: str | None = None) -> dict[str, Any]:
-    """--quick's settings, then --set (which wins), then --data-dir."""
-    out: dict[str, Any] = dict(QUICK_OVERRIDES) if quick else {}
+    """The pipeline's watching, --quick's settings, then --set (which wins), then --data-dir."""
+    out: dict[str, Any] = {**WATCH_OVERRIDES, **(QUICK_OVERRIDES if quick else {})}
     out.update(sets)
     if data_dir is not None:
         if "data_dir" in sets and sets["data_dir"] != data_dir:

