@@ -112,7 +112,7 @@ class Experiment:
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     search: dict[str, dict[str, Any]] = field(default_factory=dict)
     derived_from: str | None = None
-    paper: float | None = None  # the paper's test accuracy (%) for this row, when given
+    paper: schema.PaperResult | None = None  # the paper's result for this row, when given
 
     @property
     def model(self) -> str:

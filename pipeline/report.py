@@ -113,6 +113,8 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             "data_source": run.data.tags.get("data_source", "full"),
             "test_acc": _pct(metrics.get("eval_test/accuracy")),
             "train_acc": _pct(metrics.get("eval_train/accuracy")),
+            "train_nll": metrics.get("eval_train/loss", math.nan),
+            "test_nll": metrics.get("eval_test/loss", math.nan),
             "wall_time_s": wall,
             "solver_iters": sum(iters) / len(iters) if iters else math.nan,
             "hit_max_iter": hit if any(k.endswith("hit_max_iter_count") for k in histories)
@@ -128,7 +130,8 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
         curves[run_id] = {k: sorted((m.step, m.value) for m in histories[k])
                           for k in CURVE_KEYS if k in histories}
     columns = ["id", "seed", "data", "run_id", "config_hash", "data_source", "epochs", "threads",
-               "test_acc", "best_test_acc", "best_epoch", "train_acc", "wall_time_s",
+               "test_acc", "best_test_acc", "best_epoch", "train_acc", "train_nll", "test_nll",
+               "wall_time_s",
                "solver_iters", "hit_max_iter", "cos_to_gradient", "collapsed", "iter_growth",
                "max_iter_share", "health"]
     return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id,
@@ -149,10 +152,28 @@ def _int_or_nan(text) -> float:
 # ====================================================================== the table
 
 
+@dataclass(frozen=True)
+class Published:
+    """A result known by its summary only: mean ± std (over seeds, ddof 1) of n seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, paper) -> "Published | float":
+        """A manifest row's `paper:` test accuracy: Published, or the bare number it gives."""
+        acc = paper.test_acc
+        return float(acc.mean) if acc.std is None or paper.n is None else cls(
+            acc.mean, acc.std, paper.n)
+
+
 def verdict(values, reference, margin: float = DEFAULT_MARGIN_PP, alpha: float = ALPHA
             ) -> tuple[str, float]:
     """(word, p) for `values` (a row's seeds, in %) against `reference`: another row's seeds
-    (two-sample, Welch) or one number (the paper's value: one-sample t).
+    (two-sample, Welch), a `Published` mean ± std over n seeds (Welch's test from summary
+    statistics: two samples, not as if the published mean were exact) or one number
+    (one-sample t).
 
     `matches`: equivalent within ±`margin` pp by two one-sided tests (TOST; p is the larger of
     the two one-sided p-values); else `below`/`above`: the difference is significant (two-sided
@@ -161,20 +182,35 @@ def verdict(values, reference, margin: float = DEFAULT_MARGIN_PP, alpha: float =
     error of 0) are judged by the difference itself.
     """
     import numpy as np
-    from scipy import stats
 
     a = np.asarray(values, dtype=float)
-    b = np.atleast_1d(np.asarray(reference, dtype=float))
-    one_sample = b.size == 1 and np.ndim(reference) == 0
-    if a.size < 2 or (not one_sample and b.size < 2):
+    if a.size < 2:
         return "inconclusive", math.nan
-    diff = a.mean() - b.mean()
-    if one_sample:
-        var, df = a.var(ddof=1) / a.size, a.size - 1
+    mine = (float(a.mean()), float(a.var(ddof=1)), int(a.size))
+    if isinstance(reference, Published):
+        return judge(mine, (reference.mean, reference.std ** 2, reference.n), margin, alpha)
+    b = np.atleast_1d(np.asarray(reference, dtype=float))
+    if b.size == 1 and np.ndim(reference) == 0:
+        return judge(mine, (float(b[0]), 0.0, None), margin, alpha)
+    if b.size < 2:
+        return "inconclusive", math.nan
+    return judge(mine, (float(b.mean()), float(b.var(ddof=1)), int(b.size)), margin, alpha)
+
+
+def judge(a: tuple[float, float, int], b: tuple[float, float, int | None], margin: float,
+          alpha: float = ALPHA) -> tuple[str, float]:
+    """The verdict of `verdict` from summary statistics (mean, variance, n) of each side; b's
+    n None: b is one exact number (a one-sample test)."""
+    from scipy import stats
+
+    (mean_a, var_a, n_a), (mean_b, var_b, n_b) = a, b
+    diff = mean_a - mean_b
+    if n_b is None:
+        var, df = var_a / n_a, n_a - 1
     else:
-        va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+        va, vb = var_a / n_a, var_b / n_b
         var = va + vb
-        df = var ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)) if var > 0 else 1
+        df = var ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1)) if var > 0 else 1
     se = math.sqrt(var)
     if se == 0:
         if abs(diff) < margin:
@@ -240,7 +276,7 @@ def summarize(collected: Collected, manifest: Manifest, margin: float = DEFAULT_
             p_value = float(stats.ttest_ind(test, accs[baseline], equal_var=False).pvalue)
         word, p_word = (verdict(test, accs.get(baseline, ()), margin) if baseline and n
                         else ("", math.nan))
-        word_paper, p_paper = (verdict(test, float(exp.paper), margin)
+        word_paper, p_paper = (verdict(test, Published.of(exp.paper), margin)
                                if exp.paper is not None and n else ("", math.nan))
         out.append({
             "section": exp.section, "label": exp.label, "id": exp.id, "n": int(len(mine)),
@@ -249,8 +285,10 @@ def summarize(collected: Collected, manifest: Manifest, margin: float = DEFAULT_
             "test_acc_std": std,
             "test_acc_ci_low": test.mean() - half if n > 1 else math.nan,
             "test_acc_ci_high": test.mean() + half if n > 1 else math.nan,
-            "paper": math.nan if exp.paper is None else exp.paper,
+            **_paper_columns(exp.paper),
             "train_acc_mean": mine["train_acc"].mean() if len(mine) else math.nan,
+            "train_nll_mean": mine["train_nll"].mean() if len(mine) else math.nan,
+            "test_nll_mean": mine["test_nll"].mean() if len(mine) else math.nan,
             "baseline": baseline,
             "is_baseline": base is not None and base.id == exp.id,
             "p_value": p_value,
@@ -274,12 +312,42 @@ def summarize(collected: Collected, manifest: Manifest, margin: float = DEFAULT_
         (row.test_acc_mean - means.get(row.baseline, math.nan)) if row.baseline else math.nan
         for row in df.itertuples()]
     order = ["section", "label", "id", "n", "seeds", "test_acc_mean", "test_acc_std",
-             "test_acc_ci_low", "test_acc_ci_high", "paper", "train_acc_mean", "is_baseline",
+             "test_acc_ci_low", "test_acc_ci_high", *PAPER_COLUMNS, "train_acc_mean",
+             "train_nll_mean", "test_nll_mean", "is_baseline",
              "baseline", "gap_to_baseline", "p_value", "verdict", "verdict_p", "verdict_paper",
              "verdict_paper_p", "margin", "best_acc_mean", "collapsed", "iter_growth",
              "max_iter_share", "health", "cos_to_gradient", "wall_time_s", "solver_iters",
              "hit_max_iter", "data"]
     return df[order]
+
+
+PAPER_COLUMNS = ("paper", "paper_std", "paper_n", "paper_train_acc", "paper_train_acc_std",
+                 "paper_test_nll", "paper_test_nll_std", "paper_train_nll",
+                 "paper_train_nll_std", "paper_source")
+
+
+def _paper_columns(paper) -> dict[str, Any]:
+    """The paper's numbers of a row as summary columns (NaN where it gives none)."""
+    out: dict[str, Any] = {k: math.nan for k in PAPER_COLUMNS}
+    out["paper_source"] = ""
+    if paper is None:
+        return out
+    out["paper_n"] = paper.n if paper.n is not None else math.nan
+    out["paper_source"] = paper.source
+    for stat, column in (("test_acc", "paper"), ("train_acc", "paper_train_acc"),
+                         ("test_nll", "paper_test_nll"), ("train_nll", "paper_train_nll")):
+        value = getattr(paper, stat)
+        if value is not None:
+            out[column] = value.mean
+            out[column + "_std"] = value.std if value.std is not None else math.nan
+    return out
+
+
+def _mean_pm(mean, std, pm: str = "±", digits: int = 2) -> str:
+    text = _num(mean, digits)
+    if text != "—" and not (isinstance(std, float) and math.isnan(std)):
+        text += f" {pm} {_num(std, digits)}"
+    return text
 
 
 def _num(value, digits=2, signed=False) -> str:
@@ -323,15 +391,13 @@ def display_rows(summary, pm: str = "±") -> tuple[list[str], list[list[str]]]:
                 "Hit max_iter", "Data"]
     rows = []
     for r in summary.itertuples():
-        test = _num(r.test_acc_mean)
-        if not math.isnan(r.test_acc_std):
-            test += f" {pm} {_num(r.test_acc_std)}"
+        test = _mean_pm(r.test_acc_mean, r.test_acc_std, pm)
         ci = ("—" if math.isnan(r.test_acc_ci_low) else
               f"[{_num(r.test_acc_ci_low)}, {_num(r.test_acc_ci_high)}]")
         gap = "(baseline)" if r.is_baseline else _num(r.gap_to_baseline, signed=True)
         hit = "—" if math.isnan(r.hit_max_iter) else f"{int(r.hit_max_iter)}"
         rows.append([r.section, r.label, r.id, str(r.n), test, ci]
-                    + ([_num(r.paper)] if with_paper else [])
+                    + ([_mean_pm(r.paper, r.paper_std, pm)] if with_paper else [])
                     + [_num(r.train_acc_mean), gap, _p(r.p_value),
                        _verdict_cell(r.verdict, r.verdict_p, r.is_baseline)]
                     + ([_verdict_cell(r.verdict_paper, r.verdict_paper_p)] if with_paper else [])
@@ -346,11 +412,44 @@ VERDICT_NOTE = (
     f"{ALPHA:g}; `below`/`above` = different (two-sided t-test at {ALPHA:g}); `inconclusive` = "
     "neither, or fewer than 2 seeds a side. The p beside it is the TOST p for `matches` and "
     "inconclusive, the difference's p for below/above.\n"
+    "Against the paper: its mean ± std over n seeds is a sample too, so the test is Welch's "
+    "from both sides' means, stds and seed counts (not a one-sample test against its mean, "
+    "which would count its mean as exact). `matches` says the difference of the two means lies "
+    "within ± the margin with 95 % confidence; with 3 seeds a side, stds of 0.1-0.2 pp and a "
+    "1 pp margin, means about 0.6 pp apart or closer can be judged `matches`. `inconclusive` "
+    "says the seeds cannot tell, not that the runs differ.\n"
     "Best acc.: the best test accuracy over the evaluated epochs (mean over seeds), a health "
     "indicator, not a result (it is chosen on the test set). Health: seeds not finished, "
     f"`collapsed` (final test accuracy more than {COLLAPSE_PP:g} pp below the best), the share "
     "of solves that stopped at max_iter, and `iters xK` (the controller's iterations per "
     "solve, last epoch ÷ first).\n")
+
+
+def paper_detail_rows(summary, pm: str = "±") -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of ours beside the paper's train/test accuracy and NLL, for the rows
+    where the paper gives its train accuracy (e.g. its appendix's Table S3); no rows if none."""
+    headers = ["Section", "Method", "Train acc. (%)", "Paper", "Test acc. (%)", "Paper",
+               "Train NLL", "Paper", "Test NLL", "Paper"]
+    rows = []
+    for r in summary.itertuples():
+        if math.isnan(r.paper_train_acc):
+            continue
+        rows.append([r.section, r.label, _num(r.train_acc_mean),
+                     _mean_pm(r.paper_train_acc, r.paper_train_acc_std, pm),
+                     _mean_pm(r.test_acc_mean, r.test_acc_std, pm),
+                     _mean_pm(r.paper, r.paper_std, pm), _num(r.train_nll_mean, 4),
+                     _mean_pm(r.paper_train_nll, r.paper_train_nll_std, pm, 4),
+                     _num(r.test_nll_mean, 4),
+                     _mean_pm(r.paper_test_nll, r.paper_test_nll_std, pm, 4)])
+    return headers, rows
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [
+        line(r) for r in rows]
 
 
 def format_table(summary, fmt: str) -> str:
@@ -362,12 +461,13 @@ def format_table(summary, fmt: str) -> str:
             if sample else "")
     note += VERDICT_NOTE
     if fmt == "md":
-        headers, rows = display_rows(summary)
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-                  for i, h in enumerate(headers)]
-        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-        out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-        out += [line(r) for r in rows]
+        out = _md_table(*display_rows(summary))
+        detail_headers, detail = paper_detail_rows(summary)
+        if detail:
+            sources = sorted({r for r in summary["paper_source"] if r})
+            out += ["", "Beside the paper's train and test accuracy and NLL (mean over seeds; "
+                    "the paper's mean ± std" + (f"; {'; '.join(sources)}" if sources else "")
+                    + "):", ""] + _md_table(detail_headers, detail)
         return "\n".join(out) + "\n" + ("\n" + note.replace("\n", "\n\n") if note else "")
     headers, rows = display_rows(summary, pm=r"$\pm$")
     esc = lambda text: (text.replace("\\", r"\textbackslash{}").replace("_", r"\_")

@@ -16,6 +16,7 @@ into `file:line: experiment row 4 (id ...), field 'search.alpha.low': reason`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator,
@@ -298,6 +299,71 @@ def _text_number(text: str) -> Any:
 # ====================================================================== manifest files
 
 
+# ====================================================================== the paper's numbers
+
+PAPER_STATS = ("test_acc", "train_acc", "test_nll", "train_nll")
+
+
+@dataclass(frozen=True)
+class MeanStd:
+    mean: float
+    std: float | None  # None: one exact value (no spread given)
+
+
+@dataclass(frozen=True)
+class PaperResult:
+    """A row's result as the paper publishes it: mean ± std over `n` seeds of the test accuracy
+    (%), and where the paper gives them the train accuracy (%) and the train/test NLL (the mean
+    cross-entropy). A bare number in the manifest is one exact test accuracy (n None)."""
+
+    test_acc: MeanStd
+    n: int | None = None
+    train_acc: MeanStd | None = None
+    test_nll: MeanStd | None = None
+    train_nll: MeanStd | None = None
+    source: str = ""
+
+
+def _mean_std(value: Any, name: str) -> MeanStd:
+    number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if not (isinstance(value, list) and len(value) == 2 and all(map(number, value))
+            and value[1] >= 0):
+        raise fail(f"expected [mean, std]: two numbers, the std ≥ 0 (got {kind_of(value)})", name)
+    if name.endswith("_acc") and not 0 <= value[0] <= 100:
+        raise fail(f"expected an accuracy in % (a mean from 0 to 100; got {value[0]!r})", name)
+    return MeanStd(float(value[0]), float(value[1]))
+
+
+def check_paper(value: Any) -> PaperResult:
+    """`paper:` of a row: a number (the test accuracy in %), or a mapping with `test_acc:
+    [mean, std]`, the seed count `n` (≥ 2) and optionally `train_acc`, `test_nll`, `train_nll`
+    (each [mean, std]) and `source` (where in the paper)."""
+    usage = ("expected the paper's test accuracy in % (a number from 0 to 100), or a mapping "
+             "with test_acc: [mean, std], n: seeds (≥ 2) and optionally train_acc, test_nll, "
+             "train_nll ([mean, std]) and source")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and 0 <= value <= 100):
+            raise fail(f"{usage} (got {value!r})")
+        return PaperResult(MeanStd(float(value), None))
+    if not isinstance(value, Mapping):
+        raise fail(f"{usage} (got {kind_of(value)})")
+    keys = ("n", "source") + PAPER_STATS
+    for key in value:
+        if key not in keys:
+            raise fail(f"unknown key {key!r}; valid keys are: {', '.join(keys)}", key)
+    for key in ("test_acc", "n"):
+        if key not in value:
+            raise fail(f"required key {key!r} is missing ({usage})", key)
+    n = value["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise fail(f"expected the number of seeds, an integer ≥ 2 (got {kind_of(n)})", "n")
+    source = value.get("source", "")
+    if not isinstance(source, str):
+        raise fail(f"expected text (got {kind_of(source)})", "source")
+    stats = {k: _mean_std(value[k], k) for k in PAPER_STATS if value.get(k) is not None}
+    return PaperResult(n=n, source=source, **stats)
+
+
 def check_args(args: Any) -> dict[str, Any]:
     """A row's or section's flags: RunConfig fields (not `seed`), single values."""
     if not isinstance(args, Mapping):
@@ -360,7 +426,7 @@ class Row(Strict):
     seeds: Seeds | None = None
     search: SpaceOrNull = {}
     derived_from: Any = None
-    paper: float | None = None  # the paper's test accuracy (%) for this row
+    paper: Any = None  # the paper's result for this row (PaperResult; see check_paper)
 
     @field_validator("table", mode="before")
     @classmethod
@@ -372,11 +438,7 @@ class Row(Strict):
     @field_validator("paper", mode="before")
     @classmethod
     def _paper(cls, value: Any) -> Any:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 <= value <= 100):
-            raise fail("expected the paper's test accuracy in % (a number from 0 to 100; got "
-                       f"{value!r})")
-        return value
+        return None if value is None else check_paper(value)
 
 
 class ManifestDoc(Strict):

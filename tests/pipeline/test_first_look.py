@@ -120,6 +120,10 @@ def test_the_report_shows_ci_p_values_paper_values_alignment_and_the_sample(tour
 
     doc = yaml.safe_load(ws.manifest.read_text())
     doc["experiments"][0]["paper"] = 97.5
+    lcp_di = next(i for i, row in enumerate(doc["experiments"]) if row["id"] == "t1-ff-lcp-di")
+    doc["experiments"][lcp_di]["paper"] = {
+        "n": 3, "test_acc": [98.11, 0.07], "train_acc": [100.0, 0.0],
+        "train_nll": [0.00004, 0.00002], "test_nll": [0.1869, 0.0154], "source": "Table S3"}
     with_paper = tmp_path / "paper.yaml"
     with_paper.write_text(yaml.safe_dump(doc, sort_keys=False))
     report = make_report(ws.tracker(), load_manifest(with_paper), 1, seeds=[0, 1],
@@ -127,6 +131,9 @@ def test_the_report_shows_ci_p_values_paper_values_alignment_and_the_sample(tour
                          quick=True, options=ReportOptions(out_dir=tmp_path / "p",
                                                            log_to_mlflow=False))
     assert "Paper (%)" in report.text.splitlines()[0] and "| 97.50" in report.text
+    assert "| 98.11 ± 0.07" in report.text  # the paper's mean ± std
+    assert "Beside the paper's train and test accuracy and NLL" in report.text
+    assert "Table S3" in report.text and "0.1869 ± 0.0154" in report.text
     runs = report.summary.set_index("id")
     accs = {row: [100 * r.data.metrics["eval_test/accuracy"] for r in ws.runs()
                   if r.data.tags["id"] == row] for row in ("t1-ff-bp", "t1-ff-lcp-di")}
@@ -137,6 +144,9 @@ def test_the_report_shows_ci_p_values_paper_values_alignment_and_the_sample(tour
     assert lcp.test_acc_ci_high - mean == pytest.approx(stats.t.ppf(0.975, 1) * sem)
     assert math.isnan(runs.loc["t1-ff-bp"].p_value)  # the baseline itself
     assert 0.5 < lcp.cos_to_gradient <= 1 and lcp.data == "mnist-sample"
+    assert lcp.paper == 98.11 and lcp.paper_n == 3 and lcp.paper_train_acc == 100.0
+    assert lcp.verdict_paper in ("matches", "below", "above", "inconclusive")
+    assert lcp.test_nll_mean > 0 and lcp.train_nll_mean > 0
 
 
 def test_a_run_that_is_not_quick_never_falls_back(tmp_path, monkeypatch):

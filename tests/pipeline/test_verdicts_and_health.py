@@ -5,11 +5,15 @@ collapse, the controller's slowdown, solves at max_iter) on constructed historie
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline.health import COLLAPSE_PP, records_from_histories, run_health
 from pipeline.report import verdict
+
+sys.path.insert(0, str(Path(__file__).parent))  # pipeline_testing
 
 BP = [97.80, 97.90, 98.00]
 
@@ -112,3 +116,80 @@ def test_a_run_never_evaluated_has_no_best():
     health = run_health([{"epoch": 1, "train/loss": 1.0}])
     assert health.best_epoch is None and math.isnan(health.best_acc) and not health.collapsed
     assert "health/best_test_accuracy" not in health.metrics()
+
+
+# ---------------------------------------------------------------------- against the paper
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    ([98.2, 98.3, 98.4], [98.1, 98.3, 98.5]),  # matches
+    ([96.0, 96.1, 95.9], [98.1, 98.3, 98.5]),  # below
+    ([98.0, 98.6, 97.2], [98.1, 98.3, 98.5]),  # inconclusive
+])
+def test_a_published_mean_and_std_is_judged_as_the_sample_it_summarises(ours, theirs):
+    """Welch's TOST from the paper's mean, std and n equals the test on the seeds themselves:
+    the paper's mean is a sample mean, not an exact value."""
+    import numpy as np
+    from scipy import stats
+
+    from pipeline.report import Published
+
+    b = np.asarray(theirs)
+    published = Published(float(b.mean()), float(b.std(ddof=1)), len(b))
+    assert verdict(ours, published) == pytest.approx(verdict(ours, theirs))
+    word, p = verdict(ours, published)
+    if word == "below":  # the difference's p is Welch's, from summary statistics
+        a = np.asarray(ours)
+        want = stats.ttest_ind_from_stats(a.mean(), a.std(ddof=1), 3, b.mean(),
+                                          b.std(ddof=1), 3, equal_var=False).pvalue
+        assert p == pytest.approx(want)
+
+
+def test_the_papers_spread_makes_a_close_result_harder_to_call_a_match():
+    """The same seeds against the same mean: exact (one-sample) they match; with the paper's
+    std of its 3 seeds they cannot be told apart from a 1 pp difference (inconclusive)."""
+    from pipeline.report import Published
+
+    ours = [97.60, 97.70, 97.80]
+    assert verdict(ours, 97.9)[0] == "matches"
+    assert verdict(ours, Published(97.9, 0.6, 3))[0] == "inconclusive"
+
+
+def test_every_paper_row_carries_the_papers_numbers():
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest("experiments.yaml")
+    rows = manifest.table(1) + manifest.table(2)
+    assert len(rows) == 15 and all(r.paper is not None and r.paper.n == 3 for r in rows)
+    by_id = {r.id: r.paper for r in rows}
+    assert (by_id["t1-ff-bp"].test_acc.mean, by_id["t1-ff-bp"].test_acc.std) == (98.29, 0.14)
+    assert by_id["t2-conv-rnn-lcp-di"].test_acc.mean == 80.26
+    # the appendix's train accuracy and NLL for every Table 1 row and the DEQ rows of Table 2
+    with_train = {r.id for r in rows if r.paper.train_acc is not None}
+    assert with_train == {r.id for r in manifest.table(1)} | {"t2-conv-rnn-rbp",
+                                                              "t2-conv-rnn-lcp-di"}
+    assert all(by_id[i].train_nll is not None and by_id[i].test_nll is not None
+               for i in with_train)
+    assert all(r.paper.source.startswith("arXiv 2207.01332v2") for r in rows)
+
+
+@pytest.mark.parametrize("value,match", [
+    ({"test_acc": [98.0, 0.1]}, r"required key 'n'"),
+    ({"n": 3, "test_acc": [98.0]}, r"\[mean, std\]"),
+    ({"n": 3, "test_acc": [98.0, -0.1]}, r"std ≥ 0"),
+    ({"n": 1, "test_acc": [98.0, 0.1]}, r"integer ≥ 2"),
+    ({"n": 3, "test_acc": [980.0, 0.1]}, r"0 to 100"),
+    ({"n": 3, "test_acc": [98.0, 0.1], "tests": 1}, r"unknown key 'tests'"),
+])
+def test_a_bad_paper_result_is_one_clear_error(tmp_path, value, match):
+    import yaml
+
+    from pipeline.manifest import ManifestError, load_manifest
+    from pipeline_testing import write_manifest
+
+    path = write_manifest(tmp_path / "m.yaml")
+    doc = yaml.safe_load(path.read_text())
+    doc["experiments"][0]["paper"] = value
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(ManifestError, match=r"paper.*" + match):
+        load_manifest(path)
