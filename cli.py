@@ -9,9 +9,15 @@ from pathlib import Path
 
 import click
 
-from lcp.callbacks import Callback
-from lcp.config import RunConfig
-from lcp.errors import DivergenceError, LcpError
+from pipeline.openmp import wait_as_the_workers_do
+
+# First, before torch (imported below, through lcp) starts OpenMP, which reads how its threads
+# wait only then: `lcp train` waits as the pipeline's workers do, unless the user chose.
+wait_as_the_workers_do()
+
+from lcp.callbacks import Callback  # noqa: E402
+from lcp.config import RunConfig  # noqa: E402
+from lcp.errors import DivergenceError, LcpError  # noqa: E402
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3

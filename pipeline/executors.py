@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lcp.errors import LcpError, first_line
+from pipeline.openmp import openmp_waiting
 
 STOP_GRACE_S = 20.0
 # ====================================================================== slots
@@ -51,20 +52,6 @@ class Slot:
             "LCP_SLOT": self.label,
             **openmp_waiting(),
         }
-
-
-# GNU OpenMP (PyTorch's on Linux) spins this many rounds waiting for work, then sleeps
-SHORT_SPIN = {"GOMP_SPINCOUNT": "10000"}
-OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-
-
-def openmp_waiting() -> dict[str, str]:
-    """How a worker's OpenMP threads wait, unless the user chose (OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT): a short spin, then sleep. Measured on 2 cores (benchmarks/shared_cpu.py,
-    docs/speed.md, "Sharing the CPU"): as fast alone as OpenMP's long default spin, and beside
-    two other runs 2.9x its time alone instead of 5.4x; PASSIVE (no spin) is 2.1x there but
-    1.33x slower alone."""
-    return {} if any(v in os.environ for v in OPENMP_WAIT_VARIABLES) else dict(SHORT_SPIN)
 
 
 class SlotPool:

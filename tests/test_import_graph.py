@@ -220,7 +220,7 @@ LAYERS = [
      "pipeline.worker", "pipeline.trial"],
     ["pipeline.selection", "pipeline.study", "pipeline.health", "pipeline.plots"],
     ["pipeline.manifest", "pipeline.schema", "pipeline.tracking", "pipeline.rundir",
-     "pipeline.run_status"],
+     "pipeline.run_status", "pipeline.openmp"],
 ]
 
 

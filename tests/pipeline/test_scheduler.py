@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +17,11 @@ import pytest
 from lcp.errors import LcpError
 from pipeline.executors import (ExecutorOptions, LocalExecutor, SlotPool, choose_gpus,
                                 make_executor, parse_gpus)
+from pipeline.openmp import OPENMP_WAIT_VARIABLES
 from pipeline.scheduler import FAILED, FINISHED, KILLED, Hooks, Job, Scheduler, stop_on_signals
+
+ROOT = Path(__file__).resolve().parents[2]
+LCP_BIN = str(Path(sys.executable).parent / "lcp")
 
 # A job that records where it ran and when: slot env, start and end times.
 RECORDER = (
@@ -96,6 +102,53 @@ def test_workers_spin_briefly_unless_the_user_chose_how_openmp_waits(monkeypatch
         env = slot.env()
         assert "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env
         monkeypatch.delenv(variable)
+
+
+# Started as Python starts (sitecustomize): prints how OpenMP's threads will wait, read from the
+# environment at the moment torch is first imported, which is when GNU OpenMP reads it.
+OPENMP_PROBE = """\
+import os, sys
+
+class OpenMPProbe:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            seen = {v: os.environ.get(v) for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            print("openmp at torch import:", seen, flush=True)
+        return None
+
+sys.meta_path.insert(0, OpenMPProbe())
+"""
+
+
+def test_lcp_train_spins_briefly_unless_the_user_chose_how_openmp_waits(tmp_path, mnist_dir):
+    """`lcp train` and `python3 run_classification.py`, started as a user starts them, wait as
+    the workers do: the short spin is in the environment before torch starts OpenMP (the
+    process's own rule, not a variable handed down); a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT
+    is left as it is."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(OPENMP_PROBE)
+    base = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARIABLES}
+    base["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(probe), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    flags = ["--model=ff", "--trainer=bp", "--rnn_hidden_units=16", "--num_epochs=1",
+             "--limit_train_batches=2", "--limit_eval_batches=1", f"--data_dir={mnist_dir}"]
+    lcp_train, paper = [LCP_BIN, "train", *flags], [sys.executable, "run_classification.py", *flags]
+    short = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"}
+    cases = [(lcp_train, {}, short), (paper, {}, short),
+             (lcp_train, {"OMP_WAIT_POLICY": "PASSIVE"},
+              {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}),
+             (paper, {"GOMP_SPINCOUNT": "0"}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "0"})]
+    procs = [subprocess.Popen([*command, f"--out_dir={tmp_path / str(i)}"], cwd=ROOT,
+                              env={**base, **chosen}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i, (command, chosen, _) in enumerate(cases)]
+    for proc, (command, chosen, expected) in zip(procs, cases):
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert f"openmp at torch import: {expected}" in out, (command[:2], chosen, out)
+        assert "eval_test/accuracy" in out  # the process trained
 
 
 @pytest.mark.parametrize("runs_per_gpu", [1, 2])
