@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.openmp import wait_as_the_workers_do
+from pipeline.scheduling.openmp import wait_as_the_workers_do
 
 # First, before torch (imported below, through lcp) starts OpenMP, which reads how its threads
 # wait only then: `lcp train` waits as the pipeline's workers do, unless the user chose.

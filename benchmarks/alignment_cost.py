@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lcp.training import fit  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.manifest.manifest import load_manifest  # noqa: E402
 
 FULL_EPOCH_STEPS = math.ceil(60000 / 64)
 

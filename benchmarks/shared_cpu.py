@@ -17,8 +17,9 @@ each with OpenMP's default ("default": threads spin a long while as they wait; g
 (`GOMP_SPINCOUNT=10000`: GNU OpenMP's, PyTorch's on Linux), with `OMP_NUM_THREADS` = the cores or
 1, and "direct lcp train": `lcp train` started as a user starts it in a terminal (the `lcp`
 command, no OpenMP variable set), its company the same, so what it measures is `lcp train`'s own
-choice (`pipeline.openmp`). `--settings` picks some. Each case is repeated `--repeats` times, in
-turns; the median is printed with the ratio to the same setting alone and to the default alone.
+choice (`pipeline.scheduling.openmp`). `--settings` picks some. Each case is repeated
+`--repeats` times, in turns; the median is printed with the ratio to the same setting alone and
+to the default alone.
 
     python benchmarks/shared_cpu.py [--row t1-ff-lcp-di] [--batches 40] [--company 2] [--repeats 3]
                                     [--settings "passive,short spin,direct lcp train"]
@@ -50,9 +51,9 @@ DIRECT = "direct lcp train"
 
 
 def lcp_train(row: str, batches: int, direct: bool = False) -> list[str]:
-    from pipeline.manifest import load_manifest
-    from pipeline.runs import command_line
-    from pipeline.selection import expand
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.manifest.selection import expand
+    from pipeline.runs.table_run import command_line
 
     manifest = load_manifest(os.path.join(os.path.dirname(__file__), "..", "experiments.yaml"))
     item = expand([manifest.get(row)], [0], {"data": "mnist-sample", "num_epochs": "1",

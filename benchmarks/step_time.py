@@ -467,7 +467,7 @@ def fmt(v, spec=".2f", none="-"):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest.manifest import load_manifest
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

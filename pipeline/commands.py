@@ -1,9 +1,10 @@
 """The pipeline's commands on the `lcp` group: list, run-table, run, report, ui, tune, budget.
 
-`cli.py` calls `register(lcp)`. Each command makes one call below (pipeline.table, report, tune,
-ui), which prints through `echo=click.echo` as it goes. Every problem with the user's input
-(unknown id or table, a bad --set, an unreachable tracking store, bad --gpus) is raised as an
-LcpError, which the group prints as one line, without traceback, with exit status 2.
+`cli.py` calls `register(lcp)`. Each command makes one call below (pipeline.runs.table,
+reporting.report, tuning.tune, tracking.ui), which prints through `echo=click.echo` as it goes.
+Every problem with the user's input (unknown id or table, a bad --set, an unreachable tracking
+store, bad --gpus) is raised as an LcpError, which the group prints as one line, without
+traceback, with exit status 2.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import click
 
-from pipeline.rundir import DEFAULT_RUNS_DIR
+from pipeline.runs.rundir import DEFAULT_RUNS_DIR
 
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 
@@ -136,8 +137,8 @@ def list_command(table, **options):
       lcp list 1 --quick
       lcp list --tracking-uri http://127.0.0.1:5000
     """
-    from pipeline.selection import Selection
-    from pipeline.table import list_tables
+    from pipeline.manifest.selection import Selection
+    from pipeline.runs.table import list_tables
 
     list_tables(options["manifest_path"], table, _build(Selection, options),
                 options["tracking_uri"], options["runs_dir"], click.echo)
@@ -166,7 +167,7 @@ def run_table_command(table, **options):
       lcp run-table 1 --set num_epochs=5 --dry-run
     Then: lcp report 1   (same --quick/--set/--seeds)   and   lcp ui
     """
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest.manifest import load_manifest
 
     _run(load_manifest(options["manifest_path"]).table(table), options)
 
@@ -185,14 +186,14 @@ def run_command(ids, **options):
       lcp run t1-ff-bp t1-ff-lcp-di --workers 2 --retries 1
       lcp run t1-ff-lcp-di --set alpha=0.5 --set solver_max_iter=400 --dry-run
     """
-    from pipeline.manifest import load_manifest
-    from pipeline.selection import select
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.manifest.selection import select
 
     _run(select(load_manifest(options["manifest_path"]), ids=ids), options)
 
 
 def _run(rows, options: dict) -> None:
-    from pipeline.table import RunRequest, run_rows
+    from pipeline.runs.table import RunRequest, run_rows
 
     _exit(run_rows(rows, _build(RunRequest, options), echo=click.echo))
 
@@ -224,8 +225,8 @@ def budget_command(targets, workers, threads, remeasure, **options):
       lcp budget 1
       lcp budget t1-ff-bp t1-ff-lcp-di --set data=fashion-mnist --set num_epochs=10 --workers 2
     """
-    from pipeline.selection import Selection
-    from pipeline.table import price_rows
+    from pipeline.manifest.selection import Selection
+    from pipeline.runs.table import price_rows
 
     price_rows(options["manifest_path"], targets, _build(Selection, options),
                options["tracking_uri"], workers, threads, remeasure, click.echo)
@@ -268,8 +269,8 @@ def report_command(table, fmt, out_dir, any_config, no_mlflow, margin, **options
       lcp report 1 --quick --format csv
       lcp report 2 --format latex --out paper/
     """
-    from pipeline.report import ReportOptions, report_table
-    from pipeline.selection import Selection
+    from pipeline.manifest.selection import Selection
+    from pipeline.reporting.report import ReportOptions, report_table
 
     report = report_table(options["manifest_path"], table, _build(Selection, options),
                           options["tracking_uri"], any_config=any_config,
@@ -302,7 +303,7 @@ def ui_command(tracking_uri, host, port):
       lcp ui --port 5001
       ssh -L 5000:127.0.0.1:5000 gpu-box  then  lcp ui   on gpu-box
     """
-    from pipeline.ui import serve
+    from pipeline.tracking.ui import serve
 
     _exit(serve(tracking_uri, host, port, click.echo))
 
@@ -380,7 +381,7 @@ def tune_command(**options):
       lcp tune t1-ff-lcp-di --export                     # row t1-ff-lcp-di-tuned
       lcp run t1-ff-lcp-di-tuned && lcp report 1
     """
-    from pipeline.tune import TuneRequest, tune
+    from pipeline.tuning.tune import TuneRequest, tune
 
     given = click.get_current_context().get_parameter_source("storage")
     _exit(tune(_build(TuneRequest, options,

@@ -27,9 +27,9 @@ import traceback
 from pathlib import Path
 
 from lcp.callbacks import Callback
-from pipeline.run_status import end_run
-from pipeline.rundir import (CHECKPOINT_NAME, CONFIG_NAME, EXIT_BUSY, LOCK_NAME, PROGRESS_NAME,
-                             RunLock, read_config, resume_point, write_json_atomic)
+from pipeline.runs.rundir import (CHECKPOINT_NAME, CONFIG_NAME, EXIT_BUSY, LOCK_NAME, PROGRESS_NAME,
+                                  RunLock, read_config, resume_point, write_json_atomic)
+from pipeline.tracking.run_status import end_run
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -234,7 +234,7 @@ def die_with_parent() -> None:
 
 
 def _run(args, run_dir: Path) -> int:
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     tracker = Tracker(args.tracking_uri, check=True, create=False)
     run_id = args.run_id
@@ -249,12 +249,12 @@ def _run(args, run_dir: Path) -> int:
         from lcp.config import RunConfig
         from lcp.data import build_loaders
         from lcp.training import fit
-        from pipeline.tracking import (SYSTEM_METRICS_ENV, start_system_metrics,
-                                       stop_system_metrics)
+        from pipeline.tracking.store import (SYSTEM_METRICS_ENV, start_system_metrics,
+                                             stop_system_metrics)
 
         cfg = RunConfig.from_dict(read_config(run_dir))
         if args.trial:
-            from pipeline.trial import TrialSession
+            from pipeline.tuning.trial import TrialSession
 
             trial = TrialSession(args.trial, cfg.num_epochs)
         checkpoint = run_dir / CHECKPOINT_NAME
@@ -333,8 +333,8 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     """The final evaluation and, for a table run, the artifacts; then the run's end: FINISHED,
     or a trial's (status, tags, metrics) that say what its outcome means (Trial.finish)."""
     from lcp.training import save_model_file
-    from pipeline.health import run_health
-    from pipeline.plots import plot_run_curves
+    from pipeline.reporting.health import run_health
+    from pipeline.reporting.plots import plot_run_curves
 
     status, tags, metrics = trial_outcome or ("FINISHED", None, None)
     last = result.history[-1] if result.history else {}

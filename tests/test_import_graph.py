@@ -89,8 +89,8 @@ def test_the_import_graph_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     graph = import_graph()
-    assert "pipeline.scheduler" in graph["pipeline.runs"]  # imports are seen
-    assert "pipeline.tracking" in graph["pipeline.worker"]  # function-level ones too
+    assert "pipeline.scheduling.scheduler" in graph["pipeline.runs.table_run"]  # imports are seen
+    assert "pipeline.tracking.store" in graph["pipeline.worker"]  # function-level ones too
 
 
 def test_no_import_cycle_among_lcp_pipeline_and_cli():
@@ -171,8 +171,8 @@ def test_no_pipeline_function_takes_more_than_eight_parameters():
                        "def long(a, b, c, d, /, e, f, g, *, h, i): pass\n"
                        "@click.command()\ndef cmd(a, b, c, d, e, f, g, h, i): pass\n"}
     assert long_signatures(planted) == ["m.py:2 long: 9 parameters"]
-    pipeline = {f"pipeline/{p.name}": p.read_text()
-                for p in sorted((ROOT / "pipeline").glob("*.py"))}
+    pipeline = {str(p.relative_to(ROOT)): p.read_text()
+                for p in sorted((ROOT / "pipeline").rglob("*.py"))}
     found = long_signatures(pipeline)
     assert found == [], "\n".join(found)
 
@@ -199,11 +199,11 @@ def longest_chain(graph: dict[str, set[str]], top: tuple[str, ...] = ("cli", "pi
 def test_the_pipeline_is_layered_and_its_longest_import_chain_is_short():
     graph = import_graph()
     # a shared name lives in the lowest module that needs it, so these edges are not needed
-    for source, target in [("pipeline.report", "pipeline.runs"),
-                           ("pipeline.runs", "pipeline.worker"),
-                           ("pipeline.worker", "pipeline.tune"),
-                           ("pipeline.tracking", "pipeline.ownership"),
-                           ("pipeline.study", "pipeline.ownership")]:
+    for source, target in [("pipeline.reporting.report", "pipeline.runs.table_run"),
+                           ("pipeline.runs.table_run", "pipeline.worker"),
+                           ("pipeline.worker", "pipeline.tuning.tune"),
+                           ("pipeline.tracking.store", "pipeline.runs.ownership"),
+                           ("pipeline.tuning.optuna_study", "pipeline.runs.ownership")]:
         assert target not in graph[source], f"{source} imports {target}"
     assert longest_chain({"a": {"b"}, "b": {"c", "x"}, "c": set(), "x": {"y"}, "y": set()},
                          top=("a", "b", "c")) in (["a", "b", "x"], ["a", "b", "c"])
@@ -215,21 +215,53 @@ def test_the_pipeline_is_layered_and_its_longest_import_chain_is_short():
 # modules of its own layer or below.
 LAYERS = [
     ["cli", "pipeline.commands"],
-    ["pipeline.table", "pipeline.tune", "pipeline.report", "pipeline.budget", "pipeline.ui"],
-    ["pipeline.runs", "pipeline.scheduler", "pipeline.executors", "pipeline.ownership",
-     "pipeline.worker", "pipeline.trial"],
-    ["pipeline.selection", "pipeline.study", "pipeline.health", "pipeline.plots"],
-    ["pipeline.manifest", "pipeline.schema", "pipeline.tracking", "pipeline.rundir",
-     "pipeline.run_status", "pipeline.openmp"],
+    ["pipeline.runs.table", "pipeline.tuning.tune", "pipeline.reporting.report",
+     "pipeline.runs.budget", "pipeline.tracking.ui"],
+    ["pipeline.runs.table_run", "pipeline.scheduling.scheduler", "pipeline.scheduling.executors",
+     "pipeline.runs.ownership", "pipeline.worker", "pipeline.tuning.trial"],
+    ["pipeline.manifest.selection", "pipeline.tuning.optuna_study", "pipeline.reporting.health",
+     "pipeline.reporting.plots"],
+    ["pipeline.manifest.manifest", "pipeline.manifest.schema", "pipeline.tracking.store",
+     "pipeline.runs.rundir", "pipeline.tracking.run_status", "pipeline.scheduling.openmp"],
 ]
+
+# The pipeline's folders (pipeline/__init__.py), top to bottom: one concern each, and a folder's
+# modules import only modules of its own folder or of the folders below it. commands and worker
+# are the two modules at the top: the commands, and the process of one run or trial.
+FOLDERS = ["pipeline.commands", "pipeline.worker", "pipeline.tuning", "pipeline.reporting",
+           "pipeline.runs", "pipeline.manifest", "pipeline.tracking", "pipeline.scheduling"]
 
 
 def test_every_pipeline_module_imports_only_its_layer_or_below():
     graph = import_graph()
+    files = _modules()
     layer = {module: i for i, modules in enumerate(LAYERS) for module in modules}
-    listed = {m for m in graph if m.startswith("pipeline.") or m == "cli"}
+    listed = {m for m in graph if (m.startswith("pipeline.") and not _is_package(m, files))
+              or m == "cli"}
     assert listed == set(layer), f"not in LAYERS: {sorted(listed - set(layer))}"
     upward = [f"{m} -> {t}" for m in layer for t in graph[m] if t in layer and layer[t] < layer[m]]
+    assert not upward, upward
+
+
+def folder_of(module: str) -> str:
+    """`pipeline.runs.table` -> `pipeline.runs`; a module at the top is its own folder."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_every_pipeline_folder_imports_only_itself_or_the_folders_below():
+    graph = import_graph()
+    modules = _modules()
+    packages = {m for m in graph if m.startswith("pipeline") and _is_package(m, modules)}
+    assert packages == {"pipeline", *FOLDERS[2:]}, sorted(packages)
+    # an __init__ imports nothing: importing a module loads only what it needs (cli.py imports
+    # pipeline.scheduling.openmp before torch is imported)
+    assert not any(graph[p] for p in packages), {p: graph[p] for p in packages if graph[p]}
+    everything = {folder_of(m) for m in graph if m.startswith("pipeline.")}
+    assert everything == set(FOLDERS), sorted(everything ^ set(FOLDERS))
+    rank = {folder: i for i, folder in enumerate(FOLDERS)}
+    upward = sorted({f"{m} -> {t}" for m in graph if m.startswith("pipeline.")
+                     for t in graph[m] if t.startswith("pipeline.")
+                     and rank[folder_of(t)] < rank[folder_of(m)]})
     assert not upward, upward
 
 
@@ -257,12 +289,12 @@ def test_one_module_writes_a_runs_terminal_status():
     assert terminal_status_writers(planted) == ["m.py:1 tracker.set_terminated",
                                                 "m.py:2 tracker.set_status"]
     sources = {str(p.relative_to(ROOT)): p.read_text() for p in
-               [ROOT / "cli.py", *sorted((ROOT / "pipeline").glob("*.py")),
+               [ROOT / "cli.py", *sorted((ROOT / "pipeline").rglob("*.py")),
                 *sorted((ROOT / "benchmarks").glob("*.py"))]}
-    # pipeline.run_status ends runs; pipeline.tracking holds the MLflow call it makes
-    allowed = {"pipeline/run_status.py", "pipeline/tracking.py"}
+    # pipeline.tracking.run_status ends runs; pipeline.tracking.store holds the MLflow call it makes
+    allowed = {"pipeline/tracking/run_status.py", "pipeline/tracking/store.py"}
     found = [w for w in terminal_status_writers(sources) if w.split(":")[0] not in allowed]
     assert found == [], "\n".join(found)
     # ... and the Tracker's one wrapper of it is the only call there
-    in_tracking = terminal_status_writers({"t": (ROOT / "pipeline/tracking.py").read_text()})
+    in_tracking = terminal_status_writers({"t": (ROOT / "pipeline/tracking/store.py").read_text()})
     assert [w.split(" ")[1] for w in in_tracking] == ["self.client.set_terminated"], in_tracking

@@ -135,7 +135,7 @@ def _compact(summary, dataset: str | None = None) -> str:
 
 
 def _duration(seconds: float) -> str:
-    from pipeline.budget import format_duration
+    from pipeline.runs.budget import format_duration
 
     return "—" if math.isnan(seconds) else format_duration(seconds)
 
@@ -150,7 +150,7 @@ def _storage(store: Path):
         return None
     import optuna
 
-    from pipeline.study import open_storage, resolve_storage
+    from pipeline.tuning.optuna_study import open_storage, resolve_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return open_storage(resolve_storage(str(journal), f"sqlite:///{store / 'mlflow.db'}"))
@@ -187,7 +187,7 @@ def _tuning_10(storage) -> str:
 
 
 def _study_text(study) -> str:
-    from pipeline.study import tally
+    from pipeline.tuning.optuna_study import tally
 
     name = study.study_name
     counts = tally(study.get_trials(deepcopy=False))
@@ -285,8 +285,8 @@ class _Planner:
     """The planner's cached measurements on this machine, and the store's runs."""
 
     def __init__(self, store: Path):
-        from pipeline import budget
-        from pipeline.tracking import Tracker
+        from pipeline.runs import budget
+        from pipeline.tracking.store import Tracker
 
         self.machine = budget.machine_key(1)
         self.known = budget.read_cache(budget.cache_path()).get(self.machine, {})
@@ -299,7 +299,7 @@ class _Planner:
         """The run's first epoch as measured and as the planner estimates it; None when the
         store does not hold the run or the planner has not measured its configuration."""
         from lcp.data import build_loaders
-        from pipeline import budget
+        from pipeline.runs import budget
 
         cfg = _stored_config(self.tracker, run_id) if self.tracker is not None else None
         if cfg is None:

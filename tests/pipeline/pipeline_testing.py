@@ -58,7 +58,7 @@ class Workspace:
         return self.common() + ["--runs-dir", str(self.runs_dir), "--data-dir", str(self.data)]
 
     def tracker(self):
-        from pipeline.tracking import Tracker
+        from pipeline.tracking.store import Tracker
 
         return Tracker(self.uri, create=False)
 

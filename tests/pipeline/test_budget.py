@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_testing import Workspace, invoke  # noqa: E402
 
-from pipeline.budget import (MEASURE_VERSION, STARTUP_KEY, RunEstimate, epoch_step_time,  # noqa: E402
-                             makespan)
+from pipeline.runs.budget import (MEASURE_VERSION, STARTUP_KEY, RunEstimate,  # noqa: E402
+                                  epoch_step_time, makespan)
 
 
 def test_makespan_hands_runs_to_the_slot_that_frees_first():

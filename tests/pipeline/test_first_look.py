@@ -103,9 +103,9 @@ def test_lcp_runs_log_their_alignment_with_the_gradient(tour):
 def test_the_report_shows_ci_p_values_paper_values_alignment_and_the_sample(tour, tmp_path):
     from scipy import stats
 
-    from pipeline.manifest import load_manifest
-    from pipeline.report import ReportOptions, make_report
-    from pipeline.selection import run_overrides
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.manifest.selection import run_overrides
+    from pipeline.reporting.report import ReportOptions, make_report
 
     ws, _ = tour
     result = invoke(["report", "1", *ws.common(), "--quick", "--seeds", "0,1", "--no-mlflow",
@@ -160,7 +160,7 @@ def test_a_run_that_is_not_quick_never_falls_back(tmp_path, monkeypatch):
 
 
 def test_a_bad_paper_value_is_one_clear_error(tmp_path):
-    from pipeline.manifest import ManifestError, load_manifest
+    from pipeline.manifest.manifest import ManifestError, load_manifest
     from pipeline_testing import write_manifest
 
     path = write_manifest(tmp_path / "m.yaml")
@@ -174,7 +174,7 @@ def test_a_bad_paper_value_is_one_clear_error(tmp_path):
 def test_the_manifest_is_found_from_any_folder_and_ships_with_the_package(tmp_path, monkeypatch):
     import tomllib
 
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest.manifest import load_manifest
 
     monkeypatch.chdir(tmp_path)
     manifest = load_manifest()

@@ -1,4 +1,5 @@
-"""experiments.yaml and pipeline.manifest: the 15 paper runs, validation, overrides, new rows."""
+"""experiments.yaml and pipeline.manifest.manifest: the 15 paper runs, validation, overrides, new
+rows."""
 
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ import yaml
 from lcp.config import RunConfig
 from lcp.errors import LcpError
 from paper_flags import parse_command_line
-from pipeline.manifest import (
-    Experiment,
-    ManifestError,
-    load_manifest,
-    parse_id,
-    parse_overrides,
-    write_row,
-)
+from pipeline.manifest.manifest import (Experiment, ManifestError, load_manifest, parse_id,
+                                        parse_overrides, write_row)
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "experiments.yaml"

@@ -55,7 +55,7 @@ def ray_instance():
 
 
 def _job(tmp_path, key: str, code: str):
-    from pipeline.scheduler import Job
+    from pipeline.scheduling.scheduler import Job
 
     return Job(key=key, command=[sys.executable, "-c", code], log_path=tmp_path / f"{key}.log",
                env={"PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path))
@@ -85,7 +85,7 @@ def _wait_for(predicate, timeout: float, what: str):
 
 def test_missing_ray_is_one_clear_error(monkeypatch):
     from lcp.errors import LcpError
-    from pipeline.executors import ExecutorOptions, make_executor
+    from pipeline.scheduling.executors import ExecutorOptions, make_executor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(LcpError, match=r'pip install -e "\.\[ray\]"'):
@@ -115,7 +115,7 @@ def test_options_of_the_other_executor_are_refused(tmp_path, monkeypatch):
 
 def test_capacity_and_infeasible_runs(ray_instance):
     from lcp.errors import LcpError
-    from pipeline.executors import ExecutorOptions, RayExecutor
+    from pipeline.scheduling.executors import ExecutorOptions, RayExecutor
 
     executor = RayExecutor(ExecutorOptions("ray", cpus_per_run=1))
     assert executor.gpus_per_run == 0  # no GPU in the cluster: CPU runs
@@ -133,8 +133,8 @@ import json, sys, time
 from pathlib import Path
 import ray
 ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)  # declared GPUs
-from pipeline.executors import ExecutorOptions, RayExecutor
-from pipeline.scheduler import Job
+from pipeline.scheduling.executors import ExecutorOptions, RayExecutor
+from pipeline.scheduling.scheduler import Job
 out = Path(sys.argv[1])
 executor = RayExecutor(ExecutorOptions("ray", runs_per_gpu=2, cpus_per_run=1))
 code = ("import os, time; print('cuda', os.environ['CUDA_VISIBLE_DEVICES'], "
@@ -182,7 +182,7 @@ def test_runs_ask_for_a_gpu_share_when_the_cluster_has_gpus(ray_instance, tmp_pa
 
 
 def test_task_runs_the_command_with_its_environment(ray_instance, tmp_path, monkeypatch):
-    from pipeline.executors import ExecutorOptions, RayExecutor
+    from pipeline.scheduling.executors import ExecutorOptions, RayExecutor
 
     monkeypatch.setenv("LCP_SOMETHING", "forwarded")
     monkeypatch.setenv("MLFLOW_RUN_ID", "must-not-reach-the-worker")
@@ -204,7 +204,7 @@ def test_task_runs_the_command_with_its_environment(ray_instance, tmp_path, monk
 
 
 def test_terminate_sends_sigterm_and_kill_stops_it_now(ray_instance, tmp_path):
-    from pipeline.executors import ExecutorOptions, RayExecutor
+    from pipeline.scheduling.executors import ExecutorOptions, RayExecutor
 
     executor = RayExecutor(ExecutorOptions("ray", cpus_per_run=1), grace_s=30)
     polite = _job(tmp_path, "polite", (
@@ -298,7 +298,7 @@ def test_ray_retries_a_task_whose_worker_died(ray_instance, tmp_path, monkeypatc
 
         def sleeping_after_epoch_1():
             nonlocal lock
-            from pipeline.rundir import read_progress
+            from pipeline.runs.rundir import read_progress
 
             found = list(ws.runs_dir.glob("lcp-table-1/*/seed=0/*/checkpoint.pt"))
             if found:
@@ -354,7 +354,7 @@ def _tune_args(tmp_path: Path, ws: Workspace, *extra: str) -> list[str]:
 def _study(tmp_path: Path):
     import optuna
 
-    from pipeline import study as T
+    from pipeline.tuning import optuna_study as T
 
     storage = T.open_storage(T.StorageSpec("journal", str(tmp_path / "journal.log")))
     return optuna.load_study(study_name="t1-ff-lcp-di", storage=storage)

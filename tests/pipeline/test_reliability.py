@@ -25,7 +25,7 @@ from pipeline_testing import LCP_BIN, Workspace, invoke, signal_after_first_epoc
 
 
 def _open_store(uri: str, queue) -> None:
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     try:
         Tracker(uri).ensure_experiment("lcp-table-1")
@@ -55,7 +55,7 @@ def test_concurrent_first_open_of_a_fresh_store_is_serialised(tmp_path):
         versions = con.execute("SELECT version_num FROM alembic_version").fetchall()
     assert not [t for t in tables if t.startswith("_alembic_tmp")]
     assert len(versions) == 1
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     assert len(Tracker(uri).client.search_experiments()) == 2  # Default and lcp-table-1
 
@@ -63,7 +63,7 @@ def test_concurrent_first_open_of_a_fresh_store_is_serialised(tmp_path):
 def test_a_half_migrated_store_is_named_as_such(tmp_path):
     """A store an interrupted migration left without some of its tables: one line that says
     what it is (not a hint to check --tracking-uri), exit 2."""
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     ws = Workspace(tmp_path)
     Tracker(ws.uri).client  # noqa: B018 - a complete store
@@ -82,8 +82,8 @@ def test_a_half_migrated_store_is_named_as_such(tmp_path):
 
 
 def _claim(uri: str, key: str, start, queue) -> None:
-    from pipeline.ownership import Ownership
-    from pipeline.tracking import Tracker
+    from pipeline.runs.ownership import Ownership
+    from pipeline.tracking.store import Tracker
 
     tracker = Tracker(uri)
     tracker.client  # noqa: B018 - opened before the start signal
@@ -113,7 +113,7 @@ def _claim_at_once(uri: str, key: str, processes: int = 6) -> list[str]:
 
 
 def test_a_lease_has_one_owner_when_claimed_at_once(tmp_path):
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     Tracker(uri).client  # noqa: B018
@@ -123,8 +123,8 @@ def test_a_lease_has_one_owner_when_claimed_at_once(tmp_path):
 
 
 def test_a_lease_is_released_taken_over_from_a_dead_owner_and_expires(tmp_path):
-    from pipeline.ownership import Ownership
-    from pipeline.tracking import Tracker
+    from pipeline.runs.ownership import Ownership
+    from pipeline.tracking.store import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     key = "lcp-table-1/t1-ff-bp/seed=0/abc"
@@ -169,8 +169,8 @@ def test_a_lease_is_released_taken_over_from_a_dead_owner_and_expires(tmp_path):
 def test_the_next_scheduler_ends_the_stale_leases_of_dead_ones(tmp_path):
     """A scheduler killed with SIGKILL leaves its lease experiments active; the next one to
     plan ends every stale lease, including those of pairs it does not run."""
-    from pipeline.ownership import Ownership
-    from pipeline.tracking import Tracker
+    from pipeline.runs.ownership import Ownership
+    from pipeline.tracking.store import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -191,8 +191,8 @@ def test_the_next_scheduler_ends_the_stale_leases_of_dead_ones(tmp_path):
 
 
 def test_leases_are_not_listed_as_tables(tmp_path):
-    from pipeline.ownership import Ownership
-    from pipeline.tracking import Tracker
+    from pipeline.runs.ownership import Ownership
+    from pipeline.tracking.store import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     table = tracker.ensure_experiment("lcp-table-1")
@@ -204,9 +204,9 @@ def test_leases_are_not_listed_as_tables(tmp_path):
 def test_two_schedulers_on_the_same_pairs_run_each_once(tmp_path, monkeypatch):
     """The second `lcp run` finds both pairs owned by the first (alive: this process) and skips
     them with one line naming the owner; nothing is created, nothing is FAILED."""
-    from pipeline import selection as sel
-    from pipeline.manifest import load_manifest
-    from pipeline.ownership import Ownership
+    from pipeline.manifest import selection as sel
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.runs.ownership import Ownership
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
     monkeypatch.chdir(tmp_path)
@@ -227,9 +227,9 @@ def test_two_schedulers_on_the_same_pairs_run_each_once(tmp_path, monkeypatch):
 
 
 def test_a_worker_never_reopens_a_finished_run(tmp_path, monkeypatch):
-    from pipeline import runs as R
-    from pipeline import selection as sel
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest import selection as sel
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.runs import table_run as R
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
     monkeypatch.chdir(tmp_path)
@@ -274,14 +274,14 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_and_creates_no_run(tmp_
 def test_a_scheduled_run_whose_owner_is_gone_is_resumed(tmp_path, monkeypatch):
     """A run left SCHEDULED by a scheduler that died before starting its worker (no run folder
     here, no live lease) is resumed, not reported as running elsewhere forever."""
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
     monkeypatch.chdir(tmp_path)
     tracker = Tracker(ws.uri)
-    from pipeline import runs as R
-    from pipeline import selection as sel
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest import selection as sel
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.runs import table_run as R
 
     item, = sel.expand(sel.select(load_manifest(ws.manifest), ids=["t1-ff-bp"]), [0],
                      {"data_dir": str(ws.data)})
@@ -346,7 +346,7 @@ def test_a_full_disk_stops_with_one_line_a_summary_and_resumable_runs(tmp_path, 
     proc = subprocess.run([LCP_BIN, *args], cwd=small_disk, env=env, capture_output=True,
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     tracker = Tracker(uri, create=False)
     runs = [r for r in tracker.search_runs([tracker.get_experiment_id("lcp-table-1")])
@@ -432,8 +432,8 @@ def test_ctrl_c_says_sigint_in_the_run_and_the_summary(tmp_path):
 def test_leases_through_an_mlflow_server_have_one_owner(tmp_path):
     """The same claims over HTTP (an `mlflow server` on SQLite): one winner among claims made
     at once; a released lease can be claimed again."""
-    from pipeline.ownership import Ownership
-    from pipeline.tracking import Tracker
+    from pipeline.runs.ownership import Ownership
+    from pipeline.tracking.store import Tracker
     from tests.servers.conftest import start_mlflow_server
 
     with start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server") as url:
@@ -499,11 +499,10 @@ def test_a_run_whose_folder_is_gone_is_superseded_not_left_running(tmp_path, mon
     """An interrupted run (RUNNING, epoch 1 logged) whose run folder was deleted cannot be
     resumed: the next call starts a new run for the pair and ends the old one KILLED, tagged
     superseded_by the new run — no run of the pair stays RUNNING."""
-    from pipeline import runs as R
-    from pipeline import selection as sel
-    from pipeline import table as T
-    from pipeline.manifest import load_manifest
-    from pipeline.tracking import Tracker
+    from pipeline.manifest import selection as sel
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.runs import table as T, table_run as R
+    from pipeline.tracking.store import Tracker
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0,))
     monkeypatch.chdir(tmp_path)
@@ -555,11 +554,10 @@ def test_runs_left_open_by_a_gone_scheduler_are_ended_by_the_next_call(tmp_path,
     """A run left SCHEDULED by a scheduler that died (no lease, no worker) is ended KILLED, with
     the reason, by the next call on the table even when that call does not run its pair; the
     call after that (on its pair) resumes it."""
-    from pipeline import runs as R
-    from pipeline import selection as sel
-    from pipeline import table as T
-    from pipeline.manifest import load_manifest
-    from pipeline.tracking import Tracker
+    from pipeline.manifest import selection as sel
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.runs import table as T, table_run as R
+    from pipeline.tracking.store import Tracker
 
     ws = Workspace(tmp_path, num_epochs=1, seeds=(0, 1))
     monkeypatch.chdir(tmp_path)

@@ -37,11 +37,10 @@ def _steps(tracker, run_id, key):
 
 
 def test_killed_worker_resumes_under_the_same_run_id(tmp_path, monkeypatch):
-    from pipeline import runs as R
-    from pipeline import selection as sel
-    from pipeline import table as T
-    from pipeline.manifest import load_manifest
-    from pipeline.tracking import Tracker
+    from pipeline.manifest import selection as sel
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.runs import table as T, table_run as R
+    from pipeline.tracking.store import Tracker
 
     ws = Workspace(tmp_path, num_epochs=5, seeds=(0,))
     monkeypatch.chdir(tmp_path)

@@ -49,7 +49,7 @@ def test_two_rows_two_seeds_finish_with_everything_logged(table):
         assert tags["label"] == {"t1-ff-bp": "BP", "t1-ff-lcp-di": "LCP-DI"}[row]
         assert tags["torch_version"] == torch.__version__
         assert tags["device"] == "cpu"
-        from pipeline.tracking import git_commit
+        from pipeline.tracking.store import git_commit
 
         if git_commit() is None:  # not a git checkout: no tag
             assert "git_commit" not in tags

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from lcp.errors import LcpError
-from pipeline.executors import (ExecutorOptions, LocalExecutor, SlotPool, choose_gpus,
-                                make_executor, parse_gpus)
-from pipeline.openmp import OPENMP_WAIT_VARIABLES
-from pipeline.scheduler import FAILED, FINISHED, KILLED, Hooks, Job, Scheduler, stop_on_signals
+from pipeline.scheduling.executors import (ExecutorOptions, LocalExecutor, SlotPool, choose_gpus,
+                                           make_executor, parse_gpus)
+from pipeline.scheduling.openmp import OPENMP_WAIT_VARIABLES
+from pipeline.scheduling.scheduler import (FAILED, FINISHED, KILLED, Hooks, Job, Scheduler,
+                                           stop_on_signals)
 
 ROOT = Path(__file__).resolve().parents[2]
 LCP_BIN = str(Path(sys.executable).parent / "lcp")
@@ -255,7 +256,7 @@ def test_unknown_executor_names_the_valid_ones():
 def test_progress_display_lines(tmp_path):
     import io
 
-    from pipeline.scheduler import RUNNING, ProgressDisplay, status_line
+    from pipeline.scheduling.scheduler import RUNNING, ProgressDisplay, status_line
 
     jobs = _jobs(tmp_path, 4)
     jobs[0].status, jobs[0].detail = RUNNING, "epoch 3/30"

@@ -1,4 +1,4 @@
-"""pipeline.tracking: URIs, names, retries on a locked SQLite store, and several processes
+"""pipeline.tracking.store: URIs, names, retries on a locked SQLite store, and several processes
 writing to one store at once (nothing lost)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import textwrap
 import pytest
 
 from lcp.errors import LcpError
-from pipeline import tracking
-from pipeline.tracking import (Tracker, is_created_meanwhile_error, resolve_tracking_uri,
-                               sanitize_name, with_retry)
+from pipeline.tracking import store as tracking
+from pipeline.tracking.store import (Tracker, is_created_meanwhile_error, resolve_tracking_uri,
+                                     sanitize_name, with_retry)
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_already_exists_on_a_sqlite_store_is_said_at_once(tmp_path, monkeypatch)
     meanwhile, so the error is the store's own (a half-migration) and is not retried."""
     import mlflow.tracking
 
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking.store import TrackingError
 
     calls = []
 
@@ -121,7 +121,7 @@ def test_unusable_stores_are_clear_errors(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
     uri, run_id, worker = sys.argv[1], sys.argv[2], int(sys.argv[3])
     tracker = Tracker(uri, create=False)
     for step in range(1, 21):
@@ -155,10 +155,10 @@ def test_several_writers_lose_nothing(tmp_path):
 
 
 def test_a_runs_end_is_written_once_and_never_overwritten(tmp_path):
-    """pipeline.run_status: the side that schedules a run ends it only while it is open, so a
-    worker's own end (here FAILED, with its reason) survives a late stop; Tracker.set_status
-    refuses a terminal status (that is run_status's to write)."""
-    from pipeline.run_status import end_if_open, end_run
+    """pipeline.tracking.run_status: the side that schedules a run ends it only while it is open,
+    so a worker's own end (here FAILED, with its reason) survives a late stop;
+    Tracker.set_status refuses a terminal status (that is run_status's to write)."""
+    from pipeline.tracking.run_status import end_if_open, end_run
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = tracker.ensure_experiment("lcp-table-1")
@@ -177,5 +177,5 @@ def test_a_runs_end_is_written_once_and_never_overwritten(tmp_path):
     end_run(tracker, other, "FINISHED", clear_reasons=True)
     run = tracker.get_run(other)
     assert run.info.status == "FINISHED" and "killed_reason" not in run.data.tags
-    with pytest.raises(ValueError, match="pipeline.run_status"):
+    with pytest.raises(ValueError, match="pipeline.tracking.run_status"):
         tracker.set_status(other, "KILLED")

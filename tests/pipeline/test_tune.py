@@ -24,8 +24,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline import study as T
-from pipeline.trial import TrialReporter
+from pipeline.tuning import optuna_study as T
+from pipeline.tuning.trial import TrialReporter
 
 REPO = Path(__file__).resolve().parents[2]
 LCP_BIN = str(Path(sys.executable).parent / "lcp")
@@ -114,11 +114,12 @@ def hints(output: str) -> list[list[str]]:
 def packaged_manifest(monkeypatch, folder: Path) -> Path:
     """A copy of experiments.yaml as the package's own (pipeline/experiments.yaml) in `folder`,
     and a working folder without an experiments.yaml: `--manifest` left out reads the copy."""
-    import pipeline.manifest
+    import pipeline.manifest.manifest
 
     folder.mkdir(parents=True)
     shutil.copy(REPO / "experiments.yaml", folder / "experiments.yaml")
-    monkeypatch.setattr(pipeline.manifest, "__file__", str(folder / "manifest.py"))
+    monkeypatch.setattr(pipeline.manifest.manifest, "__file__",
+                        str(folder / "manifest" / "manifest.py"))
     elsewhere = folder / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -211,7 +212,7 @@ def test_resume_adds_exactly_the_missing_trials_then_export_runs(workspace):
 
     result = invoke(workspace.args("--export"))
     assert result.exit_code == 0, result.output
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest.manifest import load_manifest
 
     manifest = load_manifest(workspace.manifest)
     row = manifest.get(f"{ID}-tuned")
@@ -240,7 +241,7 @@ def test_resume_adds_exactly_the_missing_trials_then_export_runs(workspace):
 
 def test_export_writes_the_manifest_it_read_and_refuses_an_installed_copy(workspace, tmp_path,
                                                                           monkeypatch):
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest.manifest import load_manifest
 
     where = ["--storage", str(workspace.journal), "--tracking-uri", workspace.uri]
     packaged = packaged_manifest(monkeypatch, tmp_path / "checkout" / "pipeline")
@@ -283,7 +284,7 @@ def test_baseline_runs_the_rows_own_setting_once_per_study(workspace):
     # the baseline is never pruned (its process runs without a pruner); the others are
     import json
 
-    from pipeline.tune import SPEC_NAME
+    from pipeline.tuning.tune import SPEC_NAME
 
     folder = space.root / "lcp-runs" / f"lcp-tune-{ID}" / "baseline"
     pruners = [json.loads((folder / f"trial-{n:04d}" / SPEC_NAME).read_text())["pruner"]
@@ -364,7 +365,7 @@ def test_diverging_region_is_pruned_with_a_reason_and_the_study_finishes(tmp_pat
 
 def test_trial_left_running_by_a_killed_process_is_enqueued_again(tmp_path, monkeypatch):
     space = Space(tmp_path)
-    from pipeline.manifest import load_manifest, parse_overrides
+    from pipeline.manifest.manifest import load_manifest, parse_overrides
 
     overrides = dict(parse_overrides([s for s in TINY if s != "--set"]))
     overrides["data_dir"] = str(space.data)
@@ -526,7 +527,7 @@ def test_a_storage_whose_tables_another_tuner_created_meanwhile_is_opened_again(
                                                                                monkeypatch):
     import optuna
 
-    import pipeline.tracking
+    import pipeline.tracking.store
 
     real, calls = optuna.storages.RDBStorage, []
 
@@ -539,7 +540,7 @@ def test_a_storage_whose_tables_another_tuner_created_meanwhile_is_opened_again(
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", OnceRaced)
-    monkeypatch.setattr(pipeline.tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(pipeline.tracking.store.time, "sleep", lambda s: None)
     storage = T.open_storage(T.StorageSpec("rdb", f"sqlite:///{tmp_path / 'optuna.db'}"))
     assert len(calls) == 2 and storage.get_all_studies() == []
     # the same error every time is not a race: one line after a few attempts
@@ -573,7 +574,7 @@ def test_errors_unknown_id_no_space_no_trials(tmp_path):
 
 def test_a_study_resumes_only_with_the_same_settings(tmp_path):
     space = Space(tmp_path)
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest.manifest import load_manifest
 
     exp = load_manifest(space.manifest).get(ID)
     storage = T.open_storage(T.StorageSpec("journal", str(space.journal)))
@@ -589,7 +590,7 @@ def test_a_study_another_tuner_is_still_starting_opens_or_fails_in_one_line(tmp_
     # Optuna writes a study's attributes one at a time: a second tuner can see the first one's
     # half-written study (two tuners on one PostgreSQL study hit this with a KeyError).
     space = Space(tmp_path)
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest.manifest import load_manifest
 
     exp = load_manifest(space.manifest).get(ID)
     storage = T.open_storage(T.StorageSpec("journal", str(space.journal)))

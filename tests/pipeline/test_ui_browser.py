@@ -39,8 +39,8 @@ def test_lcp_ui_opens_a_table_on_its_runs_in_headless_chromium(tmp_path):
         if os.environ.get("LCP_TEST_REQUIRE_EXTRAS") == "1":  # CI (.ci/run installs it)
             pytest.fail(why)
         pytest.skip(why)
-    from pipeline.run_status import end_run
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.run_status import end_run
+    from pipeline.tracking.store import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.health import COLLAPSE_PP, records_from_histories, run_health
-from pipeline.report import verdict
+from pipeline.reporting.health import COLLAPSE_PP, records_from_histories, run_health
+from pipeline.reporting.report import verdict
 
 sys.path.insert(0, str(Path(__file__).parent))  # pipeline_testing
 
@@ -132,7 +132,7 @@ def test_a_published_mean_and_std_is_judged_as_the_sample_it_summarises(ours, th
     import numpy as np
     from scipy import stats
 
-    from pipeline.report import Published
+    from pipeline.reporting.report import Published
 
     b = np.asarray(theirs)
     published = Published(float(b.mean()), float(b.std(ddof=1)), len(b))
@@ -148,7 +148,7 @@ def test_a_published_mean_and_std_is_judged_as_the_sample_it_summarises(ours, th
 def test_the_papers_spread_makes_a_close_result_harder_to_call_a_match():
     """The same seeds against the same mean: exact (one-sample) they match; with the paper's
     std of its 3 seeds they cannot be told apart from a 1 pp difference (inconclusive)."""
-    from pipeline.report import Published
+    from pipeline.reporting.report import Published
 
     ours = [97.60, 97.70, 97.80]
     assert verdict(ours, 97.9)[0] == "matches"
@@ -156,7 +156,7 @@ def test_the_papers_spread_makes_a_close_result_harder_to_call_a_match():
 
 
 def test_every_paper_row_carries_the_papers_numbers():
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest.manifest import load_manifest
 
     manifest = load_manifest("experiments.yaml")
     rows = manifest.table(1) + manifest.table(2)
@@ -184,7 +184,7 @@ def test_every_paper_row_carries_the_papers_numbers():
 def test_a_bad_paper_result_is_one_clear_error(tmp_path, value, match):
     import yaml
 
-    from pipeline.manifest import ManifestError, load_manifest
+    from pipeline.manifest.manifest import ManifestError, load_manifest
     from pipeline_testing import write_manifest
 
     path = write_manifest(tmp_path / "m.yaml")

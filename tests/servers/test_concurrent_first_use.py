@@ -21,7 +21,7 @@ PROCESSES, ROUNDS = 4, 6
 # One process: open the Optuna storage at `start`.
 OPEN_STORAGE = r"""
 import sys, time
-from pipeline.study import StorageSpec, open_storage
+from pipeline.tuning.optuna_study import StorageSpec, open_storage
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 open_storage(StorageSpec("rdb", sys.argv[1]))
 """
@@ -29,7 +29,7 @@ open_storage(StorageSpec("rdb", sys.argv[1]))
 # One process: a run per round, each logging the round's dataset at the round's start time.
 CHILD = r"""
 import sys, time
-from pipeline.tracking import Tracker
+from pipeline.tracking.store import Tracker
 uri, experiment, start, rounds, who = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 tracker = Tracker(uri, check=False)
 runs = [tracker.create_run(experiment, f"{who}-{r}") for r in range(rounds)]
@@ -46,7 +46,7 @@ def test_runs_logging_one_dataset_at_once_all_keep_their_inputs(postgres):
     require_postgres_driver()
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.store import Tracker
 
     uri = postgres.create_database("mlflow_datasets")
     experiment = Tracker(uri).ensure_experiment("lcp-table-1")

@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lcp.errors import LcpError
-from pipeline import tracking
-from pipeline.health import COLLAPSE_PP, records_from_histories, run_health
-from pipeline.manifest import Manifest, load_manifest
-from pipeline.plots import ALIGN_KEY, alignment_curves, bar_chart, learning_curves
-from pipeline.run_status import end_run
+from pipeline.manifest.manifest import Manifest, load_manifest
+from pipeline.reporting.health import COLLAPSE_PP, records_from_histories, run_health
+from pipeline.reporting.plots import ALIGN_KEY, alignment_curves, bar_chart, learning_curves
+from pipeline.tracking import store
+from pipeline.tracking.run_status import end_run
 
 FORMATS = ("md", "csv", "latex")
 CURVE_KEYS = ("eval_test/accuracy", "train/accuracy", ALIGN_KEY)
 ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean")
-HEALTH_KEYS = ("epoch_time", "steps_per_s")  # with the above: what pipeline.health reads
+HEALTH_KEYS = ("epoch_time", "steps_per_s")  # with the above: what pipeline.reporting.health reads
 DEFAULT_MARGIN_PP = 1.0  # the equivalence margin of a verdict, in percentage points
 ALPHA = 0.05  # the level of every test behind a verdict
 
@@ -45,14 +45,14 @@ class Collected:
     expected_hashes: set[str] = field(default_factory=set)  # the config hashes selected
 
 
-def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
+def collect(tracker: store.Tracker, manifest: Manifest, table: int | str, *,
             seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
             any_config: bool = False, quick: bool = False) -> Collected:
     """The FINISHED runs of `table` made with these settings (`quick`: also the runs that fell
     back to the MNIST sample), the newest per (row, seed)."""
     import pandas as pd
 
-    from pipeline.selection import expand, fallback_config, run_key
+    from pipeline.manifest.selection import expand, fallback_config, run_key
 
     rows = manifest.table(table)
     number = rows[0].table
@@ -62,7 +62,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
         expected[(it.exp.id, it.seed)] = {it.config_hash} | (
             {fallback.config_hash()} if fallback is not None else set())
     row_ids = {r.id for r in rows}
-    exp_id = tracker.get_experiment_id(tracking.experiment_name(number))
+    exp_id = tracker.get_experiment_id(store.experiment_name(number))
     found = tracker.search_runs([exp_id]) if exp_id else []
     chosen: dict[tuple[str, int], Any] = {}
     newest: dict[tuple[str, int], Any] = {}  # of any status: how each pair's last attempt ended
@@ -371,7 +371,7 @@ def _verdict_cell(word: str, p: float, is_baseline: bool = False) -> str:
 
 
 def _duration(seconds) -> str:
-    from pipeline.budget import format_duration
+    from pipeline.runs.budget import format_duration
 
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
         return "—"
@@ -508,7 +508,7 @@ class ReportOptions:
     margin: float = DEFAULT_MARGIN_PP
 
 
-def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
+def make_report(tracker: store.Tracker, manifest: Manifest, table: int | str, *,
                 seeds: list[int] | None = None, overrides: Mapping[str, Any] | None = None,
                 any_config: bool = False, quick: bool = False,
                 options: ReportOptions = ReportOptions()) -> Report:
@@ -523,9 +523,9 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
     number = collected.table
     if collected.runs.empty:
         if collected.other_finished:
-            from pipeline.selection import other_settings
+            from pipeline.manifest.selection import other_settings
 
-            count, flags = other_settings(tracker, tracking.experiment_name(number),
+            count, flags = other_settings(tracker, store.experiment_name(number),
                                           set(collected.expected_hashes))
             made_with = flags.strip() or "no --quick/--set"
             raise LcpError(
@@ -559,23 +559,23 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
 def report_table(manifest_path: str, table: str, selection, tracking_uri: str | None, *,
                  any_config: bool = False, options: ReportOptions = ReportOptions()) -> Report:
     """`lcp report`: table `table` of the manifest, from the runs of the store at `tracking_uri`
-    that `selection` (a pipeline.selection.Selection: --seeds, --set, --quick) means."""
+    that `selection` (a pipeline.manifest.selection.Selection: --seeds, --set, --quick) means."""
     if options.fmt not in FORMATS:
         raise LcpError(f"--format {options.fmt!r} is not valid; formats are: "
                        f"{', '.join(FORMATS)}")
     manifest = load_manifest(manifest_path)
     manifest.table(table)
     overrides = selection.overrides()
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    if not tracking.store_exists(uri):
+    uri = store.resolve_tracking_uri(tracking_uri)
+    if not store.store_exists(uri):
         raise LcpError(f"no tracking store at {uri}: run `lcp run-table {table}` first, or pass "
                        "--tracking-uri")
-    return make_report(tracking.Tracker(uri, create=False), manifest, table,
+    return make_report(store.Tracker(uri, create=False), manifest, table,
                        seeds=selection.seed_list(), overrides=overrides, any_config=any_config,
                        quick=selection.quick, options=options)
 
 
-def log_report(tracker: tracking.Tracker, experiment_id: str, table: int, summary,
+def log_report(tracker: store.Tracker, experiment_id: str, table: int, summary,
                files: Mapping[str, Path]) -> str:
     """Into the table's `report` run (created once, reused), as artifacts under report/."""
     import time
@@ -587,7 +587,7 @@ def log_report(tracker: tracking.Tracker, experiment_id: str, table: int, summar
         run_id = tracker.create_run(experiment_id, "report",
                                     tags={"lcp.kind": "report", "table": table})
     tracker.set_tags(run_id, {"generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "git_commit": tracking.git_commit()})
+                              "git_commit": store.git_commit()})
     metrics = {}
     for r in summary.itertuples():
         if not math.isnan(r.test_acc_mean):

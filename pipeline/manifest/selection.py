@@ -1,7 +1,7 @@
 """Which runs a command means: one Item per (table row, seed, resolved config), from the
 manifest's rows, `--seeds`, `--set`, `--quick` and `--data-dir`; and the tags that name the pair
-an MLflow run belongs to. Shared by the planning of the runs (pipeline.table) and the reports
-(pipeline.report), which must select the same runs.
+an MLflow run belongs to. Shared by the planning of the runs (pipeline.runs.table) and the reports
+(pipeline.reporting.report), which must select the same runs.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from lcp.config import RunConfig
-from pipeline import tracking
-from pipeline.manifest import Experiment, Manifest, ManifestError, parse_overrides
+from pipeline.manifest.manifest import Experiment, Manifest, ManifestError, parse_overrides
+from pipeline.tracking import store
 
 # The pipeline watches every run: the test set after every epoch (curves, the report's health
 # columns), evaluated so that the run trains bit-identically to an unwatched one
@@ -103,11 +103,11 @@ class Item:
 
     @property
     def name(self) -> str:
-        return tracking.run_name(self.exp.id, self.seed)
+        return store.run_name(self.exp.id, self.seed)
 
     @property
     def experiment_name(self) -> str:
-        return tracking.experiment_name(self.exp.table)
+        return store.experiment_name(self.exp.table)
 
     @property
     def config_hash(self) -> str:
@@ -119,7 +119,7 @@ class Item:
 
 
 def lease_key(experiment_name: str, row_id: str, seed: int, config_hash: str) -> str:
-    """What one scheduler at a time owns (pipeline.ownership): the pair and its config."""
+    """What one scheduler at a time owns (pipeline.runs.ownership): the pair and its config."""
     return f"{experiment_name}/{row_id}/seed={seed}/{config_hash}"
 
 
@@ -191,7 +191,7 @@ def selection_flags(run) -> str:
     return flags + "".join(f" --set {s}" for s in (tags.get("overrides") or "").split())
 
 
-def other_settings(tracker: tracking.Tracker | None, experiment_name: str,
+def other_settings(tracker: store.Tracker | None, experiment_name: str,
                    matching: set[str]) -> tuple[int, str | None]:
     """(how many FINISHED table runs of the experiment have a config hash not in `matching`,
     the selection flags of the newest of them)."""

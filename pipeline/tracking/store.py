@@ -25,7 +25,7 @@ from lcp.errors import LcpError, first_line  # noqa: F401 - also tracking.first_
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR_NAME = "mlartifacts"
-# the experiments that hold the leases of pairs being run (pipeline.ownership): not tables
+# the experiments that hold the leases of pairs being run (pipeline.runs.ownership): not tables
 LEASE_PREFIX = "lcp-lease/"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Environment variables a worker must not inherit (they would redirect its logging).
@@ -202,7 +202,7 @@ def stop_system_metrics(monitor) -> None:
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
     """The project's git commit (with `-dirty` when tracked files changed), None outside git."""
-    root = Path(path) if path else Path(__file__).resolve().parent.parent
+    root = Path(path) if path else Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10)
@@ -331,14 +331,14 @@ class Tracker:
                 return out
 
     def set_status(self, run_id: str, status: str) -> None:
-        """An open status (RUNNING, SCHEDULED); a run's end is `pipeline.run_status`'."""
+        """An open status (RUNNING, SCHEDULED); a run's end is `pipeline.tracking.run_status`'."""
         if status in TERMINAL_STATUSES:
             raise ValueError(f"set_status({status!r}): a run's end is written by "
-                             "pipeline.run_status (end_run or end_if_open)")
+                             "pipeline.tracking.run_status (end_run or end_if_open)")
         self.call(lambda: self.client.update_run(run_id, status=status))
 
     def set_terminated(self, run_id: str, status: str) -> None:
-        """Called by `pipeline.run_status` only."""
+        """Called by `pipeline.tracking.run_status` only."""
         self.call(lambda: self.client.set_terminated(run_id, status=status))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:

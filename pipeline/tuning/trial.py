@@ -1,7 +1,7 @@
 """The worker's side of one `lcp tune` trial (`python -m pipeline.worker ... --trial SPEC`):
 `TrialSession` reports each epoch's validation accuracy to Optuna (never NaN), keeps a heartbeat,
 and tells Optuna how the trial ended. The parent's side, which asks Optuna for trials and runs
-them on the scheduler, is `pipeline.tune`.
+them on the scheduler, is `pipeline.tuning.tune`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 
 from lcp.callbacks import Callback
 from lcp.errors import DivergenceError
-from pipeline.study import (A_DIVERGED, A_DURATION, A_EPOCHS, A_HEARTBEAT, A_HOST, A_PID,
-                            A_REASON, HEARTBEAT_S, OBJECTIVE, StorageSpec, TuneError, make_pruner,
-                            mlflow_outcome, open_storage, quiet_optuna, trial_id)
+from pipeline.tuning.optuna_study import (A_DIVERGED, A_DURATION, A_EPOCHS, A_HEARTBEAT, A_HOST,
+                                          A_PID, A_REASON, HEARTBEAT_S, OBJECTIVE, StorageSpec,
+                                          TuneError, make_pruner, mlflow_outcome, open_storage,
+                                          quiet_optuna, trial_id)
 
 
 class _Heartbeat:

@@ -233,8 +233,8 @@ def slowdown_from_store(tracker, experiment_name: str, row_id: str,
 
 def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = False,
              echo=None, light: bool = False) -> list[RunEstimate]:
-    """One RunEstimate per item (pipeline.selection.Item), measuring each config not yet cached
-    (`light`: fewer steps, and a light measurement in the cache is good enough)."""
+    """One RunEstimate per item (pipeline.manifest.selection.Item), measuring each config not yet
+    cached (`light`: fewer steps, and a light measurement in the cache is good enough)."""
     import torch
 
     from lcp.data import build_loaders

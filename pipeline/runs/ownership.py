@@ -20,8 +20,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from pipeline.rundir import pid_alive
-from pipeline.tracking import LEASE_PREFIX
+from pipeline.runs.rundir import pid_alive
+from pipeline.tracking.store import LEASE_PREFIX
 
 LEASE_TTL_S = 300.0  # a lease not renewed for this long is stale
 RENEW_EVERY_S = 30.0

@@ -29,8 +29,8 @@ import yaml
 
 from lcp.config import IDENTITY_FIELDS, MODELS, TRAINERS, ConfigError, RunConfig
 from lcp.errors import LcpError
-from pipeline import schema
-from pipeline.schema import TABLES
+from pipeline.manifest import schema
+from pipeline.manifest.schema import TABLES
 
 __all__ = [
     "BASELINE_LABELS",
@@ -295,9 +295,10 @@ def load_manifest(path: str | os.PathLike[str] = DEFAULT_PATH) -> Manifest:
 def _resolve_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.exists() and str(path) == DEFAULT_PATH:
-        # Not run from the repository root: the package's copy (a link to the repository's
-        # experiments.yaml in a checkout, the file itself in an installed package).
-        repo_copy = Path(__file__).resolve().parent / DEFAULT_PATH
+        # Not run from the repository root: the package's copy, pipeline/experiments.yaml (a
+        # link to the repository's experiments.yaml in a checkout, the file itself in an
+        # installed package).
+        repo_copy = Path(__file__).resolve().parents[1] / DEFAULT_PATH
         if repo_copy.exists():
             return repo_copy
     if not p.exists():

@@ -4,8 +4,8 @@ spaces (a row's `search:` block, `lcp tune --space`, a study's stored space), as
 A run's settings are `lcp.config.RunConfig` (their kinds, `IDENTITY_FIELDS` and `NOT_HASHED` are
 defined there, once); the models here check a row's `args` and every search bound or choice
 through it. Every problem is one `SchemaError` with `loc`, the path of the field in the document
-(e.g. `("experiments", 3, "search", "alpha", "low")`), and `reason`; `pipeline.manifest` turns it
-into `file:line: experiment row 4 (id ...), field 'search.alpha.low': reason`.
+(e.g. `("experiments", 3, "search", "alpha", "low")`), and `reason`; `pipeline.manifest.manifest`
+turns it into `file:line: experiment row 4 (id ...), field 'search.alpha.low': reason`.
 
     space = check_space({"alpha": {"type": "float", "low": 0.01, "high": 1.5, "log": True}},
                         base_args)                        # normalised {name: entry}
@@ -415,7 +415,8 @@ class Section(Strict):
 
 
 class Row(Strict):
-    """One row as written in the file (`pipeline.manifest` resolves it against its section)."""
+    """One row as written in the file (`pipeline.manifest.manifest` resolves it against its
+    section)."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("id", "table", "section", "label", "args")
     id: str

@@ -2,9 +2,10 @@
 command (`lcp run-table`, `lcp run`, `lcp tune`).
 
 Nothing here knows MLflow or lcp: a `Job` is a command line with a log file; `Hooks` connect the
-scheduler to the outside world (`pipeline.runs` for a table's runs, `pipeline.tune` for trials).
-`run` takes a list of jobs or a job source, a callable asked for the next job only when a slot is
-free (so that an Optuna trial is asked for at the moment it can start).
+scheduler to the outside world (`pipeline.runs.table_run` for a table's runs,
+`pipeline.tuning.tune` for trials). `run` takes a list of jobs or a job source, a callable asked
+for the next job only when a slot is free (so that an Optuna trial is asked for at the moment it
+can start).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from lcp.errors import LcpError
-from pipeline.executors import STOP_GRACE_S, Executor, describe_returncode
+from pipeline.scheduling.executors import STOP_GRACE_S, Executor, describe_returncode
 
 QUEUED, RUNNING, FINISHED, FAILED, KILLED = "queued", "running", "finished", "failed", "killed"
 
@@ -35,7 +36,7 @@ class Job:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
-    payload: Any = None  # what the hooks need (pipeline.runs: the RunPlan)
+    payload: Any = None  # what the hooks need (pipeline.runs.table_run: the RunPlan)
     status: str = QUEUED
     attempts: int = 0
     returncode: int | None = None

@@ -1,6 +1,7 @@
 """An Optuna study of `lcp tune`: what it tunes (the plan: a row's config and search space), where
 it lives (the storage), how its trials are counted and recovered (docs/tuning.md, "Counting"), its
-MLflow parent run, and the export of its best parameters. Running the trials is `pipeline.tune`.
+MLflow parent run, and the export of its best parameters. Running the trials is
+`pipeline.tuning.tune`.
 
     plan = prepare(manifest.get("t1-ff-lcp-di"), overrides={}, params=["k_i", "alpha"])
     spec = resolve_storage(None, tracking_uri)     # a journal file beside the MLflow store
@@ -23,8 +24,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from lcp.config import NOT_HASHED, RunConfig
 from lcp.errors import LcpError, first_line
-from pipeline import schema
-from pipeline.run_status import end_if_open
+from pipeline.manifest import schema
+from pipeline.tracking.run_status import end_if_open
 
 OBJECTIVE = "eval_val/accuracy"
 DEFAULT_VALIDATION_SPLIT = 0.1
@@ -163,7 +164,7 @@ def describe_space(space: Mapping[str, Mapping[str, Any]]) -> str:
 class TunePlan:
     """What a study tunes: the row, its trial config without the searched parameters, the space."""
 
-    exp: Any  # pipeline.manifest.Experiment
+    exp: Any  # pipeline.manifest.manifest.Experiment
     base: RunConfig  # the row's first seed, the tuning defaults, --set
     space: dict[str, dict[str, Any]]
     overrides: dict[str, Any] = field(default_factory=dict)  # --set (and --data-dir) as given
@@ -245,7 +246,7 @@ def mask_url(url: str) -> str:
 
 def default_journal_path(tracking_uri: str | None) -> Path:
     """`optuna-journal.log` beside the embedded MLflow database, else in the working folder."""
-    from pipeline.tracking import sqlite_path
+    from pipeline.tracking.store import sqlite_path
 
     db = sqlite_path(tracking_uri) if tracking_uri else None
     folder = db.parent if db is not None else Path.cwd()
@@ -310,7 +311,7 @@ def open_storage(spec: StorageSpec):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}}
     elif scheme == "sqlite":
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    from pipeline.tracking import first_open_lock, is_created_meanwhile_error, with_retry
+    from pipeline.tracking.store import first_open_lock, is_created_meanwhile_error, with_retry
 
     try:
         with first_open_lock(url):  # one process at a time creates a SQLite storage's tables
@@ -509,7 +510,7 @@ def trial_id(study, storage, number: int) -> int:
 def stale_reason(trial, now: float | None = None, host: str | None = None,
                  stale_after: float = STALE_AFTER_S) -> str | None:
     """Why a RUNNING trial is abandoned (its process is gone or silent), None if it is alive."""
-    from pipeline.rundir import pid_alive
+    from pipeline.runs.rundir import pid_alive
 
     now = time.time() if now is None else now
     host = host or socket.gethostname()
@@ -697,7 +698,7 @@ def export_row(manifest_path: str | os.PathLike, plan_exp, study, *,
     """Append the best trial's parameters as row `<id>-<suffix>` (derived_from: <id>) to the
     manifest at `manifest_path` (`export_target(manifest)`: the file that was read); returns the
     new row (resolved)."""
-    from pipeline.manifest import write_row
+    from pipeline.manifest.manifest import write_row
 
     best = _best_or_error(study, plan_exp.id)
     row = plan_exp.derived_row(suffix, dict(best.params))

@@ -2,9 +2,9 @@
 each job as a subprocess on a slot, or a Ray executor that runs each as a Ray task on a cluster.
 
 Nothing here knows the scheduler, MLflow or lcp: a job is anything with `key`, `command` (an argv),
-`env`, `cwd`, `log_path` and `attempts`; the scheduler (`pipeline.scheduler`) decides what starts
-when and calls `free_slots`, `start`, `poll`, `terminate` and `kill`. What a slot pins and what
-each executor does when a run, its process or its node dies: docs/pipeline.md and
+`env`, `cwd`, `log_path` and `attempts`; the scheduler (`pipeline.scheduling.scheduler`) decides
+what starts when and calls `free_slots`, `start`, `poll`, `terminate` and `kill`. What a slot pins
+and what each executor does when a run, its process or its node dies: docs/pipeline.md and
 docs/beyond-one-machine.md. Ray is an optional dependency, imported only when its executor is made.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lcp.errors import LcpError, first_line
-from pipeline.openmp import openmp_waiting
+from pipeline.scheduling.openmp import openmp_waiting
 
 STOP_GRACE_S = 20.0
 # ====================================================================== slots
@@ -200,7 +200,7 @@ def describe_returncode(rc: int) -> str:
 def child_env(seeded: bool) -> dict[str, str]:
     """What every job's process adds to its environment: this project importable, unbuffered
     output, and deterministic cuBLAS when the run is seeded."""
-    project_root = str(Path(__file__).resolve().parent.parent)
+    project_root = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH"))
                                          if p),
            "PYTHONUNBUFFERED": "1"}

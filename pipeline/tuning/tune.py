@@ -6,7 +6,7 @@
 
 The `Tuner` is the scheduler's job source and hooks: Optuna is asked for the next trial only when
 a slot is free, the trial's nested MLflow run is created before its process starts, and trial and
-run are reconciled after it exits. The worker's side of a trial is `pipeline.trial`.
+run are reconciled after it exits. The worker's side of a trial is `pipeline.tuning.trial`.
 """
 
 from __future__ import annotations
@@ -22,22 +22,26 @@ from typing import Any, Callable
 
 from lcp.config import ConfigError
 from lcp.errors import first_line
-from pipeline import tracking
-from pipeline.executors import (ExecutorOptions, child_env, default_cpu_workers,
-                                describe_returncode, make_executor)
-from pipeline.manifest import DEFAULT_PATH, load_manifest
-from pipeline.run_status import end_if_open, end_run
-from pipeline.rundir import DEFAULT_RUNS_DIR, progress_text, worker_command, write_config
-from pipeline.scheduler import FAILED, Hooks, Job, ProgressDisplay, Scheduler, stop_on_signals
-from pipeline.selection import Item, Selection
-from pipeline.study import (A_BASELINE, A_HEARTBEAT, A_HOST, A_PID, A_REASON, A_RETRY_OF, A_RUN,
-                            A_SURPLUS, EXPORT_SUFFIX, HEARTBEAT_S, OBJECTIVE, StorageSpec,
-                            TuneError, TunePlan, baseline_values, best_effort, best_trial,
-                            counts_toward_total, describe_space, describe_trial, distributions,
-                            ensure_parent_run, export_overrides, export_row, export_target,
-                            format_value, is_failure, mark_interrupted, mlflow_outcome,
-                            open_storage, open_study, prepare, recover_stale, resolve_storage,
-                            safe_name, storage_warnings, tally, trial_id, tune_experiment_name)
+from pipeline.manifest.manifest import DEFAULT_PATH, load_manifest
+from pipeline.manifest.selection import Item, Selection
+from pipeline.runs.rundir import DEFAULT_RUNS_DIR, progress_text, worker_command, write_config
+from pipeline.scheduling.executors import (ExecutorOptions, child_env, default_cpu_workers,
+                                           describe_returncode, make_executor)
+from pipeline.scheduling.scheduler import (FAILED, Hooks, Job, ProgressDisplay, Scheduler,
+                                           stop_on_signals)
+from pipeline.tracking import store
+from pipeline.tracking.run_status import end_if_open, end_run
+from pipeline.tuning.optuna_study import (A_BASELINE, A_HEARTBEAT, A_HOST, A_PID, A_REASON,
+                                          A_RETRY_OF, A_RUN, A_SURPLUS, EXPORT_SUFFIX, HEARTBEAT_S,
+                                          OBJECTIVE, StorageSpec, TuneError, TunePlan,
+                                          baseline_values, best_effort, best_trial,
+                                          counts_toward_total, describe_space, describe_trial,
+                                          distributions, ensure_parent_run, export_overrides,
+                                          export_row, export_target, format_value, is_failure,
+                                          mark_interrupted, mlflow_outcome, open_storage,
+                                          open_study, prepare, recover_stale, resolve_storage,
+                                          safe_name, storage_warnings, tally, trial_id,
+                                          tune_experiment_name)
 
 SPEC_NAME = "spec.json"
 LOG_NAME = "trial.log"
@@ -328,7 +332,7 @@ class Tuner(Hooks):
 
     # ------------------------------------------------------------------ the end
     def _finish(self, stopped: str | None) -> TuneSummary:
-        from pipeline.plots import write_study_files
+        from pipeline.reporting.plots import write_study_files
 
         counts = tally(self.study.get_trials(deepcopy=False))
         best = best_trial(self.study)
@@ -420,7 +424,7 @@ def tune(request: TuneRequest, *, echo) -> int:
     # --export writes the manifest that was read; refused before anything changes
     target = export_target(manifest) if request.export else None
     overrides = request.selection.overrides()
-    uri = tracking.resolve_tracking_uri(request.tracking_uri)
+    uri = store.resolve_tracking_uri(request.tracking_uri)
     spec = resolve_storage(request.storage, uri)
     name = request.study_name or (f"{exp.id}-{QUICK_STUDY_SUFFIX}" if quick else exp.id)
     hints = TuneHints(request, manifest)
@@ -439,15 +443,15 @@ def tune(request: TuneRequest, *, echo) -> int:
     for warning in plan.warnings + storage_warnings(spec, workers):
         echo(f"warning: {warning}", err=True)
     storage = open_storage(spec)  # first: a wrong --storage creates nothing
-    tracker = tracking.Tracker(uri)  # checks the MLflow store (clear error when unreachable)
+    tracker = store.Tracker(uri)  # checks the MLflow store (clear error when unreachable)
     with make_executor(request.executor_options, short_runs=quick,
-                       drop_env=tracking.MLFLOW_RUN_ENV) as runner:
+                       drop_env=store.MLFLOW_RUN_ENV) as runner:
         nodes = runner.nodes()
         if nodes > 1 and spec.kind == "journal":
             raise TuneError("the Ray cluster has several machines: a journal file is for one "
                             "machine's local disk; give --storage postgresql://USER:PW@HOST/DB "
                             "(or $LCP_OPTUNA_STORAGE), which every node reaches")
-        tracking.warn_unless_shared(nodes, uri, echo)
+        store.warn_unless_shared(nodes, uri, echo)
         echo(f"executor {runner.describe()}")
         study = open_study(plan, storage, name, pruner=request.pruner)
         echo(f"study {name} — {spec.display()}; tracking {uri}")

@@ -1,7 +1,8 @@
 """A selection of table pairs (row, seed), run, listed or priced (`lcp run-table`/`run`,
 `list`, `budget`): which to run, skip or resume (docs/pipeline.md, "Resume semantics"), claimed
-from other schedulers, executed, waited for. One pair's run is `pipeline.runs`'. What a command
-prints goes through `echo`: click.echo, or a function with its signature (text, err=False).
+from other schedulers, executed, waited for. One pair's run is `pipeline.runs.table_run`'. What a
+command prints goes through `echo`: click.echo, or a function with its signature (text,
+err=False).
 
     plans = plan_runs(Selection(quick=True).items(rows), tracker, runs_dir)  # new/resume/skip/busy
     status = run_rows(rows, RunRequest(dry_run=True), echo=click.echo)       # a whole command
@@ -16,17 +17,18 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lcp.errors import LcpError
-from pipeline import budget, tracking
-from pipeline.executors import ExecutorOptions, make_executor
-from pipeline.manifest import load_manifest
-from pipeline.ownership import Ownership
-from pipeline.rundir import CHECKPOINT_NAME, DEFAULT_RUNS_DIR, is_locked, resume_point
-from pipeline.run_status import end_if_open
-from pipeline.runs import (BUSY, NEW, RESUME, SKIP, RunPlan, TrackingHooks, cancel,
-                           execute, mark_not_started, prepare, run_dir_for, summary_lines)
-from pipeline.scheduler import ProgressDisplay, SchedulerResult
-from pipeline.selection import (QUICK_OVERRIDES, Item, Selection, expand, lease_key,
-                                other_settings, run_key, select)
+from pipeline.manifest.manifest import load_manifest
+from pipeline.manifest.selection import (QUICK_OVERRIDES, Item, Selection, expand, lease_key,
+                                         other_settings, run_key, select)
+from pipeline.runs import budget
+from pipeline.runs.ownership import Ownership
+from pipeline.runs.rundir import CHECKPOINT_NAME, DEFAULT_RUNS_DIR, is_locked, resume_point
+from pipeline.runs.table_run import (BUSY, NEW, RESUME, SKIP, RunPlan, TrackingHooks, cancel,
+                                     execute, mark_not_started, prepare, run_dir_for, summary_lines)
+from pipeline.scheduling.executors import ExecutorOptions, make_executor
+from pipeline.scheduling.scheduler import ProgressDisplay, SchedulerResult
+from pipeline.tracking import store
+from pipeline.tracking.run_status import end_if_open
 
 TO_RUN = (NEW, RESUME)
 EXIT_RUN_FAILED = 1
@@ -36,7 +38,7 @@ BUDGET_ENV = "LCP_BUDGET"  # "off": no measured estimate before a table starts
 # ====================================================================== plans
 
 
-def existing_runs(tracker: tracking.Tracker | None, experiment_names: Iterable[str]
+def existing_runs(tracker: store.Tracker | None, experiment_names: Iterable[str]
                   ) -> dict[tuple[str, int, str], list]:
     """Runs of the given experiments by (id, seed, config_hash), newest first."""
     out: dict[tuple[str, int, str], list] = {}
@@ -53,11 +55,11 @@ def existing_runs(tracker: tracking.Tracker | None, experiment_names: Iterable[s
     return out
 
 
-def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str | Path,
+def plan_runs(items: list[Item], tracker: store.Tracker | None, runs_dir: str | Path,
               *, force: bool = False, holders: Mapping[str, Any] | None = None) -> list[RunPlan]:
     """What to do with each item, from the store's runs (read only: nothing is created).
 
-    `holders`: every live owner of a pair (lease key → pipeline.ownership.Holder); those pairs
+    `holders`: every live owner of a pair (lease key → pipeline.runs.ownership.Holder); those pairs
     are BUSY, and a SCHEDULED or RUNNING run of any other pair has lost its owner, so it is
     resumed."""
     runs = existing_runs(tracker, (i.experiment_name for i in items))
@@ -113,7 +115,7 @@ def plan_runs(items: list[Item], tracker: tracking.Tracker | None, runs_dir: str
 RUN_ARTIFACTS = ("config.yaml", "model.pth", "metrics.csv", "learning_curve.png")
 
 
-def missing_artifacts(tracker: tracking.Tracker | None, run_id: str) -> list[str]:
+def missing_artifacts(tracker: store.Tracker | None, run_id: str) -> list[str]:
     """The artifacts of RUN_ARTIFACTS that a FINISHED run no longer has (deleted by hand, or an
     artifact store that was lost); [] when they are all there or the store cannot say."""
     if tracker is None:
@@ -137,10 +139,10 @@ def busy_plan(item: Item, holder) -> RunPlan:
                    note=f"owned by {holder.describe()}; skipped (--wait waits for it)")
 
 
-def plan_owned(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Path, ownership,
+def plan_owned(plans: list[RunPlan], tracker: store.Tracker, runs_dir: str | Path, ownership,
                *, force: bool = False) -> list[RunPlan]:
     """`plans` (read a moment ago) with this process as the one owner of every pair it will
-    run: each pair not done is claimed (pipeline.ownership) and planned again under the claim,
+    run: each pair not done is claimed (pipeline.runs.ownership) and planned again under the claim,
     so that no other scheduler creates, resumes or finishes it meanwhile, and a pair freed
     since it was read is run."""
     holders = ownership.holders(retire_stale=True)
@@ -169,7 +171,7 @@ def plan_owned(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | 
 ORPHAN_REASON = "its scheduler is gone (ended by a later call); rerun the same command to resume"
 
 
-def close_orphans(tracker: tracking.Tracker, experiment_names: Iterable[str], ownership,
+def close_orphans(tracker: store.Tracker, experiment_names: Iterable[str], ownership,
                   keep: set[str]) -> int:
     """End KILLED the runs of these experiments left RUNNING or SCHEDULED by a scheduler that
     is gone (killed, or stopped by a full store before it could mark them): no live lease
@@ -238,11 +240,11 @@ def run_rows(rows, request: RunRequest, *, echo) -> int:
     # The runs first: bad --set/--seeds fail before an executor (a Ray instance) starts.
     items = selection.items(rows)
     with make_executor(request.executor_options, retries=request.retries,
-                       short_runs=selection.quick, drop_env=tracking.MLFLOW_RUN_ENV) as runner:
-        uri = tracking.resolve_tracking_uri(request.tracking_uri)
-        tracking.warn_unless_shared(runner.nodes(), uri, echo)
+                       short_runs=selection.quick, drop_env=store.MLFLOW_RUN_ENV) as runner:
+        uri = store.resolve_tracking_uri(request.tracking_uri)
+        store.warn_unless_shared(runner.nodes(), uri, echo)
         items = selection.fallback(items, download=not request.dry_run, echo=echo)
-        reader = tracking.reader(uri)  # the plan creates nothing, not even the store
+        reader = store.reader(uri)  # the plan creates nothing, not even the store
         holders = Ownership(reader).holders() if reader is not None else None
         plans = plan_runs(items, reader, request.runs_dir, force=request.force, holders=holders)
         if request.dry_run:
@@ -258,14 +260,14 @@ def run_rows(rows, request: RunRequest, *, echo) -> int:
 
 
 def _run_plans(plans: list[RunPlan], request: RunRequest, runner, uri: str, echo) -> int:
-    tracker = tracking.Tracker(uri)  # checks the store; creates the embedded one
+    tracker = store.Tracker(uri)  # checks the store; creates the embedded one
     with Ownership(tracker) as ownership:  # the pairs this command runs are its own
         try:
             plans = plan_owned(plans, tracker, request.runs_dir, ownership, force=request.force)
         except Exception as exc:  # noqa: BLE001 - a full disk is one line; others as they are
-            if not tracking.is_disk_full(exc):
+            if not store.is_disk_full(exc):
                 raise
-            raise LcpError(tracking.disk_full_message(exc, uri)) from None
+            raise LcpError(store.disk_full_message(exc, uri)) from None
         print_plan(plans, uri, runner, request, echo)
         todo = [p for p in plans if p.action in TO_RUN]
         if not todo and not (request.wait and any(p.owner for p in plans)):
@@ -305,7 +307,7 @@ def _run_plans(plans: list[RunPlan], request: RunRequest, runner, uri: str, echo
     return _print_summary(plans, result, request.selection, echo)
 
 
-def _prepare(todo: list[RunPlan], tracker: tracking.Tracker, runs_dir: str, echo) -> bool:
+def _prepare(todo: list[RunPlan], tracker: store.Tracker, runs_dir: str, echo) -> bool:
     """Reschedule the resumed runs and check the runs folder (new runs are created as their
     workers start); False on Ctrl-C. A failure before any worker starts marks the resumed runs
     FAILED with the reason (resumable by the next call) and is one line."""
@@ -317,13 +319,13 @@ def _prepare(todo: list[RunPlan], tracker: tracking.Tracker, runs_dir: str, echo
         echo("interrupted before any run started; the runs created so far are KILLED", err=True)
         return False
     except Exception as exc:  # noqa: BLE001 - one line, the runs left resumable
-        if tracking.is_disk_full(exc):
-            reason = tracking.disk_full_message(exc, tracker.uri)
+        if store.is_disk_full(exc):
+            reason = store.disk_full_message(exc, tracker.uri)
         elif isinstance(exc, OSError) and exc.filename:
             reason = (f"cannot write {exc.filename}: {exc.strerror}; give --runs-dir on a "
                       "writable disk")
         else:
-            reason = f"could not prepare the runs: {tracking.first_line(exc)}"
+            reason = f"could not prepare the runs: {store.first_line(exc)}"
         for plan in todo:
             mark_not_started(plan, tracker, reason)
         raise LcpError(f"{reason} (no run started; rerun to resume them)") from None
@@ -428,7 +430,7 @@ def print_expected(items: list[Item], runner, tracker, quick: bool, echo) -> Non
         estimates = budget.estimate(items, threads=pool.slots[0].threads, tracker=tracker,
                                     light=quick)
     except Exception as exc:  # noqa: BLE001 - an estimate is never worth a failed table
-        echo(f"expected duration: unknown ({tracking.first_line(exc)})")
+        echo(f"expected duration: unknown ({store.first_line(exc)})")
         return
     wall = budget.makespan([e.total_s for e in estimates], pool.size)
     lower = any(budget.is_controller_row(e.id) and not e.slowdown_known for e in estimates)
@@ -456,7 +458,7 @@ def price_rows(manifest_path: str, targets: Iterable[str], selection: Selection,
                                download=True, echo=echo)
     ensure_data(items, echo)
     print_budget(items, workers, threads,
-                 tracking.reader(tracking.resolve_tracking_uri(tracking_uri)), echo, remeasure)
+                 store.reader(store.resolve_tracking_uri(tracking_uri)), echo, remeasure)
 
 
 STATES = {SKIP: "done", BUSY: "running", NEW: "-"}
@@ -478,8 +480,8 @@ def list_tables(manifest_path: str, table: str | None, selection: Selection,
     manifest = load_manifest(manifest_path)
     numbers = [manifest.table(table)[0].table] if table is not None else manifest.tables()
     items = {number: selection.items(manifest.table(number)) for number in numbers}
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    reader = tracking.reader(uri)
+    uri = store.resolve_tracking_uri(tracking_uri)
+    reader = store.reader(uri)
     holders = Ownership(reader).holders() if reader is not None else None
     echo(f"manifest {manifest.path}; tracking {uri}" + ("" if reader else " (empty)"))
     for number, table_items in items.items():
@@ -490,7 +492,7 @@ def list_tables(manifest_path: str, table: str | None, selection: Selection,
         for plan in plans:
             by_row.setdefault(plan.item.exp.id, []).append(plan)
         done = sum(1 for p in plans if p.action == SKIP)
-        echo(f"\nTable {number} (experiment {tracking.experiment_name(number)}): {len(rows)} "
+        echo(f"\nTable {number} (experiment {store.experiment_name(number)}): {len(rows)} "
              f"rows, {len(plans)} runs, {done} done")
         section = None
         width = max(len(r.id) for r in rows)
@@ -500,7 +502,7 @@ def list_tables(manifest_path: str, table: str | None, selection: Selection,
                 echo(f"  {section}")
             states = "  ".join(f"{p.item.seed}:{state(p)}" for p in by_row.get(exp.id, []))
             echo(f"    {exp.id:<{width}}  {exp.label:<12}  {states}")
-        count, flags = other_settings(reader, tracking.experiment_name(number),
+        count, flags = other_settings(reader, store.experiment_name(number),
                                       {p.item.config_hash for p in plans})
         if count:
             echo(f"  + {count} FINISHED run(s) made with other settings (the newest with "

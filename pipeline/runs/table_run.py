@@ -1,6 +1,6 @@
 """A table run (one row, one seed): its plan, its MLflow run (created as its worker starts,
 ended as it ends), its folder, and the scheduler hooks that keep MLflow honest. Which pairs to
-run, skip or resume is `pipeline.table`'s.
+run, skip or resume is `pipeline.runs.table`'s.
 
     prepare(plans, tracker, runs_dir)  # the parent: experiments, resumed runs rescheduled
     hooks = TrackingHooks(tracker, ownership, runs_dir=runs_dir)
@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lcp.config import NOT_HASHED, RunConfig
-from pipeline import rundir, tracking
-from pipeline.executors import Executor, child_env, describe_returncode
-from pipeline.run_status import OPEN_STATUSES, end_if_open
-from pipeline.rundir import CONFIG_NAME, DEFAULT_RUNS_DIR, EXIT_BUSY, LOG_NAME, write_config
-from pipeline.scheduler import (FAILED, KILLED, Hooks, Job, ProgressDisplay, Scheduler,
-                                SchedulerResult, stop_on_signals)
+from pipeline.runs import rundir
+from pipeline.runs.rundir import CONFIG_NAME, DEFAULT_RUNS_DIR, EXIT_BUSY, LOG_NAME, write_config
+from pipeline.scheduling.executors import Executor, child_env, describe_returncode
+from pipeline.scheduling.scheduler import (FAILED, KILLED, Hooks, Job, ProgressDisplay, Scheduler,
+                                           SchedulerResult, stop_on_signals)
+from pipeline.tracking import store
+from pipeline.tracking.run_status import OPEN_STATUSES, end_if_open
 
 NEW, RESUME, SKIP, BUSY = "new", "resume", "skip", "busy"
 
@@ -32,7 +33,7 @@ NEW, RESUME, SKIP, BUSY = "new", "resume", "skip", "busy"
 
 @dataclass
 class RunPlan:
-    item: Any  # pipeline.selection.Item: the row, the seed and the run's config
+    item: Any  # pipeline.manifest.selection.Item: the row, the seed and the run's config
     action: str  # new | resume | skip | busy
     run_id: str | None = None
     run_dir: Path | None = None
@@ -75,9 +76,9 @@ def run_tags(item, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     import torch
     from mlflow.utils import mlflow_tags as M
 
-    commit = tracking.git_commit()
+    commit = store.git_commit()
     tags = {
-        M.MLFLOW_SOURCE_NAME: str(Path(__file__).resolve().parent.parent / "cli.py"),
+        M.MLFLOW_SOURCE_NAME: str(Path(__file__).resolve().parents[2] / "cli.py"),
         M.MLFLOW_SOURCE_TYPE: "LOCAL", M.MLFLOW_RUN_NOTE: description(item),
         M.MLFLOW_GIT_COMMIT: commit.removesuffix("-dirty") if commit else None,
         "table": item.exp.table, "section": item.exp.section, "label": item.exp.label,
@@ -103,7 +104,7 @@ def run_dir_for(runs_dir: Path, item, run_id: str) -> Path:
 # ====================================================================== creating runs
 
 
-def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Path) -> None:
+def prepare(plans: list[RunPlan], tracker: store.Tracker, runs_dir: str | Path) -> None:
     """Before any worker starts: create the experiments, check that `runs_dir` can be written,
     and reschedule the resumed runs (status SCHEDULED). A new run is created only when its
     worker starts (`open_run`, from TrackingHooks.before_start), so that its MLflow start time,
@@ -123,7 +124,7 @@ def prepare(plans: list[RunPlan], tracker: tracking.Tracker, runs_dir: str | Pat
         _check_writable(Path(runs_dir))
 
 
-def open_run(plan: RunPlan, tracker: tracking.Tracker, runs_dir: str | Path,
+def open_run(plan: RunPlan, tracker: store.Tracker, runs_dir: str | Path,
              extra_tags: Mapping[str, Any] | None = None) -> None:
     """Create the MLflow run of a NEW plan (status SCHEDULED until its worker marks it
     RUNNING), its folder and config; end the unfinished runs of the pair it replaces."""
@@ -138,7 +139,7 @@ def open_run(plan: RunPlan, tracker: tracking.Tracker, runs_dir: str | Path,
     tracker.log_artifact(plan.run_id, plan.run_dir / CONFIG_NAME)
 
 
-def _place(plan: RunPlan, tracker: tracking.Tracker) -> None:
+def _place(plan: RunPlan, tracker: store.Tracker) -> None:
     """The run's folder (config, run.json) and its tags that point there."""
     tracker.set_tags(plan.run_id, {"run_dir": str(plan.run_dir),
                                    "log_path": str(plan.run_dir / LOG_NAME)})
@@ -153,7 +154,7 @@ def _check_writable(folder: Path) -> None:
     probe.unlink()
 
 
-def supersede(tracker: tracking.Tracker, run, new_run_id: str) -> None:
+def supersede(tracker: store.Tracker, run, new_run_id: str) -> None:
     """`run` is replaced by `new_run_id` (it could not be resumed): tagged so, and KILLED if it
     was left RUNNING or SCHEDULED, so that no run of the pair stays open forever."""
     reason = f"superseded by run {new_run_id} (its checkpoint was gone)"
@@ -161,20 +162,20 @@ def supersede(tracker: tracking.Tracker, run, new_run_id: str) -> None:
     end_if_open(tracker, run.info.run_id, "KILLED", {"killed_reason": reason})
 
 
-def mark_not_started(plan: RunPlan, tracker: tracking.Tracker, reason: str) -> None:
+def mark_not_started(plan: RunPlan, tracker: store.Tracker, reason: str) -> None:
     """A run created (or rescheduled) whose worker could not be started: FAILED with the
     reason, so it is not left SCHEDULED; the next plan resumes it."""
     _end_open_run(plan, tracker, "FAILED", {"failure_reason": reason})
 
 
-def cancel(plans: list[RunPlan], tracker: tracking.Tracker, reason: str) -> None:
+def cancel(plans: list[RunPlan], tracker: store.Tracker, reason: str) -> None:
     """Mark the runs of `plans` that were created or scheduled (and are not finished) KILLED."""
     for plan in plans:
         if plan.action in (NEW, RESUME):
             _end_open_run(plan, tracker, "KILLED", {"killed_reason": reason})
 
 
-def _end_open_run(plan: RunPlan, tracker: tracking.Tracker, status: str, tags: dict) -> None:
+def _end_open_run(plan: RunPlan, tracker: store.Tracker, status: str, tags: dict) -> None:
     """End the plan's run with `status` and `tags` if it is still RUNNING or SCHEDULED."""
     if not plan.run_id:
         return
@@ -182,8 +183,8 @@ def _end_open_run(plan: RunPlan, tracker: tracking.Tracker, status: str, tags: d
         end_if_open(tracker, plan.run_id, status, tags)
     except Exception as exc:  # noqa: BLE001 - the store itself may be what failed; go on
         # A full disk that keeps a run from starting is said once, by the caller.
-        if status == "KILLED" or not tracking.is_disk_full(exc):
-            print(f"warning: could not mark {plan.name} {status}: {tracking.first_line(exc)}",
+        if status == "KILLED" or not store.is_disk_full(exc):
+            print(f"warning: could not mark {plan.name} {status}: {store.first_line(exc)}",
                   file=sys.stderr)
 
 
@@ -211,7 +212,7 @@ def _stops_on_a_full_disk(default=None, reraise: bool = False):
             try:
                 return method(self, job, *args)
             except Exception as exc:  # noqa: BLE001 - only a full disk is handled here
-                if not tracking.is_disk_full(exc):
+                if not store.is_disk_full(exc):
                     raise
                 self.disk_full(exc)
                 if reraise:
@@ -226,18 +227,18 @@ class TrackingHooks(Hooks):
     FAILED with the reason; stopped runs KILLED; each attempt's log uploaded as an artifact.
     A full disk stops the scheduler with one reason (`request_stop`, set by `execute`)."""
 
-    def __init__(self, tracker: tracking.Tracker, ownership=None, *,
+    def __init__(self, tracker: store.Tracker, ownership=None, *,
                  runs_dir: str | Path = DEFAULT_RUNS_DIR, extra_tags=None,
                  threads: int | None = None):
         self.tracker = tracker
-        self.ownership = ownership  # pipeline.ownership.Ownership: released as runs end
+        self.ownership = ownership  # pipeline.runs.ownership.Ownership: released as runs end
         self.runs_dir, self.extra_tags, self.threads = runs_dir, extra_tags, threads
         self.request_stop = lambda reason: None
         self.full: str | None = None
 
     def disk_full(self, exc: BaseException) -> None:
         if self.full is None:
-            self.full = tracking.disk_full_message(exc, self.tracker.uri)
+            self.full = store.disk_full_message(exc, self.tracker.uri)
             self.request_stop(self.full)
 
     @_stops_on_a_full_disk(reraise=True)
@@ -299,7 +300,7 @@ class TrackingHooks(Hooks):
                                {"killed_reason": job.reason}):
                 self.tracker.set_tags(plan.run_id, {"killed_reason": job.reason})
         except Exception as exc:  # noqa: BLE001 - keep stopping the others
-            if tracking.is_disk_full(exc):
+            if store.is_disk_full(exc):
                 raise
             print(f"warning: could not mark {job.key} KILLED: {exc}", file=sys.stderr)
 
@@ -311,7 +312,7 @@ class TrackingHooks(Hooks):
             try:
                 self.tracker.log_artifact(job.payload.run_id, job.log_path, "logs")
             except Exception as exc:  # noqa: BLE001
-                if tracking.is_disk_full(exc):
+                if store.is_disk_full(exc):
                     raise
                 print(f"warning: could not upload {job.log_path}: {exc}", file=sys.stderr)
 

@@ -1,6 +1,6 @@
 """How a run's OpenMP threads wait for work: the default of every process that trains, the
-pipeline's workers (`pipeline.executors.Slot.env`, the Ray task) and `lcp train` (cli.py, also
-behind `python3 run_classification.py`).
+pipeline's workers (`pipeline.scheduling.executors.Slot.env`, the Ray task) and `lcp train`
+(cli.py, also behind `python3 run_classification.py`).
 
 GNU OpenMP (PyTorch's on Linux) reads its variables once, when it starts, which is when torch is
 first imported: a process applies the rule to itself before that (cli.py does, first thing), and
