@@ -25,7 +25,7 @@ from pipeline.run_status import end_run
 FORMATS = ("md", "csv", "latex")
 CURVE_KEYS = ("eval_test/accuracy", "train/accuracy", ALIGN_KEY)
 ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean")
-HEALTH_KEYS = ("epoch_time", "steps_per_s")  # with the above: what pipeline.health reads
+HEALTH_KEYS = ("epoch_time", "steps_per_s", "skipped_steps")  # with the above: what pipeline.health reads
 DEFAULT_MARGIN_PP = 1.0  # the equivalence margin of a verdict, in percentage points
 ALPHA = 0.05  # the level of every test behind a verdict
 
@@ -125,7 +125,8 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             "threads": _int_or_nan(run.data.tags.get("torch_threads")),
             "best_test_acc": health.best_acc, "best_epoch": health.best_epoch,
             "collapsed": health.collapsed, "iter_growth": health.iter_growth,
-            "max_iter_share": health.max_iter_share, "health": health.word,
+            "max_iter_share": health.max_iter_share, "skipped_steps": health.skipped_steps,
+            "health": health.word,
         })
         curves[run_id] = {k: sorted((m.step, m.value) for m in histories[k])
                           for k in CURVE_KEYS if k in histories}
@@ -133,7 +134,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
                "test_acc", "best_test_acc", "best_epoch", "train_acc", "train_nll", "test_nll",
                "wall_time_s",
                "solver_iters", "hit_max_iter", "cos_to_gradient", "collapsed", "iter_growth",
-               "max_iter_share", "health"]
+               "max_iter_share", "skipped_steps", "health"]
     return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id,
                      ended, {h for hashes in expected.values() for h in hashes})
 
@@ -245,6 +246,10 @@ def health_text(mine, ended: list[str] | None) -> str:
     growth = mine["iter_growth"].mean() if n else math.nan
     if not math.isnan(growth) and growth >= 1.5:
         parts.append(f"iters x{growth:.1f}")
+    skipped = int(mine["skipped_steps"].sum()) if n else 0
+    if skipped:
+        seeds = int((mine["skipped_steps"] > 0).sum())
+        parts.append(f"{skipped} step{'s' * (skipped > 1)} skipped ({seeds}/{n} seeds)")
     return ", ".join(parts) or "ok"
 
 
@@ -421,8 +426,9 @@ VERDICT_NOTE = (
     "Best acc.: the best test accuracy over the evaluated epochs (mean over seeds), a health "
     "indicator, not a result (it is chosen on the test set). Health: seeds not finished, "
     f"`collapsed` (final test accuracy more than {COLLAPSE_PP:g} pp below the best), the share "
-    "of solves that stopped at max_iter, and `iters xK` (the controller's iterations per "
-    "solve, last epoch ÷ first).\n")
+    "of solves that stopped at max_iter, `iters xK` (the controller's iterations per "
+    "solve, last epoch ÷ first) and the steps skipped because their update was not finite "
+    "(skip_limit).\n")
 
 
 def paper_detail_rows(summary, pm: str = "±") -> tuple[list[str], list[list[str]]]:

@@ -328,6 +328,16 @@ def _mark(tracker, run_id: str, status: str, tags: dict) -> None:
         print(f"worker: could not mark run {run_id} {status}: {exc}", file=sys.stderr, flush=True)
 
 
+def skipped_tags(state) -> dict[str, str]:
+    """The steps a run skipped (their update not finite), where and why, as the tag
+    `skipped_steps` (none when it skipped no step)."""
+    skipped = getattr(state, "skipped", None) or []
+    if not skipped:
+        return {}
+    text = "; ".join(f"epoch {s['epoch']} step {s['step']}: {s['reason']}" for s in skipped)
+    return {"skipped_steps": text if len(text) <= 4000 else text[:3990] + " …"}
+
+
 def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogger,
             trial_outcome: tuple[str, dict, dict] | None = None) -> None:
     """The final evaluation and, for a table run, the artifacts; then the run's end: FINISHED,
@@ -342,7 +352,7 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     final["wall_time_s"] = logger.wall_time()
     health = run_health(result.history)
     final.update(health.metrics())
-    tags = {**health.tags(), **(tags or {})}
+    tags = {**health.tags(), **skipped_tags(logger.state), **(tags or {})}
     # Once: an attempt stopped after logging them (before FINISHED) already has them.
     if not any(m.step == result.epochs_completed
                for m in tracker.metric_history(run_id, "wall_time_s")):

@@ -72,6 +72,11 @@ class Trainer:
     def post_update(self) -> None:
         """Explicit non-gradient rules due after this batch's update (none by default)."""
 
+    def rule_updated_tensors(self) -> list[torch.Tensor]:
+        """The tensors `pre_update` and `post_update` change in place (none by default): what
+        the loop puts back when it skips a step whose update is not finite."""
+        return []
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the free equilibrium v* = f(E(x), v*), solved from v = 0."""

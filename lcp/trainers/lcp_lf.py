@@ -54,6 +54,9 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         self.last_noisy_steps = steps
         self.Q.add_(self.cfg.dt / self.cfg.tau_Q * (A_mean - self.cfg.wd_Q * self.Q))
 
+    def rule_updated_tensors(self):
+        return [self.Q]
+
     def noisy_rates(self) -> dict[str, float]:
         """The constants of one noisy step, with T = timescale_factor and dt' = dt/T²."""
         cfg = self.cfg
