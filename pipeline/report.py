@@ -111,6 +111,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
             "id": row_id, "seed": seed, "run_id": run_id,
             "config_hash": run.data.tags.get("config_hash", ""),
             "data_source": run.data.tags.get("data_source", "full"),
+            "cpu": run.data.tags.get("cpu", ""), "commit": run.data.tags.get("git_commit", ""),
             "test_acc": _pct(metrics.get("eval_test/accuracy")),
             "train_acc": _pct(metrics.get("eval_train/accuracy")),
             "train_nll": metrics.get("eval_train/loss", math.nan),
@@ -134,7 +135,7 @@ def collect(tracker: tracking.Tracker, manifest: Manifest, table: int | str, *,
                "test_acc", "best_test_acc", "best_epoch", "train_acc", "train_nll", "test_nll",
                "wall_time_s",
                "solver_iters", "hit_max_iter", "cos_to_gradient", "collapsed", "iter_growth",
-               "max_iter_share", "skipped_steps", "health"]
+               "max_iter_share", "skipped_steps", "health", "cpu", "commit"]
     return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id,
                      ended, {h for hashes in expected.values() for h in hashes})
 
