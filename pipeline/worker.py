@@ -245,9 +245,9 @@ def _run(args, run_dir: Path) -> int:
         threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:  # the scheduler's share of the CPU for this run
             torch.set_num_threads(threads)
-        from lcp import native
         from lcp.config import RunConfig
         from lcp.data import build_loaders
+        from lcp.trainers import native_check
         from lcp.training import fit
         from pipeline.tracking import (SYSTEM_METRICS_ENV, start_system_metrics,
                                        stop_system_metrics)
@@ -268,13 +268,13 @@ def _run(args, run_dir: Path) -> int:
         tracker.set_tags(run_id, {
             "device": describe_device(cfg), "torch_version": torch.__version__,
             "attempt": args.attempt, "worker_pid": os.getpid(),
-            "torch_threads": torch.get_num_threads(), "compiled_kernels": native.summary(),
+            "torch_threads": torch.get_num_threads(), "compiled_kernels": native_check.summary(),
             **({"resumed_from_epoch": resumed_from} if checkpoint.exists() else {}),
         })
         print(f"worker: run {run_id} ({name}) attempt {args.attempt}, "
               + (f"resuming from epoch {resumed_from}" if checkpoint.exists() else "from epoch 0")
               + f", device {describe_device(cfg)}, {torch.get_num_threads()} threads"
-              + f", compiled kernels {native.summary()}", flush=True)
+              + f", compiled kernels {native_check.summary()}", flush=True)
         logger = MlflowLogger(tracker, run_id, run_dir, wall_before)
         from lcp.progress import ProgressBar
 

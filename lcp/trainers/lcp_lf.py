@@ -103,7 +103,7 @@ class LinearFeedbackTrainer(LeastControlTrainer):
                  torch.randn_like(last["v_tilde"]))
         rates = self.noisy_rates()
         steps = cfg.solver_max_iter
-        plan = native.plan_for(model, h, *native.NoisySteps.passes)
+        plan = native.plan_for(model, h, self.kernels, *native.NoisySteps.passes)
         if plan is not None:
             kernel = native.NoisySteps(plan, state, Q, onehot, u_ref, rates,
                                        max(1, min(self.A_CHUNK, steps)))
