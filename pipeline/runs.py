@@ -82,7 +82,7 @@ def run_tags(item, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         M.MLFLOW_GIT_COMMIT: commit.removesuffix("-dirty") if commit else None,
         "table": item.exp.table, "section": item.exp.section, "label": item.exp.label,
         "id": item.exp.id, "seed": item.seed, "config_hash": item.config_hash,
-        "git_commit": commit, "torch_version": torch.__version__, "cpu": tracking.cpu_model(),
+        "git_commit": commit, "torch_version": torch.__version__,
         "device": item.cfg.device, "lcp.kind": "run", "data_source": data_source(item.cfg),
     }
     tags.update(extra or {})

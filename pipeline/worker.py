@@ -234,7 +234,7 @@ def die_with_parent() -> None:
 
 
 def _run(args, run_dir: Path) -> int:
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, cpu_model
 
     tracker = Tracker(args.tracking_uri, check=True, create=False)
     run_id = args.run_id
@@ -266,7 +266,8 @@ def _run(args, run_dir: Path) -> int:
         tracker.set_status(run_id, "RUNNING")
         name = run.info.run_name or run_id
         tracker.set_tags(run_id, {
-            "device": describe_device(cfg), "torch_version": torch.__version__,
+            "device": describe_device(cfg), "cpu": cpu_model(),
+            "torch_version": torch.__version__,
             "attempt": args.attempt, "worker_pid": os.getpid(),
             "torch_threads": torch.get_num_threads(), "compiled_kernels": native_check.summary(),
             **({"resumed_from_epoch": resumed_from} if checkpoint.exists() else {}),
