@@ -485,19 +485,20 @@ def main(argv=None) -> int:
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     try:
-        from lcp import native
-        if Path(native.__file__).resolve().parent.parent != Path(lcp.__file__).resolve().parent:
-            native = None  # another checkout's module, not the timed package's
-    except ImportError:  # an export of the package from before the compiled kernels
-        native = None
+        from lcp.trainers import native_check
+        if (Path(native_check.__file__).resolve().parent.parent
+                != Path(lcp.__file__).resolve().parent):
+            native_check = None  # another checkout's module, not the timed package's
+    except ImportError:  # an export of the package from before the checked compiled kernels
+        native_check = None
 
     print(f"# lcp {lcp.__version__} ({Path(lcp.__file__).parent}), torch {torch.__version__}, "
           f"{where}; batch {args.batch_size}; median of {args.repeats} steps after "
           f"{args.warmup} warm-up steps, each from the same "
           + (f"weights (trained {args.pretrain} steps first)" if args.pretrain
              else "initial weights"))
-    if native is not None:
-        print(f"# {native.status()}")
+    if native_check is not None:
+        print(f"# {native_check.status()}")
     try:
         print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     except OSError:

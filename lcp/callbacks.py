@@ -32,6 +32,8 @@ class FitState:
     steps_per_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
     stop_reason: str | None = None
+    # the steps skipped because their update was not finite: {"epoch", "step", "reason"}
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:

@@ -480,9 +480,12 @@ def build_loaders(
 ) -> tuple[BatchLoader, dict[str, BatchLoader], tuple[int, int, int], int]:
     """(train loader, eval loaders, input shape, number of classes) for a run.
 
-    The eval loaders are unshuffled: "train" (the training set, for the final train
-    evaluation), "test", and "val" (a seeded held-out part of the training set, removed from
-    it) when `cfg.validation_split > 0`.
+    The eval loaders: "train" (the training set, for the final train evaluation), "test", and
+    "val" (a seeded held-out part of the training set, removed from it) when
+    `cfg.validation_split > 0`. "train" is shuffled, as the paper's script evaluates the
+    training set through its (shuffled) training loader: evaluation averages per-batch means,
+    so which samples share the last, partial batch moves the train loss and accuracy in their
+    last digits. "test" and "val" are unshuffled, as the paper's test loader is.
     """
     x_train, y_train = load_split(cfg.data, cfg.data_dir, train=True, download=download)
     x_test, y_test = load_split(cfg.data, cfg.data_dir, train=False, download=download)
@@ -493,13 +496,14 @@ def build_loaders(
         held_out = (x_train[val], y_train[val])
         x_train, y_train = x_train[keep], y_train[keep]
 
-    def eval_loader(x: Tensor, y: Tensor) -> BatchLoader:
-        return BatchLoader(x, y, cfg.batch_size, shuffle=False,
+    def eval_loader(x: Tensor, y: Tensor, shuffle: bool = False) -> BatchLoader:
+        return BatchLoader(x, y, cfg.batch_size, shuffle=shuffle,
                            limit_batches=cfg.limit_eval_batches)
 
     train_loader = BatchLoader(x_train, y_train, cfg.batch_size, shuffle=True,
                                limit_batches=cfg.limit_train_batches)
-    eval_loaders = {"train": eval_loader(x_train, y_train), "test": eval_loader(x_test, y_test)}
+    eval_loaders = {"train": eval_loader(x_train, y_train, shuffle=True),
+                    "test": eval_loader(x_test, y_test)}
     if held_out is not None:
         eval_loaders["val"] = eval_loader(*held_out)
     return train_loader, eval_loaders, input_shape(cfg.data), NUM_CLASSES

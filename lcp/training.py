@@ -150,6 +150,7 @@ def save_checkpoint(path: str | os.PathLike, state: FitState) -> None:
         "epoch": state.epoch,
         "global_step": state.global_step,
         "history": state.history,
+        "skipped": state.skipped,
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -220,6 +221,7 @@ def _restore(state: FitState, payload: dict) -> None:
     state.epoch = payload["epoch"]
     state.global_step = payload["global_step"]
     state.history = list(payload["history"])
+    state.skipped = list(payload.get("skipped", []))  # absent from earlier checkpoints
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
@@ -290,20 +292,34 @@ def train_one_epoch(state: FitState, loader, device, cbs, model_params, trainer_
     stats = EpochStats()
     start = time.perf_counter()
     steps = 0
+    allowance = cfg.skip_allowance(state.steps_per_epoch)
+    # what a step changes besides .grad and the optimizer: put back when it is skipped
+    guarded = list(state.model.buffers()) + trainer.rule_updated_tensors() if allowance else []
+    skipped = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        trainer.pre_update()
-        optimizer.zero_grad(set_to_none=True)
-        step_stats = trainer.compute_update(x, y)
-        trainer.post_update()
-        norm = update_norm(model_params + trainer_params)
-        # only an element that is not finite ends the run: a norm too large for float64 (of a
-        # float64 update) is logged as inf, and clipping below handles it as the paper's loop does
-        if not math.isfinite(norm) and not update_is_finite(model_params + trainer_params):
-            raise DivergenceError(
-                f"the update is not finite at step {state.global_step + 1} "
-                f"(epoch {state.epoch + 1}); lower the learning rate, dt or alpha",
-                phase="update", iteration=state.global_step + 1)
+        saved = [t.detach().clone() for t in guarded]
+        try:
+            step_stats, norm = take_update(state, x, y, model_params, trainer_params)
+        except DivergenceError as exc:
+            if skipped >= allowance:
+                raise _past_the_limit(exc, cfg, skipped, allowance, state.epoch + 1) from None
+            with torch.no_grad():
+                for tensor, before in zip(guarded, saved):
+                    tensor.copy_(before)
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            state.skipped.append({"epoch": state.epoch + 1, "step": state.global_step + 1,
+                                  "reason": str(exc).splitlines()[0]})
+            # the batch's time passes: the schedule goes on as if the step had been taken
+            if scheduler is not None:
+                scheduler.step()
+            state.global_step += 1
+            steps += 1
+            cbs.on_step_end(state, {"skipped": 1.0})
+            if state.stop_reason is not None:
+                break
+            continue
         step_stats["update_norm"] = norm
         # the paper's clipping: torch's clip_grad_norm_, the model's and the trainer's
         # parameters separately; a total norm that overflows float32 scales the update to zero
@@ -328,7 +344,40 @@ def train_one_epoch(state: FitState, loader, device, cbs, model_params, trainer_
     record["steps_per_s"] = steps / elapsed if elapsed > 0 else 0.0
     record["lr"] = optimizer.param_groups[0]["lr"]
     record["peak_memory_mb"] = peak_memory_mb(device)
+    record["skipped_steps"] = skipped
     return record
+
+
+def take_update(state: FitState, x, y, model_params, trainer_params):
+    """This batch's update in `.grad` (and the trainer's rules applied): (stats, its norm).
+    Raises DivergenceError when a solve or the update is not finite."""
+    trainer = state.trainer
+    trainer.pre_update()
+    state.optimizer.zero_grad(set_to_none=True)
+    step_stats = trainer.compute_update(x, y)
+    trainer.post_update()
+    norm = update_norm(model_params + trainer_params)
+    # only an element that is not finite is a divergence: a norm too large for float64 (of a
+    # float64 update) is logged as inf, and clipping handles it as the paper's loop does
+    if not math.isfinite(norm) and not update_is_finite(model_params + trainer_params):
+        raise DivergenceError(
+            f"the update is not finite at step {state.global_step + 1} "
+            f"(epoch {state.epoch + 1}); lower the learning rate, dt or alpha",
+            phase="update", iteration=state.global_step + 1)
+    return step_stats, norm
+
+
+def _past_the_limit(exc: DivergenceError, cfg: RunConfig, skipped: int, allowance: int,
+                    epoch: int) -> DivergenceError:
+    """The divergence that ends a run: `exc` itself when skipping is off, else `exc` with how
+    many steps of the epoch were skipped before it."""
+    if allowance == 0:
+        return exc
+    return DivergenceError(
+        f"{str(exc).splitlines()[0]} — a step of epoch {epoch} not finite after {skipped} "
+        f"skipped (skip_limit={cfg.skip_limit:g} allows {allowance} per epoch); raise "
+        "--skip_limit to skip more, or lower the learning rate, dt or alpha",
+        phase=exc.phase, iteration=exc.iteration)
 
 
 # ------------------------------------------------------------------ trained models

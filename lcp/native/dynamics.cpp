@@ -4,7 +4,8 @@
  * whose one definition is PyTorch code in lcp/ (named at each pass). The passes take raw
  * pointers and sizes; Python never calls them directly: bindings.cpp binds each one as a typed
  * function of tensors that checks every tensor's dtype, device, contiguity and shape first.
- * When the backend loads, every pass is checked against its definition (lcp/native/check.py).
+ * When the backend loads, every pass is checked against its definition
+ * (lcp/trainers/native_check.py).
  *
  * A step of the controlled dynamics is tanh and two large matrix products (the blocks'
  * t W^T and their transposed products e_out M; done by the caller with PyTorch's kernels)

@@ -56,7 +56,7 @@ class RecurrentBackpropTrainer(Trainer):
         g = v_bar_leaf.grad
         # J at v̄ = f(h, v*), the state on the graph, as the paper's code differentiates it
         transpose = model.bind(h).transpose_at(v_bar_leaf.detach())
-        step = self.maybe_compiled(_adjoint_map)
+        step = self.maybe_compiled(adjoint_map)
         with torch.no_grad():
             (gamma,), adjoint = self.solver(lambda gamma: (step(transpose, g, gamma),), (g,),
                                             phase="adjoint")
@@ -67,7 +67,6 @@ class RecurrentBackpropTrainer(Trainer):
         return stats
 
 
-def _adjoint_map(transpose, g, gamma):
-    """One step of the adjoint equation γ = Jᵀγ + g (docs/equations.md); `transpose` is
-    γ ↦ Jᵀγ at v̄ (`BoundImplicit.transpose_at`)."""
+def adjoint_map(transpose, g, gamma):
+    """Jᵀγ + g, one step of the adjoint equation (`transpose`: γ ↦ Jᵀγ at v̄, `transpose_at`)."""
     return transpose(gamma) + g

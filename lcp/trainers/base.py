@@ -19,6 +19,7 @@ norms of u* and e*, and the loss/accuracy of the free output when it is computed
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,10 @@ class Trainer:
         self.solver = Solver.from_config(cfg)
         # trainable or rule-updated tensors that belong to the trainer, not to the model
         self.auxiliary = nn.Module()
+        # where the compiled passes come from (`native.plan_for`): `build_trainer` sets the
+        # accessor of the checked kernels (`lcp.trainers.native_check.library`); a trainer made
+        # from its class alone runs the PyTorch definitions, never kernels that were not checked
+        self.kernels: Callable[[], native.Kernels | None] | None = None
 
     # ---------------------------------------------------------------- the contract
     def parameters(self) -> list[nn.Parameter]:
@@ -71,6 +76,11 @@ class Trainer:
 
     def post_update(self) -> None:
         """Explicit non-gradient rules due after this batch's update (none by default)."""
+
+    def rule_updated_tensors(self) -> list[torch.Tensor]:
+        """The tensors `pre_update` and `post_update` change in place (none by default): what
+        the loop puts back when it skips a step whose update is not finite."""
+        return []
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +105,7 @@ class Trainer:
         """v* = f(h, v*) from v = 0 by the run's solver (docs/equations.md, "Free
         equilibrium"); the compiled backend's `FreeStep` where it applies."""
         h = h.detach()
-        plan = native.plan_for(self.model, h, *native.FreeStep.passes)
+        plan = native.plan_for(self.model, h, self.kernels, *native.FreeStep.passes)
         if plan is not None:
             kernel = native.FreeStep(plan)
             (v,), stats = self.solver(kernel, (kernel.start(),), phase="free")

@@ -72,7 +72,7 @@ class LeastControlTrainer(Trainer):
         h = h.detach()
         onehot = F.one_hot(y, num_classes).to(h.dtype)
         solver = self.controller()
-        plan = native.plan_for(self.model, h, *native.ControlledStep.passes)
+        plan = native.plan_for(self.model, h, self.kernels, *native.ControlledStep.passes)
         if plan is not None:
             kernel = native.ControlledStep(self, plan, onehot, ring=solver.keeps() + 1)
             (x,), stats = solver(kernel, (kernel.start(),), phase="controlled")

@@ -43,7 +43,7 @@ class EnergyBasedTrainer(Trainer):
             else:
                 v0 = model.zero_state(h)
                 v_hat0 = h.new_zeros(h.shape[0], onehot.shape[1])
-            plan = native.plan_for(model, h, *native.EnergyDescent.passes)
+            plan = native.plan_for(model, h, self.kernels, *native.EnergyDescent.passes)
             if plan is not None:
                 x = torch.cat([v0, v_hat0], dim=1)
                 native.energy_descent(plan, x, onehot, 1.0 / (cfg.alpha * h.shape[0]),

@@ -75,10 +75,14 @@ class KolenPollackTrainer(LeastControlTrainer):
         """p ← p − kp_wd·p for every feedback parameter and every parameter of f and D."""
         if self.kp_wd == 0:
             return
-        params = (list(self.auxiliary.parameters()) + list(self.model.blocks.parameters())
-                  + list(self.model.readout.parameters()))
-        for p in params:
+        for p in self.rule_updated_tensors():
             p.sub_(self.kp_wd * p)
+
+    def rule_updated_tensors(self):
+        if self.kp_wd == 0:
+            return []
+        return (list(self.auxiliary.parameters()) + list(self.model.blocks.parameters())
+                + list(self.model.readout.parameters()))
 
     def feedback(self, f, v, e, u):
         """e' = e + dt_e·(−e + φ'(v) ⊙ (B(e) + P(D_t·u))); v driven by the old e."""

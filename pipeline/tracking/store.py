@@ -200,6 +200,20 @@ def stop_system_metrics(monitor) -> None:
         monitor.mlflow_logger.flush()
 
 
+def cpu_model() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (e.g. 'AMD EPYC 7B13'): every run is tagged
+    with it (`cpu`), since timings and even float results move with the CPU."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
     """The project's git commit (with `-dirty` when tracked files changed), None outside git."""
     root = Path(path) if path else Path(__file__).resolve().parents[2]

@@ -118,6 +118,42 @@ def test_a_run_never_evaluated_has_no_best():
     assert "health/best_test_accuracy" not in health.metrics()
 
 
+def test_skipped_steps_show_in_the_health_the_report_and_the_list():
+    import pandas as pd
+
+    from pipeline.reporting.report import health_text
+    from pipeline.runs.table import state
+    from pipeline.runs.table_run import RunPlan
+
+    history = _history([0.8, 0.8, 0.8])
+    history[1]["skipped_steps"] = 2
+    health = run_health(history)
+    assert health.skipped_steps == 2 and health.flags == ["skipped"]
+    assert health.metrics()["health/skipped_steps"] == 2.0
+    assert run_health(_history([0.8])).tags()["health"] == "ok"
+    seeds = pd.DataFrame({"collapsed": [False] * 3, "max_iter_share": [0.0] * 3,
+                          "iter_growth": [1.0] * 3, "skipped_steps": [2, 0, 1]})
+    assert health_text(seeds, ["finished"] * 3) == "3 steps skipped (2/3 seeds)"
+    plan = RunPlan(item=None, action="skip", result={"health/skipped_steps": 3.0})
+    assert state(plan) == "done(3 skipped)"
+    assert state(RunPlan(item=None, action="skip", result={})) == "done"
+
+
+def test_a_runs_skipped_steps_are_tagged_with_where_and_why():
+    from types import SimpleNamespace
+
+    from pipeline.worker import skipped_tags
+
+    state = SimpleNamespace(skipped=[{"epoch": 5, "step": 4321, "reason": "the dynamics "
+                                      "diverged in phase 'adjoint'"}])
+    assert skipped_tags(state) == {
+        "skipped_steps": "epoch 5 step 4321: the dynamics diverged in phase 'adjoint'"}
+    assert skipped_tags(SimpleNamespace(skipped=[])) == {} and skipped_tags(None) == {}
+    many = SimpleNamespace(skipped=[{"epoch": 1, "step": i, "reason": "x" * 100}
+                                    for i in range(100)])
+    assert len(skipped_tags(many)["skipped_steps"]) <= 4000
+
+
 # ---------------------------------------------------------------------- against the paper
 
 

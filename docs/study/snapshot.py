@@ -1,13 +1,14 @@
 """Carry the study's finished runs from one machine to the next.
 
-    python docs/study/store.py snapshot STORE FILE.db.gz   # the finished runs of STORE's MLflow
-    python docs/study/store.py restore STORE FILE.db.gz    # into a STORE that has no store yet
+    python docs/study/snapshot.py snapshot STORE FILE.db.gz   # the finished runs of STORE's MLflow
+    python docs/study/snapshot.py restore STORE FILE.db.gz    # into a STORE that has no store yet
 
 A study of many hours outlives a session and its machine; what is committed must let the next
 machine go on. `snapshot` copies STORE/mlflow.db with SQLite's online backup (safe while runs
-write to it), removes from the copy what belongs to this machine only (runs not FINISHED, whose
-checkpoints stay here, and the ownership leases) with MLflow's own delete and `mlflow gc`, and
-writes it compressed. `restore` unpacks it as STORE/mlflow.db when STORE has none, so the
+write to it), deletes from the copy (MLflow's delete: the run is kept but hidden) the runs not
+FINISHED, whose checkpoints stay on this machine, so the next machine runs those pairs anew, and
+writes it compressed. The ownership leases stay: one that nobody renews is stale after its TTL,
+and the pipeline takes it over (docs/reliability.md); deleting one would block its name. `restore` unpacks it as STORE/mlflow.db when STORE has none, so the
 pipeline skips the finished runs and runs the rest. Each run keeps its tags (host, CPU, commit).
 """
 
@@ -17,17 +18,17 @@ import gzip
 import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-LEASE_PREFIX = "lcp-lease/"
 
 
 def snapshot(store: Path, target: Path) -> None:
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.store import LEASE_PREFIX
 
     source = store / "mlflow.db"
     if not source.exists():
@@ -41,7 +42,6 @@ def snapshot(store: Path, target: Path) -> None:
         kept = 0
         for exp in client.search_experiments(view_type=ViewType.ALL):
             if exp.name.startswith(LEASE_PREFIX):
-                client.delete_experiment(exp.experiment_id)
                 continue
             for run in client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL,
                                           max_results=50000):
@@ -49,9 +49,6 @@ def snapshot(store: Path, target: Path) -> None:
                     kept += 1
                 elif run.info.lifecycle_stage == "active":
                     client.delete_run(run.info.run_id)
-        # MLflow's own removal of what was deleted above, for good
-        subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with sqlite3.connect(copy) as db:
             db.execute("VACUUM")
         target.parent.mkdir(parents=True, exist_ok=True)

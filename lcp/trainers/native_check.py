@@ -1,11 +1,19 @@
-"""The load check of `lcp.native`: every compiled pass against its PyTorch definition.
+"""The compiled kernels as the trainers run them: `lcp.native` loads them, this module checks
+every pass against its PyTorch definition — which lives in the trainers — before any is used.
+
+`library()` is how the trainers get the kernels (`build_trainer` hands it to each trainer it
+builds): it asks `native.load` to build and load them with `compare_all` as their check, so the
+check runs once per process (and cache folder), on the first request, whatever was imported
+before; `status()` and `summary()` say which passes are in use and why. The check is here, not
+in `lcp.native`, because it owns both sides: it needs the trainers' definitions, and the
+trainers run the passes through `lcp.native`, which therefore imports nothing of this.
 
 `compare_all(kernels)` runs one check per pass (`CHECKS`, keyed by `lcp.native.PASSES`), each in
 float64 (to 1e-10 of the largest value) and float32 (to 1e-4, rounding) on small random ff and
 rnn models, through the same Python classes the trainers use, and returns {pass: what differs}
-for the passes that do not agree or raise. `lcp.native.self_check` runs it when the kernels load;
-the loader turns off each pass named. It draws from its own random generator state (the caller's
-is left as it was) and never loads the kernels itself.
+for the passes that do not agree or raise; the loader turns off each pass named. It draws from
+its own random generator state (the caller's is left as it was) and never loads the kernels
+itself.
 
 What each pass is compared with:
 
@@ -28,7 +36,12 @@ from lcp import native
 from lcp.config import RunConfig
 from lcp.models import build_model
 from lcp.solvers import relative_error
-from lcp.trainers import build_trainer
+from lcp.trainers.backprop import RecurrentBackpropTrainer
+from lcp.trainers.base import Trainer
+from lcp.trainers.lcp_di import DynamicInversionTrainer
+from lcp.trainers.lcp_ebd import EnergyBasedTrainer
+from lcp.trainers.lcp_kp import KolenPollackTrainer
+from lcp.trainers.lcp_lf import LinearFeedbackTrainer
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 BATCH, CLASSES, INPUT = 3, 10, (1, 4, 4)
@@ -41,11 +54,14 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rpartition(".")[2]
 
 
-def _setup(trainer: str, model: str, dtype, **settings):
-    """(cfg, model, trainer, h, onehot): a small random model and a batch of BATCH encodings."""
-    cfg = RunConfig(model=model, trainer=trainer, rnn_hidden_units=8, alpha=0.5, **settings)
+def _setup(trainer: type[Trainer], model: str, dtype, **settings):
+    """(cfg, model, trainer, h, onehot): a small random model and a batch of BATCH encodings.
+    The trainer is made from its class (this module is below `build_trainer`, which hands it
+    `library`): the check runs the passes itself and asks the trainer only for definitions."""
+    cfg = RunConfig(model=model, trainer=trainer.name, rnn_hidden_units=8, alpha=0.5,
+                    **settings)
     net = build_model(cfg, INPUT, CLASSES).to(dtype)
-    tr = build_trainer(cfg, net)
+    tr = trainer(cfg, net)
     tr.auxiliary.to(dtype)
     h = net.encode(torch.rand(BATCH, *INPUT, dtype=dtype))
     onehot = F.one_hot(torch.tensor([0, 3, 9]), CLASSES).to(dtype)
@@ -77,10 +93,11 @@ def _first(*reasons: str) -> str:
 def check_step(kernels) -> str:
     """`ControlledStep.measure` against `LeastControlTrainer.controlled_map` and the l2
     stopping error of that step."""
-    cases = (("lcp-di", "rnn", RELAXED), ("lcp-kp", "ff", {}), ("lcp-lf", "ff", RELAXED))
+    cases = ((DynamicInversionTrainer, "rnn", RELAXED), (KolenPollackTrainer, "ff", {}),
+             (LinearFeedbackTrainer, "ff", RELAXED))
     for dtype in TOLERANCE:
-        for trainer_name, model_name, settings in cases:
-            _, net, tr, h, onehot = _setup(trainer_name, model_name, dtype, **settings)
+        for trainer, model_name, settings in cases:
+            _, net, tr, h, onehot = _setup(trainer, model_name, dtype, **settings)
             n = h.shape[1]
             state = (_randn(BATCH, n, dtype=dtype), _randn(BATCH, CLASSES, dtype=dtype),
                      _randn(BATCH, CLASSES, dtype=dtype), _randn(BATCH, n, dtype=dtype))
@@ -89,7 +106,7 @@ def check_step(kernels) -> str:
             kernel = native.ControlledStep(tr, native.Plan(net, h, kernels), onehot)
             got, per_sample, error = kernel.measure(flat)
             want_error, want_per_sample = relative_error((flat,), (want,))
-            where = f"({trainer_name} on {model_name})"
+            where = f"({trainer.name} on {model_name})"
             reason = _first(
                 differs(f"the controlled step {where}", got, want, dtype),
                 differs(f"the per-sample stopping error {where}", per_sample, want_per_sample,
@@ -104,7 +121,7 @@ def check_free_step(kernels) -> str:
     """`FreeStep.measure` against v ← f(h, v) and the l2 stopping error of that step."""
     for dtype in TOLERANCE:
         for model_name in MODELS:
-            _, net, _, h, _ = _setup("rbp", model_name, dtype)
+            _, net, _, h, _ = _setup(RecurrentBackpropTrainer, model_name, dtype)
             v = _randn(BATCH, h.shape[1], dtype=dtype)
             want = net.bind(h)(v)
             got, per_sample, error = native.FreeStep(native.Plan(net, h, kernels)).measure(v)
@@ -125,7 +142,7 @@ def check_noisy_step(kernels) -> str:
     steps = 3
     for dtype in TOLERANCE:
         for model_name in MODELS:
-            _, net, tr, h, onehot = _setup("lcp-lf", model_name, dtype, **RELAXED)
+            _, net, tr, h, onehot = _setup(LinearFeedbackTrainer, model_name, dtype, **RELAXED)
             n = h.shape[1]
             state = (_randn(BATCH, n, dtype=dtype), _randn(BATCH, CLASSES, dtype=dtype),
                      _randn(BATCH, CLASSES, dtype=dtype), _randn(BATCH, n, dtype=dtype))
@@ -161,7 +178,7 @@ def check_ebd_residuals(kernels) -> str:
     """`EnergyDescent.residuals` against `EnergyBasedTrainer.residuals`."""
     for dtype in TOLERANCE:
         for model_name in MODELS:
-            cfg, net, tr, h, onehot = _setup("lcp-ebd", model_name, dtype)
+            cfg, net, tr, h, onehot = _setup(EnergyBasedTrainer, model_name, dtype)
             v, v_hat = _randn(BATCH, h.shape[1], dtype=dtype), _randn(BATCH, CLASSES, dtype=dtype)
             descent = _descent(net, h, kernels, onehot, cfg, torch.cat([v, v_hat], dim=1))
             descent.residuals()
@@ -179,8 +196,8 @@ def check_ebd_descend(kernels) -> str:
     for dtype in TOLERANCE:
         for model_name in MODELS:
             for optim, lr, steps in (("adam", 0.01, 2), ("gd", 0.1, 1)):
-                cfg, net, tr, h, onehot = _setup("lcp-ebd", model_name, dtype, ebd_optim=optim,
-                                                 ebd_lr=lr)
+                cfg, net, tr, h, onehot = _setup(EnergyBasedTrainer, model_name, dtype,
+                                                 ebd_optim=optim, ebd_lr=lr)
                 n, f = h.shape[1], net.bind(h)
                 v, v_hat = _randn(BATCH, n, dtype=dtype), _randn(BATCH, CLASSES, dtype=dtype)
                 x = torch.cat([v, v_hat], dim=1)
@@ -225,3 +242,38 @@ def compare_all(kernels) -> dict[str, str]:
             if reason:
                 failed[name] = reason
     return failed
+
+
+def _loaded() -> tuple[native.Kernels | None, str]:
+    """(kernels, '') or (None, why not): loaded and checked by `compare_all` on first use."""
+    return native.load(compare_all)
+
+
+def library() -> native.Kernels | None:
+    """The compiled kernels, built and checked on first use; None where they cannot be had, no
+    pass passed its check or `LCP_NATIVE=0` is set. Some passes may be off (`Kernels.off`):
+    `native.plan_for` asks for the ones a caller needs."""
+    return _loaded()[0]
+
+
+def _passes_off(lib: native.Kernels) -> str:
+    return "; ".join(f"{name} ({why})" for name, why in lib.off.items())
+
+
+def status() -> str:
+    """One line: whether the compiled kernels are in use, which passes are off, and why."""
+    lib, why = _loaded()
+    if lib is None:
+        return f"compiled kernels not in use: {why}; the PyTorch definition runs"
+    if lib.off:
+        return (f"compiled kernels in use ({lib.path}) but for the passes that failed their "
+                f"check, whose PyTorch definitions run: {_passes_off(lib)}")
+    return f"compiled kernels in use ({lib.path})"
+
+
+def summary() -> str:
+    """'on', 'on but <pass> (<why>); ...' or 'off: <why>' (for run tags and log lines)."""
+    lib, why = _loaded()
+    if lib is None:
+        return f"off: {why}"
+    return f"on but {_passes_off(lib)}" if lib.off else "on"
