@@ -61,9 +61,14 @@ def _check_finite(value: float, phase: str, iteration: int,
         if all(bool(torch.isfinite(t).all()) for t in state):
             return
         where = f" in phase '{phase}'" if phase else ""
+        # the adjoint (rbp) is linear: it diverges when the Jacobian at the state has a spectral
+        # radius above 1, which no dt or alpha of the controller changes
+        hint = ("The adjoint diverges where the weights make the free state unstable; lower the "
+                "learning rate" if phase == "adjoint" else
+                "Lower dt or alpha (with dt=1, alpha ≥ 2 diverges), or the learning rate")
         raise DivergenceError(
             f"the dynamics diverged{where}: the state stopped being finite at iteration "
-            f"{iteration}. Lower dt or alpha (with dt=1, alpha ≥ 2 diverges), or the learning rate.",
+            f"{iteration}. {hint}.",
             phase=phase,
             iteration=iteration,
         )

@@ -128,6 +128,16 @@ def test_divergence_reports_the_first_step_whose_state_is_not_finite():
     with pytest.raises(DivergenceError) as info:
         vanilla(fn, (torch.zeros(2, 3),), max_iter=50, threshold=1e-6, phase="controlled")
     assert (info.value.phase, info.value.iteration) == ("controlled", 5)
+    assert "Lower dt or alpha" in str(info.value)
+
+
+def test_a_diverging_adjoint_names_the_unstable_state_not_the_controller():
+    """rbp's adjoint has no dt or alpha: its message says what makes it diverge."""
+    fn = lambda x: (x * 1e30 + 1,)  # noqa: E731
+    with pytest.raises(DivergenceError) as info:
+        vanilla(fn, (torch.ones(2, 3),), max_iter=50, threshold=1e-6, phase="adjoint")
+    assert "weights make the free state unstable; lower the learning rate" in str(info.value)
+    assert "alpha" not in str(info.value)
 
 
 def test_anderson_stops_on_the_l2_error_whatever_the_metric():
