@@ -154,7 +154,7 @@ def test_report_md_csv_and_pngs(table):
     # but always one of the four words; the baseline has none)
     assert rows[0]["verdict"] == "" and di["verdict"] in ("matches", "below", "above",
                                                           "inconclusive")
-    assert all(r["health"] for r in rows) and di["margin"] == "1.0000"
+    assert all(r["health"] for r in rows) and float(di["margin"]) == 1.0
     assert "Verdict vs BP/RBP (±1 pp)" in md and "Health" in md
     # per run: the thread count, the data, the best epoch and the health flags
     per_run = list(csv.DictReader(open(out / "table-1-runs.csv")))
