@@ -240,10 +240,16 @@ class Scheduler:
             self.hooks.before_start(job)
             handle = self.executor.start(job)
         except Exception as exc:  # noqa: BLE001 - one job's start failure is that job's failure
-            job.status = FAILED
-            job.reason = f"could not start: {exc}"
             job.ended_at = time.time()
-            self.display.event(f"[failed]   {job.key}: {job.reason}")
+            if self.stop_reason is not None:  # the start asked everything to stop (a full
+                # disk): this job was not started, for that reason, like the queued ones
+                job.status = KILLED
+                job.reason = f"not started ({self.stop_reason})"
+                self.hooks.on_cancel(job, False)
+            else:
+                job.status = FAILED
+                job.reason = f"could not start: {exc}"
+                self.display.event(f"[failed]   {job.key}: {job.reason}")
             self.hooks.on_done(job)
             return False
         self._handles[id(job)] = handle

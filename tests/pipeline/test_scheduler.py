@@ -215,6 +215,35 @@ def test_retries_failures_and_fail_fast(tmp_path):
     assert sorted(hooks.cancelled) == [("later0", True), ("later1", False), ("later2", False)]
 
 
+def test_a_start_that_asks_everything_to_stop_is_not_started_not_failed(tmp_path):
+    """A full disk found while a job starts (its run cannot be created) stops the scheduler:
+    that job is 'not started' with the stop's one-line reason, as the queued ones, never
+    FAILED with the store's raw error."""
+    class FullAtSecondStart(RecordingHooks):
+        def __init__(self):
+            super().__init__()
+            self.starts = 0
+
+        def before_start(self, job):
+            self.starts += 1
+            if self.starts == 2:
+                self.request_stop("no space left on the file system mounted at /x")
+                raise RuntimeError("(sqlite3.OperationalError) database or disk is full [SQL: …]")
+
+    jobs = [Job(f"j{i}", [sys.executable, "-c", "pass"], tmp_path / f"j{i}.log")
+            for i in range(3)]
+    hooks = FullAtSecondStart()
+    scheduler = Scheduler(LocalExecutor(SlotPool.for_cpu(1, cpu_count=1)), hooks,
+                          poll_interval=0.02)
+    hooks.request_stop = scheduler.request_stop
+    result = scheduler.run(jobs)
+    assert [j.status for j in jobs] == [FINISHED, KILLED, KILLED]
+    assert all(j.reason == "not started (no space left on the file system mounted at /x)"
+               for j in jobs[1:])
+    assert result.stopped == "no space left on the file system mounted at /x"
+    assert ("j1", False) in hooks.cancelled
+
+
 def test_stop_request_from_a_signal_terminates_running_jobs(tmp_path):
     # the worker's stand-in: exits 143 on SIGTERM like pipeline.worker does
     code = ("import signal, sys, time\n"
