@@ -196,8 +196,11 @@ def _mnist_runs(runs) -> str:
     out = []
     for (cpu, commit), group in runs.groupby(["cpu", "commit"], dropna=False):
         ids = ", ".join(f"{i} ({len(g)})" for i, g in group.groupby("id"))
-        out.append(f"- {len(group)} runs on {cpu if isinstance(cpu, str) else 'an unrecorded CPU'}"
-                   f", commit `{commit if isinstance(commit, str) else '?'}`: {ids}")
+        short = (commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+                 if isinstance(commit, str) else "?")
+        out.append(f"- {len(group)} run{'s' * (len(group) > 1)} on "
+                   f"{cpu if isinstance(cpu, str) else 'an unrecorded CPU'}, commit `{short}`: "
+                   f"{ids}")
     return "\n".join(out) + "\n"
 
 
