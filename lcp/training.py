@@ -32,7 +32,7 @@ from lcp.alignment import AlignmentProbe
 from lcp.callbacks import CallbackList, FitResult, FitState
 from lcp.config import RunConfig
 from lcp.data import build_loaders
-from lcp.errors import DivergenceError, LcpError
+from lcp.errors import DivergenceError, LcpError, first_line
 from lcp.models import build_model
 from lcp.preserve import preserved
 from lcp.trainers import build_trainer
@@ -310,7 +310,7 @@ def train_one_epoch(state: FitState, loader, device, cbs, model_params, trainer_
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
             state.skipped.append({"epoch": state.epoch + 1, "step": state.global_step + 1,
-                                  "reason": str(exc).splitlines()[0]})
+                                  "reason": first_line(exc)})
             # the batch's time passes: the schedule goes on as if the step had been taken
             if scheduler is not None:
                 scheduler.step()
@@ -374,7 +374,7 @@ def _past_the_limit(exc: DivergenceError, cfg: RunConfig, skipped: int, allowanc
     if allowance == 0:
         return exc
     return DivergenceError(
-        f"{str(exc).splitlines()[0]} — a step of epoch {epoch} not finite after {skipped} "
+        f"{first_line(exc)} — a step of epoch {epoch} not finite after {skipped} "
         f"skipped (skip_limit={cfg.skip_limit:g} allows {allowance} per epoch); raise "
         "--skip_limit to skip more, or lower the learning rate, dt or alpha",
         phase=exc.phase, iteration=exc.iteration)
