@@ -76,3 +76,35 @@ def test_paper_flag_form_parses():
     assert parse_flags(["--k_i", "2"]) == {"k_i": "2"}
     with pytest.raises(ConfigError, match="given twice"):
         parse_flags(["--a=1", "--a=2"])
+
+
+def _hash_without(cfg: RunConfig, *left_out: str) -> str:
+    """The config hash as it was computed before the settings `left_out` existed."""
+    import hashlib
+    import json
+
+    from lcp.config import NOT_HASHED
+
+    payload = {k: v for k, v in cfg.to_dict().items()
+               if k not in NOT_HASHED and k not in left_out + ("skip_limit",)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("trainer", ["bp", "lcp-di", "lcp-kp", "lcp-ebd"])
+def test_lf_noise_leaves_other_trainers_hashes_as_they_were(trainer):
+    cfg = RunConfig(model="ff", trainer=trainer, alpha=0.1)
+    assert cfg.config_hash() == _hash_without(cfg, "lf_noise")
+    assert cfg.replace(lf_noise="paper").config_hash() == cfg.config_hash()
+
+
+def test_lf_noise_counter_is_another_lcp_lf_computation_and_paper_keeps_the_old_hash():
+    paper = RunConfig(model="rnn", trainer="lcp-lf", lf_noise="paper")
+    assert paper.config_hash() == _hash_without(paper, "lf_noise")  # earlier lcp-lf runs
+    counter = paper.replace(lf_noise="counter")
+    assert RunConfig(model="rnn", trainer="lcp-lf").lf_noise == "counter"  # the default
+    assert counter.config_hash() != paper.config_hash()
+
+
+def test_a_bad_lf_noise_is_one_clear_error():
+    with pytest.raises(ConfigError, match="lf_noise"):
+        RunConfig(model="ff", trainer="lcp-lf", lf_noise="fast")

@@ -280,12 +280,15 @@ def test_compiled_energy_descent_equals_the_pytorch_descent(kernels, model, opti
     assert fast[2]["energy/value"] == pytest.approx(ref[2]["energy/value"], rel=1e-9)
 
 
+@pytest.mark.parametrize("lf_noise", ["counter", "paper"])
 @pytest.mark.parametrize("model", ["ff", "rnn"])
-def test_compiled_noisy_phase_moves_q_as_the_pytorch_one(kernels, model):
+def test_compiled_noisy_phase_moves_q_as_the_pytorch_one(kernels, model, lf_noise):
     """lcp-lf's noisy phase with the compiled pass: the same noise draws and the same Q after
-    `post_update` (float64) as the PyTorch definition (`noisy_step`)."""
-    cfg = RunConfig(model=model, trainer="lcp-lf", rnn_hidden_units=32, alpha=0.1,
-                    solver_max_iter=100)
+    `post_update` (float64) as the PyTorch definition (`noisy_step`), with PyTorch's draws and
+    with the counter-based noise the pass computes itself (31 hidden units: the rnn's rows of 31
+    start on both halves of the noise's pairs)."""
+    cfg = RunConfig(model=model, trainer="lcp-lf", rnn_hidden_units=31, alpha=0.1,
+                    solver_max_iter=100, lf_noise=lf_noise)
 
     def q_after_one_step(compiled):
         with native_on(compiled):
@@ -328,7 +331,8 @@ def valid_arguments(name: str, dtype=torch.float64) -> dict:
                 "h_b": z(B, N), "q_t": z(C, N), "w_d": z(C, N - R), "r_d": R, "b_d": z(C),
                 "onehot": z(B, C), "u_ref": z(B, C), "fb": z(B, N), "du": z(B, C), "k_i": 1.0,
                 "k_p": 0.0, "sigma": 0.1, "eps_keep": 0.9, "rate_v": 1.0, "rate_slow_v": 0.1,
-                "keep_ui": 0.9, "target_rate": 0.1, "soft_rate": -0.1, "threads": 1}
+                "keep_ui": 0.9, "target_rate": 0.1, "soft_rate": -0.1, "threads": 1,
+                "counter_noise": True, "noise_key": 5, "noise_scale": 0.2, "noise_step": 3}
     if name == "ebd_residuals":
         return {"x": z(B, N + C), "t": z(B, N), "p_v": z(B, N), "h_b": z(B, N),
                 "w_d": z(C, N - R), "r_d0": R, "b_d": z(C), "r_f": z(B, N), "r_d": z(B, C),

@@ -407,15 +407,17 @@ class ControlledStep(MeasuredStep):
 
 # ----------------------------------------------------------------------- lcp-lf's noisy phase
 class NoisySteps:
-    """`LinearFeedbackTrainer.noisy_step` for lcp-lf's noisy phase: per step the noise draw,
-    tanh and the blocks' products by PyTorch, the rest in one pass, which writes v_fb and
-    u − u_ref into blocks of `chunk` steps so that A −= Σ v_fbᵀ (u − u_ref) is one product per
-    block. The same map and the same draws (ξ drawn scaled: normal_(0, s) as s·randn).
-    `rates`: `LinearFeedbackTrainer.noisy_rates()`."""
+    """`LinearFeedbackTrainer.noisy_step` for lcp-lf's noisy phase: per step tanh and the
+    blocks' products by PyTorch, the rest in one pass, which writes v_fb and u − u_ref into
+    blocks of `chunk` steps so that A −= Σ v_fbᵀ (u − u_ref) is one product per block. The same
+    map and the same draws: with `noise_key` None, ξ from PyTorch's generator (drawn scaled:
+    normal_(0, s) as s·randn); with a key, the pass computes `lcp.noise.counter_normal(key,
+    step)` itself, on every thread. `rates`: `LinearFeedbackTrainer.noisy_rates()`."""
 
     passes = ("noisy_step",)
 
-    def __init__(self, plan: Plan, state, Q: torch.Tensor, onehot, u_ref, rates, chunk: int):
+    def __init__(self, plan: Plan, state, Q: torch.Tensor, onehot, u_ref, rates, chunk: int,
+                 noise_key: int | None = None):
         v, v_hat, u_i, eps = state
         bsz, n, c = plan.batch, plan.size, Q.shape[1]
         self.plan, self.chunk, self.n = plan, chunk, 0
@@ -434,7 +436,10 @@ class NoisySteps:
         # u_i's update: (dt'_u/B) onehot + (1 − dt'_u α) u_i − (dt'_u/B) softmax
         scalars = tuple(float(rates[k]) for k in (
             "k_i", "k_p", "sigma", "eps_keep", "rate_v", "rate_slow_v", "keep_ui")) + (
-            float(rates["rate_u"] / bsz), float(-rates["rate_u"] / bsz), plan.threads)
+            float(rates["rate_u"] / bsz), float(-rates["rate_u"] / bsz), plan.threads,
+            noise_key is not None, 0 if noise_key is None else int(noise_key),
+            float(rates["noise_scale"]))
+        self.counter_noise = noise_key is not None
         # the pass's arguments (bindings.cpp, `noisy_step`) by the step's parity (v and v̂
         # alternate between two buffers) and its place in the block of `chunk` steps
         pairs = [(self.v, self.v_next, self.v_hat, self.vh_next),
@@ -445,10 +450,11 @@ class NoisySteps:
 
     def step(self) -> None:
         plan = self.plan
-        self.xi.normal_(0.0, self.noise_scale)
+        if not self.counter_noise:
+            self.xi.normal_(0.0, self.noise_scale)
         torch.tanh(self.v, out=plan.t)
         run_products(plan.forward)
-        self._fn(*self._args[self.n % 2][self.n % self.chunk])
+        self._fn(*self._args[self.n % 2][self.n % self.chunk], self.n)
         self.v, self.v_next = self.v_next, self.v
         self.v_hat, self.vh_next = self.vh_next, self.v_hat
         self.n += 1

@@ -243,13 +243,15 @@ void run_noisy_step(int64_t B, int64_t N, int64_t C, const Tensor &v, const Tens
                     const Tensor &b_d, const Tensor &onehot, const Tensor &u_ref,
                     const Tensor &fb, const Tensor &du, double k_i, double k_p, double sigma,
                     double eps_keep, double rate_v, double rate_slow_v, double keep_ui,
-                    double target_rate, double soft_rate, int64_t threads)
+                    double target_rate, double soft_rate, int64_t threads, bool counter_noise,
+                    int64_t noise_key, double noise_scale, int64_t noise_step)
 {
     Passes<T>::noisy_step(B, N, C, ptr<T>(v), ptr<T>(v_next), ptr<T>(v_hat), ptr<T>(v_hat_next),
                           ptr<T>(u_i), ptr<T>(eps), ptr<T>(xi), ptr<T>(t), ptr<T>(p_v),
                           ptr<T>(h_b), ptr<T>(q_t), ptr<T>(w_d), (long)r_d, ptr<T>(b_d),
                           ptr<T>(onehot), ptr<T>(u_ref), ptr<T>(fb), ptr<T>(du), k_i, k_p, sigma,
                           eps_keep, rate_v, rate_slow_v, keep_ui, target_rate, soft_rate,
+                          (int)counter_noise, noise_key, (long)noise_step, noise_scale,
                           (int)threads);
 }
 
@@ -259,7 +261,8 @@ void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
                 const Tensor &w_d, int64_t r_d, const Tensor &b_d, const Tensor &onehot,
                 const Tensor &u_ref, const Tensor &fb, const Tensor &du, double k_i, double k_p,
                 double sigma, double eps_keep, double rate_v, double rate_slow_v, double keep_ui,
-                double target_rate, double soft_rate, int64_t threads)
+                double target_rate, double soft_rate, int64_t threads, bool counter_noise,
+                int64_t noise_key, double noise_scale, int64_t noise_step)
 {
     const Checker check("noisy_step", v, "v");
     check.common(v, "v", 2);
@@ -284,17 +287,19 @@ void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
     check.matrix(fb, "fb", B, N, "B x N");
     check.matrix(du, "du", B, C, "B x C");
     check.threads(threads);
+    TORCH_CHECK_VALUE(noise_step >= 0, "noisy_step: argument 'noise_step' must be >= 0, got ",
+                      noise_step);
     py::gil_scoped_release released;
     if (check.dtype() == at::kFloat)
         run_noisy_step<float>(B, N, C, v, v_next, v_hat, v_hat_next, u_i, eps, xi, t, p_v, h_b,
                               q_t, w_d, r_d, b_d, onehot, u_ref, fb, du, k_i, k_p, sigma,
                               eps_keep, rate_v, rate_slow_v, keep_ui, target_rate, soft_rate,
-                              threads);
+                              threads, counter_noise, noise_key, noise_scale, noise_step);
     else
         run_noisy_step<double>(B, N, C, v, v_next, v_hat, v_hat_next, u_i, eps, xi, t, p_v, h_b,
                                q_t, w_d, r_d, b_d, onehot, u_ref, fb, du, k_i, k_p, sigma,
                                eps_keep, rate_v, rate_slow_v, keep_ui, target_rate, soft_rate,
-                               threads);
+                               threads, counter_noise, noise_key, noise_scale, noise_step);
 }
 
 /* -------------------------------------------------------------------- lcp-ebd's descent */
@@ -413,14 +418,17 @@ PYBIND11_MODULE(lcp_dynamics, m)
           py::arg("threads"));
     m.def("noisy_step", &noisy_step,
           "One step of lcp-lf's noisy phase (LinearFeedbackTrainer.noisy_step); u_i and eps in "
-          "place, v_fb into fb and u - u_ref into du.",
+          "place, v_fb into fb and u - u_ref into du. The step's noise is xi (drawn scaled), or "
+          "with counter_noise noise_scale times lcp.noise.counter_normal(noise_key, "
+          "noise_step) computed in the pass (xi unread).",
           py::arg("v"), py::arg("v_next"), py::arg("v_hat"), py::arg("v_hat_next"),
           py::arg("u_i"), py::arg("eps"), py::arg("xi"), py::arg("t"), py::arg("p_v"),
           py::arg("h_b"), py::arg("q_t"), py::arg("w_d"), py::arg("r_d"), py::arg("b_d"),
           py::arg("onehot"), py::arg("u_ref"), py::arg("fb"), py::arg("du"), py::arg("k_i"),
           py::arg("k_p"), py::arg("sigma"), py::arg("eps_keep"), py::arg("rate_v"),
           py::arg("rate_slow_v"), py::arg("keep_ui"), py::arg("target_rate"),
-          py::arg("soft_rate"), py::arg("threads"));
+          py::arg("soft_rate"), py::arg("threads"), py::arg("counter_noise"),
+          py::arg("noise_key"), py::arg("noise_scale"), py::arg("noise_step"));
     m.def("ebd_residuals", &ebd_residuals,
           "lcp-ebd's residuals r_f = v - f(v), r_d = v^ - D(v) of x = [v | v^].",
           py::arg("x"), py::arg("t"), py::arg("p_v"), py::arg("h_b"), py::arg("w_d"),

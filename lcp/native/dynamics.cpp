@@ -92,6 +92,106 @@ static inline double batch_worst_##SUFFIX(const T *per_sample, long B)          
 DEFINE_ROW_HELPERS(float, f32, expf)
 DEFINE_ROW_HELPERS(double, f64, exp)
 
+/*
+ * lcp-lf's counter-based noise (lcp/noise.py is the definition): positions c = 2w and 2w + 1
+ * share SplitMix64's word z = mix64(key + (w + 1) GAMMA), whose two 24-bit halves give
+ * Box-Muller's pair r cos(2 pi u2), r cos(2 pi (u2 + 3/4)) = r sin(2 pi u2). Branch-free, so each
+ * row's numbers are computed vectorised, a pair per word, where the pass uses them. float64:
+ * the C library's log and cos (the definition's to rounding); float32: a log from the series
+ * 2 atanh(s) on the mantissa and a cosine from its Taylor series on [0, pi/2] (both to ~1e-7
+ * relative, within float32's rounding of the result).
+ */
+static inline uint64_t noise_word(uint64_t key, uint64_t w)
+{
+    uint64_t z = key + (w + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* u1 in (0, 1] and u2 in [0, 1) of a word, and u2 + 3/4 taken mod 1 (all exact) */
+#define NOISE_UNIFORMS(T, z, u1, u2, u2s)                                                       \
+    const T u1 = (T)(int32_t)(((z) >> 40) + 1) * (T)0x1p-24;                                   \
+    const T u2 = (T)(int32_t)(((z) >> 16) & 0xFFFFFF) * (T)0x1p-24;                            \
+    const T u2s = u2 >= (T)0.25 ? u2 - (T)0.25 : u2 + (T)0.75;
+
+static inline void noise_pair_f64(uint64_t key, uint64_t w, double *even, double *odd)
+{
+    const uint64_t z = noise_word(key, w);
+    NOISE_UNIFORMS(double, z, u1, u2, u2s)
+    const double r = sqrt(-2.0 * log(u1));
+    *even = r * cos(6.283185307179586 * u2);
+    *odd = r * cos(6.283185307179586 * u2s);
+}
+
+static inline float noise_ln_f32(float u)   /* ln u for u in (0, 1], ~1e-7 relative */
+{
+    /* ln u = e ln 2 + ln m, m in [sqrt(1/2), sqrt(2)); ln m = 2 atanh(s), s = (m - 1)/(m + 1) */
+    uint32_t bits;
+    memcpy(&bits, &u, sizeof bits);
+    int32_t e = (int32_t)(bits >> 23) - 127;
+    const uint32_t m_bits = (bits & 0x7FFFFFu) | 0x3F800000u;
+    float m;
+    memcpy(&m, &m_bits, sizeof m);
+    const int high = m > 1.41421356f;
+    m = high ? 0.5f * m : m;
+    e += high;
+    const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+    return (float)e * 0.693147180559945f
+           + s * (2.0f + s2 * (2.0f / 3 + s2 * (2.0f / 5 + s2 * (2.0f / 7 + s2 * (2.0f / 9)))));
+}
+
+static inline float noise_cos2pi_f32(float u)   /* cos(2 pi u) for u in [0, 1), ~1e-7 */
+{
+    /* cos(2 pi u) = -cos(2 pi w), w = u - 1/2; a = |w| <= 1/4, else -cos(2 pi (1/2 - a)) */
+    const float a = fabsf(u - 0.5f);
+    const int far = a > 0.25f;
+    const float x = 6.28318530717958648f * (far ? 0.5f - a : a), x2 = x * x;
+    const float c = 1.0f + x2 * (-1.0f / 2 + x2 * (1.0f / 24 + x2 * (-1.0f / 720 + x2 * (
+        1.0f / 40320 + x2 * (-1.0f / 3628800 + x2 * (1.0f / 479001600))))));
+    return far ? c : -c;
+}
+
+static inline void noise_pair_f32(uint64_t key, uint64_t w, float *even, float *odd)
+{
+    const uint64_t z = noise_word(key, w);
+    NOISE_UNIFORMS(float, z, u1, u2, u2s)
+    const float r = sqrtf(-2.0f * noise_ln_f32(u1));
+    *even = r * noise_cos2pi_f32(u2);
+    *odd = r * noise_cos2pi_f32(u2s);
+}
+
+/* out[j] = scale x (the number of position first + j), j < n: whole pairs vectorised */
+#define DEFINE_NOISE_FILL(T, SUFFIX)                                                            \
+static inline void noise_fill_##SUFFIX(T *out, long n, uint64_t key, uint64_t first, T scale)  \
+{                                                                                              \
+    T even, odd;                                                                               \
+    long j = 0;                                                                                \
+    if (n > 0 && (first & 1)) {  /* a row that starts on a pair's second number */             \
+        noise_pair_##SUFFIX(key, first >> 1, &even, &odd);                                     \
+        out[0] = scale * odd;                                                                  \
+        j = 1;                                                                                 \
+    }                                                                                          \
+    const long pairs = (n - j) / 2;                                                            \
+    const uint64_t w0 = (first + (uint64_t)j) >> 1;                                            \
+    T *o = out + j;                                                                            \
+    _Pragma("omp simd")                                                                        \
+    for (long p = 0; p < pairs; ++p) {                                                         \
+        T a, b;                                                                                \
+        noise_pair_##SUFFIX(key, w0 + (uint64_t)p, &a, &b);                                    \
+        o[2 * p] = scale * a;                                                                  \
+        o[2 * p + 1] = scale * b;                                                              \
+    }                                                                                          \
+    j += 2 * pairs;                                                                            \
+    if (j < n) {  /* a row that ends on a pair's first number */                               \
+        noise_pair_##SUFFIX(key, (first + (uint64_t)j) >> 1, &even, &odd);                     \
+        out[j] = scale * even;                                                                 \
+    }                                                                                          \
+}
+
+DEFINE_NOISE_FILL(float, f32)
+DEFINE_NOISE_FILL(double, f64)
+
 #define DEFINE_STEP(T, SUFFIX)                                                          \
 double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, const T *t,      \
                          const T *onehot, const T *h_b, const T *p_v, const T *p_e,           \
@@ -198,8 +298,10 @@ DEFINE_FREE_STEP(double, f64)
 
 /*
  * One step of lcp-lf's noisy phase (LinearFeedbackTrainer.noisy_step), after the
- * caller drew xi (the step's scaled normal noise), t = tanh(v) and p_v (the blocks' forward
- * products of t). With u = k_i u_i - k_p (softmax(v^) - onehot)/B:
+ * caller computed t = tanh(v) and p_v (the blocks' forward products of t). xi, the step's scaled
+ * normal noise, is drawn by the caller, or with counter_noise computed here, row by row:
+ * noise_scale times the counter-based N(0, 1) numbers of step noise_step under noise_key (see
+ * noise_fill_*; xi_all is then unread). With u = k_i u_i - k_p (softmax(v^) - onehot)/B:
  *   v_fb = sigma eps + u Q^T          (written to fb_row; u - u_ref to du_row)
  *   eps  = eps_keep eps + xi          (in place)
  *   v'   = relax(h_b + v_fb + p_v, v, rate_v)
@@ -216,17 +318,22 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
                              const T *onehot, const T *u_ref, T *fb_all, T *du_all,           \
                              double k_i, double k_p, double sigma, double eps_keep,           \
                              double rate_v, double rate_slow_v, double keep_ui,               \
-                             double target_rate, double soft_rate, int threads)               \
+                             double target_rate, double soft_rate, int counter_noise,         \
+                             int64_t noise_key, long noise_step, double noise_scale,         \
+                             int threads)                                                     \
 {                                                                                              \
     const long R_d = N - r_d;                                                                  \
+    const uint64_t key = (uint64_t)noise_key, first = (uint64_t)noise_step * (uint64_t)(B * N); \
+    const T scale = (T)noise_scale;                                                            \
     const int relax_v = rate_v != 1.0, relax_h = rate_slow_v != 1.0;                           \
     const T rv = (T)rate_v, rv_old = (T)(1.0 - rate_v);                                        \
     const T rh = (T)rate_slow_v, rh_old = (T)(1.0 - rate_slow_v);                              \
     _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static)")         \
     for (long b = 0; b < B; ++b) {                                                             \
-        T soft[C], u[C], back[N];                                                              \
+        T soft[C], u[C], back[N], noise[N];                                                    \
         const T *v = v_all + b * N, *v_hat = v_hat_all + b * C, *y = onehot + b * C;           \
-        const T *xi = xi_all + b * N, *t_row = t + b * N, *pv = p_v + b * N;                  \
+        const T *xi = counter_noise ? noise : xi_all + b * N;                                  \
+        const T *t_row = t + b * N, *pv = p_v + b * N;                                         \
         const T *hb = h_b + b * N, *ur = u_ref + b * C;                                        \
         T *v_next = v_next_all + b * N, *v_hat_next = v_hat_next_all + b * C;                 \
         T *u_i = u_i_all + b * C, *eps = eps_all + b * N;                                      \
@@ -244,6 +351,8 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
         }                                                                                      \
         memset(back, 0, (size_t)N * sizeof(T));                                                \
         add_product_##SUFFIX(back, u, q_t, C, N);                                              \
+        if (counter_noise)                                                                     \
+            noise_fill_##SUFFIX(noise, N, key, first + (uint64_t)(b * N), scale);              \
         _Pragma("omp simd")                                                                    \
         for (long j = 0; j < N; ++j) {                                                         \
             T f = (T)sigma * eps[j] + back[j];                                                 \

@@ -6,6 +6,8 @@
 #ifndef LCP_NATIVE_DYNAMICS_H
 #define LCP_NATIVE_DYNAMICS_H
 
+#include <stdint.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -26,7 +28,9 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
                              const T *onehot, const T *u_ref, T *fb_all, T *du_all,           \
                              double k_i, double k_p, double sigma, double eps_keep,           \
                              double rate_v, double rate_slow_v, double keep_ui,               \
-                             double target_rate, double soft_rate, int threads);              \
+                             double target_rate, double soft_rate, int counter_noise,         \
+                             int64_t noise_key, long noise_step, double noise_scale,         \
+                             int threads);                                                    \
 void lcp_ebd_residuals_##SUFFIX(long B, long N, long C, const T *x, const T *t, const T *p_v, \
                                 const T *h_b, const T *w_d, long r_d0, const T *b_d, T *r_f,  \
                                 T *r_d, int threads);                                          \

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lcp import native
 from lcp.errors import DivergenceError, LcpError
 from lcp.models import LinearReadoutModel
+from lcp.noise import counter_normal, draw_key
 from lcp.trainers.base import loss_gradient
 from lcp.trainers.lcp_di import LeastControlTrainer
 
@@ -72,7 +73,7 @@ class LinearFeedbackTrainer(LeastControlTrainer):
 
     def noisy_step(self, f, onehot, u_ref, rates, xi, v, v_hat, u_i, eps):
         """One step of the noisy phase (docs/equations.md, "lcp-lf"). ξ ~ N(0, I) is drawn by
-        the caller (PyTorch's generator, also when this is compiled).
+        the caller (`noise`: outside the function, also when this is compiled).
         Returns the next (v, v̂, uᵢ, ε) and this step's −v_fbᵀ(u − u_ref) summed over the batch
         (A's increment times σ²)."""
         g = loss_gradient(v_hat, onehot)
@@ -88,25 +89,35 @@ class LinearFeedbackTrainer(LeastControlTrainer):
     # steps of the compiled noisy phase whose contributions to A are summed by one product
     A_CHUNK = 16
 
+    def noise(self, key: int | None, step: int, like: torch.Tensor) -> torch.Tensor:
+        """ξ of noisy step `step`: with `key` (lf_noise=counter) lcp.noise's counter-based
+        numbers, else (lf_noise=paper) PyTorch's generator, as the paper's code draws it."""
+        if key is None:
+            return torch.randn_like(like)
+        return counter_normal(key, step, like.shape, like.dtype, like.device)
+
     @torch.no_grad()
     def noisy_phase(self, last: dict) -> tuple[torch.Tensor, int]:
         """The noisy dynamics started at the controlled equilibrium (v = ṽ, v̂ = D(ṽ) + u*,
         uᵢ = uᵢ*, u_ref = u*, ε ~ N(0, I)), run for solver_max_iter steps (the noise keeps the
         paper's solver from stopping early); returns the batch mean of the accumulator A
         (N × C) and the number of steps. A is summed over the batch directly instead of keeping
-        a B × N × C accumulator: the batch mean is the same."""
+        a B × N × C accumulator: the batch mean is the same. With lf_noise=counter the
+        phase's key is drawn from PyTorch's generator after ε's start, so both modes consume
+        the generator in the same order up to there."""
         cfg, model, Q = self.cfg, self.model, self.Q
         h, y = last["h"], last["y"]
         onehot = F.one_hot(y, Q.shape[1]).to(h.dtype)
         u_ref = last["u"]
         state = (last["v_tilde"], model.decode(last["v_tilde"]) + u_ref, last["u_i"],
                  torch.randn_like(last["v_tilde"]))
+        key = draw_key() if cfg.lf_noise == "counter" else None
         rates = self.noisy_rates()
         steps = cfg.solver_max_iter
         plan = native.plan_for(model, h, self.kernels, *native.NoisySteps.passes)
         if plan is not None:
             kernel = native.NoisySteps(plan, state, Q, onehot, u_ref, rates,
-                                       max(1, min(self.A_CHUNK, steps)))
+                                       max(1, min(self.A_CHUNK, steps)), noise_key=key)
             for _ in range(steps):
                 kernel.step()
             A_sum = kernel.finish()
@@ -114,8 +125,8 @@ class LinearFeedbackTrainer(LeastControlTrainer):
             f = model.bind(h)
             step = self.maybe_compiled(self.noisy_step)
             A_sum = torch.zeros_like(Q)
-            for _ in range(steps):
-                state, dA = step(f, onehot, u_ref, rates, torch.randn_like(state[3]), *state)
+            for i in range(steps):
+                state, dA = step(f, onehot, u_ref, rates, self.noise(key, i, state[3]), *state)
                 A_sum += dA
         A_mean = A_sum / (cfg.sigma**2 * h.shape[0])
         if not torch.isfinite(A_mean).all():

@@ -21,13 +21,16 @@ What each pass is compared with:
   with the paper's settings, lcp-lf on ff) and the l2 stopping error of that step
   (`lcp.solvers.relative_error`);
 - free_step: f(h, v) (the step of `Trainer.free_equilibrium`) and its stopping error;
-- noisy_step: three steps of `LinearFeedbackTrainer.noisy_step` with the same draws, and A;
+- noisy_step: three steps of `LinearFeedbackTrainer.noisy_step` with the same draws, and A
+  (draws from PyTorch's generator, and lcp.noise's counter-based numbers computed in the pass);
 - ebd_residuals: `EnergyBasedTrainer.residuals`;
 - ebd_descend: two steps of torch.optim.Adam, and one of SGD, on
   `EnergyBasedTrainer.energy_gradient` (fed the definition's residuals).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +51,7 @@ BATCH, CLASSES, INPUT = 3, 10, (1, 4, 4)
 MODELS = ("rnn", "ff")
 # settings with dt ≠ 1 (the relaxations) and k_p ≠ 0, k_i ≠ 1 (u's full formula)
 RELAXED = {"dt": 0.5, "tau_e": 0.8, "tau_u": 2.0, "k_p": 0.3, "k_i": 0.7}
+NOISE_KEY = 0x2545F4914F6CDD1D  # any key: lcp-lf's counter-based noise (lcp.noise)
 
 
 def _dtype_name(dtype) -> str:
@@ -138,34 +142,36 @@ def check_free_step(kernels) -> str:
 
 def check_noisy_step(kernels) -> str:
     """Three `NoisySteps` steps (blocks of two) against three steps of
-    `LinearFeedbackTrainer.noisy_step` with the same draws: the state and A's sum."""
+    `LinearFeedbackTrainer.noisy_step` with the same draws: the state and A's sum; the draws
+    from PyTorch's generator (lf_noise=paper) and lcp.noise's counter-based numbers, which the
+    pass computes itself (lf_noise=counter)."""
     steps = 3
-    for dtype in TOLERANCE:
-        for model_name in MODELS:
-            _, net, tr, h, onehot = _setup(LinearFeedbackTrainer, model_name, dtype, **RELAXED)
-            n = h.shape[1]
-            state = (_randn(BATCH, n, dtype=dtype), _randn(BATCH, CLASSES, dtype=dtype),
-                     _randn(BATCH, CLASSES, dtype=dtype), _randn(BATCH, n, dtype=dtype))
-            u_ref = _randn(BATCH, CLASSES, dtype=dtype)
-            rates = tr.noisy_rates()
-            torch.manual_seed(1)
-            kernel = native.NoisySteps(native.Plan(net, h, kernels), state, tr.Q, onehot, u_ref,
-                                       rates, chunk=2)
-            for _ in range(steps):
-                kernel.step()
-            got_a = kernel.finish()
-            got = torch.cat(kernel.state(), dim=1)
-            torch.manual_seed(1)
-            f, want_a, ref = net.bind(h), torch.zeros_like(tr.Q), state
-            for _ in range(steps):
-                ref, d_a = tr.noisy_step(f, onehot, u_ref, rates, torch.randn_like(ref[3]), *ref)
-                want_a += d_a
-            reason = _first(
-                differs(f"the noisy phase's state after {steps} steps (on {model_name})", got,
-                        torch.cat(ref, dim=1), dtype),
-                differs(f"A's sum after {steps} steps (on {model_name})", got_a, want_a, dtype))
-            if reason:
-                return reason
+    for dtype, model_name, key in itertools.product(TOLERANCE, MODELS, (None, NOISE_KEY)):
+        _, net, tr, h, onehot = _setup(LinearFeedbackTrainer, model_name, dtype, **RELAXED)
+        n = h.shape[1]
+        state = (_randn(BATCH, n, dtype=dtype), _randn(BATCH, CLASSES, dtype=dtype),
+                 _randn(BATCH, CLASSES, dtype=dtype), _randn(BATCH, n, dtype=dtype))
+        u_ref = _randn(BATCH, CLASSES, dtype=dtype)
+        rates = tr.noisy_rates()
+        torch.manual_seed(1)
+        kernel = native.NoisySteps(native.Plan(net, h, kernels), state, tr.Q, onehot, u_ref,
+                                   rates, chunk=2, noise_key=key)
+        for _ in range(steps):
+            kernel.step()
+        got_a = kernel.finish()
+        got = torch.cat(kernel.state(), dim=1)
+        torch.manual_seed(1)
+        f, want_a, ref = net.bind(h), torch.zeros_like(tr.Q), state
+        for i in range(steps):
+            ref, d_a = tr.noisy_step(f, onehot, u_ref, rates, tr.noise(key, i, ref[3]), *ref)
+            want_a += d_a
+        where = f"on {model_name}, {'PyTorch' if key is None else 'counter'} noise"
+        reason = _first(
+            differs(f"the noisy phase's state after {steps} steps ({where})", got,
+                    torch.cat(ref, dim=1), dtype),
+            differs(f"A's sum after {steps} steps ({where})", got_a, want_a, dtype))
+        if reason:
+            return reason
     return ""
 
 

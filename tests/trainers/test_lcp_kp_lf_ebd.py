@@ -244,10 +244,15 @@ def test_lf_noisy_phase_is_reproducible_under_a_seed():
     assert not torch.equal(lf.Q, results[0])
 
 
-def test_lf_q_moves_by_its_rule():
-    """Two noisy steps computed by hand from docs/equations.md ("lcp-lf"), with the per-sample B × N × C accumulator."""
+@pytest.mark.parametrize("lf_noise", ["paper", "counter"])
+def test_lf_q_moves_by_its_rule(lf_noise):
+    """Two noisy steps computed by hand from docs/equations.md ("lcp-lf"), with the per-sample
+    B × N × C accumulator; the noise replayed from PyTorch's generator (paper) or computed from
+    the phase's key (counter: lcp.noise, the key drawn after ε's start)."""
+    from lcp.noise import counter_normal, draw_key
+
     cfg, net, x, y = setup("ff", "lcp-lf", solver_max_iter=2, sigma=0.05, k_p=0.3,
-                           timescale_factor=5.0, tau_Q=10.0, wd_Q=0.01)
+                           timescale_factor=5.0, tau_Q=10.0, wd_Q=0.01, lf_noise=lf_noise)
     lf = build_trainer(cfg, net)
     lf.compute_update(x, y)
     last = lf.last
@@ -261,12 +266,15 @@ def test_lf_q_moves_by_its_rule():
     v, u_ref, u_i = last["v_tilde"], last["u"], last["u_i"]
     v_hat = net.decode(v).detach() + u_ref
     eps = torch.randn_like(v)
+    key = draw_key() if lf_noise == "counter" else None
     A = torch.zeros(x.shape[0], *Q0.shape)
     with torch.no_grad():
-        for _ in range(2):
+        for step in range(2):
             g = loss_gradient(v_hat, onehot)
             u = cfg.k_i * u_i - cfg.k_p * g
-            eps_next = eps + T * (-dt2 * eps + math.sqrt(dt2) * torch.randn_like(eps))
+            xi = (torch.randn_like(eps) if key is None
+                  else counter_normal(key, step, eps.shape, eps.dtype))
+            eps_next = eps + T * (-dt2 * eps + math.sqrt(dt2) * xi)
             v_fb = u @ Q0.t() + sigma * eps
             v_next = v + dt * (net.implicit(last["h"], v) - v + v_fb)
             v_hat_next = v_hat + dt2 * (net.decode(v) - v_hat + u)
