@@ -104,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accel", default="",
                    help="comma-separated accelerated controller solvers (e.g. anderson): adds a "
                         "row per LCP dynamics row (lcp-di, lcp-kp, lcp-lf) that uses it")
+    p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time each row with this setting (repeatable), in turns with its "
+                        "default step, where it changes what the row computes (e.g. "
+                        "lf_noise=paper: the lcp-lf rows with PyTorch's noise draws)")
     p.add_argument("--backends", default="",
                    help="comma-separated other ways to run the same step, timed in turns with "
                         "the default one on each non-baseline row: 'compiled' (LCP_NATIVE=0 "
@@ -534,6 +538,10 @@ def main(argv=None) -> int:
                          f"{fmt(rec.get('speedup'), '.1f'):>6}x "
                          f"{fmt(rec.get('cosine'), '.5f'):>8}")
             print(line, flush=True)
+            for item, b in rec["also"].items():
+                print(f"{'  ' + item:<24}      {fmt_ms(b['ms'] / 1e3):>8}"
+                      f"  the default step above is {b['default_speedup']:.2f}x faster",
+                      flush=True)
             for name, b in rec["backends"].items():
                 print(f"{'  ' + name:<24}      {fmt_ms(b['ms'] / 1e3):>8}"
                       f"  {b['over_default']:.2f}x the default step above", flush=True)
@@ -579,6 +587,15 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
         cases.append(("base", lambda: b_ours.step(bx, by), b_ours.restore))
         if theirs is not None and b_theirs is not None:
             cases.append(("paper_base", lambda: b_theirs.step(bx, by), b_theirs.restore))
+    also = {}  # "KEY=VALUE" -> the row with that setting, where it computes something else
+    for item in args.also:
+        key, value = item.split("=", 1) if "=" in item else (item, "")
+        other_cfg = cfg.replace(**{key.strip(): value.strip()})
+        if other_cfg.config_hash() != cfg.config_hash():
+            also[item] = Ours(other_cfg, device, args.seed)
+            also[item].freeze_initial_state()
+            cases.append((f"also:{item}", functools.partial(also[item].step, x, y),
+                          also[item].restore))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if not is_base else []
     for name in backends:
         if name not in BACKEND_ENV:
@@ -612,6 +629,10 @@ def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> di
                             "ms_all": [t * 1e3 for t in times[f"backend:{name}"]],
                             "over_default": statistics.median(times[f"backend:{name}"]) / med}
                      for name in backends},
+        "also": {item: {"ms": statistics.median(times[f"also:{item}"]) * 1e3,
+                        "ms_all": [t * 1e3 for t in times[f"also:{item}"]],
+                        "default_speedup": statistics.median(times[f"also:{item}"]) / med}
+                 for item in also},
     }
     if theirs is not None:
         our_update = ours.named_update()

@@ -61,14 +61,18 @@ def draw_key(generator: torch.Generator | None = None) -> int:
 
 
 def counter_normal(key: int, step: int, shape, dtype=torch.float32,
-                   device: torch.device | str | None = None) -> torch.Tensor:
-    """The N(0, 1) numbers of step `step` under `key`, of `shape` (row-major positions)."""
+                   device: torch.device | str | None = None, steps: int | None = None
+                   ) -> torch.Tensor:
+    """The N(0, 1) numbers of step `step` under `key`, of `shape` (row-major positions); with
+    `steps`, those of steps step … step + steps − 1 at once, stacked (steps, *shape): one set
+    of kernels for several steps, where each kernel launch costs (CUDA)."""
     numel = math.prod(shape)
-    counter = torch.arange(numel, dtype=torch.int64, device=device) + step * numel
+    count = 1 if steps is None else steps
+    counter = torch.arange(count * numel, dtype=torch.int64, device=device) + step * numel
     z = mix64(_signed(key) + ((counter >> 1) + 1) * _signed(GAMMA))
     u1 = (_shr(z, 40) + 1).to(torch.float64) * 2.0**-24
     u2 = (_shr(z, 16) & 0xFFFFFF).to(torch.float64) * 2.0**-24
     odd = (counter & 1).bool()
     u2 = torch.where(odd, torch.where(u2 >= 0.25, u2 - 0.25, u2 + 0.75), u2)  # exact
     x = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-    return x.to(dtype).view(*shape)
+    return x.to(dtype).view(*shape) if steps is None else x.to(dtype).view(count, *shape)

@@ -133,3 +133,10 @@ def test_the_q_update_has_the_paper_streams_mean_and_covariance():
     p, c = paper @ w, counter @ w
     assert (torch.log(p.var(0) / c.var(0)).abs() < 5 * math.sqrt(2 * 2 / draws)).all()
     assert not torch.allclose(paper.mean(0), torch.zeros_like(paper[0]))  # A is not noise alone
+
+
+def test_several_steps_at_once_are_the_steps_one_by_one():
+    block = counter_normal(77, 3, (4, 5), torch.float64, steps=6)
+    assert block.shape == (6, 4, 5)
+    for i in range(6):
+        assert torch.equal(block[i], counter_normal(77, 3 + i, (4, 5), torch.float64))

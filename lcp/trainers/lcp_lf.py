@@ -96,6 +96,17 @@ class LinearFeedbackTrainer(LeastControlTrainer):
             return torch.randn_like(like)
         return counter_normal(key, step, like.shape, like.dtype, like.device)
 
+    def noise_blocks(self, key: int | None, steps: int, like: torch.Tensor):
+        """ξ of steps 0 … steps − 1, one per step (`noise`'s numbers): the counter-based ones
+        computed A_CHUNK steps at a time (a few kernels per block, not per step)."""
+        if key is None:
+            for i in range(steps):
+                yield self.noise(None, i, like)
+            return
+        for first in range(0, steps, self.A_CHUNK):
+            yield from counter_normal(key, first, like.shape, like.dtype, like.device,
+                                      steps=min(self.A_CHUNK, steps - first)).unbind(0)
+
     @torch.no_grad()
     def noisy_phase(self, last: dict) -> tuple[torch.Tensor, int]:
         """The noisy dynamics started at the controlled equilibrium (v = ṽ, v̂ = D(ṽ) + u*,
@@ -125,8 +136,8 @@ class LinearFeedbackTrainer(LeastControlTrainer):
             f = model.bind(h)
             step = self.maybe_compiled(self.noisy_step)
             A_sum = torch.zeros_like(Q)
-            for i in range(steps):
-                state, dA = step(f, onehot, u_ref, rates, self.noise(key, i, state[3]), *state)
+            for xi in self.noise_blocks(key, steps, state[3]):
+                state, dA = step(f, onehot, u_ref, rates, xi, *state)
                 A_sum += dA
         A_mean = A_sum / (cfg.sigma**2 * h.shape[0])
         if not torch.isfinite(A_mean).all():
