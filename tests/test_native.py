@@ -332,7 +332,7 @@ def valid_arguments(name: str, dtype=torch.float64) -> dict:
                 "onehot": z(B, C), "u_ref": z(B, C), "fb": z(B, N), "du": z(B, C), "k_i": 1.0,
                 "k_p": 0.0, "sigma": 0.1, "eps_keep": 0.9, "rate_v": 1.0, "rate_slow_v": 0.1,
                 "keep_ui": 0.9, "target_rate": 0.1, "soft_rate": -0.1, "threads": 1,
-                "counter_noise": True, "noise_key": 5, "noise_scale": 0.2, "noise_step": 3}
+                "next_tanh": True, "counter_noise": True, "noise_key": 5, "noise_scale": 0.2, "noise_step": 3}
     if name == "ebd_residuals":
         return {"x": z(B, N + C), "t": z(B, N), "p_v": z(B, N), "h_b": z(B, N),
                 "w_d": z(C, N - R), "r_d0": R, "b_d": z(C), "r_f": z(B, N), "r_d": z(B, C),

@@ -407,8 +407,9 @@ class ControlledStep(MeasuredStep):
 
 # ----------------------------------------------------------------------- lcp-lf's noisy phase
 class NoisySteps:
-    """`LinearFeedbackTrainer.noisy_step` for lcp-lf's noisy phase: per step tanh and the
-    blocks' products by PyTorch, the rest in one pass, which writes v_fb and u − u_ref into
+    """`LinearFeedbackTrainer.noisy_step` for lcp-lf's noisy phase: per step the blocks'
+    products by PyTorch, the rest in one pass, which also writes tanh of the next state for the
+    next step's products (PyTorch's `tanh` once, for the first), and v_fb and u − u_ref into
     blocks of `chunk` steps so that A −= Σ v_fbᵀ (u − u_ref) is one product per block. The same
     map and the same draws: with `noise_key` None, ξ from PyTorch's generator (drawn scaled:
     normal_(0, s) as s·randn); with a key, the pass computes `lcp.noise.counter_normal(key,
@@ -436,10 +437,11 @@ class NoisySteps:
         # u_i's update: (dt'_u/B) onehot + (1 − dt'_u α) u_i − (dt'_u/B) softmax
         scalars = tuple(float(rates[k]) for k in (
             "k_i", "k_p", "sigma", "eps_keep", "rate_v", "rate_slow_v", "keep_ui")) + (
-            float(rates["rate_u"] / bsz), float(-rates["rate_u"] / bsz), plan.threads,
+            float(rates["rate_u"] / bsz), float(-rates["rate_u"] / bsz), plan.threads, True,
             noise_key is not None, 0 if noise_key is None else int(noise_key),
             float(rates["noise_scale"]))
         self.counter_noise = noise_key is not None
+        torch.tanh(self.v, out=plan.t)  # later steps' tanh: written by the pass
         # the pass's arguments (bindings.cpp, `noisy_step`) by the step's parity (v and v̂
         # alternate between two buffers) and its place in the block of `chunk` steps
         pairs = [(self.v, self.v_next, self.v_hat, self.vh_next),
@@ -452,7 +454,6 @@ class NoisySteps:
         plan = self.plan
         if not self.counter_noise:
             self.xi.normal_(0.0, self.noise_scale)
-        torch.tanh(self.v, out=plan.t)
         run_products(plan.forward)
         self._fn(*self._args[self.n % 2][self.n % self.chunk], self.n)
         self.v, self.v_next = self.v_next, self.v

@@ -243,16 +243,17 @@ void run_noisy_step(int64_t B, int64_t N, int64_t C, const Tensor &v, const Tens
                     const Tensor &b_d, const Tensor &onehot, const Tensor &u_ref,
                     const Tensor &fb, const Tensor &du, double k_i, double k_p, double sigma,
                     double eps_keep, double rate_v, double rate_slow_v, double keep_ui,
-                    double target_rate, double soft_rate, int64_t threads, bool counter_noise,
-                    int64_t noise_key, double noise_scale, int64_t noise_step)
+                    double target_rate, double soft_rate, int64_t threads, bool next_tanh,
+                    bool counter_noise, int64_t noise_key, double noise_scale,
+                    int64_t noise_step)
 {
     Passes<T>::noisy_step(B, N, C, ptr<T>(v), ptr<T>(v_next), ptr<T>(v_hat), ptr<T>(v_hat_next),
                           ptr<T>(u_i), ptr<T>(eps), ptr<T>(xi), ptr<T>(t), ptr<T>(p_v),
                           ptr<T>(h_b), ptr<T>(q_t), ptr<T>(w_d), (long)r_d, ptr<T>(b_d),
                           ptr<T>(onehot), ptr<T>(u_ref), ptr<T>(fb), ptr<T>(du), k_i, k_p, sigma,
                           eps_keep, rate_v, rate_slow_v, keep_ui, target_rate, soft_rate,
-                          (int)counter_noise, noise_key, (long)noise_step, noise_scale,
-                          (int)threads);
+                          (int)next_tanh, (int)counter_noise, noise_key, (long)noise_step,
+                          noise_scale, (int)threads);
 }
 
 void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
@@ -261,8 +262,8 @@ void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
                 const Tensor &w_d, int64_t r_d, const Tensor &b_d, const Tensor &onehot,
                 const Tensor &u_ref, const Tensor &fb, const Tensor &du, double k_i, double k_p,
                 double sigma, double eps_keep, double rate_v, double rate_slow_v, double keep_ui,
-                double target_rate, double soft_rate, int64_t threads, bool counter_noise,
-                int64_t noise_key, double noise_scale, int64_t noise_step)
+                double target_rate, double soft_rate, int64_t threads, bool next_tanh,
+                bool counter_noise, int64_t noise_key, double noise_scale, int64_t noise_step)
 {
     const Checker check("noisy_step", v, "v");
     check.common(v, "v", 2);
@@ -276,6 +277,8 @@ void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
     check.matrix(eps, "eps", B, N, "B x N");
     check.matrix(xi, "xi", B, N, "B x N");
     check.matrix(t, "t", B, N, "B x N");
+    check.apart(t, "t", v_next, "v_next");
+    check.apart(t, "t", v, "v");
     check.matrix(p_v, "p_v", B, N, "B x N");
     check.matrix(h_b, "h_b", B, N, "B x N");
     check.matrix(q_t, "q_t", C, N, "C x N");
@@ -294,12 +297,14 @@ void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
         run_noisy_step<float>(B, N, C, v, v_next, v_hat, v_hat_next, u_i, eps, xi, t, p_v, h_b,
                               q_t, w_d, r_d, b_d, onehot, u_ref, fb, du, k_i, k_p, sigma,
                               eps_keep, rate_v, rate_slow_v, keep_ui, target_rate, soft_rate,
-                              threads, counter_noise, noise_key, noise_scale, noise_step);
+                              threads, next_tanh, counter_noise, noise_key, noise_scale,
+                              noise_step);
     else
         run_noisy_step<double>(B, N, C, v, v_next, v_hat, v_hat_next, u_i, eps, xi, t, p_v, h_b,
                                q_t, w_d, r_d, b_d, onehot, u_ref, fb, du, k_i, k_p, sigma,
                                eps_keep, rate_v, rate_slow_v, keep_ui, target_rate, soft_rate,
-                               threads, counter_noise, noise_key, noise_scale, noise_step);
+                               threads, next_tanh, counter_noise, noise_key, noise_scale,
+                              noise_step);
 }
 
 /* -------------------------------------------------------------------- lcp-ebd's descent */
@@ -418,7 +423,8 @@ PYBIND11_MODULE(lcp_dynamics, m)
           py::arg("threads"));
     m.def("noisy_step", &noisy_step,
           "One step of lcp-lf's noisy phase (LinearFeedbackTrainer.noisy_step); u_i and eps in "
-          "place, v_fb into fb and u - u_ref into du. The step's noise is xi (drawn scaled), or "
+          "place, v_fb into fb and u - u_ref into du; with next_tanh, t becomes tanh(v_next). "
+          "The step's noise is xi (drawn scaled), or "
           "with counter_noise noise_scale times lcp.noise.counter_normal(noise_key, "
           "noise_step) computed in the pass (xi unread).",
           py::arg("v"), py::arg("v_next"), py::arg("v_hat"), py::arg("v_hat_next"),
@@ -427,7 +433,7 @@ PYBIND11_MODULE(lcp_dynamics, m)
           py::arg("onehot"), py::arg("u_ref"), py::arg("fb"), py::arg("du"), py::arg("k_i"),
           py::arg("k_p"), py::arg("sigma"), py::arg("eps_keep"), py::arg("rate_v"),
           py::arg("rate_slow_v"), py::arg("keep_ui"), py::arg("target_rate"),
-          py::arg("soft_rate"), py::arg("threads"), py::arg("counter_noise"),
+          py::arg("soft_rate"), py::arg("threads"), py::arg("next_tanh"), py::arg("counter_noise"),
           py::arg("noise_key"), py::arg("noise_scale"), py::arg("noise_step"));
     m.def("ebd_residuals", &ebd_residuals,
           "lcp-ebd's residuals r_f = v - f(v), r_d = v^ - D(v) of x = [v | v^].",

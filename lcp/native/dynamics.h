@@ -23,14 +23,14 @@ double lcp_free_step_##SUFFIX(long B, long N, const T *src, T *dst, const T *h_b
                               const T *p_v, T *per_sample, int threads);                       \
 void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_all,           \
                              const T *v_hat_all, T *v_hat_next_all, T *u_i_all, T *eps_all,   \
-                             const T *xi_all, const T *t, const T *p_v, const T *h_b,         \
+                             const T *xi_all, T *t, const T *p_v, const T *h_b,               \
                              const T *q_t, const T *w_d, long r_d, const T *b_d,              \
                              const T *onehot, const T *u_ref, T *fb_all, T *du_all,           \
                              double k_i, double k_p, double sigma, double eps_keep,           \
                              double rate_v, double rate_slow_v, double keep_ui,               \
-                             double target_rate, double soft_rate, int counter_noise,         \
-                             int64_t noise_key, long noise_step, double noise_scale,         \
-                             int threads);                                                    \
+                             double target_rate, double soft_rate, int next_tanh,             \
+                             int counter_noise, int64_t noise_key, long noise_step,           \
+                             double noise_scale, int threads);                                \
 void lcp_ebd_residuals_##SUFFIX(long B, long N, long C, const T *x, const T *t, const T *p_v, \
                                 const T *h_b, const T *w_d, long r_d0, const T *b_d, T *r_f,  \
                                 T *r_d, int threads);                                          \
