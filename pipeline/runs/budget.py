@@ -6,8 +6,11 @@ of them, or RAMP_SECONDS, at least STEPS), and a few evaluation batches. Steps a
 the start of training on because a controller row's solves can need several times more
 iterations a few dozen steps in than at its first steps (the RNN's LCP-DI: ~50 ms per step at
 steps 3-8, ~450 ms from step 18 on, on 5,000 MNIST digits); the steps not measured are priced at
-the rate of the last third of the measured ones. A run's first epoch is then `steps_per_epoch ×
-step time` plus its evaluations; the whole run is its
+the rate of the last third of the measured ones. Where the store holds a run of the same
+computation (config hash but for the seed) on this CPU model and thread count that trained an
+epoch, finished or not, its first epoch's time replaces that estimate: the RNN's controller rows
+on MNIST keep slowing down through their whole first epoch, beyond any steps measured here. A
+run's first epoch is then `steps_per_epoch × step time` plus its evaluations; the whole run is its
 epochs times that, times a slowdown factor for rows whose controller needs more iterations as
 training proceeds (read from finished runs of the same row in the store, when there are some:
 mean iterations per solve over their epochs ÷ the first epoch's). The wall time of a table is the
@@ -76,6 +79,7 @@ class RunEstimate:
     slowdown_known: bool
     cached: bool
     startup_s: float = 0.0  # the run's process start (imports)
+    first_epoch_known: bool = False  # step_s from a run's first epoch in the store
 
     @property
     def first_epoch_s(self) -> float:
@@ -225,6 +229,35 @@ def slowdown_from_store(tracker, experiment_name: str, row_id: str,
     return None
 
 
+def first_epoch_from_store(tracker, experiment_name: str, row_id: str, cfg, cpu: str,
+                           threads: int) -> float | None:
+    """The first epoch's training time (`epoch_time` of epoch 1) of the newest run of `row_id`
+    in the store that computes what `cfg` does (its config hash but for the seed) on this CPU
+    model and thread count, finished or not, once it trained one epoch (None when there is
+    none). Measured over a whole epoch, it holds where a controller's solves grow within the
+    first epoch, which the first steps measured here do not show (the RNN's LCP-DI on MNIST:
+    ~90 iterations per solve at its first steps, ~530 by the end of its first epoch)."""
+    if tracker is None:
+        return None
+    exp_id = tracker.get_experiment_id(experiment_name)
+    if exp_id is None:
+        return None
+    cpu_quoted = cpu.replace("'", "\\'")
+    runs = tracker.search_runs([exp_id], f"tags.id = '{row_id}' and params.data = '{cfg.data}' "
+                               f"and tags.cpu = '{cpu_quoted}' and "
+                               f"tags.torch_threads = '{threads}'",
+                               order_by=["attributes.start_time DESC"])
+    for run in runs:
+        seed = run.data.params.get("seed")
+        if seed is None or run.data.tags.get("config_hash") != cfg.replace(
+                seed=int(seed)).config_hash():
+            continue
+        history = tracker.metric_history(run.info.run_id, "epoch_time")
+        if history:
+            return float(min(history, key=lambda m: m.step).value)
+    return None
+
+
 def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = False,
              echo=None, light: bool = False) -> list[RunEstimate]:
     """One RunEstimate per item (pipeline.manifest.selection.Item), measuring each config not yet
@@ -232,6 +265,7 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
     import torch
 
     from lcp.data import build_loaders
+    from pipeline.tracking.store import cpu_model
 
     items = list(items)
     torch.set_num_threads(max(1, threads))
@@ -243,6 +277,8 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
         cache = read_cache(path)
     known = cache.get(machine, {})
     slowdowns: dict[tuple[str, str], float | None] = {}
+    first_epochs: dict[tuple[str, str], float | None] = {}
+    cpu = cpu_model()
     out = []
     sizes: dict[tuple, tuple[int, int, int]] = {}  # the data's batches, once per data setup
     steps = LIGHT_STEPS if light else STEPS
@@ -275,12 +311,17 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
             slowdowns[(item.exp.id, cfg.data)] = slowdown_from_store(
                 tracker, item.experiment_name, item.exp.id, cfg.data)
         slow = slowdowns[(item.exp.id, cfg.data)]
+        if (item.exp.id, key) not in first_epochs:
+            first_epochs[(item.exp.id, key)] = first_epoch_from_store(
+                tracker, item.experiment_name, item.exp.id, cfg, cpu, max(1, threads))
+        first = first_epochs[(item.exp.id, key)]
+        step_s = first / steps_per_epoch if first else m.step_s
         evals_count = sum(cfg.evaluation_after(e) is not None
                           for e in range(1, cfg.num_epochs + 1))
         out.append(RunEstimate(item.exp.id, item.seed, item.config_hash, steps_per_epoch,
                                eval_batches, final_batches, cfg.num_epochs, evals_count,
-                               m.step_s, m.eval_batch_s, slow or 1.0, slow is not None, cached,
-                               startup_s))
+                               step_s, m.eval_batch_s, slow or 1.0, slow is not None, cached,
+                               startup_s, first_epoch_known=first is not None))
     with lock:
         cache = read_cache(path)
         cache[machine] = {**cache.get(machine, {}), **known}
@@ -325,8 +366,9 @@ def format_estimates(estimates: list[RunEstimate], slots: int, machine: str) -> 
         slow = (f"x{e.slowdown:.2f} (from the store)" if e.slowdown_known
                 else "unknown (no finished run of this row in the store)"
                 if is_controller_row(row) else "—")
+        first = format_duration(e.first_epoch_s) + ("*" if e.first_epoch_known else "")
         lines.append(f"  {row:<24} {len(es):>4} {e.step_s * 1000:>7.1f}ms "
-                     f"{format_duration(e.first_epoch_s):>10} "
+                     f"{first:>10} "
                      f"{format_duration(e.total_s):>9} {format_duration(row_total):>10} "
                      f"{100 * row_total / total if total else 0:>5.0f}%  {slow}")
     wall = makespan([e.total_s for e in estimates], slots)
@@ -336,6 +378,9 @@ def format_estimates(estimates: list[RunEstimate], slots: int, machine: str) -> 
     if estimates and estimates[0].startup_s:
         lines.append(f"  each run includes {format_duration(estimates[0].startup_s)} of process "
                      "start (imports), measured here")
+    if any(e.first_epoch_known for e in estimates):
+        lines.append("  * the first epoch as a run of the row in this store trained it on this "
+                     "CPU and thread count (its steps: that epoch's mean)")
     if any(is_controller_row(e.id) and not e.slowdown_known for e in estimates):
         lines.append("  controller rows (lcp-*) can need more solver iterations per step as "
                      "training proceeds, so their estimate is a lower bound; a finished run of "

@@ -126,3 +126,28 @@ def test_short_runs_get_a_slot_per_core_up_to_four(workspace, monkeypatch, cores
                   *(["--quick"] if quick else [])])
     assert out.exit_code == 0, out.output
     assert f"executor local: {slots}" in out.output, out.output
+
+
+def test_a_rows_first_epoch_comes_from_a_run_of_it_on_this_cpu(workspace):
+    """Where a run of the row's computation trained an epoch on this CPU and thread count, its
+    first epoch is what the budget prices (a controller's solves can grow within an epoch,
+    beyond the steps a measurement sees); other seeds, settings or thread counts do not count."""
+    from mlflow.tracking import MlflowClient
+
+    ws = workspace
+    done = invoke(["run", "t1-ff-bp", *ws.run_args(), "--seeds", "0", "--threads", "1"])
+    assert done.exit_code == 0, done.output
+    client = MlflowClient(tracking_uri=ws.uri)
+    run = client.search_runs([client.get_experiment_by_name("lcp-table-1").experiment_id])[0]
+    first = min(client.get_metric_history(run.info.run_id, "epoch_time"), key=lambda m: m.step)
+    out = invoke(["budget", "t1-ff-bp", *ws.common(), "--data-dir", str(ws.data), "--seeds",
+                  "1", "--threads", "1", "--workers", "1"])
+    assert out.exit_code == 0, out.output
+    line = next(x for x in out.output.splitlines() if x.strip().startswith("t1-ff-bp"))
+    assert "*" in line.split()[4] and "a run of the row in this store" in out.output, out.output
+    step_ms = float(line.split()[2].removesuffix("ms"))
+    steps = 256 // 64  # the workspace's training digits at the manifest's batch size
+    assert step_ms == pytest.approx(1000 * first.value / steps, rel=0.05), (line, first.value)
+    other = invoke(["budget", "t1-ff-bp", *ws.common(), "--data-dir", str(ws.data), "--seeds",
+                    "1", "--threads", "2", "--workers", "1"])
+    assert other.exit_code == 0 and "a run of the row in this store" not in other.output
