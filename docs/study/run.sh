@@ -54,12 +54,19 @@ if [[ $step == mnist || $step == mnist-report ]]; then
 fi
 if [[ $step == lf-noise ]]; then
     # lcp-lf's counter-based noise (the default) over whole runs: section 1's LCP-LF rows and
-    # settings again, in a store of their own, then the verdict against section 1's runs (which
-    # drew PyTorch's noise) into docs/speed.md
+    # settings, with the counter noise and with PyTorch's draws (the paper's stream), in a store
+    # of their own; then the verdict of one against the other into docs/speed.md
     LF_STORE="$STORE/lf-noise"
     mkdir -p "$LF_STORE"
-    lcp run t1-ff-lcp-lf t1-rnn-lcp-lf "${SAMPLE[@]}" "${SLOTS[@]}" \
-        --tracking-uri "sqlite:///$LF_STORE/mlflow.db" --runs-dir "$LF_STORE/runs"
+    for noise in counter paper; do
+        lcp run t1-ff-lcp-lf t1-rnn-lcp-lf "${SAMPLE[@]}" --set lf_noise=$noise "${SLOTS[@]}" \
+            --tracking-uri "sqlite:///$LF_STORE/mlflow.db" --runs-dir "$LF_STORE/runs"
+    done
+    # the RNN's seeds spread more than the FF's: three more seeds with each noise
+    for noise in counter paper; do
+        lcp run t1-rnn-lcp-lf --seeds 3,4,5 "${SAMPLE[@]}" --set lf_noise=$noise "${SLOTS[@]}" \
+            --tracking-uri "sqlite:///$LF_STORE/mlflow.db" --runs-dir "$LF_STORE/runs"
+    done
     python "$HERE/lf_noise_check.py" "$LF_STORE"
 fi
 if [[ $step == all || $step == table1 ]]; then
