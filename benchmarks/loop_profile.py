@@ -91,11 +91,10 @@ def descent_pieces(ours: Ours, x, y, steps: int):
         kernel.residuals()
         kernel.descend(1)
 
-    pieces = {"tanh": lambda: torch.tanh(kernel.v, out=plan.t),
-              "products": lambda: native.run_products(plan.forward),
-              "residuals pass": lambda: kernel._residuals(*kernel._res_args),
-              "transposed products": lambda: native.run_products(kernel._back),
-              "descent pass": lambda: kernel._descend(*kernel._head, 0.1, 0.001, plan.threads)}
+    pieces = {"tanh": kernel.tanh, "products": kernel.products,
+              "residuals pass": kernel.residual_pass,
+              "transposed products": kernel.back_products,
+              "descent pass": lambda: kernel.descent_pass(1)}
     return whole, pieces, {}
 
 

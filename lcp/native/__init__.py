@@ -521,13 +521,33 @@ class EnergyDescent:
 
     def residuals(self) -> None:
         """t = tanh(v), the forward products, then r_f and r_d (`self.r_f`, `self.r_d`)."""
-        torch.tanh(self.v, out=self.plan.t)
-        run_products(self.plan.forward)
-        self._residuals(*self._res_args)
+        self.tanh()
+        self.products()
+        self.residual_pass()
 
     def descend(self, step: int) -> None:
         """Step `step` (from 1) of the descent from `t`, `r_f` and `r_d`."""
+        self.back_products()
+        self.descent_pass(step)
+
+    # the pieces of a step, in its order (benchmarks/loop_profile.py times each alone)
+    def tanh(self) -> None:
+        torch.tanh(self.v, out=self.plan.t)
+
+    def products(self) -> None:
+        """The blocks' forward products of t."""
+        run_products(self.plan.forward)
+
+    def residual_pass(self) -> None:
+        """r_f and r_d."""
+        self._residuals(*self._res_args)
+
+    def back_products(self) -> None:
+        """The blocks' transposed products of r_f."""
         run_products(self._back)
+
+    def descent_pass(self, step: int) -> None:
+        """∂E/∂x and the Adam (or gradient-descent) step `step` (from 1) on x."""
         self._descend(*self._head, 1.0 - 0.9 ** step, 1.0 - 0.999 ** step, self.plan.threads)
 
     def run(self, steps: int) -> None:
