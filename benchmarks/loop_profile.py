@@ -57,7 +57,7 @@ def per_call(fn, calls: int, repeats: int) -> float:
     return statistics.median(rounds) * 1e6
 
 
-def noisy_pieces(ours: Ours, x, y, steps: int):
+def noisy_pieces(ours: Ours, x, y):
     """lcp-lf: (whole step, {piece: callable}) of a NoisySteps kernel at this batch's start."""
     tr = ours.trainer
     tr.compute_update(x, y)
@@ -67,14 +67,15 @@ def noisy_pieces(ours: Ours, x, y, steps: int):
         raise SystemExit("the compiled backend is not in use here (LCP_NATIVE=0, or no compiler)")
     kernel = native.NoisySteps(plan, state, tr.Q, onehot, u_ref, tr.noisy_rates(),
                                tr.A_CHUNK, noise_key=key)
+    accumulate = f"A (1/{tr.A_CHUNK} per step)"  # one product per block of A_CHUNK steps
     pieces = {"noise draw": kernel.draw, "products": kernel.products, "pass": kernel.run_pass,
-              f"A (1/{tr.A_CHUNK} per step)": kernel.accumulate}
+              accumulate: kernel.accumulate}
     if key is not None:
         del pieces["noise draw"]
-    return kernel.step, pieces, {"A (1/16 per step)": 1.0 / tr.A_CHUNK}
+    return kernel.step, pieces, {accumulate: 1.0 / tr.A_CHUNK}
 
 
-def descent_pieces(ours: Ours, x, y, steps: int):
+def descent_pieces(ours: Ours, x, y):
     """lcp-ebd: (whole step, {piece: callable}) of an EnergyDescent at this batch's start."""
     tr, cfg, model = ours.trainer, ours.cfg, ours.model
     with torch.no_grad():
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         setup = {"lcp-lf": noisy_pieces, "lcp-ebd": descent_pieces}.get(cfg.trainer)
         if setup is None:
             raise SystemExit(f"{row}: only lcp-lf and lcp-ebd rows have a loop profile")
-        whole, pieces, weights = setup(ours, x, y, args.steps)
+        whole, pieces, weights = setup(ours, x, y)
         total = per_call(whole, args.steps, args.repeats)
         timed = {name: per_call(fn, args.steps, args.repeats) * weights.get(name, 1.0)
                  for name, fn in pieces.items()}

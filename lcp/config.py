@@ -173,8 +173,8 @@ class RunConfig:
     # and still ends within its epoch a run whose dynamics diverge on a steady share of batches.
     skip_limit: float = 0.01
     # lcp-lf's noise in its noisy phase: 'counter' (lcp.noise: i.i.d. N(0, 1) numbers computed
-    # where they are used, on every thread; ~2x faster rows on CPU) or 'paper' (PyTorch's
-    # generator, the same calls as the paper's code, to compare with it draw for draw)
+    # where they are used, on every thread: faster lcp-lf rows on CPU, docs/speed.md) or 'paper'
+    # (PyTorch's generator, the same calls as the paper's code, to compare with it draw for draw)
     lf_noise: str = "counter"
 
     def __post_init__(self) -> None:

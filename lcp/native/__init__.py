@@ -439,7 +439,7 @@ class NoisySteps:
             "k_i", "k_p", "sigma", "eps_keep", "rate_v", "rate_slow_v", "keep_ui")) + (
             float(rates["rate_u"] / bsz), float(-rates["rate_u"] / bsz), plan.threads, True,
             noise_key is not None, 0 if noise_key is None else int(noise_key),
-            float(rates["noise_scale"]))
+            float(self.noise_scale))
         self.counter_noise = noise_key is not None
         torch.tanh(self.v, out=plan.t)  # later steps' tanh: written by the pass
         # the pass's arguments (bindings.cpp, `noisy_step`) by the step's parity (v and v̂

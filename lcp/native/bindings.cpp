@@ -304,7 +304,7 @@ void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
                                q_t, w_d, r_d, b_d, onehot, u_ref, fb, du, k_i, k_p, sigma,
                                eps_keep, rate_v, rate_slow_v, keep_ui, target_rate, soft_rate,
                                threads, next_tanh, counter_noise, noise_key, noise_scale,
-                              noise_step);
+                               noise_step);
 }
 
 /* -------------------------------------------------------------------- lcp-ebd's descent */

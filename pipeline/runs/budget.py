@@ -315,7 +315,7 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
             first_epochs[(item.exp.id, key)] = first_epoch_from_store(
                 tracker, item.experiment_name, item.exp.id, cfg, cpu, max(1, threads))
         first = first_epochs[(item.exp.id, key)]
-        step_s = first / steps_per_epoch if first else m.step_s
+        step_s = first / steps_per_epoch if first is not None else m.step_s
         evals_count = sum(cfg.evaluation_after(e) is not None
                           for e in range(1, cfg.num_epochs + 1))
         out.append(RunEstimate(item.exp.id, item.seed, item.config_hash, steps_per_epoch,

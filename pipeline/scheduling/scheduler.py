@@ -243,9 +243,7 @@ class Scheduler:
             job.ended_at = time.time()
             if self.stop_reason is not None:  # the start asked everything to stop (a full
                 # disk): this job was not started, for that reason, like the queued ones
-                job.status = KILLED
-                job.reason = f"not started ({self.stop_reason})"
-                self.hooks.on_cancel(job, False)
+                self._not_started(job)
             else:
                 job.status = FAILED
                 job.reason = f"could not start: {exc}"
@@ -328,10 +326,14 @@ class Scheduler:
             self.display.event(f"[killed]   {job.key}")
             self.hooks.on_done(job)
         for job in queue:
-            job.status = KILLED
-            job.reason = f"not started ({self.stop_reason})"
-            self.hooks.on_cancel(job, False)
+            self._not_started(job)
             self.hooks.on_done(job)
+
+    def _not_started(self, job: Job) -> None:
+        """`job` never ran: stopped before its start, for the stop's reason."""
+        job.status = KILLED
+        job.reason = f"not started ({self.stop_reason})"
+        self.hooks.on_cancel(job, False)
 
     def _after_exit(self, job: Job, rc: int) -> tuple[bool, str]:
         try:
