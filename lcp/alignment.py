@@ -14,6 +14,11 @@ parameters, flattened:
     align/loss_gap          controlled loss − free loss on the probe batch
     align/seconds           what the measurement cost
 
+Where either update's dynamics diverge on the probe batch (the exact gradient's adjoint does
+where the weights leave the free state's Jacobian with spectral radius ≥ 1, which training by
+an LCP rule does not prevent), the cosine and the norm ratio are NaN and `align/unmeasured` is
+1: the measurement is lost, never the run.
+
 Nothing of the run changes: the parameters' `.grad`, the model's and the trainer's state and
 attributes and every random generator are saved before and restored after, so a run's
 trajectory is bit-identical with the probe on or off. bp and rbp runs have no probe.
@@ -23,8 +28,11 @@ from __future__ import annotations
 
 import time
 
+import math
+
 import torch
 
+from lcp.errors import DivergenceError
 from lcp.preserve import preserved
 from lcp.trainers import build_trainer
 
@@ -54,8 +62,15 @@ class AlignmentProbe:
     def measure(self, prefix: str = "align/") -> dict[str, float]:
         start = time.perf_counter()
         with preserved(self.model, self.trainer, self.all_params):
-            update, stats = self._update(self.trainer)
-            gradient, _ = self._update(self.reference)
+            try:
+                update, stats = self._update(self.trainer)
+                gradient, _ = self._update(self.reference)
+            except DivergenceError:
+                update = gradient = None
+        if update is None:
+            return {prefix + k: v for k, v in (("cos_to_gradient", math.nan),
+                    ("norm_ratio", math.nan), ("unmeasured", 1.0),
+                    ("seconds", time.perf_counter() - start))}
         dot = torch.dot(update, gradient).item()
         norm_u, norm_g = update.norm().item(), gradient.norm().item()
         out = {"cos_to_gradient": dot / max(norm_u * norm_g, 1e-300),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from lcp.alignment import AlignmentProbe
 from lcp.callbacks import Callback
 from lcp.config import RunConfig
 from lcp.data import build_loaders
+from lcp.errors import DivergenceError
 from lcp.models import build_model
 from lcp.trainers import build_trainer
 from lcp.training import fit
@@ -103,3 +105,38 @@ def test_align_every_must_not_be_negative(mnist_dir):
 
     with pytest.raises(ConfigError, match="align_every"):
         config(mnist_dir, align_every=-1)
+
+
+def test_a_diverging_reference_loses_the_measurement_not_the_run(mnist_dir, monkeypatch):
+    """The exact gradient's dynamics diverge on the probe batch (as RBP's adjoint did at an
+    RNN LCP-DI run's weights on MNIST): the epoch records NaN and `align/unmeasured`, and the
+    run trains on, bit-identical to the run without the probe, though the failed reference
+    moved weights and drew random numbers before it raised."""
+    made = AlignmentProbe.__init__
+
+    def init(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+
+        def diverges(x, y):
+            torch.randn(3)
+            with torch.no_grad():
+                for p in self.params:
+                    p.add_(1.0)
+            raise DivergenceError("diverged in phase 'adjoint'", phase="adjoint")
+
+        self.reference.compute_update = diverges
+
+    runs = {}
+    for align in (False, True):
+        final = Final()
+        if align:
+            monkeypatch.setattr(AlignmentProbe, "__init__", init)
+        result = fit(config(mnist_dir, model="rnn", align=align), [final])
+        runs[align] = (final, result)
+    (off, r_off), (on, r_on) = runs[False], runs[True]
+    assert all(torch.equal(off.model[k], on.model[k]) for k in off.model)
+    assert torch.equal(off.rng, on.rng) and r_off.final == r_on.final
+    assert len(r_on.history) == 2
+    for record in r_on.history:
+        assert record["align/unmeasured"] == 1.0
+        assert math.isnan(record["align/cos_to_gradient"]) and math.isnan(record["align/norm_ratio"])
