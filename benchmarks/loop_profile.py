@@ -9,8 +9,8 @@ alone, on that same state, as many times:
 
     lcp-lf  (NoisySteps):   the noise draw (lf_noise=paper only), the blocks' forward products,
                             the pass (noise, v′, v̂′, uᵢ, ε, tanh(v′)), A's product per 16 steps
-    lcp-ebd (EnergyDescent): tanh, the forward products, the residuals pass, the transposed
-                            products, the descent pass (gradient and Adam)
+    lcp-ebd (EnergyDescent): the forward products, the residuals pass, the transposed products,
+                            the descent pass (gradient, Adam, tanh(v′))
 
 `floor` is the blocks' products alone: the part of a step no implementation of the paper's
 dynamics can leave out on this machine (its BLAS); `whole / floor` says how far the step is
@@ -92,7 +92,8 @@ def descent_pieces(ours: Ours, x, y):
         kernel.residuals()
         kernel.descend(1)
 
-    pieces = {"tanh": kernel.tanh, "products": kernel.products,
+    kernel.residuals()  # tanh(v) of the start: later steps' is the descent pass's
+    pieces = {"products": kernel.products,
               "residuals pass": kernel.residual_pass,
               "transposed products": kernel.back_products,
               "descent pass": lambda: kernel.descent_pass(1)}

@@ -320,7 +320,7 @@ def valid_arguments(name: str, dtype=torch.float64) -> dict:
                 "h_b": z(B, N), "p_v": z(B, N), "p_e": z(B, N), "w_d": z(C, N - R), "r_d": R,
                 "b_d": z(C), "m_u": z(C, N), "r_u": 0, "k_i": 1.0, "k_p": 0.0, "keep_ui": 0.9,
                 "target_rate": 0.1, "soft_rate": -0.1, "plain_u": True, "dt_v": 1.0,
-                "dt_e": 1.0, "linear_e": False, "per_sample": z(B), "v_copy": z(B, N),
+                "dt_e": 1.0, "linear_e": False, "per_sample": z(B), "next_tanh": True,
                 "threads": 1}
     if name == "free_step":
         return {"src": z(B, N), "dst": z(B, N), "h_b": z(B, N), "p_v": z(B, N),
@@ -342,7 +342,7 @@ def valid_arguments(name: str, dtype=torch.float64) -> dict:
             "w_d": z(C, N - R), "r_d0": R, "onehot": z(B, C), "inv_alpha_b": 1.0,
             "exp_avg": z(B, N + C), "exp_avg_sq": z(B, N + C), "adam": True, "lr": 0.01,
             "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "bias_correction1": 0.1,
-            "bias_correction2": 0.001, "threads": 1}
+            "bias_correction2": 0.001, "next_tanh": True, "threads": 1}
 
 
 def tensor_arguments(name: str) -> list[str]:
@@ -379,9 +379,8 @@ EXPECTED = {"dtype": (TypeError, "must be a float"), "device": (TypeError, "must
 def test_each_binding_runs_on_valid_tensors_of_either_dtype(kernels, name):
     for dtype in (torch.float64, torch.float32):
         kernels.get(name)(**valid_arguments(name, dtype))
-    if name in ("step", "ebd_descend"):  # p_e (and v_copy) may be left out
-        optional = {"p_e": None} | ({"v_copy": None} if name == "step" else {})
-        kernels.get(name)(**(valid_arguments(name) | optional))
+    if name in ("step", "ebd_descend"):  # p_e may be left out
+        kernels.get(name)(**(valid_arguments(name) | {"p_e": None}))
 
 
 # every fault for every tensor argument, but a wrong size of a pass's first tensor: its rows are
@@ -412,6 +411,21 @@ def test_the_bindings_reject_inconsistent_sizes_and_columns(kernels):
         step(**(args | {"dst": args["src"]}))
     with pytest.raises(ValueError, match="argument 'threads' must be from 1 to 65536"):
         step(**(valid_arguments("step") | {"threads": 0}))
+    # the passes that write tanh(v') into t while they read the state: t apart from it
+    # (any overlap of bytes: t ends inside the state's memory)
+    args, s = valid_arguments("step"), 2 * N + 2 * C
+    shared = torch.zeros(B * s + 1, dtype=torch.float64)
+    state, t_over_end = shared[:B * s].view(B, s), shared[B * s - B * N + 1:].view(B, N)
+    with pytest.raises(ValueError, match="argument 't' must not be the memory of 'src'"):
+        step(**(args | {"src": state, "t": t_over_end}))
+    with pytest.raises(ValueError, match="argument 't' must not be the memory of 'dst'"):
+        step(**(args | {"dst": state, "t": t_over_end}))
+    step(**(args | {"dst": state, "t": t_over_end, "next_tanh": False}))  # t only read then
+    descend, args = kernels.get("ebd_descend"), valid_arguments("ebd_descend")
+    x = torch.zeros(B * (N + C) + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="argument 't' must not be the memory of 'x'"):
+        descend(**(args | {"x": x[:B * (N + C)].view(B, N + C),
+                           "t": x[B * (N + C) - B * N + 1:].view(B, N)}))
     with pytest.raises(TypeError):  # a pointer (an int) where a tensor goes
         step(**(valid_arguments("step") | {"h_b": 12345}))
 

@@ -331,8 +331,9 @@ class FreeStep(MeasuredStep):
 # --------------------------------------------------------------------- the controlled phase
 class ControlledStep(MeasuredStep):
     """`LeastControlTrainer.controlled_step` on one flat state [v | v̂ | uᵢ | e] (B × (2N + 2C)):
-    tanh, the blocks' products and one pass, which also measures the vanilla solver's stopping
-    error (the per-sample norm over the four concatenated tensors, as on the tuple state).
+    the blocks' products and one pass, which also measures the vanilla solver's stopping error
+    (the per-sample norm over the four concatenated tensors, as on the tuple state) and writes
+    tanh(v′) for the next step's products (PyTorch's tanh runs only on a state no pass wrote).
 
     Steps write into a ring of `ring` buffers: step k reads the buffer step k − 1 wrote, so a
     solver may keep the last `ring − 1` states (`Solver.keeps`); any other input is copied into
@@ -355,10 +356,8 @@ class ControlledStep(MeasuredStep):
         self._last = 0
         self.onehot = onehot.contiguous()
         self.per_sample = plan.h_b.new_zeros(bsz)
-        # v of the buffer the last step wrote, contiguous (the pass writes it beside the state):
-        # tanh of contiguous rows takes half the time of tanh of the state's strided v
-        self._v_copy = plan.h_b.new_empty(bsz, n)
-        self._copy_of = -1
+        # the buffer whose tanh(v) the last pass wrote into t (−1: none; PyTorch's tanh then)
+        self._tanh_of = -1
         kind, *matrices = trainer.feedback_matrices()
         linear = kind != "transpose"
         if linear:
@@ -375,12 +374,11 @@ class ControlledStep(MeasuredStep):
                       plan.b_D, m_u, int(r_u), float(trainer.k_i), float(trainer.k_p),
                       float(1.0 - trainer.dt_u * trainer.alpha), float(trainer.dt_u / bsz),
                       float(-trainer.dt_u / bsz), bool(plain_u), float(trainer.dt_v),
-                      float(trainer.dt_e), bool(linear), self.per_sample, self._v_copy,
-                      plan.threads)
+                      float(trainer.dt_e), bool(linear), self.per_sample, True, plan.threads)
 
     def start(self) -> torch.Tensor:
         """The zero state (the first buffer)."""
-        self._last, self._copy_of = 0, -1
+        self._last, self._tanh_of = 0, -1
         return self.buffers[0].zero_()
 
     def measure(self, x: torch.Tensor):
@@ -392,9 +390,9 @@ class ControlledStep(MeasuredStep):
             self.buffers[i].copy_(x)
         src = self.buffers[i]
         self._last = j = (self._last + 1) % self.ring
-        fresh = self._copy_of >= 0 and i == self._copy_of
-        torch.tanh(self._v_copy if fresh else src[:, self.rows[0]], out=plan.t)
-        self._copy_of = j
+        if i != self._tanh_of:  # else the last pass wrote tanh(v) of this very state
+            torch.tanh(src[:, self.rows[0]], out=plan.t)
+        self._tanh_of = j
         run_products(plan.forward)
         run_products(self._back[i])
         error = self._fn(src, self.buffers[j], *self._args)
@@ -492,11 +490,13 @@ class NoisySteps:
 
 # ---------------------------------------------------------------------- lcp-ebd's descent
 class EnergyDescent:
-    """`EnergyBasedTrainer.energy_minimum`'s loop on x = [v | v̂] in place: per step tanh and
-    the blocks' forward products by PyTorch and the residuals pass (`residuals`: r_f, r_d, as
+    """`EnergyBasedTrainer.energy_minimum`'s loop on x = [v | v̂] in place: per step the blocks'
+    forward products of t = tanh(v) by PyTorch and the residuals pass (`residuals`: r_f, r_d, as
     `EnergyBasedTrainer.residuals`), then the blocks' transposed products of r_f by PyTorch and
     the descent pass (`descend`: ∂E/∂x as `energy_gradient`, and the Adam step — torch.optim.Adam's
-    arithmetic: betas 0.9, 0.999, eps 1e-8 — or the gradient-descent step)."""
+    arithmetic: betas 0.9, 0.999, eps 1e-8 — or the gradient-descent step), which also writes
+    tanh(v′) into t for the next step (PyTorch's tanh only before the first step, or after x
+    was changed from outside: `x_changed`)."""
 
     passes = ("ebd_residuals", "ebd_descend")
 
@@ -518,10 +518,17 @@ class EnergyDescent:
         self._head = (x, plan.t, self.r_f, self.r_d, plan.p_e, plan.W_D, int(plan.r0),
                       onehot.contiguous(), float(inv_alpha_b), self.exp_avg, self.exp_avg_sq,
                       bool(adam), float(lr), 0.9, 0.999, 1e-8)
+        self._t_fresh = False  # whether t holds tanh(v) of x as it is (the last pass wrote it)
+
+    def x_changed(self) -> None:
+        """Say that x was written from outside: the next step computes tanh(v) again."""
+        self._t_fresh = False
 
     def residuals(self) -> None:
-        """t = tanh(v), the forward products, then r_f and r_d (`self.r_f`, `self.r_d`)."""
-        self.tanh()
+        """t = tanh(v) unless the last descent pass wrote it, the forward products, then r_f
+        and r_d (`self.r_f`, `self.r_d`)."""
+        if not self._t_fresh:
+            self.tanh()
         self.products()
         self.residual_pass()
 
@@ -547,8 +554,10 @@ class EnergyDescent:
         run_products(self._back)
 
     def descent_pass(self, step: int) -> None:
-        """∂E/∂x and the Adam (or gradient-descent) step `step` (from 1) on x."""
-        self._descend(*self._head, 1.0 - 0.9 ** step, 1.0 - 0.999 ** step, self.plan.threads)
+        """∂E/∂x and the Adam (or gradient-descent) step `step` (from 1) on x; t = tanh(v′)."""
+        self._descend(*self._head, 1.0 - 0.9 ** step, 1.0 - 0.999 ** step, True,
+                      self.plan.threads)
+        self._t_fresh = True
 
     def run(self, steps: int) -> None:
         for step in range(1, steps + 1):

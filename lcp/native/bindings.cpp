@@ -124,7 +124,11 @@ class Checker {
     void apart(const Tensor &output, const char *name, const Tensor &input,
                const char *input_name) const
     {
-        TORCH_CHECK_VALUE(output.data_ptr() != input.data_ptr(), pass_, ": argument '", name,
+        /* contiguous tensors (checked before): their bytes must not overlap */
+        const char *out = static_cast<const char *>(output.data_ptr());
+        const char *in = static_cast<const char *>(input.data_ptr());
+        const bool overlap = out < in + input.nbytes() && in < out + output.nbytes();
+        TORCH_CHECK_VALUE(!overlap, pass_, ": argument '", name,
                           "' must not be the memory of '", input_name, "'");
     }
 
@@ -163,22 +167,21 @@ double run_step(int64_t B, int64_t N, int64_t C, int64_t S, const Tensor &src, c
                 const OptionalTensor &p_e, const Tensor &w_d, int64_t r_d, const Tensor &b_d,
                 const Tensor &m_u, int64_t r_u, double k_i, double k_p, double keep_ui,
                 double target_rate, double soft_rate, bool plain_u, double dt_v, double dt_e,
-                bool linear_e, const Tensor &per_sample, const OptionalTensor &v_copy,
-                int64_t threads)
+                bool linear_e, const Tensor &per_sample, bool next_tanh, int64_t threads)
 {
     return Passes<T>::step(B, N, C, S, ptr<T>(src), ptr<T>(dst), ptr<T>(t), ptr<T>(onehot),
                            ptr<T>(h_b), ptr<T>(p_v), ptr<T>(p_e), ptr<T>(w_d), (long)r_d,
                            ptr<T>(b_d), ptr<T>(m_u), (long)r_u, k_i, k_p, keep_ui, target_rate,
                            soft_rate, (int)plain_u, dt_v, dt_e, (int)linear_e,
-                           ptr<T>(per_sample), ptr<T>(v_copy), (int)threads);
+                           ptr<T>(per_sample), (int)next_tanh, (int)threads);
 }
 
 double step(const Tensor &src, const Tensor &dst, const Tensor &t, const Tensor &onehot,
             const Tensor &h_b, const Tensor &p_v, const OptionalTensor &p_e, const Tensor &w_d,
             int64_t r_d, const Tensor &b_d, const Tensor &m_u, int64_t r_u, double k_i,
             double k_p, double keep_ui, double target_rate, double soft_rate, bool plain_u,
-            double dt_v, double dt_e, bool linear_e, const Tensor &per_sample,
-            const OptionalTensor &v_copy, int64_t threads)
+            double dt_v, double dt_e, bool linear_e, const Tensor &per_sample, bool next_tanh,
+            int64_t threads)
 {
     const Checker check("step", src, "src");
     check.common(src, "src", 2);
@@ -200,17 +203,19 @@ double step(const Tensor &src, const Tensor &dst, const Tensor &t, const Tensor 
     check.start(r_u, "r_u", N);
     check.matrix(m_u, "m_u", C, N - r_u, "C x (N - r_u)");
     check.vector(per_sample, "per_sample", B, "B");
-    if (v_copy.has_value())
-        check.matrix(*v_copy, "v_copy", B, N, "B x N");
+    if (next_tanh) {  /* t is written while the state is read */
+        check.apart(t, "t", src, "src");
+        check.apart(t, "t", dst, "dst");
+    }
     check.threads(threads);
     py::gil_scoped_release released;
     if (check.dtype() == at::kFloat)
         return run_step<float>(B, N, C, S, src, dst, t, onehot, h_b, p_v, p_e, w_d, r_d, b_d,
                                m_u, r_u, k_i, k_p, keep_ui, target_rate, soft_rate, plain_u,
-                               dt_v, dt_e, linear_e, per_sample, v_copy, threads);
+                               dt_v, dt_e, linear_e, per_sample, next_tanh, threads);
     return run_step<double>(B, N, C, S, src, dst, t, onehot, h_b, p_v, p_e, w_d, r_d, b_d, m_u,
                             r_u, k_i, k_p, keep_ui, target_rate, soft_rate, plain_u, dt_v, dt_e,
-                            linear_e, per_sample, v_copy, threads);
+                            linear_e, per_sample, next_tanh, threads);
 }
 
 /* -------------------------------------------------------------------------- the free step */
@@ -346,19 +351,20 @@ void run_ebd_descend(int64_t B, int64_t N, int64_t C, const Tensor &x, const Ten
                      const Tensor &w_d, int64_t r_d0, const Tensor &onehot, double inv_alpha_b,
                      const Tensor &exp_avg, const Tensor &exp_avg_sq, bool adam, double lr,
                      double beta1, double beta2, double eps, double bias_correction1,
-                     double bias_correction2, int64_t threads)
+                     double bias_correction2, bool next_tanh, int64_t threads)
 {
     Passes<T>::ebd_descend(B, N, C, ptr<T>(x), ptr<T>(t), ptr<T>(r_f), ptr<T>(r_d), ptr<T>(p_e),
                            ptr<T>(w_d), (long)r_d0, ptr<T>(onehot), inv_alpha_b, ptr<T>(exp_avg),
                            ptr<T>(exp_avg_sq), (int)adam, lr, beta1, beta2, eps, bias_correction1,
-                           bias_correction2, (int)threads);
+                           bias_correction2, (int)next_tanh, (int)threads);
 }
 
 void ebd_descend(const Tensor &x, const Tensor &t, const Tensor &r_f, const Tensor &r_d,
                  const OptionalTensor &p_e, const Tensor &w_d, int64_t r_d0,
                  const Tensor &onehot, double inv_alpha_b, const Tensor &exp_avg,
                  const Tensor &exp_avg_sq, bool adam, double lr, double beta1, double beta2,
-                 double eps, double bias_correction1, double bias_correction2, int64_t threads)
+                 double eps, double bias_correction1, double bias_correction2, bool next_tanh,
+                 int64_t threads)
 {
     const Checker check("ebd_descend", x, "x");
     check.common(x, "x", 2);
@@ -376,16 +382,18 @@ void ebd_descend(const Tensor &x, const Tensor &t, const Tensor &r_f, const Tens
     check.matrix(onehot, "onehot", B, C, "B x C");
     check.matrix(exp_avg, "exp_avg", B, S, "B x (N + C), as 'x'");
     check.matrix(exp_avg_sq, "exp_avg_sq", B, S, "B x (N + C), as 'x'");
+    if (next_tanh)  /* t is written while x is read and written */
+        check.apart(t, "t", x, "x");
     check.threads(threads);
     py::gil_scoped_release released;
     if (check.dtype() == at::kFloat)
         run_ebd_descend<float>(B, N, C, x, t, r_f, r_d, p_e, w_d, r_d0, onehot, inv_alpha_b,
                                exp_avg, exp_avg_sq, adam, lr, beta1, beta2, eps,
-                               bias_correction1, bias_correction2, threads);
+                               bias_correction1, bias_correction2, next_tanh, threads);
     else
         run_ebd_descend<double>(B, N, C, x, t, r_f, r_d, p_e, w_d, r_d0, onehot, inv_alpha_b,
                                 exp_avg, exp_avg_sq, adam, lr, beta1, beta2, eps,
-                                bias_correction1, bias_correction2, threads);
+                                bias_correction1, bias_correction2, next_tanh, threads);
 }
 
 } // namespace
@@ -409,13 +417,14 @@ PYBIND11_MODULE(lcp_dynamics, m)
     });
     m.def("step", &step,
           "One controlled step [v | v^ | u_i | e] from src into dst (LeastControlTrainer."
-          "controlled_map); writes per_sample's stopping errors and returns their maximum.",
+          "controlled_map); writes per_sample's stopping errors and returns their maximum; "
+          "with next_tanh, t becomes tanh(v of dst).",
           py::arg("src"), py::arg("dst"), py::arg("t"), py::arg("onehot"), py::arg("h_b"),
           py::arg("p_v"), py::arg("p_e").none(true), py::arg("w_d"), py::arg("r_d"),
           py::arg("b_d"), py::arg("m_u"), py::arg("r_u"), py::arg("k_i"), py::arg("k_p"),
           py::arg("keep_ui"), py::arg("target_rate"), py::arg("soft_rate"), py::arg("plain_u"),
           py::arg("dt_v"), py::arg("dt_e"), py::arg("linear_e"), py::arg("per_sample"),
-          py::arg("v_copy").none(true), py::arg("threads"));
+          py::arg("next_tanh"), py::arg("threads"));
     m.def("free_step", &free_step,
           "One free step v' = h_b + p_v from src into dst; writes per_sample's stopping errors "
           "and returns their maximum.",
@@ -440,10 +449,11 @@ PYBIND11_MODULE(lcp_dynamics, m)
           py::arg("x"), py::arg("t"), py::arg("p_v"), py::arg("h_b"), py::arg("w_d"),
           py::arg("r_d0"), py::arg("b_d"), py::arg("r_f"), py::arg("r_d"), py::arg("threads"));
     m.def("ebd_descend", &ebd_descend,
-          "lcp-ebd's energy gradient and one Adam or gradient-descent step on x in place.",
+          "lcp-ebd's energy gradient and one Adam or gradient-descent step on x in place; with "
+          "next_tanh, t becomes tanh(v) of the new x.",
           py::arg("x"), py::arg("t"), py::arg("r_f"), py::arg("r_d"), py::arg("p_e").none(true),
           py::arg("w_d"), py::arg("r_d0"), py::arg("onehot"), py::arg("inv_alpha_b"),
           py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("adam"), py::arg("lr"),
           py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("bias_correction1"),
-          py::arg("bias_correction2"), py::arg("threads"));
+          py::arg("bias_correction2"), py::arg("next_tanh"), py::arg("threads"));
 }

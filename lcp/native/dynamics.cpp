@@ -22,8 +22,8 @@
  * their output columns (zero elsewhere), p_e = their transposed products placed in their input
  * columns (zero elsewhere; NULL: none), W_D (C x R_d, the readout weight, acting on columns
  * r_d..N-1 of t), M_u (C x R_u, acting from u into columns r_u..N-1 of e'). The formulas are
- * LeastControlTrainer.controlled_step's (docs/equations.md, "Controlled dynamics"), to rounding. v_copy (B x N, or NULL) receives
- * v' as well, contiguous, for the next step's tanh (which is twice as fast on contiguous rows).
+ * LeastControlTrainer.controlled_step's (docs/equations.md, "Controlled dynamics"), to rounding. With
+ * next_tanh, each row of t, once read, becomes tanh(v') (tanh_*), for the next step's products.
  */
 #include <math.h>
 #include <stddef.h>
@@ -192,13 +192,47 @@ static inline void noise_fill_##SUFFIX(T *out, long n, uint64_t key, uint64_t fi
 DEFINE_NOISE_FILL(float, f32)
 DEFINE_NOISE_FILL(double, f64)
 
+/*
+ * tanh for the passes that write the next state's tanh themselves (the controlled step, the
+ * noisy step, the energy descent: one pass over memory fewer and no call). float64: the C library's. float32: branch-free, so it vectorises: |x| < 1/2 the odd
+ * Taylor series to x^15; else 1 - 2/(e^{2|x|} + 1) with e^y = 2^n e^g, n = round(y log2 e) (by
+ * the 1.5 * 2^23 shift, which vectorises where a float-to-int conversion does not), g = y - n ln 2
+ * and e^g from its Taylor series to g^7; |x| clamped at 9, where tanh rounds to 1. Within 2.2 ulp
+ * of tanh over [-10, 10] (against the float64 C library; PyTorch's own is within 1 ulp).
+ */
+static inline double tanh_f64(double x)
+{
+    return tanh(x);
+}
+
+static inline float tanh_f32(float x)
+{
+    const float ax = fabsf(x), a = ax < 9.0f ? ax : 9.0f, a2 = a * a;
+    const float small = a * (1.0f + a2 * (-1.0f / 3 + a2 * (2.0f / 15 + a2 * (-17.0f / 315 + a2 * (
+        62.0f / 2835 + a2 * (-1382.0f / 155925 + a2 * (21844.0f / 6081075 + a2 * (
+        -929569.0f / 638512875))))))));
+    const float y = 2.0f * a * 1.44269504088896341f;   /* 2|x| log2 e */
+    const float shifted = y + 12582912.0f;
+    const float n = shifted - 12582912.0f, g = (y - n) * 0.693147180559945309f;
+    int32_t bits = 0;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000 + 127) << 23;   /* 2^n */
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    const float e_g = 1.0f + g * (1.0f + g * (0.5f + g * (1.0f / 6 + g * (1.0f / 24 + g * (
+        1.0f / 120 + g * (1.0f / 720 + g * (1.0f / 5040)))))));
+    const float big = 1.0f - 2.0f / (e_g * two_n + 1.0f);
+    const float r = a < 0.5f ? small : big;
+    return x < 0 ? -r : r;
+}
+
 #define DEFINE_STEP(T, SUFFIX)                                                          \
-double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, const T *t,      \
+double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, T *t,            \
                          const T *onehot, const T *h_b, const T *p_v, const T *p_e,           \
                          const T *w_d, long r_d, const T *b_d, const T *m_u, long r_u,         \
                          double k_i, double k_p, double keep_ui, double target_rate,           \
                          double soft_rate, int plain_u, double dt_v, double dt_e,              \
-                         int linear_e, T *per_sample, T *v_copy, int threads)                  \
+                         int linear_e, T *per_sample, int next_tanh, int threads)              \
 {                                                                                              \
     const T rv = (T)dt_v, rv_old = (T)(1.0 - dt_v), re = (T)dt_e, re_old = (T)(1.0 - dt_e);   \
     const int relax_v = dt_v != 1.0, relax_e = dt_e != 1.0;                                    \
@@ -209,7 +243,8 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, c
         const T *v = src + b * S, *v_hat = v + N, *u_i = v_hat + C, *e = u_i + C;             \
         T *v_next = dst + b * S, *v_hat_next = v_next + N, *u_i_next = v_hat_next + C;        \
         T *e_next = u_i_next + C;                                                              \
-        const T *t_row = t + b * N, *hb = h_b + b * N, *pv = p_v + b * N;                     \
+        T *t_row = t + b * N;                                                                  \
+        const T *hb = h_b + b * N, *pv = p_v + b * N;                                          \
         const T *pe = p_e ? p_e + b * N : NULL, *y = onehot + b * C;                           \
         T diff = 0, norm = 0;                                                                  \
         /* g = (softmax(v^) - onehot)/B;  u = k_i u_i - k_p g */                               \
@@ -251,12 +286,15 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, c
             if (relax_v)                                                                       \
                 vn = vn * rv + v[j] * rv_old;                                                  \
             v_next[j] = vn;                                                                    \
-            if (v_copy)                                                                        \
-                v_copy[b * N + j] = vn;                                                        \
             e_next[j] = en;                                                                    \
             T dv = vn - v[j], de = en - e[j];                                                  \
             diff += dv * dv + de * de;                                                         \
             norm += v[j] * v[j] + e[j] * e[j];                                                 \
+        }                                                                                      \
+        if (next_tanh) { /* t_row read above: now tanh(v') for the next step */                \
+            _Pragma("omp simd")                                                                \
+            for (long j = 0; j < N; ++j)                                                       \
+                t_row[j] = tanh_##SUFFIX(v_next[j]);                                           \
         }                                                                                      \
         per_sample[b] = (T)(sqrt((double)diff) / (1e-5 + sqrt((double)norm)));                \
     }                                                                                          \
@@ -295,40 +333,6 @@ double lcp_free_step_##SUFFIX(long B, long N, const T *src, T *dst, const T *h_b
 
 DEFINE_FREE_STEP(float, f32)
 DEFINE_FREE_STEP(double, f64)
-
-/*
- * tanh for the noisy pass, which writes the next state's tanh itself (one pass over memory
- * fewer). float64: the C library's. float32: branch-free, so it vectorises: |x| < 1/2 the odd
- * Taylor series to x^15; else 1 - 2/(e^{2|x|} + 1) with e^y = 2^n e^g, n = round(y log2 e) (by
- * the 1.5 * 2^23 shift, which vectorises where a float-to-int conversion does not), g = y - n ln 2
- * and e^g from its Taylor series to g^7; |x| clamped at 9, where tanh rounds to 1. Within 2.2 ulp
- * of tanh over [-10, 10] (against the float64 C library; PyTorch's own is within 1 ulp).
- */
-static inline double tanh_f64(double x)
-{
-    return tanh(x);
-}
-
-static inline float tanh_f32(float x)
-{
-    const float ax = fabsf(x), a = ax < 9.0f ? ax : 9.0f, a2 = a * a;
-    const float small = a * (1.0f + a2 * (-1.0f / 3 + a2 * (2.0f / 15 + a2 * (-17.0f / 315 + a2 * (
-        62.0f / 2835 + a2 * (-1382.0f / 155925 + a2 * (21844.0f / 6081075 + a2 * (
-        -929569.0f / 638512875))))))));
-    const float y = 2.0f * a * 1.44269504088896341f;   /* 2|x| log2 e */
-    const float shifted = y + 12582912.0f;
-    const float n = shifted - 12582912.0f, g = (y - n) * 0.693147180559945309f;
-    int32_t bits = 0;
-    memcpy(&bits, &shifted, sizeof bits);
-    bits = (bits - 0x4B400000 + 127) << 23;   /* 2^n */
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    const float e_g = 1.0f + g * (1.0f + g * (0.5f + g * (1.0f / 6 + g * (1.0f / 24 + g * (
-        1.0f / 120 + g * (1.0f / 720 + g * (1.0f / 5040)))))));
-    const float big = 1.0f - 2.0f / (e_g * two_n + 1.0f);
-    const float r = a < 0.5f ? small : big;
-    return x < 0 ? -r : r;
-}
 
 /*
  * One step of lcp-lf's noisy phase (LinearFeedbackTrainer.noisy_step), after the
@@ -419,7 +423,8 @@ DEFINE_NOISY_STEP(double, f64)
  *   lcp_ebd_descend:   g_v  = r_f - tanh'(v) (.) (p_e + r_d W_D on the readout columns)
  *                      g_v^ = (r_d + softmax(v^)/(alpha B)) - onehot/(alpha B)
  *                      then one step of Adam (torch.optim.Adam's arithmetic; bias corrections
- *                      from the caller) or of gradient descent on x.
+ *                      from the caller) or of gradient descent on x; with next_tanh, each row
+ *                      of t, once read, becomes tanh(v') (tanh_*), for the next step.
  */
 #define DEFINE_EBD(T, SUFFIX, SQRT)                                                             \
 void lcp_ebd_residuals_##SUFFIX(long B, long N, long C, const T *x, const T *t, const T *p_v,  \
@@ -440,12 +445,12 @@ void lcp_ebd_residuals_##SUFFIX(long B, long N, long C, const T *x, const T *t, 
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, const T *t, const T *r_f,          \
+void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, T *t, const T *r_f,                \
                               const T *r_d, const T *p_e, const T *w_d, long r_d0,             \
                               const T *onehot, double inv_alpha_b, T *exp_avg,                 \
                               T *exp_avg_sq, int adam, double lr, double beta1, double beta2,  \
                               double eps, double bias_correction1, double bias_correction2,    \
-                              int threads)                                                     \
+                              int next_tanh, int threads)                                      \
 {                                                                                              \
     const long S = N + C, R_d = N - r_d0;                                                      \
     const T step_size = (T)(lr / bias_correction1), root2 = (T)sqrt(bias_correction2);        \
@@ -455,7 +460,8 @@ void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, const T *t, const T 
     for (long b = 0; b < B; ++b) {                                                             \
         T g[S], soft[C];                                                                       \
         T *xr = x + b * S, *m = exp_avg + b * S, *s2 = exp_avg_sq + b * S;                    \
-        const T *v_hat = xr + N, *t_row = t + b * N, *rf = r_f + b * N, *rd = r_d + b * C;    \
+        T *t_row = t + b * N;                                                                  \
+        const T *v_hat = xr + N, *rf = r_f + b * N, *rd = r_d + b * C;                         \
         const T *y = onehot + b * C;                                                           \
         if (p_e)                                                                               \
             memcpy(g, p_e + b * N, (size_t)N * sizeof(T));                                     \
@@ -481,6 +487,11 @@ void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, const T *t, const T 
             _Pragma("omp simd")                                                                \
             for (long k = 0; k < S; ++k)                                                       \
                 xr[k] -= lr_t * g[k];                                                          \
+        }                                                                                      \
+        if (next_tanh) { /* t_row read above: now tanh(v') for the next step */                \
+            _Pragma("omp simd")                                                                \
+            for (long j = 0; j < N; ++j)                                                       \
+                t_row[j] = tanh_##SUFFIX(xr[j]);                                               \
         }                                                                                      \
     }                                                                                          \
 }

@@ -96,7 +96,7 @@ def _first(*reasons: str) -> str:
 
 def check_step(kernels) -> str:
     """`ControlledStep.measure` against `LeastControlTrainer.controlled_map` and the l2
-    stopping error of that step."""
+    stopping error of that step; then a second step, from the tanh the first pass wrote."""
     cases = ((DynamicInversionTrainer, "rnn", RELAXED), (KolenPollackTrainer, "ff", {}),
              (LinearFeedbackTrainer, "ff", RELAXED))
     for dtype in TOLERANCE:
@@ -116,6 +116,12 @@ def check_step(kernels) -> str:
                 differs(f"the per-sample stopping error {where}", per_sample, want_per_sample,
                         dtype),
                 differs(f"the stopping error {where}", error, want_error, dtype))
+            if reason:
+                return reason
+            want_next = torch.cat(tr.controlled_map(net.bind(h), onehot, *want.split(
+                [s.shape[1] for s in state], dim=1)), dim=1)
+            reason = differs(f"the second controlled step {where}", kernel.measure(got)[0],
+                             want_next, dtype)
             if reason:
                 return reason
     return ""
@@ -218,8 +224,11 @@ def check_ebd_descend(kernels) -> str:
                     descent.descend(step)
                     v.grad, v_hat.grad = tr.energy_gradient(f, onehot, v, v_hat)
                     optimizer.step()
-                reason = differs(f"x after {steps} {optim} step(s) (on {model_name})", x,
-                                 torch.cat([v, v_hat], dim=1), dtype)
+                reason = _first(
+                    differs(f"x after {steps} {optim} step(s) (on {model_name})", x,
+                            torch.cat([v, v_hat], dim=1), dtype),
+                    differs(f"tanh(v) written by the descent (on {model_name})",
+                            descent.plan.t, torch.tanh(v.detach()), dtype))
                 if reason:
                     return reason
     return ""
