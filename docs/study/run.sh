@@ -6,6 +6,7 @@
 #   bash docs/study/run.sh            # the store goes to $LCP_STUDY_STORE (default ./study-store)
 #   bash docs/study/run.sh mnist DIR  # Table 1 on the real MNIST (DIR/MNIST/raw/, --data-dir DIR)
 #   bash docs/study/run.sh lf-noise   # lcp-lf's counter-based noise over whole runs (docs/speed.md)
+#   bash docs/study/run.sh planner-check-mnist DIR  # the planner against one-epoch MNIST runs
 #
 # The store (MLflow, Optuna journal, run folders, the manifest with the exported row) stays
 # outside the repository; the reports are written into docs/study/.
@@ -136,6 +137,15 @@ if [[ $step == all || $step == planner-check ]]; then
     lcp run t1-ff-bp t1-ff-lcp-di t1-ff-lcp-kp t1-ff-lcp-di-tuned --manifest "$MANIFEST" \
         --set data=fashion-mnist --set num_epochs=1 --set eval_epochs=1 "${SLOTS[@]}" \
         "${COMMON[@]}" "${RUNS[@]}"
+fi
+if [[ $step == planner-check-mnist ]]; then
+    # 4b. The planner against first epochs on the real MNIST, on a quiet machine: its estimate of
+    #     every Table 1 row (measured now, by the code as it is) beside a one-epoch run of each,
+    #     seed 0, 2 at once; nothing else may run meanwhile
+    [ -n "$MNIST_DIR" ] || { echo "usage: run.sh planner-check-mnist DIR"; exit 2; }
+    lcp budget 1 --data-dir "$MNIST_DIR" --remeasure "${SLOTS[@]}" "${COMMON[@]}"
+    lcp run-table 1 --data-dir "$MNIST_DIR" --set num_epochs=1 --set eval_epochs=1 --seeds 0 \
+        "${SLOTS[@]}" "${COMMON[@]}" "${RUNS[@]}"
 fi
 if [[ $step == all || $step == report ]]; then
     # 5. The reports (Markdown, CSV, LaTeX, PNGs) into docs/study/, and the planner's estimate
