@@ -610,6 +610,44 @@ def test_a_study_another_tuner_is_still_starting_opens_or_fails_in_one_line(tmp_
         T.open_study(plan, storage, "odd")
 
 
+def test_a_trial_asked_as_another_tuner_reaches_the_total_is_surplus_and_never_runs(tmp_path):
+    """Two tuners on one study, --trials 1: the other tuner's trial is asked between this
+    tuner's count and its ask. This tuner's trial is then past the total: told FAIL, marked
+    surplus (so it neither counts nor reads as a failure), never started, and the tuner asks for
+    no other."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from pipeline.manifest.manifest import load_manifest
+    from pipeline.tuning.tune import TuneRequest, Tuner
+
+    space = Space(tmp_path)
+    exp = load_manifest(space.manifest).get(ID)
+    storage = T.open_storage(T.StorageSpec("journal", str(space.journal)))
+    plan = T.prepare(exp, {"num_epochs": "2"})
+    study = T.open_study(plan, storage, "s")
+    other = optuna.load_study(study_name="s", storage=storage)
+    asked = study.ask
+
+    def ask_after_the_other_tuner(*args, **kwargs):
+        other.ask()  # the other tuner's trial: number 0, RUNNING
+        study.ask = asked
+        return asked(*args, **kwargs)
+
+    study.ask = ask_after_the_other_tuner
+    tuner = Tuner(plan, study, storage, T.StorageSpec("journal", str(space.journal)),
+                  request=TuneRequest(ID, trials=1, runs_dir=str(tmp_path / "runs")),
+                  executor=None, tracker=None, echo=lambda line: None)
+    tuner._job = lambda trial: pytest.fail(f"trial {trial.number} was started")
+    assert tuner.next_job() is None
+    theirs, ours = study.get_trials(deepcopy=False)
+    assert theirs.state == TrialState.RUNNING and T.counts_toward_total(theirs)
+    assert ours.state == TrialState.FAIL and ours.user_attrs[T.A_SURPLUS] is True
+    assert not T.counts_toward_total(ours) and not T.is_failure(ours)
+    assert T.A_RUN not in ours.user_attrs  # no MLflow run was made for it
+    assert tuner.failed == 0 and tuner.started == 0
+
+
 # ====================================================================== pieces
 
 
