@@ -311,29 +311,25 @@ def train_one_epoch(state: FitState, loader, device, cbs, model_params, trainer_
             skipped += 1
             state.skipped.append({"epoch": state.epoch + 1, "step": state.global_step + 1,
                                   "reason": first_line(exc)})
-            # the batch's time passes: the schedule goes on as if the step had been taken
-            if scheduler is not None:
-                scheduler.step()
-            state.global_step += 1
-            steps += 1
-            cbs.on_step_end(state, {"skipped": 1.0})
-            if state.stop_reason is not None:
-                break
-            continue
-        step_stats["update_norm"] = norm
-        # the paper's clipping: torch's clip_grad_norm_, the model's and the trainer's
-        # parameters separately; a total norm that overflows float32 scales the update to zero
-        if cfg.metagrad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model_params, max_norm=cfg.metagrad_clip)
-            if trainer_params:
-                torch.nn.utils.clip_grad_norm_(trainer_params, max_norm=cfg.metagrad_clip)
-        optimizer.step()
+            step_stats, took = {"skipped": 1.0}, False
+        else:
+            step_stats["update_norm"] = norm
+            # the paper's clipping: torch's clip_grad_norm_, the model's and the trainer's
+            # parameters separately; a total norm that overflows float32 scales the update to
+            # zero
+            if cfg.metagrad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model_params, max_norm=cfg.metagrad_clip)
+                if trainer_params:
+                    torch.nn.utils.clip_grad_norm_(trainer_params, max_norm=cfg.metagrad_clip)
+            optimizer.step()
+            stats.add(step_stats)
+            took = True
+        # a skipped batch's time passes too: the schedule goes on as if its step had been taken
         if scheduler is not None:
             scheduler.step()
         state.global_step += 1
         steps += 1
-        stats.add(step_stats)
-        if probe is not None and probe.due(state.global_step):
+        if took and probe is not None and probe.due(state.global_step):
             step_stats.update(probe.measure("align_step/"))  # for callbacks, not the epoch means
         cbs.on_step_end(state, step_stats)
         if state.stop_reason is not None:
