@@ -80,15 +80,23 @@ def noisy_pieces(ours: Ours, x, y):
     return kernel.step, pieces, {accumulate: 1.0 / tr.A_CHUNK}
 
 
-def descent_pieces(ours: Ours, x, y):
-    """lcp-ebd: (whole step, {piece: callable}) of an EnergyDescent at this batch's start."""
-    tr, cfg, model = ours.trainer, ours.cfg, ours.model
+def batch_plan(ours: Ours, x, y, passes):
+    """(h, onehot, the compiled backend's plan) of this batch for a loop of `passes`."""
+    model = ours.model
     with torch.no_grad():
         h = model.encode(x).detach()
         onehot = F.one_hot(y, model.readout.out_features).to(h.dtype)
-        plan = native.plan_for(model, h, tr.kernels, *native.EnergyDescent.passes)
-        if plan is None:
-            raise SystemExit("the compiled backend is not in use here")
+    plan = native.plan_for(model, h, ours.trainer.kernels, *passes)
+    if plan is None:
+        raise SystemExit("the compiled backend is not in use here")
+    return h, onehot, plan
+
+
+def descent_pieces(ours: Ours, x, y):
+    """lcp-ebd: (whole step, {piece: callable}) of an EnergyDescent at this batch's start."""
+    cfg, model = ours.cfg, ours.model
+    h, onehot, plan = batch_plan(ours, x, y, native.EnergyDescent.passes)
+    with torch.no_grad():
         x0 = torch.cat([model.zero_state(h), h.new_zeros(h.shape[0], onehot.shape[1])], dim=1)
         kernel = native.EnergyDescent(plan, x0, onehot, 1.0 / (cfg.alpha * h.shape[0]),
                                       cfg.ebd_optim == "adam", cfg.ebd_lr)
@@ -108,14 +116,9 @@ def descent_pieces(ours: Ours, x, y):
 def controlled_pieces(ours: Ours, x, y):
     """lcp-di, lcp-kp: (whole step, {piece: callable}) of a ControlledStep twenty steps into
     this batch's controlled phase."""
-    tr, model = ours.trainer, ours.model
+    _, onehot, plan = batch_plan(ours, x, y, native.ControlledStep.passes)
     with torch.no_grad():
-        h = model.encode(x).detach()
-        onehot = F.one_hot(y, model.readout.out_features).to(h.dtype)
-        plan = native.plan_for(model, h, tr.kernels, *native.ControlledStep.passes)
-        if plan is None:
-            raise SystemExit("the compiled backend is not in use here")
-        kernel = native.ControlledStep(tr, plan, onehot)
+        kernel = native.ControlledStep(ours.trainer, plan, onehot)
         state = [kernel.start()]
 
         def whole():
