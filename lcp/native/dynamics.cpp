@@ -15,7 +15,7 @@
  * from Python these cost more than the large products; here they are one pass over each
  * sample's row, `lcp_step_*`, which also returns the vanilla solver's stopping error (l2
  * metric: per sample |s' - s| / (1e-5 + |s|), written to `per_sample`; its batch maximum
- * returned, NaN if any sample's is NaN).
+ * returned, NaN if any sample's is NaN) and writes tanh(v') for the next step's products.
  *
  * A state row is [v (N) | v^ (C) | u_i (C) | e (N)], S = 2N + 2C values, rows contiguous.
  * Inputs besides the state: t = tanh(v) (B x N), p_v = the blocks' forward products placed in
