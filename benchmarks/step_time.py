@@ -558,7 +558,8 @@ def main(argv=None) -> int:
     if args.json:
         payload = {
             "lcp": str(Path(lcp.__file__).parent), "torch": torch.__version__,
-            "device": where, "batch_size": args.batch_size, "repeats": args.repeats,
+            "device": where, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "repeats": args.repeats,
             "platform": platform.platform(), "rows": results,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
