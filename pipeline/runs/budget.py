@@ -282,6 +282,7 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
     out = []
     sizes: dict[tuple, tuple[int, int, int]] = {}  # the data's batches, once per data setup
     steps = LIGHT_STEPS if light else STEPS
+    fresh: set[str] = set()  # measured by this call: --remeasure measures a config once
     if items and (remeasure or known.get(STARTUP_KEY, {}).get("version") != MEASURE_VERSION):
         known[STARTUP_KEY] = {"startup_s": measure_startup(), "version": MEASURE_VERSION}
     startup_s = known[STARTUP_KEY]["startup_s"] if items else 0.0
@@ -290,7 +291,7 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
         key = measure_key(cfg)
         setup = (cfg.data, cfg.data_dir, cfg.batch_size, cfg.validation_split,
                  cfg.validation_seed, cfg.limit_train_batches, cfg.limit_eval_batches)
-        cached = (key in known and not remeasure
+        cached = (key in known and (key in fresh or not remeasure)
                   and known[key].get("version") == MEASURE_VERSION
                   and known[key].get("steps", 0) >= steps)
         loaders = build_loaders(cfg) if (setup not in sizes or not cached) else None
@@ -306,6 +307,7 @@ def estimate(items: Iterable, *, threads: int, tracker=None, remeasure: bool = F
             m = measure(cfg, loaders, steps=steps, max_steps=steps if light else RAMP_STEPS,
                         eval_batches=1 if light else 3)
             known[key] = {**asdict(m), "steps": steps, "version": MEASURE_VERSION}
+            fresh.add(key)
         m = Measurement(known[key]["step_s"], known[key]["eval_batch_s"])
         if (item.exp.id, cfg.data) not in slowdowns:
             slowdowns[(item.exp.id, cfg.data)] = slowdown_from_store(

@@ -69,6 +69,10 @@ def test_budget_measures_each_row_once_then_reads_the_cache(workspace):
     # the measured numbers are the same (read back), not measured again
     strip = lambda text: [l for l in text.splitlines() if l.strip().startswith("t1-")]
     assert strip(again.output) == strip(first.output)
+    # --remeasure measures each row's config again, once, not once per seed
+    remeasured = invoke(args + ["--remeasure"])
+    assert remeasured.exit_code == 0 and remeasured.output.count("measuring") == 2, \
+        remeasured.output
 
 
 def test_a_measurement_of_an_older_method_is_measured_again(workspace):
