@@ -26,9 +26,8 @@ trajectory is bit-identical with the probe on or off. bp and rbp runs have no pr
 
 from __future__ import annotations
 
-import time
-
 import math
+import time
 
 import torch
 

@@ -512,8 +512,7 @@ class EnergyDescent:
     `EnergyBasedTrainer.residuals`), then the blocks' transposed products of r_f by PyTorch and
     the descent pass (`descend`: ∂E/∂x as `energy_gradient`, and the Adam step — torch.optim.Adam's
     arithmetic: betas 0.9, 0.999, eps 1e-8 — or the gradient-descent step), which also writes
-    tanh(v′) into t for the next step (PyTorch's tanh only before the first step, or after x
-    was changed from outside: `x_changed`)."""
+    tanh(v′) into t for the next step (PyTorch's tanh only before the first step)."""
 
     passes = ("ebd_residuals", "ebd_descend")
 
@@ -535,10 +534,8 @@ class EnergyDescent:
         self._head = (x, plan.t, self.r_f, self.r_d, plan.p_e, plan.W_D, int(plan.r0),
                       onehot.contiguous(), float(inv_alpha_b), self.exp_avg, self.exp_avg_sq,
                       bool(adam), float(lr), 0.9, 0.999, 1e-8)
-        self._t_fresh = False  # whether t holds tanh(v) of x as it is (the last pass wrote it)
-
-    def x_changed(self) -> None:
-        """Say that x was written from outside: the next step computes tanh(v) again."""
+        # whether t holds tanh(v) of x as it is (the last descent pass wrote it); x is written
+        # only by the descent pass while this loop runs
         self._t_fresh = False
 
     def residuals(self) -> None:
