@@ -348,12 +348,13 @@ def _planner_check(planner: "_Planner") -> str:
     # sample's and Fashion-MNIST's, MNIST's) stay beside this store's
     key = ["machine", "id", "seed", "data"]
     committed = pd.read_csv(out) if out.exists() else pd.DataFrame(columns=key)
-    table = pd.DataFrame(rows, columns=committed.columns) if rows else committed.iloc[:0]
+    table = pd.DataFrame(rows)
     if rows:
         held = set(map(tuple, table[key].astype(str).values))
         committed = committed[[tuple(r) not in held
                                for r in committed[key].astype(str).values]]
-    table = pd.concat([committed, table], ignore_index=True)
+    parts = [t for t in (committed, table) if not t.empty]
+    table = pd.concat(parts, ignore_index=True) if parts else table
     if table.empty:
         return "*(not run yet: `bash docs/study/run.sh planner-check`)*\n"
     return _check_table(table.sort_values(["machine", "data", "id", "seed"], kind="stable"),
