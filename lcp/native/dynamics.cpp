@@ -22,8 +22,9 @@
  * their output columns (zero elsewhere), p_e = their transposed products placed in their input
  * columns (zero elsewhere; NULL: none), W_D (C x R_d, the readout weight, acting on columns
  * r_d..N-1 of t), M_u (C x R_u, acting from u into columns r_u..N-1 of e'). The formulas are
- * LeastControlTrainer.controlled_step's (docs/equations.md, "Controlled dynamics"), to rounding. With
- * next_tanh, each row of t, once read, becomes tanh(v') (tanh_*), for the next step's products.
+ * LeastControlTrainer.controlled_step's (docs/equations.md, "Controlled dynamics"), to
+ * rounding. With next_tanh, each row of t, once read, becomes tanh(v') (tanh_row_*), for the
+ * next step's products.
  */
 #include <math.h>
 #include <stddef.h>
@@ -194,11 +195,13 @@ DEFINE_NOISE_FILL(double, f64)
 
 /*
  * tanh for the passes that write the next state's tanh themselves (the controlled step, the
- * noisy step, the energy descent: one pass over memory fewer and no call). float64: the C library's. float32: branch-free, so it vectorises: |x| < 1/2 the odd
- * Taylor series to x^15; else 1 - 2/(e^{2|x|} + 1) with e^y = 2^n e^g, n = round(y log2 e) (by
- * the 1.5 * 2^23 shift, which vectorises where a float-to-int conversion does not), g = y - n ln 2
- * and e^g from its Taylor series to g^7; |x| clamped at 9, where tanh rounds to 1. Within 2.2 ulp
- * of tanh over [-10, 10] (against the float64 C library; PyTorch's own is within 1 ulp).
+ * noisy step, the energy descent: one pass over memory fewer and no call), row by row
+ * (tanh_row_*). float64: the C library's. float32: branch-free, so it vectorises: |x| < 1/2
+ * the odd Taylor series to x^15; else 1 - 2/(e^{2|x|} + 1) with e^y = 2^n e^g,
+ * n = round(y log2 e) (by the 1.5 * 2^23 shift, which vectorises where a float-to-int conversion
+ * does not), g = y - n ln 2 and e^g from its Taylor series to g^7; |x| clamped at 9, where
+ * tanh rounds to 1. Within 2.2 ulp of tanh over [-10, 10] (against the float64 C library;
+ * PyTorch's own is within 1 ulp).
  */
 static inline double tanh_f64(double x)
 {
@@ -225,6 +228,18 @@ static inline float tanh_f32(float x)
     const float r = a < 0.5f ? small : big;
     return x < 0 ? -r : r;
 }
+
+/* out[j] = tanh(in[j]), j < n: the next step's t row, written once the pass has read t's row */
+#define DEFINE_TANH_ROW(T, SUFFIX)                                                              \
+static inline void tanh_row_##SUFFIX(T *out, const T *in, long n)                              \
+{                                                                                              \
+    _Pragma("omp simd")                                                                        \
+    for (long j = 0; j < n; ++j)                                                               \
+        out[j] = tanh_##SUFFIX(in[j]);                                                         \
+}
+
+DEFINE_TANH_ROW(float, f32)
+DEFINE_TANH_ROW(double, f64)
 
 #define DEFINE_STEP(T, SUFFIX)                                                          \
 double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, T *t,            \
@@ -291,11 +306,8 @@ double lcp_step_##SUFFIX(long B, long N, long C, long S, const T *src, T *dst, T
             diff += dv * dv + de * de;                                                         \
             norm += v[j] * v[j] + e[j] * e[j];                                                 \
         }                                                                                      \
-        if (next_tanh) { /* t_row read above: now tanh(v') for the next step */                \
-            _Pragma("omp simd")                                                                \
-            for (long j = 0; j < N; ++j)                                                       \
-                t_row[j] = tanh_##SUFFIX(v_next[j]);                                           \
-        }                                                                                      \
+        if (next_tanh) /* t_row read above: now tanh(v') for the next step */                  \
+            tanh_row_##SUFFIX(t_row, v_next, N);                                               \
         per_sample[b] = (T)(sqrt((double)diff) / (1e-5 + sqrt((double)norm)));                \
     }                                                                                          \
     return batch_worst_##SUFFIX(per_sample, B);                                                \
@@ -404,11 +416,8 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
                 vn = vn * rv + v[j] * rv_old;                                                  \
             v_next[j] = vn;                                                                    \
         }                                                                                      \
-        if (next_tanh) {                                                                       \
-            _Pragma("omp simd")                                                                \
-            for (long j = 0; j < N; ++j)                                                       \
-                t_row[j] = tanh_##SUFFIX(v_next[j]);                                           \
-        }                                                                                      \
+        if (next_tanh) /* t_row read above: now tanh(v') for the next step */                  \
+            tanh_row_##SUFFIX(t_row, v_next, N);                                               \
     }                                                                                          \
 }
 
@@ -488,11 +497,8 @@ void lcp_ebd_descend_##SUFFIX(long B, long N, long C, T *x, T *t, const T *r_f, 
             for (long k = 0; k < S; ++k)                                                       \
                 xr[k] -= lr_t * g[k];                                                          \
         }                                                                                      \
-        if (next_tanh) { /* t_row read above: now tanh(v') for the next step */                \
-            _Pragma("omp simd")                                                                \
-            for (long j = 0; j < N; ++j)                                                       \
-                t_row[j] = tanh_##SUFFIX(xr[j]);                                               \
-        }                                                                                      \
+        if (next_tanh) /* t_row read above: now tanh(v') for the next step */                  \
+            tanh_row_##SUFFIX(t_row, xr, N);                                                   \
     }                                                                                          \
 }
 
