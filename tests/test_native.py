@@ -304,6 +304,85 @@ def test_compiled_noisy_phase_moves_q_as_the_pytorch_one(kernels, model, lf_nois
     assert torch.equal(after_fast, after_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lf_noise", ["counter", "paper"])
+@pytest.mark.parametrize("model", ["ff", "rnn"])
+def test_the_compiled_noisy_loop_equals_its_steps_bit_for_bit(kernels, model, lf_noise, dtype):
+    """`NoisySteps.run` (the loop in one compiled call, the trainer's path) gives exactly what
+    `NoisySteps.step` (one call per piece, from Python) gives: the state, A's sum and the
+    generator's position after it, for runs that start and end inside a block of steps and on
+    an odd step."""
+    # 37 units: rows of 37 (rnn) and 74 (ff) columns, a whole tile of the pass and a part
+    cfg = RunConfig(model=model, trainer="lcp-lf", rnn_hidden_units=37, alpha=0.1,
+                    solver_max_iter=50, lf_noise=lf_noise)
+    net, tr, x, y, _ = model_and_batch(cfg, dtype)
+    tr.compute_update(x, y)
+
+    def noisy(run):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            h, onehot, u_ref, state, key = tr.noisy_start(tr.last)
+            plan = native.plan_for(net, h, lambda: kernels, *native.NoisySteps.passes)
+            loop = native.NoisySteps(plan, state, tr.Q, onehot, u_ref, tr.noisy_rates(), chunk=4,
+                                     noise_key=key)
+            run(loop)
+            return [t.clone() for t in loop.state()], loop.finish().clone(), torch.rand(2)
+
+    def by_steps(loop):
+        for _ in range(11):
+            loop.step()
+
+    def by_runs(loop):
+        for steps in (1, 0, 6, 4):
+            loop.run(steps)
+
+    (state, a_sum, after), (state_ref, a_ref, after_ref) = noisy(by_runs), noisy(by_steps)
+    assert a_ref.abs().sum() > 0
+    assert all(torch.equal(s, r) for s, r in zip(state, state_ref))
+    assert torch.equal(a_sum, a_ref) and torch.equal(after, after_ref)
+
+
+def test_the_noisy_loop_rejects_bad_arguments_naming_them(kernels):
+    cfg = RunConfig(model="ff", trainer="lcp-lf", rnn_hidden_units=8, alpha=0.1,
+                    solver_max_iter=5)
+    net, tr, x, y, _ = model_and_batch(cfg)
+    tr.compute_update(x, y)
+    with torch.no_grad():
+        h, onehot, u_ref, state, key = tr.noisy_start(tr.last)
+        plan = native.plan_for(net, h, lambda: kernels, *native.NoisySteps.passes)
+        loop = native.NoisySteps(plan, state, tr.Q, onehot, u_ref, tr.noisy_rates(), chunk=2,
+                                 noise_key=key)
+    fn = kernels.get("noisy_steps")
+
+    def call(**change):
+        args = dict(first=0, steps=1, forward=plan.forward)
+        args.update(zip(("v", "v_next", "v_hat", "v_hat_next"), loop.buffers))
+        names = ("u_i", "eps", "xi", "t", "p_v", "h_b", "q_t", "w_d", "r_d", "b_d", "onehot",
+                 "u_ref")
+        args.update(zip(names, loop._fixed))
+        args.update(fb=loop.fb, du=loop.du, A_sum_t=loop.A_sum_t, chunk=loop.chunk)
+        names = ("k_i", "k_p", "sigma", "eps_keep", "rate_v", "rate_slow_v", "keep_ui",
+                 "target_rate", "soft_rate", "threads", "next_tanh", "counter_noise",
+                 "noise_key", "noise_scale")
+        args.update(zip(names, loop._scalars))
+        args.update(change)
+        return fn(**args)
+
+    with pytest.raises(ValueError, match="noisy_steps: argument 'chunk' must be >= 1"):
+        call(chunk=0)
+    with pytest.raises(ValueError, match="noisy_steps: argument 'fb' must have shape"):
+        call(chunk=3)  # fb holds 2 blocks of B rows
+    with pytest.raises(ValueError, match="noisy_steps: argument 'A_sum_t' must have shape"):
+        call(A_sum_t=loop.A_sum_t.t().contiguous())
+    with pytest.raises(ValueError, match="'first' and 'steps' must be >= 0"):
+        call(steps=-1)
+    a, b, out, overwrite = plan.forward[0]
+    with pytest.raises(TypeError, match="noisy_steps: forward's b must be a CPU float64 tensor"):
+        call(forward=[(a, b.float(), out, overwrite)])
+    call(steps=0)  # nothing to do: accepted, nothing moved
+    assert loop.A_sum_t.abs().sum() == 0
+
+
 # ------------------------------------------------------------------ the bindings' checks
 B, N, C, R = 3, 6, 4, 2  # batch, state size, classes, the readout's first column
 
@@ -455,7 +534,10 @@ def test_only_build_trainer_hands_out_the_checked_kernels(kernels):
 
 # ------------------------------------------------------------------------ the check on load
 # where each pass writes what the check compares (the index of that tensor among its arguments)
-OUTPUT = {"step": 1, "free_step": 1, "noisy_step": 1, "ebd_residuals": 7, "ebd_descend": 0}
+OUTPUT = {"step": 1, "free_step": 1, "noisy_step": 1, "ebd_residuals": 7, "ebd_descend": 0,
+          "noisy_steps": 4}
+# the loops that run a pass (the trainer's path, which the check runs): made wrong with it
+LOOP_OF = {"noisy_step": "noisy_steps"}
 
 
 @pytest.fixture
@@ -475,12 +557,12 @@ def test_a_pass_that_differs_from_its_definition_is_turned_off_alone(reloaded, n
 
     def get(self, pass_name):
         fn = real_get(self, pass_name)
-        if pass_name != name:
+        if pass_name not in (name, LOOP_OF.get(name)):
             return fn
 
         def wrong(*args):  # the real pass, then its output moved a little
             result = fn(*args)
-            args[OUTPUT[name]].add_(1e-3)
+            args[OUTPUT[pass_name]].add_(1e-3)
             return result
 
         return wrong

@@ -62,6 +62,8 @@ _FLAG_SETS = (
 # every pass the bindings export (each for float32 and float64 tensors), in the order the load
 # check runs them
 PASSES = ("step", "free_step", "noisy_step", "ebd_residuals", "ebd_descend")
+# loops of many steps that run a pass of PASSES in one call (in use where their pass is)
+LOOPS = ("noisy_steps",)
 
 
 class Kernels:
@@ -75,7 +77,7 @@ class Kernels:
                                                                                  loader))
         loader.exec_module(module)
         self.module = module
-        self.functions = {name: getattr(module, name) for name in PASSES}
+        self.functions = {name: getattr(module, name) for name in PASSES + LOOPS}
         self.off: dict[str, str] = {}
 
     def get(self, name: str):
@@ -443,10 +445,13 @@ class NoisySteps:
         self.xi = torch.empty_like(v)
         self.fb = v.new_empty(chunk * bsz, n)
         self.du = v.new_empty(chunk * bsz, c)
-        self.A_sum = torch.zeros_like(Q)
+        # Aᵀ (C × N): its block product du_blockᵀ fb_block costs MKL half as much as A's
+        self.A_sum_t = Q.new_zeros(c, n)
         q_t, onehot_c, u_ref_c = Q.t().contiguous(), onehot.contiguous(), u_ref.contiguous()
         self.noise_scale = rates["noise_scale"]
         self._fn = plan.lib.get("noisy_step")
+        self._loop = plan.lib.get("noisy_steps")
+        self.buffers = (self.v, self.v_next, self.v_hat, self.vh_next)  # in step 0's order
         fixed = (self.u_i, self.eps, self.xi, plan.t, plan.p_v, plan.h_b, q_t, plan.W_D,
                  int(plan.r0), plan.b_D, onehot_c, u_ref_c)
         # u_i's update: (dt'_u/B) onehot + (1 − dt'_u α) u_i − (dt'_u/B) softmax
@@ -456,6 +461,7 @@ class NoisySteps:
             noise_key is not None, 0 if noise_key is None else int(noise_key),
             float(self.noise_scale))
         self.counter_noise = noise_key is not None
+        self._fixed, self._scalars = fixed, scalars
         torch.tanh(self.v, out=plan.t)  # later steps' tanh: written by the pass
         # the pass's arguments (bindings.cpp, `noisy_step`) by the step's parity (v and v̂
         # alternate between two buffers) and its place in the block of `chunk` steps
@@ -464,6 +470,18 @@ class NoisySteps:
         self._args = [[(*pair, *fixed, self.fb[k * bsz:(k + 1) * bsz],
                         self.du[k * bsz:(k + 1) * bsz], *scalars) for k in range(chunk)]
                       for pair in pairs]
+
+    def run(self, steps: int) -> None:
+        """`steps` steps in one call of the compiled loop (`noisy_steps`): `step`'s draws,
+        products, passes and A's blocks, in its order, without a return to Python per step."""
+        if steps <= 0:
+            return
+        self._loop(self.n, steps, self.plan.forward, *self.buffers, *self._fixed, self.fb,
+                   self.du, self.A_sum_t, self.chunk, *self._scalars)
+        self.n += steps
+        if steps % 2:
+            self.v, self.v_next = self.v_next, self.v
+            self.v_hat, self.vh_next = self.vh_next, self.v_hat
 
     def step(self) -> None:
         self.draw()
@@ -491,7 +509,7 @@ class NoisySteps:
 
     def accumulate(self) -> None:
         """A −= Σ v_fbᵀ (u − u_ref) over the block of `chunk` steps just ended."""
-        self.A_sum.addmm_(self.fb.t(), self.du, alpha=-1.0)
+        self.A_sum_t.addmm_(self.du.t(), self.fb, alpha=-1.0)
 
     def state(self) -> tuple:
         """(v, v̂, uᵢ, ε) after the steps so far (the buffers themselves)."""
@@ -501,8 +519,8 @@ class NoisySteps:
         """Σ over steps and samples of −v_fbᵀ (u − u_ref)."""
         rows = (self.n % self.chunk) * self.plan.batch
         if rows:
-            self.A_sum.addmm_(self.fb[:rows].t(), self.du[:rows], alpha=-1.0)
-        return self.A_sum
+            self.A_sum_t.addmm_(self.du[:rows].t(), self.fb[:rows], alpha=-1.0)
+        return self.A_sum_t.t().contiguous()
 
 
 # ---------------------------------------------------------------------- lcp-ebd's descent

@@ -10,11 +10,16 @@
  * typed scalars (float, int, bool) and None where an input is optional, never a pointer.
  * The arithmetic is that of dynamics.cpp, unchanged; the GIL is released while a pass runs.
  */
+#include <array>
 #include <exception>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -105,6 +110,15 @@ class Checker {
         TORCH_CHECK_VALUE(x.size(1) >= least, pass_, ": argument '", name, "' must have at least ",
                           least, " column", least == 1 ? "" : "s", ", got shape ", x.sizes());
         return x.size(1);
+    }
+
+    /* an operand of an ATen product (a view: any strides): dtype, device, 2 dimensions */
+    void operand(const Tensor &x, const char *name) const
+    {
+        TORCH_CHECK_TYPE(x.defined() && x.scalar_type() == dtype_ && x.device().is_cpu(), pass_,
+                         ": ", name, " must be a CPU ", dtype_name(dtype_), " tensor");
+        TORCH_CHECK_VALUE(x.dim() == 2, pass_, ": ", name, " must have 2 dimensions, got shape ",
+                          x.sizes());
     }
 
     /* a column where a block of the state starts: 0 <= start <= n */
@@ -261,16 +275,17 @@ void run_noisy_step(int64_t B, int64_t N, int64_t C, const Tensor &v, const Tens
                           noise_scale, (int)threads);
 }
 
-void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
-                const Tensor &v_hat_next, const Tensor &u_i, const Tensor &eps, const Tensor &xi,
-                const Tensor &t, const Tensor &p_v, const Tensor &h_b, const Tensor &q_t,
-                const Tensor &w_d, int64_t r_d, const Tensor &b_d, const Tensor &onehot,
-                const Tensor &u_ref, const Tensor &fb, const Tensor &du, double k_i, double k_p,
-                double sigma, double eps_keep, double rate_v, double rate_slow_v, double keep_ui,
-                double target_rate, double soft_rate, int64_t threads, bool next_tanh,
-                bool counter_noise, int64_t noise_key, double noise_scale, int64_t noise_step)
+/* The checks of a noisy step's tensors (noisy_step, noisy_steps): fb and du hold `blocks`
+ * blocks of B rows (one per step of a block of steps). Returns {B, N, C}. */
+std::array<int64_t, 3> check_noisy(const Checker &check, const Tensor &v, const Tensor &v_next,
+                                   const Tensor &v_hat, const Tensor &v_hat_next,
+                                   const Tensor &u_i, const Tensor &eps, const Tensor &xi,
+                                   const Tensor &t, const Tensor &p_v, const Tensor &h_b,
+                                   const Tensor &q_t, const Tensor &w_d, int64_t r_d,
+                                   const Tensor &b_d, const Tensor &onehot, const Tensor &u_ref,
+                                   const Tensor &fb, const Tensor &du, int64_t blocks,
+                                   int64_t threads)
 {
-    const Checker check("noisy_step", v, "v");
     check.common(v, "v", 2);
     const int64_t B = v.size(0), N = v.size(1);
     const int64_t C = check.width(v_hat, "v_hat", B, "B, the rows of 'v'", 1);
@@ -292,9 +307,25 @@ void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
     check.vector(b_d, "b_d", C, "C");
     check.matrix(onehot, "onehot", B, C, "B x C");
     check.matrix(u_ref, "u_ref", B, C, "B x C");
-    check.matrix(fb, "fb", B, N, "B x N");
-    check.matrix(du, "du", B, C, "B x C");
+    check.matrix(fb, "fb", blocks * B, N, blocks == 1 ? "B x N" : "(block x B) x N");
+    check.matrix(du, "du", blocks * B, C, blocks == 1 ? "B x C" : "(block x B) x C");
     check.threads(threads);
+    return {B, N, C};
+}
+
+void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
+                const Tensor &v_hat_next, const Tensor &u_i, const Tensor &eps, const Tensor &xi,
+                const Tensor &t, const Tensor &p_v, const Tensor &h_b, const Tensor &q_t,
+                const Tensor &w_d, int64_t r_d, const Tensor &b_d, const Tensor &onehot,
+                const Tensor &u_ref, const Tensor &fb, const Tensor &du, double k_i, double k_p,
+                double sigma, double eps_keep, double rate_v, double rate_slow_v, double keep_ui,
+                double target_rate, double soft_rate, int64_t threads, bool next_tanh,
+                bool counter_noise, int64_t noise_key, double noise_scale, int64_t noise_step)
+{
+    const Checker check("noisy_step", v, "v");
+    const auto [B, N, C] = check_noisy(check, v, v_next, v_hat, v_hat_next, u_i, eps, xi, t, p_v,
+                                       h_b, q_t, w_d, r_d, b_d, onehot, u_ref, fb, du, 1,
+                                       threads);
     TORCH_CHECK_VALUE(noise_step >= 0, "noisy_step: argument 'noise_step' must be >= 0, got ",
                       noise_step);
     py::gil_scoped_release released;
@@ -310,6 +341,92 @@ void noisy_step(const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
                                eps_keep, rate_v, rate_slow_v, keep_ui, target_rate, soft_rate,
                                threads, next_tanh, counter_noise, noise_key, noise_scale,
                                noise_step);
+}
+
+/* A product of a step's products (lcp.native.run_products): out = a b, or out += a b */
+using Product = std::tuple<Tensor, Tensor, Tensor, bool>;
+
+template <typename T>
+void run_noisy_steps(int64_t B, int64_t N, int64_t C, int64_t first, int64_t steps,
+                     const std::vector<Product> &forward, const Tensor &v, const Tensor &v_next,
+                     const Tensor &v_hat, const Tensor &v_hat_next, const Tensor &u_i,
+                     const Tensor &eps, Tensor xi, const Tensor &t, const Tensor &p_v,
+                     const Tensor &h_b, const Tensor &q_t, const Tensor &w_d, int64_t r_d,
+                     const Tensor &b_d, const Tensor &onehot, const Tensor &u_ref,
+                     const Tensor &fb, const Tensor &du, Tensor A_sum_t, int64_t chunk, double k_i,
+                     double k_p, double sigma, double eps_keep, double rate_v, double rate_slow_v,
+                     double keep_ui, double target_rate, double soft_rate, int64_t threads,
+                     bool next_tanh, bool counter_noise, int64_t noise_key, double noise_scale)
+{
+    /* step n reads the buffers of its parity and writes the others (NoisySteps.step's order) */
+    T *const v_buf[2] = {ptr<T>(v), ptr<T>(v_next)};
+    T *const vh_buf[2] = {ptr<T>(v_hat), ptr<T>(v_hat_next)};
+    const Tensor du_t = du.t();
+    for (int64_t n = first; n < first + steps; ++n) {
+        if (!counter_noise)
+            xi.normal_(0.0, noise_scale);
+        for (const auto &[a, b, out, overwrite] : forward) {
+            if (overwrite)
+                at::mm_out(const_cast<Tensor &>(out), a, b);
+            else
+                const_cast<Tensor &>(out).addmm_(a, b);
+        }
+        const int p = (int)(n % 2);
+        const int64_t k = n % chunk;
+        Passes<T>::noisy_step(B, N, C, v_buf[p], v_buf[1 - p], vh_buf[p], vh_buf[1 - p],
+                              ptr<T>(u_i), ptr<T>(eps), ptr<T>(xi), ptr<T>(t), ptr<T>(p_v),
+                              ptr<T>(h_b), ptr<T>(q_t), ptr<T>(w_d), (long)r_d, ptr<T>(b_d),
+                              ptr<T>(onehot), ptr<T>(u_ref), ptr<T>(fb) + k * B * N,
+                              ptr<T>(du) + k * B * C, k_i, k_p, sigma, eps_keep, rate_v,
+                              rate_slow_v, keep_ui, target_rate, soft_rate, (int)next_tanh,
+                              (int)counter_noise, noise_key, (long)n, noise_scale, (int)threads);
+        if ((n + 1) % chunk == 0)  /* a block of steps ended: A^T -= (u - u_ref)^T v_fb */
+            A_sum_t.addmm_(du_t, fb, 1.0, -1.0);
+    }
+}
+
+/* Steps first .. first + steps - 1 of the noisy phase in one call (NoisySteps.run): per step
+ * the noise draw (PyTorch's generator, unless counter_noise), the forward products, the pass
+ * into block row n % chunk of fb and du, and A_sum_t -= du^T fb after each block of chunk steps;
+ * the same ATen calls and pass as NoisySteps.step, without a return to Python per step. */
+void noisy_steps(int64_t first, int64_t steps, const std::vector<Product> &forward,
+                 const Tensor &v, const Tensor &v_next, const Tensor &v_hat,
+                 const Tensor &v_hat_next, const Tensor &u_i, const Tensor &eps, const Tensor &xi,
+                 const Tensor &t, const Tensor &p_v, const Tensor &h_b, const Tensor &q_t,
+                 const Tensor &w_d, int64_t r_d, const Tensor &b_d, const Tensor &onehot,
+                 const Tensor &u_ref, const Tensor &fb, const Tensor &du, const Tensor &A_sum_t,
+                 int64_t chunk, double k_i, double k_p, double sigma, double eps_keep,
+                 double rate_v, double rate_slow_v, double keep_ui, double target_rate,
+                 double soft_rate, int64_t threads, bool next_tanh, bool counter_noise,
+                 int64_t noise_key, double noise_scale)
+{
+    const Checker check("noisy_steps", v, "v");
+    TORCH_CHECK_VALUE(chunk >= 1, "noisy_steps: argument 'chunk' must be >= 1, got ", chunk);
+    TORCH_CHECK_VALUE(first >= 0 && steps >= 0, "noisy_steps: arguments 'first' and 'steps' "
+                      "must be >= 0, got ", first, " and ", steps);
+    const auto [B, N, C] = check_noisy(check, v, v_next, v_hat, v_hat_next, u_i, eps, xi, t, p_v,
+                                       h_b, q_t, w_d, r_d, b_d, onehot, u_ref, fb, du, chunk,
+                                       threads);
+    check.matrix(A_sum_t, "A_sum_t", C, N, "C x N");
+    for (const auto &[a, b, out, overwrite] : forward) {  /* ATen checks the products' shapes */
+        check.operand(a, "forward's a");
+        check.operand(b, "forward's b");
+        check.operand(out, "forward's out");
+    }
+    const c10::NoGradGuard no_grad;
+    py::gil_scoped_release released;
+    if (check.dtype() == at::kFloat)
+        run_noisy_steps<float>(B, N, C, first, steps, forward, v, v_next, v_hat, v_hat_next,
+                               u_i, eps, xi, t, p_v, h_b, q_t, w_d, r_d, b_d, onehot, u_ref, fb,
+                               du, A_sum_t, chunk, k_i, k_p, sigma, eps_keep, rate_v, rate_slow_v,
+                               keep_ui, target_rate, soft_rate, threads, next_tanh,
+                               counter_noise, noise_key, noise_scale);
+    else
+        run_noisy_steps<double>(B, N, C, first, steps, forward, v, v_next, v_hat, v_hat_next,
+                                u_i, eps, xi, t, p_v, h_b, q_t, w_d, r_d, b_d, onehot, u_ref, fb,
+                                du, A_sum_t, chunk, k_i, k_p, sigma, eps_keep, rate_v, rate_slow_v,
+                                keep_ui, target_rate, soft_rate, threads, next_tanh,
+                                counter_noise, noise_key, noise_scale);
 }
 
 /* -------------------------------------------------------------------- lcp-ebd's descent */
@@ -444,6 +561,20 @@ PYBIND11_MODULE(lcp_dynamics, m)
           py::arg("rate_slow_v"), py::arg("keep_ui"), py::arg("target_rate"),
           py::arg("soft_rate"), py::arg("threads"), py::arg("next_tanh"), py::arg("counter_noise"),
           py::arg("noise_key"), py::arg("noise_scale"), py::arg("noise_step"));
+    m.def("noisy_steps", &noisy_steps,
+          "Steps first .. first + steps - 1 of lcp-lf's noisy phase (NoisySteps.run): per step "
+          "the draw into xi (unless counter_noise), the forward products, noisy_step's pass "
+          "(fb, du: chunk blocks of B rows, step n in block n % chunk; v, v^ read from the "
+          "buffers of n's parity) and A_sum_t -= du^T fb after each block of chunk steps.",
+          py::arg("first"), py::arg("steps"), py::arg("forward"), py::arg("v"), py::arg("v_next"),
+          py::arg("v_hat"), py::arg("v_hat_next"), py::arg("u_i"), py::arg("eps"), py::arg("xi"),
+          py::arg("t"), py::arg("p_v"), py::arg("h_b"), py::arg("q_t"), py::arg("w_d"),
+          py::arg("r_d"), py::arg("b_d"), py::arg("onehot"), py::arg("u_ref"), py::arg("fb"),
+          py::arg("du"), py::arg("A_sum_t"), py::arg("chunk"), py::arg("k_i"), py::arg("k_p"),
+          py::arg("sigma"), py::arg("eps_keep"), py::arg("rate_v"), py::arg("rate_slow_v"),
+          py::arg("keep_ui"), py::arg("target_rate"), py::arg("soft_rate"), py::arg("threads"),
+          py::arg("next_tanh"), py::arg("counter_noise"), py::arg("noise_key"),
+          py::arg("noise_scale"));
     m.def("ebd_residuals", &ebd_residuals,
           "lcp-ebd's residuals r_f = v - f(v), r_d = v^ - D(v) of x = [v | v^].",
           py::arg("x"), py::arg("t"), py::arg("p_v"), py::arg("h_b"), py::arg("w_d"),

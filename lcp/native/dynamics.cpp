@@ -41,11 +41,67 @@ extern "C" {
 
 /*
  * Row pieces every pass below uses (static, inlined where they are called).
- *   softmax_*:      out = softmax(x) over C values (max-shifted)
  *   dot_*:          sum_j a[j] b[j] over n values
- *   add_product_*:  to[j] += sum_c coef[c] m[c * R + j] for j < R (a 1 x C by C x R product)
+ *   softmax_*:      out = softmax(x) over C values (max-shifted)
+ *   add_product_*:  to[j] += sum_c coef[c] m[c * stride + j] for j < R (1 x C by C x R)
  *   batch_worst_*:  the largest per-sample error, NaN if any is NaN
  */
+
+/* dot_* in 64-byte vectors (GCC's and Clang's vector extensions: any target; unaligned, and
+ * aliasing the floats they load) with two accumulators whose lanes are added pairwise at the
+ * end (an OpenMP reduction adds its partial sums one by one: a chain of dependent additions) */
+typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef double vd8 __attribute__((vector_size(64), aligned(8), may_alias));
+typedef double vd4 __attribute__((vector_size(32)));
+
+static inline float dot_f32(const float *a, const float *b, long n)
+{
+    vf16 s0 = {0}, s1 = {0};
+    long j = 0;
+    for (; j + 32 <= n; j += 32) {
+        s0 += *(const vf16 *)(a + j) * *(const vf16 *)(b + j);
+        s1 += *(const vf16 *)(a + j + 16) * *(const vf16 *)(b + j + 16);
+    }
+    for (; j + 16 <= n; j += 16)
+        s0 += *(const vf16 *)(a + j) * *(const vf16 *)(b + j);
+    s0 += s1;
+    vf8 lo8, hi8;  /* the halves (memcpy: a register move, and any compiler's vector syntax) */
+    memcpy(&lo8, &s0, sizeof lo8);
+    memcpy(&hi8, (const char *)&s0 + sizeof lo8, sizeof hi8);
+    const vf8 h8 = lo8 + hi8;
+    vf4 lo4, hi4;
+    memcpy(&lo4, &h8, sizeof lo4);
+    memcpy(&hi4, (const char *)&h8 + sizeof lo4, sizeof hi4);
+    const vf4 h4 = lo4 + hi4;
+    float sum = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+    for (; j < n; ++j)
+        sum += a[j] * b[j];
+    return sum;
+}
+
+static inline double dot_f64(const double *a, const double *b, long n)
+{
+    vd8 s0 = {0}, s1 = {0};
+    long j = 0;
+    for (; j + 16 <= n; j += 16) {
+        s0 += *(const vd8 *)(a + j) * *(const vd8 *)(b + j);
+        s1 += *(const vd8 *)(a + j + 8) * *(const vd8 *)(b + j + 8);
+    }
+    for (; j + 8 <= n; j += 8)
+        s0 += *(const vd8 *)(a + j) * *(const vd8 *)(b + j);
+    s0 += s1;
+    vd4 lo4, hi4;
+    memcpy(&lo4, &s0, sizeof lo4);
+    memcpy(&hi4, (const char *)&s0 + sizeof lo4, sizeof hi4);
+    const vd4 h4 = lo4 + hi4;
+    double sum = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+    for (; j < n; ++j)
+        sum += a[j] * b[j];
+    return sum;
+}
+
 #define DEFINE_ROW_HELPERS(T, SUFFIX, EXP)                                                      \
 static inline void softmax_##SUFFIX(const T *x, long C, T *out)                                \
 {                                                                                              \
@@ -58,15 +114,6 @@ static inline void softmax_##SUFFIX(const T *x, long C, T *out)                 
     }                                                                                          \
     for (long c = 0; c < C; ++c)                                                               \
         out[c] = out[c] / total;                                                               \
-}                                                                                              \
-                                                                                               \
-static inline T dot_##SUFFIX(const T *a, const T *b, long n)                                   \
-{                                                                                              \
-    T sum = 0;                                                                                 \
-    _Pragma("omp simd reduction(+:sum)")                                                       \
-    for (long j = 0; j < n; ++j)                                                               \
-        sum += a[j] * b[j];                                                                    \
-    return sum;                                                                                \
 }                                                                                              \
                                                                                                \
 static inline void add_product_##SUFFIX(T *to, const T *coef, const T *m, long C, long R)      \
@@ -92,6 +139,10 @@ static inline double batch_worst_##SUFFIX(const T *per_sample, long B)          
 
 DEFINE_ROW_HELPERS(float, f32, expf)
 DEFINE_ROW_HELPERS(double, f64, exp)
+
+/* the columns of a row the noisy pass handles at once: its (u Q^T) over a whole tile stays in
+ * vector registers (the tile's loops have a constant length) */
+#define LCP_TILE 64
 
 /*
  * lcp-lf's counter-based noise (lcp/noise.py is the definition): positions c = 2w and 2w + 1
@@ -362,6 +413,37 @@ DEFINE_FREE_STEP(double, f64)
  * Q^T is C x N, W_D C x (N - r_d).
  */
 #define DEFINE_NOISY_STEP(T, SUFFIX)                                                       \
+/* columns j0 .. j0 + n - 1 of a noisy step's row: back = (u Q^T) over the tile (in registers  \
+ * where n is the constant LCP_TILE), then v_fb, eps and v' */                                 \
+static inline void noisy_tile_##SUFFIX(long j0, long n, long N, long C, const T *u,            \
+                                       const T *q_t, T sigma, T eps_keep, T *eps, const T *xi, \
+                                       T *fb,                                                  \
+                                       const T *hb, const T *pv, const T *v, T *v_next,        \
+                                       int relax_v, T rv, T rv_old)                            \
+{                                                                                              \
+    T back[LCP_TILE];                                                                          \
+    _Pragma("omp simd")                                                                        \
+    for (long jj = 0; jj < n; ++jj)                                                            \
+        back[jj] = 0;                                                                          \
+    for (long c = 0; c < C; ++c) {                                                             \
+        const T k = u[c], *row = q_t + c * N + j0;                                             \
+        _Pragma("omp simd")                                                                    \
+        for (long jj = 0; jj < n; ++jj)                                                        \
+            back[jj] += k * row[jj];                                                           \
+    }                                                                                          \
+    _Pragma("omp simd")                                                                        \
+    for (long jj = 0; jj < n; ++jj) {                                                          \
+        const long j = j0 + jj;                                                                \
+        T f = sigma * eps[j] + back[jj];                                                       \
+        fb[j] = f;                                                                             \
+        eps[j] = eps_keep * eps[j] + xi[j];                                                    \
+        T vn = (hb[j] + f) + pv[j];                                                            \
+        if (relax_v)                                                                           \
+            vn = vn * rv + v[j] * rv_old;                                                      \
+        v_next[j] = vn;                                                                        \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
 void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_all,           \
                              const T *v_hat_all, T *v_hat_next_all, T *u_i_all, T *eps_all,   \
                              const T *xi_all, T *t, const T *p_v, const T *h_b,               \
@@ -382,7 +464,7 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
     const T rh = (T)rate_slow_v, rh_old = (T)(1.0 - rate_slow_v);                              \
     _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static)")         \
     for (long b = 0; b < B; ++b) {                                                             \
-        T soft[C], u[C], back[N], noise[N];                                                    \
+        T soft[C], u[C], noise[N];                                                             \
         const T *v = v_all + b * N, *v_hat = v_hat_all + b * C, *y = onehot + b * C;           \
         const T *xi = counter_noise ? noise : xi_all + b * N;                                  \
         T *t_row = t + b * N;                                                                  \
@@ -402,20 +484,15 @@ void lcp_noisy_step_##SUFFIX(long B, long N, long C, const T *v_all, T *v_next_a
             v_hat_next[c] = vh;                                                                \
             u_i[c] = ((T)(target_rate * y[c]) + (T)keep_ui * u_i[c]) + (T)soft_rate * s;       \
         }                                                                                      \
-        memset(back, 0, (size_t)N * sizeof(T));                                                \
-        add_product_##SUFFIX(back, u, q_t, C, N);                                              \
         if (counter_noise)                                                                     \
             noise_fill_##SUFFIX(noise, N, key, first + (uint64_t)(b * N), scale);              \
-        _Pragma("omp simd")                                                                    \
-        for (long j = 0; j < N; ++j) {                                                         \
-            T f = (T)sigma * eps[j] + back[j];                                                 \
-            fb[j] = f;                                                                         \
-            eps[j] = (T)eps_keep * eps[j] + xi[j];                                             \
-            T vn = (hb[j] + f) + pv[j];                                                        \
-            if (relax_v)                                                                       \
-                vn = vn * rv + v[j] * rv_old;                                                  \
-            v_next[j] = vn;                                                                    \
-        }                                                                                      \
+        long j0 = 0;                                                                           \
+        for (; j0 + LCP_TILE <= N; j0 += LCP_TILE)                                             \
+            noisy_tile_##SUFFIX(j0, LCP_TILE, N, C, u, q_t, (T)sigma, (T)eps_keep, eps, xi, fb,\
+                                hb, pv, v, v_next, relax_v, rv, rv_old);                       \
+        if (j0 < N)                                                                            \
+            noisy_tile_##SUFFIX(j0, N - j0, N, C, u, q_t, (T)sigma, (T)eps_keep, eps, xi, fb,  \
+                                hb, pv, v, v_next, relax_v, rv, rv_old);                       \
         if (next_tanh) /* t_row read above: now tanh(v') for the next step */                  \
             tanh_row_##SUFFIX(t_row, v_next, N);                                               \
     }                                                                                          \

@@ -136,8 +136,7 @@ class LinearFeedbackTrainer(LeastControlTrainer):
         if plan is not None:
             kernel = native.NoisySteps(plan, state, Q, onehot, u_ref, rates,
                                        max(1, min(self.A_CHUNK, steps)), noise_key=key)
-            for _ in range(steps):
-                kernel.step()
+            kernel.run(steps)
             A_sum = kernel.finish()
         else:
             f = model.bind(h)
