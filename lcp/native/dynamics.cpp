@@ -153,12 +153,20 @@ DEFINE_ROW_HELPERS(double, f64, exp)
  * 2 atanh(s) on the mantissa and a cosine from its Taylor series on [0, pi/2] (both to ~1e-7
  * relative, within float32's rounding of the result).
  */
-static inline uint64_t noise_word(uint64_t key, uint64_t w)
+#define NOISE_GAMMA 0x9E3779B97F4A7C15ULL
+#define NOISE_BLOCK 16
+
+/* SplitMix64's output for the state z = key + (w + 1) GAMMA (mod 2^64) */
+static inline uint64_t noise_mix(uint64_t z)
 {
-    uint64_t z = key + (w + 1) * 0x9E3779B97F4A7C15ULL;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
+}
+
+static inline uint64_t noise_word(uint64_t key, uint64_t w)
+{
+    return noise_mix(key + (w + 1) * NOISE_GAMMA);
 }
 
 /* u1 in (0, 1] and u2 in [0, 1) of a word, and u2 + 3/4 taken mod 1 (all exact) */
@@ -167,9 +175,8 @@ static inline uint64_t noise_word(uint64_t key, uint64_t w)
     const T u2 = (T)(int32_t)(((z) >> 16) & 0xFFFFFF) * (T)0x1p-24;                            \
     const T u2s = u2 >= (T)0.25 ? u2 - (T)0.25 : u2 + (T)0.75;
 
-static inline void noise_pair_f64(uint64_t key, uint64_t w, double *even, double *odd)
+static inline void noise_pair_f64(uint64_t z, double *even, double *odd)
 {
-    const uint64_t z = noise_word(key, w);
     NOISE_UNIFORMS(double, z, u1, u2, u2s)
     const double r = sqrt(-2.0 * log(u1));
     *even = r * cos(6.283185307179586 * u2);
@@ -204,9 +211,8 @@ static inline float noise_cos2pi_f32(float u)   /* cos(2 pi u) for u in [0, 1), 
     return far ? c : -c;
 }
 
-static inline void noise_pair_f32(uint64_t key, uint64_t w, float *even, float *odd)
+static inline void noise_pair_f32(uint64_t z, float *even, float *odd)
 {
-    const uint64_t z = noise_word(key, w);
     NOISE_UNIFORMS(float, z, u1, u2, u2s)
     const float r = sqrtf(-2.0f * noise_ln_f32(u1));
     *even = r * noise_cos2pi_f32(u2);
@@ -220,23 +226,34 @@ static inline void noise_fill_##SUFFIX(T *out, long n, uint64_t key, uint64_t fi
     T even, odd;                                                                               \
     long j = 0;                                                                                \
     if (n > 0 && (first & 1)) {  /* a row that starts on a pair's second number */             \
-        noise_pair_##SUFFIX(key, first >> 1, &even, &odd);                                     \
+        noise_pair_##SUFFIX(noise_word(key, first >> 1), &even, &odd);                         \
         out[0] = scale * odd;                                                                  \
         j = 1;                                                                                 \
     }                                                                                          \
     const long pairs = (n - j) / 2;                                                            \
     const uint64_t w0 = (first + (uint64_t)j) >> 1;                                            \
     T *o = out + j;                                                                            \
-    _Pragma("omp simd")                                                                        \
-    for (long p = 0; p < pairs; ++p) {                                                         \
-        T a, b;                                                                                \
-        noise_pair_##SUFFIX(key, w0 + (uint64_t)p, &a, &b);                                    \
-        o[2 * p] = scale * a;                                                                  \
-        o[2 * p + 1] = scale * b;                                                              \
+    /* blocks of NOISE_BLOCK pairs: the words' states are the block's first plus constants     \
+     * l GAMMA, so SplitMix64's counter costs an addition, not a 64-bit product */             \
+    uint64_t state = key + (w0 + 1) * NOISE_GAMMA;                                             \
+    long p0 = 0;                                                                               \
+    for (; p0 + NOISE_BLOCK <= pairs; p0 += NOISE_BLOCK, state += NOISE_BLOCK * NOISE_GAMMA) { \
+        _Pragma("omp simd")                                                                    \
+        for (long l = 0; l < NOISE_BLOCK; ++l) {                                               \
+            T a, b;                                                                            \
+            noise_pair_##SUFFIX(noise_mix(state + (uint64_t)l * NOISE_GAMMA), &a, &b);         \
+            o[2 * (p0 + l)] = scale * a;                                                       \
+            o[2 * (p0 + l) + 1] = scale * b;                                                   \
+        }                                                                                      \
+    }                                                                                          \
+    for (long p = p0; p < pairs; ++p) {                                                        \
+        noise_pair_##SUFFIX(noise_word(key, w0 + (uint64_t)p), &even, &odd);                   \
+        o[2 * p] = scale * even;                                                               \
+        o[2 * p + 1] = scale * odd;                                                            \
     }                                                                                          \
     j += 2 * pairs;                                                                            \
     if (j < n) {  /* a row that ends on a pair's first number */                               \
-        noise_pair_##SUFFIX(key, (first + (uint64_t)j) >> 1, &even, &odd);                     \
+        noise_pair_##SUFFIX(noise_word(key, (first + (uint64_t)j) >> 1), &even, &odd);         \
         out[j] = scale * even;                                                                 \
     }                                                                                          \
 }
