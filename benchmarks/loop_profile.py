@@ -12,7 +12,8 @@ alone, on that same state, as many times:
                             the pass (noise, v′, v̂′, uᵢ, ε, tanh(v′)), A's product per 16 steps;
                             whole: the compiled loop (`NoisySteps.run`, 16 steps per call);
                             the pieces are called from Python one by one, so each carries a
-                            call's cost the loop does not pay, and `rest` can be below zero
+                            call's cost the loop does not pay, and `rest` can be below zero;
+                            the pass's noise and tanh(v′): the pass less the pass without them
     lcp-ebd (EnergyDescent): the forward products, the residuals pass, the transposed products,
                             the descent pass (gradient, Adam, tanh(v′))
     lcp-di, lcp-kp (ControlledStep): the forward products, the transposed products of e, the
@@ -66,7 +67,8 @@ def per_call(fn, calls: int, repeats: int) -> float:
 
 
 def noisy_pieces(ours: Ours, x, y):
-    """lcp-lf: (whole step, {piece: callable}) of a NoisySteps kernel at this batch's start."""
+    """lcp-lf: (whole step, {piece: callable}, {piece: weight}, {part of the pass: callable})
+    of a NoisySteps kernel at this batch's start."""
     tr = ours.trainer
     tr.compute_update(x, y)
     h, onehot, u_ref, state, key = tr.noisy_start(tr.last)
@@ -80,9 +82,16 @@ def noisy_pieces(ours: Ours, x, y):
               accumulate: kernel.accumulate}
     if key is not None:
         del pieces["noise draw"]
+    # inside the pass: the same call with its tanh(v′) or its counter noise left out (ξ then
+    # read from a buffer of normal numbers); the difference is that part's share of the pass
+    parts = {}
+    if key is not None:
+        kernel.xi.normal_(0.0, kernel.noise_scale)
+        parts["  of which the noise"] = lambda: kernel.run_pass(noise=False)
+    parts["  of which tanh(v′)"] = lambda: kernel.run_pass(next_tanh=False)
     # whole: the trainer's path, the compiled loop, a block of steps per call
     return (lambda: kernel.run(tr.A_CHUNK), pieces,
-            {accumulate: 1.0 / tr.A_CHUNK, "whole": 1.0 / tr.A_CHUNK})
+            {accumulate: 1.0 / tr.A_CHUNK, "whole": 1.0 / tr.A_CHUNK}, parts)
 
 
 def batch_plan(ours: Ours, x, y, passes):
@@ -98,7 +107,8 @@ def batch_plan(ours: Ours, x, y, passes):
 
 
 def descent_pieces(ours: Ours, x, y):
-    """lcp-ebd: (whole step, {piece: callable}) of an EnergyDescent at this batch's start."""
+    """lcp-ebd: (whole step, {piece: callable}, {}, {}) of an EnergyDescent at this batch's
+    start."""
     cfg, model = ours.cfg, ours.model
     h, onehot, plan = batch_plan(ours, x, y, native.EnergyDescent.passes)
     with torch.no_grad():
@@ -115,12 +125,12 @@ def descent_pieces(ours: Ours, x, y):
               "residuals pass": kernel.residual_pass,
               "transposed products": kernel.back_products,
               "descent pass": lambda: kernel.descent_pass(1)}
-    return whole, pieces, {}
+    return whole, pieces, {}, {}
 
 
 def controlled_pieces(ours: Ours, x, y):
-    """lcp-di, lcp-kp: (whole step, {piece: callable}) of a ControlledStep twenty steps into
-    this batch's controlled phase."""
+    """lcp-di, lcp-kp: (whole step, {piece: callable}, {}, {}) of a ControlledStep twenty steps
+    into this batch's controlled phase."""
     _, onehot, plan = batch_plan(ours, x, y, native.ControlledStep.passes)
     with torch.no_grad():
         kernel = native.ControlledStep(ours.trainer, plan, onehot)
@@ -134,7 +144,7 @@ def controlled_pieces(ours: Ours, x, y):
     # the pieces on the buffers 0 → 1 (the pass writes tanh(v′): t stays a state's tanh)
     pieces = {"products": kernel.products, "transposed products": lambda: kernel.back_products(0),
               "pass": lambda: kernel.run_pass(0, 1)}
-    return whole, pieces, {}
+    return whole, pieces, {}, {}
 
 
 def main(argv=None) -> int:
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
         if setup is None:
             raise SystemExit(f"{row}: only the lcp-lf, lcp-ebd, lcp-di and lcp-kp rows have a "
                              "loop profile")
-        whole, pieces, weights = setup(ours, x, y)
+        whole, pieces, weights, parts = setup(ours, x, y)
         total = per_call(whole, args.steps, args.repeats) * weights.get("whole", 1.0)
         timed = {name: per_call(fn, args.steps, args.repeats) * weights.get(name, 1.0)
                  for name, fn in pieces.items()}
@@ -178,6 +188,10 @@ def main(argv=None) -> int:
               f"{total / floor:.2f}")
         for name, value in timed.items():
             print(f"    {name:<24} {value:8.1f}  ({100 * value / total:4.1f} %)")
+            if name == "pass":  # its parts: the pass less the pass without them
+                for part, fn in parts.items():
+                    share = value - per_call(fn, args.steps, args.repeats)
+                    print(f"    {part:<24} {share:8.1f}  ({100 * share / total:4.1f} %)")
         rest = total - sum(timed.values())
         print(f"    {'rest (calls, caches)':<24} {rest:8.1f}  ({100 * rest / total:4.1f} %)")
     return 0

@@ -118,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder with the paper's code (fixpoint_solver.py, fixpoint_trainer.py, "
                         "implicit_model.py): time it on the same weights and batch")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
+    p.add_argument("--markdown", action="store_true",
+                   help="also print the results as a Markdown table (README's speed table)")
     p.add_argument("--manifest", default="experiments.yaml", help="the experiment manifest")
     return p.parse_args(argv)
 
@@ -555,6 +557,9 @@ def main(argv=None) -> int:
         print("paper iters: iterations of the paper's solver in its first solve of the step "
               "(rbp: its adjoint solve). cos: cosine between the two updates (model "
               "parameters, flattened) on the same weights and batch.")
+    if args.markdown:
+        print()
+        print(markdown_table(results, bool(args.compare_to)))
     if args.json:
         payload = {
             "lcp": str(Path(lcp.__file__).parent), "torch": torch.__version__,
@@ -566,6 +571,24 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def markdown_table(results: list[dict], compared: bool) -> str:
+    """The rows' step times (and, compared with the paper's code, its times, our speed-up and
+    the updates' cosine) as a Markdown table."""
+    head = ["row", "ours (ms)", "iters", "× bp/rbp"]
+    if compared:
+        head += ["paper's code (ms)", "speed-up", "cosine"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rec in results:
+        cells = [rec["id"], fmt_ms(rec["ms"] / 1e3), fmt(rec["iterations"], ".0f"),
+                 fmt(rec["x_base"], ".1f")]
+        if compared:
+            cells += [fmt_ms(rec.get("paper_ms", float("nan")) / 1e3),
+                      fmt(rec.get("speedup"), ".1f") + ("×" if rec.get("speedup") else ""),
+                      fmt(rec.get("cosine"), ".5f")]
+        lines.append("| " + " | ".join(c.strip() for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def run_row(exp, suffix, cfg, args, device, base_time, base_paper, setups) -> dict:

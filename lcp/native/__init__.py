@@ -503,9 +503,14 @@ class NoisySteps:
         """The blocks' forward products of t = tanh(v)."""
         run_products(self.plan.forward)
 
-    def run_pass(self) -> None:
-        """The pass: v′, v̂′, uᵢ, ε, the step's v_fb and u − u_ref, and tanh(v′) into t."""
-        self._fn(*self._args[self.n % 2][self.n % self.chunk], self.n)
+    def run_pass(self, next_tanh: bool = True, noise: bool = True) -> None:
+        """The pass: v′, v̂′, uᵢ, ε, the step's v_fb and u − u_ref, and tanh(v′) into t. For
+        the loop profile's parts of the pass: `next_tanh=False` leaves tanh(v′) out, `noise=False`
+        the counter noise (ξ is then read from `xi`)."""
+        args = self._args[self.n % 2][self.n % self.chunk]
+        if not (next_tanh and noise):  # the flags next_tanh, counter_noise: 4th and 3rd last
+            args = args[:-4] + (next_tanh and args[-4], noise and args[-3]) + args[-2:]
+        self._fn(*args, self.n)
 
     def accumulate(self) -> None:
         """A −= Σ v_fbᵀ (u − u_ref) over the block of `chunk` steps just ended."""
