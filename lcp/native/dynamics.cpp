@@ -49,58 +49,38 @@ extern "C" {
 
 /* dot_* in 64-byte vectors (GCC's and Clang's vector extensions: any target; unaligned, and
  * aliasing the floats they load) with two accumulators whose lanes are added pairwise at the
- * end (an OpenMP reduction adds its partial sums one by one: a chain of dependent additions) */
+ * end, halving (an OpenMP reduction adds its partial sums one by one: a chain of dependent
+ * additions) */
 typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
 typedef double vd8 __attribute__((vector_size(64), aligned(8), may_alias));
-typedef double vd4 __attribute__((vector_size(32)));
 
-static inline float dot_f32(const float *a, const float *b, long n)
-{
-    vf16 s0 = {0}, s1 = {0};
-    long j = 0;
-    for (; j + 32 <= n; j += 32) {
-        s0 += *(const vf16 *)(a + j) * *(const vf16 *)(b + j);
-        s1 += *(const vf16 *)(a + j + 16) * *(const vf16 *)(b + j + 16);
-    }
-    for (; j + 16 <= n; j += 16)
-        s0 += *(const vf16 *)(a + j) * *(const vf16 *)(b + j);
-    s0 += s1;
-    vf8 lo8, hi8;  /* the halves (memcpy: a register move, and any compiler's vector syntax) */
-    memcpy(&lo8, &s0, sizeof lo8);
-    memcpy(&hi8, (const char *)&s0 + sizeof lo8, sizeof hi8);
-    const vf8 h8 = lo8 + hi8;
-    vf4 lo4, hi4;
-    memcpy(&lo4, &h8, sizeof lo4);
-    memcpy(&hi4, (const char *)&h8 + sizeof lo4, sizeof hi4);
-    const vf4 h4 = lo4 + hi4;
-    float sum = (h4[0] + h4[2]) + (h4[1] + h4[3]);
-    for (; j < n; ++j)
-        sum += a[j] * b[j];
-    return sum;
+#define DEFINE_DOT(T, SUFFIX, V64)                                                             \
+static inline T dot_##SUFFIX(const T *a, const T *b, long n)                                   \
+{                                                                                              \
+    enum { LANES = sizeof(V64) / sizeof(T) };                                                  \
+    V64 s0 = {0}, s1 = {0};                                                                    \
+    long j = 0;                                                                                \
+    for (; j + 2 * LANES <= n; j += 2 * LANES) {                                               \
+        s0 += *(const V64 *)(a + j) * *(const V64 *)(b + j);                                   \
+        s1 += *(const V64 *)(a + j + LANES) * *(const V64 *)(b + j + LANES);                   \
+    }                                                                                          \
+    for (; j + LANES <= n; j += LANES)                                                         \
+        s0 += *(const V64 *)(a + j) * *(const V64 *)(b + j);                                   \
+    s0 += s1;                                                                                  \
+    /* the lanes halved until one is left (constant bounds: unrolled, in registers) */         \
+    T lane[LANES];                                                                             \
+    memcpy(lane, &s0, sizeof lane);                                                            \
+    for (long width = LANES / 2; width >= 1; width /= 2)                                       \
+        for (long l = 0; l < width; ++l)                                                       \
+            lane[l] += lane[l + width];                                                        \
+    T sum = lane[0];                                                                           \
+    for (; j < n; ++j)                                                                         \
+        sum += a[j] * b[j];                                                                    \
+    return sum;                                                                                \
 }
 
-static inline double dot_f64(const double *a, const double *b, long n)
-{
-    vd8 s0 = {0}, s1 = {0};
-    long j = 0;
-    for (; j + 16 <= n; j += 16) {
-        s0 += *(const vd8 *)(a + j) * *(const vd8 *)(b + j);
-        s1 += *(const vd8 *)(a + j + 8) * *(const vd8 *)(b + j + 8);
-    }
-    for (; j + 8 <= n; j += 8)
-        s0 += *(const vd8 *)(a + j) * *(const vd8 *)(b + j);
-    s0 += s1;
-    vd4 lo4, hi4;
-    memcpy(&lo4, &s0, sizeof lo4);
-    memcpy(&hi4, (const char *)&s0 + sizeof lo4, sizeof hi4);
-    const vd4 h4 = lo4 + hi4;
-    double sum = (h4[0] + h4[2]) + (h4[1] + h4[3]);
-    for (; j < n; ++j)
-        sum += a[j] * b[j];
-    return sum;
-}
+DEFINE_DOT(float, f32, vf16)
+DEFINE_DOT(double, f64, vd8)
 
 #define DEFINE_ROW_HELPERS(T, SUFFIX, EXP)                                                      \
 static inline void softmax_##SUFFIX(const T *x, long C, T *out)                                \
