@@ -17,8 +17,6 @@ import statistics
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 ROWS = ("t1-ff-lcp-di", "t1-rnn-lcp-di")
 SOLVERS = ("euler", "anderson")
 MARKER = "controller-runs"  # the generated block of docs/speed.md
@@ -69,16 +67,10 @@ def table(runs: dict[tuple[str, str], dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python docs/study/controller_check.py STORE", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(ROOT))
-    from summarize import _fill  # the study's one way to fill a generated block
+    from summarize import fill_speed_block  # the study's one way to fill a generated block
 
-    text = table(store_runs(Path(argv[0]).resolve()))
-    _fill(ROOT / "docs" / "speed.md", {MARKER: text})
-    print(text, end="")
-    return 0
+    return fill_speed_block(argv, "controller_check.py", MARKER,
+                            lambda store: table(store_runs(store)))
 
 
 if __name__ == "__main__":

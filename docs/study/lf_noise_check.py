@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 ROWS = ("t1-ff-lcp-lf", "t1-rnn-lcp-lf")
 MARKER = "lf-noise-runs"  # the generated block of docs/speed.md
 
@@ -84,17 +83,10 @@ def table(counter, paper, section_one) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python docs/study/lf_noise_check.py STORE", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(ROOT))
-    from summarize import _fill  # the study's one way to fill a generated block
+    from summarize import fill_speed_block  # the study's one way to fill a generated block
 
-    store = Path(argv[0]).resolve()
-    text = table(store_runs(store, "counter"), store_runs(store, "paper"), section_one_runs())
-    _fill(ROOT / "docs" / "speed.md", {MARKER: text})
-    print(text, end="")
-    return 0
+    return fill_speed_block(argv, "lf_noise_check.py", MARKER, lambda store: table(
+        store_runs(store, "counter"), store_runs(store, "paper"), section_one_runs()))
 
 
 if __name__ == "__main__":

@@ -439,6 +439,19 @@ def _param(value: str):
     return None if value == "None" else value
 
 
+def fill_speed_block(argv: list[str], script: str, marker: str, make_text) -> int:
+    """The command line of a check that fills one generated block of docs/speed.md from a
+    study store (`python docs/study/SCRIPT STORE`, STORE the folder run.sh used): the block's
+    text, `make_text(store)`, written into docs/speed.md and printed."""
+    if len(argv) != 1:
+        print(f"usage: python docs/study/{script} STORE", file=sys.stderr)
+        return 2
+    text = make_text(Path(argv[0]).resolve())
+    _fill(ROOT / "docs" / "speed.md", {marker: text})
+    print(text, end="")
+    return 0
+
+
 def _fill(path: Path, blocks: dict[str, str]) -> None:
     text = path.read_text()
     for name, body in blocks.items():
