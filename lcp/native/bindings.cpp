@@ -358,28 +358,31 @@ void run_noisy_steps(int64_t B, int64_t N, int64_t C, int64_t first, int64_t ste
                      double keep_ui, double target_rate, double soft_rate, int64_t threads,
                      bool next_tanh, bool counter_noise, int64_t noise_key, double noise_scale)
 {
-    /* step n reads the buffers of its parity and writes the others (NoisySteps.step's order) */
-    T *const v_buf[2] = {ptr<T>(v), ptr<T>(v_next)};
-    T *const vh_buf[2] = {ptr<T>(v_hat), ptr<T>(v_hat_next)};
+    /* step n reads the buffers of its parity and writes the others (NoisySteps.step's order),
+     * its v_fb and u - u_ref into block n % chunk of fb and du */
+    const Tensor v_buf[2] = {v, v_next}, vh_buf[2] = {v_hat, v_hat_next};
+    std::vector<Tensor> fb_block, du_block;
+    for (int64_t k = 0; k < chunk; ++k) {
+        fb_block.push_back(fb.narrow(0, k * B, B));
+        du_block.push_back(du.narrow(0, k * B, B));
+    }
     const Tensor du_t = du.t();
     for (int64_t n = first; n < first + steps; ++n) {
         if (!counter_noise)
             xi.normal_(0.0, noise_scale);
-        for (const auto &[a, b, out, overwrite] : forward) {
+        for (auto [a, b, out, overwrite] : forward) {  /* run_products's calls */
             if (overwrite)
-                at::mm_out(const_cast<Tensor &>(out), a, b);
+                at::mm_out(out, a, b);
             else
-                const_cast<Tensor &>(out).addmm_(a, b);
+                out.addmm_(a, b);
         }
         const int p = (int)(n % 2);
         const int64_t k = n % chunk;
-        Passes<T>::noisy_step(B, N, C, v_buf[p], v_buf[1 - p], vh_buf[p], vh_buf[1 - p],
-                              ptr<T>(u_i), ptr<T>(eps), ptr<T>(xi), ptr<T>(t), ptr<T>(p_v),
-                              ptr<T>(h_b), ptr<T>(q_t), ptr<T>(w_d), (long)r_d, ptr<T>(b_d),
-                              ptr<T>(onehot), ptr<T>(u_ref), ptr<T>(fb) + k * B * N,
-                              ptr<T>(du) + k * B * C, k_i, k_p, sigma, eps_keep, rate_v,
-                              rate_slow_v, keep_ui, target_rate, soft_rate, (int)next_tanh,
-                              (int)counter_noise, noise_key, (long)n, noise_scale, (int)threads);
+        run_noisy_step<T>(B, N, C, v_buf[p], v_buf[1 - p], vh_buf[p], vh_buf[1 - p], u_i, eps,
+                          xi, t, p_v, h_b, q_t, w_d, r_d, b_d, onehot, u_ref, fb_block[k],
+                          du_block[k], k_i, k_p, sigma, eps_keep, rate_v, rate_slow_v, keep_ui,
+                          target_rate, soft_rate, threads, next_tanh, counter_noise, noise_key,
+                          noise_scale, n);
         if ((n + 1) % chunk == 0)  /* a block of steps ended: A^T -= (u - u_ref)^T v_fb */
             A_sum_t.addmm_(du_t, fb, 1.0, -1.0);
     }

@@ -43,7 +43,7 @@ extern "C" {
  * Row pieces every pass below uses (static, inlined where they are called).
  *   dot_*:          sum_j a[j] b[j] over n values
  *   softmax_*:      out = softmax(x) over C values (max-shifted)
- *   add_product_*:  to[j] += sum_c coef[c] m[c * stride + j] for j < R (1 x C by C x R)
+ *   add_product_*:  to[j] += sum_c coef[c] m[c * R + j] for j < R (a 1 x C by C x R product)
  *   batch_worst_*:  the largest per-sample error, NaN if any is NaN
  */
 
@@ -411,7 +411,8 @@ DEFINE_FREE_STEP(double, f64)
  */
 #define DEFINE_NOISY_STEP(T, SUFFIX)                                                       \
 /* columns j0 .. j0 + n - 1 of a noisy step's row: back = (u Q^T) over the tile (in registers  \
- * where n is the constant LCP_TILE), then v_fb, eps and v' */                                 \
+ * where n is the constant LCP_TILE), then v_fb, eps and v'. add_product_* is written out:     \
+ * called here with a row stride, GCC kept back on the stack (the same sums, a slower pass) */ \
 static inline void noisy_tile_##SUFFIX(long j0, long n, long N, long C, const T *u,            \
                                        const T *q_t, T sigma, T eps_keep, T *eps, const T *xi, \
                                        T *fb,                                                  \
