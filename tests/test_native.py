@@ -32,6 +32,7 @@ from extras import require
 from lcp import native
 from lcp.config import RunConfig
 from lcp.models import build_model
+from lcp.noise import counter_normal
 from lcp.solvers import relative_error
 from lcp.trainers import build_trainer, native_check
 
@@ -340,6 +341,39 @@ def test_the_compiled_noisy_loop_equals_its_steps_bit_for_bit(kernels, model, lf
     assert a_ref.abs().sum() > 0
     assert all(torch.equal(s, r) for s, r in zip(state, state_ref))
     assert torch.equal(a_sum, a_ref) and torch.equal(after, after_ref)
+
+
+def test_the_noisy_pass_without_its_noise_or_tanh_leaves_just_that_out(kernels):
+    """`NoisySteps.run_pass`'s flags (the loop profile's parts of the pass): with the noise left
+    out, ξ is read from `xi`, so filling it with the step's counter numbers gives the full
+    pass's state; with tanh(v′) left out, t keeps the tanh it had while the state moves alike."""
+    cfg = RunConfig(model="ff", trainer="lcp-lf", rnn_hidden_units=37, alpha=0.1,
+                    solver_max_iter=5)
+    net, tr, x, y, _ = model_and_batch(cfg)
+    tr.compute_update(x, y)
+
+    def one_pass(xi_scale=1.0, **flags):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            h, onehot, u_ref, state, key = tr.noisy_start(tr.last)
+            plan = native.plan_for(net, h, lambda: kernels, *native.NoisySteps.passes)
+            loop = native.NoisySteps(plan, state, tr.Q, onehot, u_ref, tr.noisy_rates(),
+                                     chunk=2, noise_key=key)
+            loop.xi.copy_(xi_scale * loop.noise_scale
+                          * counter_normal(key, 0, loop.xi.shape, loop.xi.dtype))
+            t_before = plan.t.clone()
+            loop.products()
+            loop.run_pass(**flags)
+        return torch.cat([loop.v_next, loop.vh_next, loop.u_i, loop.eps], 1), t_before, plan.t
+
+    full, t_before, t_full = one_pass()
+    read, _, _ = one_pass(noise=False)
+    read_zeros, _, _ = one_pass(xi_scale=0.0, noise=False)
+    kept, t_kept_before, t_kept = one_pass(next_tanh=False)
+    assert torch.allclose(read, full, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(read_zeros, full, rtol=1e-10, atol=1e-12)  # ξ is read from xi
+    assert not torch.equal(t_full, t_before)  # the full pass wrote tanh(v′)
+    assert torch.equal(kept, full) and torch.equal(t_kept, t_kept_before)
 
 
 def test_the_noisy_loop_rejects_bad_arguments_naming_them(kernels):
