@@ -49,11 +49,12 @@ def main(store: Path) -> None:
     import pandas as pd
 
     os.environ.setdefault("LCP_CACHE_DIR", str(store / "cache"))
-    frames, summaries = [], {}
+    frames, summaries, cos_headers = [], {}, {}
     for folder, data, _ in PARTS:
         runs_csv = HERE / folder / "table-1-runs.csv"
         if runs_csv.exists():
             runs = pd.read_csv(runs_csv)
+            cos_headers[folder] = _cos_header(runs)
             runs["data"] = runs["data"].fillna(data)
             frames.append(runs)
             summaries[folder] = pd.read_csv(HERE / folder / "table-1.csv")
@@ -66,10 +67,11 @@ def main(store: Path) -> None:
     study.to_csv(HERE / "study.csv", index=False, float_format="%.6g")
     blocks = {"commit": _commit_line(), "runs": _runs_line(study) + _reruns_line(study, reruns)}
     for folder, data, _ in PARTS:
-        blocks[folder] = (_compact(summaries[folder], SECTION_DATA.get(data))
+        blocks[folder] = (_compact(summaries[folder], SECTION_DATA.get(data), cos_headers[folder])
                           if folder in summaries else "*(not run yet: see 'What is left')*\n")
     mnist = summaries.get("table1-mnist")
-    blocks["table1-mnist"] = (_beside_paper(mnist) if mnist is not None
+    blocks["table1-mnist"] = (_beside_paper(mnist, cos_headers["table1-mnist"])
+                              if mnist is not None
                               else "*(not run yet: `bash docs/study/run.sh mnist DIR`)*\n")
     blocks["table1-mnist-s3"] = _beside_s3(mnist) if mnist is not None else ""
     blocks["table1-mnist-runs"] = _mnist_runs(study[study["data"] == "mnist"])
@@ -123,12 +125,20 @@ def _num(value, digits=2) -> str:
         else f"{value:.{digits}f}"
 
 
-def _compact(summary, dataset: str | None = None) -> str:
+def _cos_header(runs) -> str:
+    """The alignment column's name: a report made since `lcp report` reads each run's cosine as
+    its median over the epochs writes `cos_to_gradient_last` beside it; an older report's
+    column is the last epoch's cosine."""
+    return ("Cos. to grad. (median over epochs)" if "cos_to_gradient_last" in runs
+            else "Cos. to grad. (last epoch)")
+
+
+def _compact(summary, dataset: str | None = None, cos_header: str = "Cos. to grad.") -> str:
     """The report's summary in the columns a reader needs first; `dataset` replaces "MNIST" in
     the manifest's section names (its rows are Table 1's MNIST rows run on another dataset)."""
     margin = summary["margin"].iloc[0] if "margin" in summary and len(summary) else 1.0
     lines = [f"| Section | Method | n | Test acc. (%) | Verdict vs BP/RBP (±{margin:g} pp) | "
-             "Best acc. (%) | Health | Cos. to grad. | Wall time / run |",
+             f"Best acc. (%) | Health | {cos_header} | Wall time / run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
         if r.n == 0:
@@ -151,13 +161,13 @@ def _verdict(word, p) -> str:
     return word + ("" if math.isnan(p) else " (p < 0.001)" if p < 0.001 else f" (p {p:.3f})")
 
 
-def _beside_paper(summary) -> str:
+def _beside_paper(summary, cos_header: str = "Cos. to grad.") -> str:
     """Table 1 on MNIST: each row's seeds beside the paper's mean ± std, with the verdict
     against the paper and against its section's BP/RBP (both Welch TOST, ±margin pp)."""
     margin = summary["margin"].iloc[0] if len(summary) else 1.0
     lines = [f"| Section | Method | n | Test acc. (%) | Paper (%) | Verdict vs paper (±{margin:g} "
              f"pp) | Verdict vs BP/RBP (±{margin:g} pp) | Best acc. (%) | Health | "
-             "Cos. to grad. | Wall time / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{cos_header} | Wall time / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
         acc = "—" if r.n == 0 else _num(r.test_acc_mean) + (
             "" if math.isnan(r.test_acc_std) else f" ± {_num(r.test_acc_std)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,12 @@ def test_the_report_shows_ci_p_values_paper_values_alignment_and_the_sample(tour
     assert lcp.test_acc_ci_high - mean == pytest.approx(stats.t.ppf(0.975, 1) * sem)
     assert math.isnan(runs.loc["t1-ff-bp"].p_value)  # the baseline itself
     assert 0.5 < lcp.cos_to_gradient <= 1 and lcp.data == "mnist-sample"
+    # the column is each run's median over its epochs, mean over the seeds
+    tracker = ws.tracker()
+    medians = [statistics.median(m.value for m in tracker.metric_history(
+        r.info.run_id, "align/cos_to_gradient")) for r in ws.runs()
+        if r.data.tags["id"] == "t1-ff-lcp-di"]
+    assert len(medians) == 2 and lcp.cos_to_gradient == pytest.approx(sum(medians) / 2)
     assert lcp.paper == 98.11 and lcp.paper_n == 3 and lcp.paper_train_acc == 100.0
     assert lcp.verdict_paper in ("matches", "below", "above", "inconclusive")
     assert lcp.test_nll_mean > 0 and lcp.train_nll_mean > 0

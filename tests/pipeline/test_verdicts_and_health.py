@@ -139,6 +139,23 @@ def test_skipped_steps_show_in_the_health_the_report_and_the_list():
     assert state(RunPlan(item=None, action="skip", result={})) == "done"
 
 
+def test_the_alignment_column_reads_a_run_over_its_epochs_not_its_last():
+    from types import SimpleNamespace
+
+    from pipeline.reporting.report import _median_over_epochs
+
+    def history(*values):
+        return [SimpleNamespace(step=i + 1, value=v) for i, v in enumerate(values)]
+
+    # a run whose probe batch is fit by the last epoch: that epoch's cosine is noise
+    assert _median_over_epochs(history(0.81, 0.74, 0.78, 0.75, 0.05)) == 0.75
+    assert _median_over_epochs(history(0.6, 0.9)) == pytest.approx(0.75)
+    # an epoch the probe could not measure (NaN, align/unmeasured) is left out, not counted
+    assert _median_over_epochs(history(0.9, math.nan, 0.7, 0.8)) == pytest.approx(0.8)
+    assert math.isnan(_median_over_epochs(history(math.nan))) and math.isnan(
+        _median_over_epochs([]))
+
+
 def test_a_runs_skipped_steps_are_tagged_with_where_and_why():
     from types import SimpleNamespace
 
