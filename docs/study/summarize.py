@@ -133,9 +133,10 @@ def _cos_header(runs) -> str:
             else "Cos. to grad. (last epoch)")
 
 
-def _compact(summary, dataset: str | None = None, cos_header: str = "Cos. to grad.") -> str:
+def _compact(summary, dataset: str | None, cos_header: str) -> str:
     """The report's summary in the columns a reader needs first; `dataset` replaces "MNIST" in
-    the manifest's section names (its rows are Table 1's MNIST rows run on another dataset)."""
+    the manifest's section names (its rows are Table 1's MNIST rows run on another dataset);
+    `cos_header` names the alignment column (`_cos_header`)."""
     margin = summary["margin"].iloc[0] if "margin" in summary and len(summary) else 1.0
     lines = [f"| Section | Method | n | Test acc. (%) | Verdict vs BP/RBP (±{margin:g} pp) | "
              f"Best acc. (%) | Health | {cos_header} | Wall time / run |",
@@ -161,7 +162,7 @@ def _verdict(word, p) -> str:
     return word + ("" if math.isnan(p) else " (p < 0.001)" if p < 0.001 else f" (p {p:.3f})")
 
 
-def _beside_paper(summary, cos_header: str = "Cos. to grad.") -> str:
+def _beside_paper(summary, cos_header: str) -> str:
     """Table 1 on MNIST: each row's seeds beside the paper's mean ± std, with the verdict
     against the paper and against its section's BP/RBP (both Welch TOST, ±margin pp)."""
     margin = summary["margin"].iloc[0] if len(summary) else 1.0

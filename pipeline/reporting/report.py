@@ -11,6 +11,7 @@ the same `--seeds/--set/--quick` options give (so a `--quick` tour and the full 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -137,7 +138,8 @@ def collect(tracker: store.Tracker, manifest: Manifest, table: int | str, *,
                "test_acc", "best_test_acc", "best_epoch", "train_acc", "train_nll", "test_nll",
                "wall_time_s",
                "solver_iters", "hit_max_iter", "cos_to_gradient", "cos_to_gradient_last",
-               "collapsed", "iter_growth", "max_iter_share", "skipped_steps", "health", "cpu", "commit"]
+               "collapsed", "iter_growth", "max_iter_share", "skipped_steps", "health", "cpu",
+               "commit"]
     return Collected(number, rows, pd.DataFrame(records, columns=columns), curves, other, exp_id,
                      ended, {h for hashes in expected.values() for h in hashes})
 
@@ -147,11 +149,8 @@ def _median_over_epochs(history) -> float:
     is training data: once a run fits it, the gradient there shrinks toward zero and one epoch's
     cosine is mostly noise (a last-epoch value can sit far from every epoch before it), so the
     table reads the run as a whole; the last epoch stays in the runs' CSV."""
-    values = sorted(m.value for m in history if math.isfinite(m.value))
-    if not values:
-        return math.nan
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    values = [m.value for m in history if math.isfinite(m.value)]
+    return statistics.median(values) if values else math.nan
 
 
 def _pct(value: float | None) -> float:
